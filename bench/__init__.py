@@ -1,0 +1,1 @@
+"""Benchmarks (issue 9): not unit tests; timing lives here, never in tests/."""

@@ -1,0 +1,91 @@
+"""What the gateway knows about one backend: where it is, its key, and its current state.
+
+A ``Backend`` is a small mutable record. Its owner (the supervisor of a local llama-server, or the
+monitor of an external one) updates it; the gateway and the health documents only read it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class BackendState(enum.Enum):
+    """Life-cycle states of a backend, as /health reports them."""
+
+    STARTING = "starting"  # process spawned (or external server not answering yet)
+    LOADING = "loading"  # answering, but /health says 503 "Loading model"
+    READY = "ready"
+    BACKOFF = "backoff"  # crashed; waiting before the next start
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The outcome of one GET /health against a backend."""
+
+    at: float  # seconds since the epoch (clock.seconds())
+    outcome: str  # "ready", "loading" or "down"
+    detail: str = ""
+    status_code: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """The probe as /health shows it."""
+        doc: dict[str, object] = {"at": round(self.at, 3), "outcome": self.outcome}
+        if self.status_code is not None:
+            doc["status_code"] = self.status_code
+        if self.detail:
+            doc["detail"] = self.detail
+        return doc
+
+
+@dataclass
+class Backend:
+    """A backend's address, credentials and live status."""
+
+    name: str
+    base_url: str
+    api_key: str | None = None
+    model: str = "default"
+    slots: int | None = None  # the backend's --parallel, when known
+    state: BackendState = BackendState.STOPPED
+    restarts: int = 0
+    last_probe: ProbeResult | None = None
+    last_exit: str | None = None
+    #: When the current not-ready period is expected to end (clock seconds), for Retry-After.
+    retry_at: float | None = None
+    listeners: list[Callable[[Backend], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        """True when requests can be sent: READY and the last probe did not fail."""
+        return self.state is BackendState.READY and (
+            self.last_probe is None or self.last_probe.outcome == "ready"
+        )
+
+    def set_state(self, state: BackendState, retry_at: float | None = None) -> None:
+        """Move to a new state and tell whoever listens."""
+        changed = state is not self.state
+        self.state = state
+        self.retry_at = retry_at
+        if changed:
+            for listener in list(self.listeners):
+                listener(self)
+
+    def retry_after(self, now: float, default: int = 5) -> int:
+        """Whole seconds a client should wait before retrying (>= 1)."""
+        if self.retry_at is not None and self.retry_at > now:
+            return max(1, int(self.retry_at - now + 0.999))
+        return default
+
+    def status_json(self) -> dict[str, object]:
+        """The backend section of /health."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "last_probe": self.last_probe.as_json() if self.last_probe else None,
+            "last_exit": self.last_exit,
+        }

@@ -1,0 +1,415 @@
+"""One frozen, validated Config built from command-line flags, environment variables and defaults.
+
+Every option is declared once in ``SETTINGS``: its flag, its environment variables (the older
+gateway's names stay valid), its default, its strict parser and its help text. ``tap.Options``
+builds the twistd flags from the same table, and a test checks that docs/configuration.md has a
+line for each. Precedence: flag > first set environment variable > default. A value that does not
+parse is a ``ConfigError`` naming the flag or variable; it is never replaced by a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+log = Logger()
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent; the message names its source."""
+
+
+def parse_bool(text: str) -> bool:
+    """Parse true/false/1/0/yes/no/on/off, case-insensitively; anything else is an error."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of true/false/1/0/yes/no/on/off, got {text!r}")
+
+
+def _int_parser(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        stripped = text.strip()
+        if not re.fullmatch(r"[+-]?\d+", stripped):
+            raise ValueError(f"expected an integer, got {text!r}")
+        value = int(stripped)
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"expected an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_parser(minimum: float, exclusive: bool = True) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        if value < minimum or (exclusive and value == minimum):
+            comparison = ">" if exclusive else ">="
+            raise ValueError(f"expected a number {comparison} {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """Split a list given as one string: commas and/or whitespace separate the items."""
+    return tuple(item for item in re.split(r"[\s,]+", text.strip()) if item)
+
+
+def _shell_words(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as e:
+        raise ValueError(f"cannot split into arguments: {e}") from None
+
+
+def _url(text: str) -> str:
+    value = text.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return value
+
+
+def _extra_path(text: str) -> tuple[str, ...]:
+    allowed = {"/tokenize", "/detokenize", "/infill", "/rerank", "/v1/rerank"}
+    paths = _words(text)
+    unknown = sorted(set(paths) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown path(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+    return paths
+
+
+_port = _int_parser(0, 65535)
+_seconds = _float_parser(0.0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration option: where it comes from, how it is parsed, what it means."""
+
+    name: str
+    flag: str
+    env: tuple[str, ...]
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+    repeatable: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "listen", ("LISTEN",), None, _words,
+            "Gateway endpoint string, e.g. tcp:8000, ssl:8443:privateKey=k.pem:certKey=c.pem, "
+            "unix:/run/llamaproxy.sock. Repeatable (the env var takes a comma/space separated "
+            "list). Overrides --port and --host.", repeatable=True),
+    Setting("host", "host", ("HOST",), "", _text,
+            "Interface the default gateway and health listeners bind to (empty: all interfaces)."),
+    Setting("port", "port", ("PORT", "GATEWAY_PORT"), "8000", _port,
+            "Gateway port, used when no --listen is given."),
+    Setting("health_port", "health-port", ("PORT_HEALTH",), "8001", _port,
+            "Port of the health site for platform liveness checks (0 disables it)."),
+    Setting("backend_port", "backend-port", ("PORT_BACKEND",), "8080", _port,
+            "Port the supervised llama-server listens on (always bound to 127.0.0.1)."),
+    Setting("backend_url", "backend-url", ("BACKEND_URL",), None, _url,
+            "Proxy to an already running llama-server at this URL instead of spawning one."),
+    Setting("backend_api_key", "backend-api-key", ("BACKEND_API_KEY",), None, _text,
+            "API key sent to an external --backend-url server (a supervised child gets a fresh "
+            "per-boot key instead)."),
+    Setting("data_dir", "data-dir", ("DATA_DIR",), None, _text,
+            "Data directory: default /data, else /runpod-volume, else /workspace when /data is "
+            "absent."),
+    Setting("model_path", "model", ("MODEL_PATH",), None, _text,
+            "Path of the GGUF model llama-server loads."),
+    Setting("model_name", "model-name", ("MODEL_NAME",), None, _text,
+            "Model file name inside --models-dir, used when --model is not given."),
+    Setting("models_dir", "models-dir", ("MODELS_DIR",), None, _text,
+            "Directory holding models (default DATA_DIR/models)."),
+    Setting("model_alias", "model-alias", ("MODEL_ALIAS",), None, _text,
+            "Model id clients see in /v1/models and responses (default: the model file name "
+            "without .gguf)."),
+    Setting("llama_server", "llama-server", ("LLAMA_SERVER",), None, _text,
+            "llama-server binary (default: llama-server on PATH, "
+            "else the project's cached build)."),
+    Setting("ngl", "ngl", ("NGL",), "99", _int_parser(0),
+            "Layers to offload to the GPU (-ngl)."),
+    Setting("ctx", "ctx", ("CTX",), "16384", _int_parser(0),
+            "Total context size in tokens (-c), split across the --parallel slots."),
+    Setting("threads", "threads", ("THREADS",), "0", _int_parser(0),
+            "CPU threads (-t); 0 leaves llama-server's default."),
+    Setting("parallel", "parallel", ("PARALLEL",), "0", _int_parser(0),
+            "Server slots (--parallel); 0 leaves llama-server's default."),
+    Setting("extra_args", "extra-args", ("EXTRA_ARGS",), "", _shell_words,
+            "Extra llama-server arguments, shell-split and appended (can override --host: "
+            "a warning is logged)."),
+    Setting("ready_timeout", "ready-timeout", ("READY_TIMEOUT",), "600", _seconds,
+            "Seconds a starting llama-server may take to load its model before it is restarted."),
+    Setting("stop_timeout", "stop-timeout", ("STOP_TIMEOUT",), "30", _seconds,
+            "Seconds between SIGTERM and SIGKILL when stopping llama-server."),
+    Setting("backoff_max", "backoff-max", ("BACKOFF_MAX",), "60", _seconds,
+            "Longest delay between restarts of a crashing llama-server (starts at 1 s, doubles)."),
+    Setting("backoff_reset", "backoff-reset", ("BACKOFF_RESET",), "60", _seconds,
+            "Seconds llama-server must stay ready before its restart delay resets to 1 s."),
+    Setting("probe_interval", "probe-interval", ("PROBE_INTERVAL",), "5", _seconds,
+            "Seconds between health probes of a ready backend (a loading one is probed faster)."),
+    Setting("health_timeout", "health-timeout", ("HEALTH_TIMEOUT",), "2", _seconds,
+            "Timeout of one backend health probe."),
+    Setting("backend_connect_timeout", "backend-connect-timeout", ("BACKEND_CONNECT_TIMEOUT",),
+            "10", _seconds, "Timeout for connecting to the backend (then 502)."),
+    Setting("request_timeout", "request-timeout", ("REQUEST_TIMEOUT",), "300", _seconds,
+            "Total time for one proxied request: 504 if no response byte was sent yet, else the "
+            "connection is aborted."),
+    Setting("stream_idle_timeout", "stream-idle-timeout", ("STREAM_IDLE_TIMEOUT",), "120",
+            _seconds, "Longest silence between two chunks of a backend response before it is "
+            "aborted."),
+    Setting("key_dir", "backend-key-dir", ("BACKEND_KEY_DIR",), None, _text,
+            "Directory (created 0700) for the per-boot backend key file (default /dev/shm/"
+            "llama-keys, else a temporary directory)."),
+    Setting("instance_id", "instance-id", ("INSTANCE_ID",), None, _text,
+            "Name of this instance in file names and logs (default: the host name; sanitised)."),
+    Setting("auth_enabled", "auth-enabled", ("AUTH_ENABLED",), "true", parse_bool,
+            "Require an API key on the API routes (true/false/1/0/yes/no/on/off)."),
+    Setting("auth_keys_file", "auth-keys-file", ("AUTH_KEYS_FILE",), None, _text,
+            "API key file, lines key_id:api_key[:rate_limit][:expiration] (default "
+            "DATA_DIR/api_keys.txt)."),
+    Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
+            "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
+    Setting("max_concurrent_requests", "max-concurrent-requests", ("MAX_CONCURRENT_REQUESTS",),
+            "0", _int_parser(0), "Requests proxied at once (0: the backend's --parallel slot "
+            "count, or 4 when that is unknown)."),
+    Setting("max_queue_size", "max-queue-size", ("MAX_QUEUE_SIZE",), "0", _int_parser(0),
+            "Requests allowed to wait for a slot (0: unlimited); beyond it 503 queue_full."),
+    Setting("proxy_extra_paths", "proxy-extra-paths", ("PROXY_EXTRA_PATHS",), "", _extra_path,
+            "llama-server extras to expose besides the OpenAI paths: /tokenize, /detokenize, "
+            "/infill, /rerank, /v1/rerank."),
+    Setting("drain_timeout", "drain-timeout", ("DRAIN_TIMEOUT",), "30", _float_parser(0.0, False),
+            "On SIGTERM, seconds in-flight requests may take to finish before they are cut."),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+#: The older gateway's variables this version does not act on yet: setting one logs a warning at
+#: startup instead of being silently ignored.
+NOT_YET_SUPPORTED = (
+    "MAX_REQUESTS_PER_MINUTE", "CORS_ORIGINS", "METRICS_AUTH_ENABLED", "LOG_FORMAT",
+    "ADMIN_KEY_IDS", "MAX_HEADERS", "MAX_HEADER_LINE_SIZE", "MAX_REQUEST_LINE_SIZE",
+    "CLIENT_HEADER_TIMEOUT", "QUEUE_TIMEOUT",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration of one llamaproxy process."""
+
+    listen: tuple[str, ...]
+    host: str
+    port: int
+    health_port: int
+    backend_port: int
+    backend_url: str | None
+    backend_api_key: str | None
+    data_dir: str
+    model_path: str | None
+    model_alias: str
+    llama_server: str | None
+    ngl: int
+    ctx: int
+    threads: int
+    parallel: int
+    extra_args: tuple[str, ...]
+    ready_timeout: float
+    stop_timeout: float
+    backoff_max: float
+    backoff_reset: float
+    probe_interval: float
+    health_timeout: float
+    backend_connect_timeout: float
+    request_timeout: float
+    stream_idle_timeout: float
+    key_dir: str | None
+    instance_id: str
+    auth_enabled: bool
+    auth_keys_file: str
+    max_request_body_size: int
+    max_concurrent_requests: int
+    max_queue_size: int
+    proxy_extra_paths: tuple[str, ...]
+    drain_timeout: float
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def supervised(self) -> bool:
+        """True when this process spawns and supervises its own llama-server."""
+        return self.backend_url is None
+
+    @property
+    def backend_base_url(self) -> str:
+        """The URL requests are forwarded to."""
+        if self.backend_url is not None:
+            return self.backend_url
+        return f"http://127.0.0.1:{self.backend_port}"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Gateway endpoint strings: --listen, else tcp:PORT on HOST."""
+        if self.listen:
+            return self.listen
+        return (_tcp_endpoint(self.port, self.host),)
+
+    @property
+    def health_endpoint(self) -> str | None:
+        """Endpoint string of the health site, or None when it is disabled."""
+        if self.health_port == 0:
+            return None
+        return _tcp_endpoint(self.health_port, self.host)
+
+
+def _tcp_endpoint(port: int, host: str) -> str:
+    if not host:
+        return f"tcp:{port}"
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def detect_data_dir(exists: Callable[[str], bool] = os.path.isdir) -> str:
+    """The older gateway's platform detection: /data, else /runpod-volume, else /workspace."""
+    if exists("/data"):
+        return "/data"
+    for candidate in ("/runpod-volume", "/workspace"):
+        if exists(candidate):
+            return candidate
+    return "/data"
+
+
+def sanitize_instance_id(value: str) -> str:
+    """Make a value safe inside a file name (SEC-06 of the older gateway)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value)[:64].lstrip(".")
+    return cleaned or "unknown"
+
+
+def _raw_values(
+    flags: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, tuple[str, Any]], list[str]]:
+    """Pick each setting's raw text and the name of where it came from."""
+    chosen: dict[str, tuple[str, Any]] = {}
+    warnings: list[str] = []
+    for setting in SETTINGS:
+        flag_value = flags.get(setting.name)
+        if setting.repeatable and flag_value:
+            chosen[setting.name] = (f"--{setting.flag}", list(flag_value))
+            continue
+        if flag_value is not None and not setting.repeatable:
+            chosen[setting.name] = (f"--{setting.flag}", flag_value)
+            continue
+        for var in setting.env:
+            if var in environ:
+                chosen[setting.name] = (var, environ[var])
+                break
+    if "backend_port" not in chosen and "BACKEND_PORT" in environ:
+        chosen["backend_port"] = ("BACKEND_PORT", environ["BACKEND_PORT"])
+        warnings.append("BACKEND_PORT is deprecated: set PORT_BACKEND instead")
+    for var in NOT_YET_SUPPORTED:
+        if var in environ:
+            warnings.append(f"{var} is not supported by this version of llamaproxy yet; ignored")
+    return chosen, warnings
+
+
+def _parse_one(setting: Setting, source: str, raw: Any) -> Any:
+    try:
+        if setting.repeatable and isinstance(raw, list):
+            return tuple(item for text in raw for item in setting.parse(text))
+        return setting.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    path_exists: Callable[[str], bool] = os.path.isdir,
+    hostname: Callable[[], str] = socket.gethostname,
+) -> Config:
+    """Build and validate the Config; raise ConfigError naming the offending flag or variable."""
+    chosen, warnings = _raw_values(flags, environ)
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.name in chosen:
+            source, raw = chosen[setting.name]
+            values[setting.name] = _parse_one(setting, source, raw)
+        elif setting.default is not None:
+            values[setting.name] = setting.parse(setting.default)
+        else:
+            values[setting.name] = () if setting.repeatable else None
+
+    data_dir = values["data_dir"] or detect_data_dir(path_exists)
+    models_dir = values.pop("models_dir") or os.path.join(data_dir, "models")
+    model_name = values.pop("model_name")
+    model_path = values["model_path"]
+    if not model_path and model_name:
+        model_path = os.path.join(models_dir, model_name)
+
+    if values["backend_url"] is None:
+        if not model_path:
+            raise ConfigError(
+                "no model: set MODEL_PATH (--model), or MODEL_NAME inside MODELS_DIR, "
+                "or BACKEND_URL to use a running llama-server"
+            )
+        _check_model(model_path)
+        if values["extra_args"]:
+            warnings.append(
+                "EXTRA_ARGS is set and is appended after llamaproxy's own arguments: it can "
+                "override --host and expose llama-server beyond 127.0.0.1"
+            )
+        if values["backend_port"] == 0:
+            raise ConfigError("PORT_BACKEND: a supervised llama-server needs a fixed port, not 0")
+    alias = values["model_alias"] or (
+        Path(model_path).name.removesuffix(".gguf") if model_path else "default"
+    )
+    values.update(
+        data_dir=data_dir,
+        model_path=model_path,
+        model_alias=alias,
+        instance_id=sanitize_instance_id(values["instance_id"] or hostname() or "unknown"),
+        auth_keys_file=values["auth_keys_file"] or os.path.join(data_dir, "api_keys.txt"),
+        warnings=tuple(warnings),
+    )
+    return Config(**values)
+
+
+def _check_model(path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"model file not found: {path} (MODEL_PATH / MODELS_DIR/MODEL_NAME)")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"model file is not readable: {path}")
+
+
+def documented_names(settings: Sequence[Setting] = SETTINGS) -> list[str]:
+    """Every flag and environment variable name, for the documentation check."""
+    names = []
+    for s in settings:
+        names.append(f"--{s.flag}")
+        names.extend(s.env)
+    return names

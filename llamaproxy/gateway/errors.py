@@ -1,0 +1,123 @@
+"""OpenAI-shaped error responses, one function per situation the gateway answers itself.
+
+Bodies keep the older gateway's messages, types and codes where it had them, so clients written
+against it see the same errors. Every error is JSON, ``Cache-Control: no-store``, and sniff-proof.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayError:
+    """A complete error response: status, OpenAI error body and any extra headers."""
+
+    status: int
+    message: str
+    type: str
+    code: str | int
+    param: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def body(self) -> bytes:
+        """The JSON body: {"error": {"message", "type", "code"[, "param"]}}."""
+        error: dict[str, object] = {"message": self.message, "type": self.type, "code": self.code}
+        if self.param is not None:
+            error["param"] = self.param
+        return json.dumps({"error": error}).encode("utf-8")
+
+
+def bad_request(message: str, code: str = "bad_request", param: str | None = None) -> GatewayError:
+    """400: the request is malformed."""
+    return GatewayError(400, message, "invalid_request_error", code, param)
+
+
+def unauthorized(message: str) -> GatewayError:
+    """401 with the older gateway's body: param "authorization", code "invalid_api_key"."""
+    return GatewayError(401, message, "invalid_request_error", "invalid_api_key", "authorization")
+
+
+def not_found(path: str) -> GatewayError:
+    """404 for a path the gateway does not serve."""
+    return GatewayError(
+        404, f"Unknown path: {path}", "invalid_request_error", "not_found"
+    )
+
+
+def model_not_found(model_id: str) -> GatewayError:
+    """404 for /v1/models/{id} when the backend has no such model (OpenAI's body)."""
+    return GatewayError(
+        404,
+        f"The model '{model_id[:200]}' does not exist",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
+    """405 with an Allow header listing what the path accepts."""
+    return GatewayError(
+        405,
+        f"Method {method} is not allowed here; use {', '.join(allowed)}",
+        "invalid_request_error",
+        "method_not_allowed",
+        headers=(("Allow", ", ".join(allowed)),),
+    )
+
+
+def payload_too_large(limit: int) -> GatewayError:
+    """413 before the body is read (older gateway message)."""
+    return GatewayError(
+        413,
+        f"Request body too large (max {limit} bytes)",
+        "invalid_request_error",
+        "payload_too_large",
+    )
+
+
+def bad_gateway(detail: str = "Backend unavailable") -> GatewayError:
+    """502: the backend could not be reached or broke before answering."""
+    return GatewayError(502, detail, "server_error", "bad_gateway")
+
+
+def backend_unavailable(state: str, retry_after: int) -> GatewayError:
+    """503 while the backend loads its model, restarts, or is stopping."""
+    messages = {
+        "loading": "The model is loading; retry shortly",
+        "starting": "The backend is starting; retry shortly",
+        "backoff": "The backend is restarting after a failure; retry shortly",
+        "stopping": "The backend is shutting down",
+        "stopped": "The backend is not running",
+        "ready": "The backend is not answering its health checks",
+    }
+    return GatewayError(
+        503,
+        messages.get(state, "The backend is unavailable"),
+        "server_error",
+        "backend_unavailable",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
+def queue_full(retry_after: int = 5) -> GatewayError:
+    """503 when the wait queue is full (older gateway body and Retry-After: 5)."""
+    return GatewayError(
+        503,
+        "Server busy, try again later",
+        "server_error",
+        "queue_full",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
+def gateway_timeout() -> GatewayError:
+    """504 when the backend did not answer in time (older gateway body: integer code)."""
+    return GatewayError(504, "Request timed out", "timeout_error", 504)
+
+
+def internal_error() -> GatewayError:
+    """500 for a bug in the gateway: no details leak to the client."""
+    return GatewayError(500, "Internal gateway error", "server_error", "internal_error")

@@ -1,0 +1,149 @@
+"""Sending a client's request to a backend: header filtering, the pooled Agent, retries.
+
+Twisted's Agent speaks HTTP/1.1 with keep-alive through an ``HTTPConnectionPool``. The pool's idle
+timeout stays below llama-server's 5 s keep-alive, and a request that fails because a pooled
+connection was closed under it (the backend never saw it) is sent once more on a fresh connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from llamaproxy.backend import Backend
+
+log = Logger()
+
+#: Hop-by-hop headers (RFC 9110 7.6.1 and common legacy ones): never forwarded either way.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+        b"proxy-connection", b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+    }
+)
+
+#: Request headers the backend never sees: the client's credentials, framing the Agent redoes,
+#: cookies, and encodings that would stop a stream from passing through untouched.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"content-length", b"authorization", b"x-api-key", b"expect", b"cookie",
+    b"accept-encoding",
+}
+
+#: Response headers the client never sees from the backend: framing Twisted redoes, headers
+#: twisted.web sets itself, and the backend's CORS (llama-server echoes any Origin).
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server", b"set-cookie"}
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def filter_request_headers(client: Headers, backend_key: str | None) -> Headers:
+    """Headers for the backend: end-to-end client headers plus the backend's own key."""
+    drop = _REQUEST_DROP | _connection_tokens(client)
+    out = Headers()
+    for name, values in client.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, list(values))
+    if backend_key:
+        out.setRawHeaders(b"authorization", [b"Bearer " + backend_key.encode("ascii")])
+    return out
+
+
+def filter_response_headers(backend: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
+    """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
+    drop = _RESPONSE_DROP | _connection_tokens(backend)
+    for name, values in backend.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in drop or lowered.startswith(b"access-control-"):
+            continue
+        yield name, list(values)
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory, written in one go (no Cooperator needed)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body is written at once."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, minus a log line for every backend connection."""
+
+    noisy = False
+
+
+def make_pool(reactor: IReactorTime, max_per_host: int) -> HTTPConnectionPool:
+    """A keep-alive pool sized for our concurrency, idle timeout under llama-server's 5 s."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.maxPersistentPerHost = max(2, max_per_host)
+    pool.cachedConnectionTimeout = 4
+    pool.retryAutomatically = False
+    return pool
+
+
+def make_agent(reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float) -> Agent:
+    """The Agent requests are forwarded with."""
+    return Agent(reactor, pool=pool, connectTimeout=connect_timeout)
+
+
+def _stale_connection(failure_value: BaseException) -> bool:
+    """True when a pooled connection died before the backend read our request."""
+    from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
+    from twisted.web.client import ResponseNeverReceived
+
+    if isinstance(failure_value, (RequestNotSent, RequestTransmissionFailed)):
+        return True
+    if isinstance(failure_value, ResponseNeverReceived):
+        from twisted.internet.error import ConnectionDone, ConnectionLost
+
+        return all(r.check(ConnectionDone, ConnectionLost) for r in failure_value.reasons)
+    return False
+
+
+async def send(
+    agent: IAgent,
+    backend: Backend,
+    method: bytes,
+    path_and_query: bytes,
+    client_headers: Headers,
+    body: bytes,
+) -> IResponse:
+    """Send one request to ``backend``; retry once if a stale pooled connection swallowed it."""
+    url = backend.base_url.encode("ascii") + path_and_query
+    headers = filter_request_headers(client_headers, backend.api_key)
+    producer = BytesBody(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
+    try:
+        return await agent.request(method, url, headers, producer)
+    except Exception as e:
+        if not _stale_connection(e):
+            raise
+        log.debug("Retrying {method} {url} on a fresh connection", method=method, url=url)
+        producer = BytesBody(body) if producer is not None else None
+        return await agent.request(method, url, headers, producer)

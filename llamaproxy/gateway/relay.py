@@ -1,0 +1,158 @@
+"""Relaying a backend response body to the client, chunk by chunk, with backpressure.
+
+``StreamRelay`` is both the protocol the backend body is delivered to and the push producer
+registered on the client's request: when the client's socket buffer fills, twisted.web pauses
+us and we pause the backend connection, so a slow client slows the backend read instead of
+growing the gateway's memory. When the client goes away, ``stopProducing`` closes the backend
+connection, which makes llama-server stop generating. A backend that breaks mid-body makes us
+abort the client connection: a truncated response must never look complete.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.http import _DataLoss
+from zope.interface import implementer
+
+from llamaproxy.gateway.request import GatewayRequest
+
+log = Logger()
+
+# The default reason for connectionLost: a body that ended cleanly.
+_DONE = Failure(ResponseDone())
+
+
+@implementer(IPushProducer)
+class StreamRelay(Protocol):
+    """Backend body → client request; ``done`` fires with how the relay ended."""
+
+    #: How the relay ended: "complete", "client_gone", "backend_failed" or "idle_timeout".
+    outcome: str | None = None
+
+    def __init__(self, request: GatewayRequest, clock: IReactorTime, idle_timeout: float) -> None:
+        self.request = request
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.bytes_sent = 0
+        self.done: Deferred[str] = Deferred()
+        self._paused = False
+        self._idle_call: IDelayedCall | None = None
+        self._registered = False
+
+    # -- backend side (IProtocol) ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self.request.gone:
+            self._end("client_gone")
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self.request.registerProducer(self, True)
+        self._registered = True
+        self._arm_idle_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.outcome is not None or self.request.gone:
+            return
+        self.bytes_sent += len(data)
+        self.request.write(data)
+        self._arm_idle_timer()
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self._cancel_idle_timer()
+        if self.outcome is not None:
+            self._unregister()
+            return
+        if self.request.gone:
+            self._end("client_gone")
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._unregister()
+            self.request.finish()
+            self._end("complete")
+            return
+        if reason.check(_DataLoss) is None:
+            log.warn(
+                "Backend response broke after {bytes} bytes: {reason}; aborting the client",
+                bytes=self.bytes_sent,
+                reason=reason.getErrorMessage(),
+            )
+        self._unregister()
+        self.request.abort()
+        self._end("backend_failed")
+
+    # -- client side (IPushProducer) -------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._cancel_idle_timer()
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._arm_idle_timer()
+
+    def stopProducing(self) -> None:
+        """The client went away: close the backend connection so generation stops."""
+        if self.outcome is not None:
+            return
+        self._cancel_idle_timer()
+        self._end("client_gone")
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    # -- stopping from our side -------------------------------------------------------------
+
+    def abort(self, outcome: str) -> None:
+        """Stop relaying because of a gateway decision (timeout, shutdown): cut both sides."""
+        if self.outcome is not None:
+            return
+        self._cancel_idle_timer()
+        self._end(outcome)
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        self._unregister()
+        self.request.abort()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _arm_idle_timer(self) -> None:
+        if self._paused or self.outcome is not None or self.idle_timeout <= 0:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(self.idle_timeout)
+        else:
+            self._idle_call = self.clock.callLater(self.idle_timeout, self._idle_expired)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        log.warn(
+            "Backend sent nothing for {seconds}s after {bytes} bytes; aborting",
+            seconds=self.idle_timeout,
+            bytes=self.bytes_sent,
+        )
+        self.abort("idle_timeout")
+
+    def _unregister(self) -> None:
+        if not self._registered:
+            return
+        self._registered = False
+        if self.request.channel is not None:
+            self.request.unregisterProducer()
+
+    def _end(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.done.callback(outcome)

@@ -1,0 +1,179 @@
+"""The gateway's Request: decisions taken when the headers arrive, and JSON error rendering.
+
+twisted.web reads a whole request body before ``render`` runs. Limits and authentication must not
+wait for that: ``gotLength`` runs as soon as the headers are in, asks the site's ``early_check``
+whether the request may proceed, and rejects it there. A rejected request that still has a body
+coming gets its error written at once and the connection closed, so the gateway never reads (or
+buffers) a body it has already refused.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from llamaproxy import __version__
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.errors import GatewayError
+
+log = Logger()
+
+#: What the gateway says it is (no version banner).
+SERVER_NAME = b"llamaproxy"
+
+#: Headers on every response the gateway writes itself.
+_HYGIENE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))
+
+_REASONS = {
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+#: Decides, from the method, path and headers alone, whether a request may go on. Returns the
+#: error to answer with, or None. It may store what it learnt (e.g. the key id) on the request.
+EarlyCheck = Callable[["GatewayRequest"], GatewayError | None]
+
+
+class GatewayRequest(server.Request):
+    """A Request that is checked before its body is read and renders OpenAI-shaped errors."""
+
+    #: Set by the early check: the caller's key id ("auth-disabled" without authentication).
+    key_id: str | None = None
+    #: An error decided before the body arrived, rendered by ``process`` instead of the resource.
+    early_error: GatewayError | None = None
+    _closed_early = False
+    _body_limit: int | None = None
+    _body_seen = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Never let twisted.web invent a text/html content type for a response.
+        self.defaultContentType = None
+
+    # -- decisions when the headers are complete ---------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        """Headers are in: apply the body limit and the site's early check before any body."""
+        # Site.buildProtocol sets ``site`` on the channel; HTTPChannel does not declare it.
+        site = cast(Any, self.channel).site
+        # The request line is parsed but not yet copied onto the request; do it now.
+        self.method = self.channel._command
+        self.uri = self.channel._path
+        self.path = self.uri.split(b"?", 1)[0]
+        limit: int = site.max_request_body_size
+        self._body_limit = limit
+        error: GatewayError | None = None
+        if length is not None and length > limit:
+            error = errors.payload_too_large(limit)
+        else:
+            check: EarlyCheck | None = getattr(site, "early_check", None)
+            if check is not None:
+                error = check(self)
+        if error is None:
+            super().gotLength(length)
+            return
+        self.early_error = error
+        body_expected = length is None and self.requestHeaders.hasHeader(b"transfer-encoding")
+        if (length or 0) > 0 or body_expected:
+            self.content = io.BytesIO()  # twisted.web expects one; nothing is ever written to it
+            self._reject_and_close(error)
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Count body bytes as they arrive (chunked bodies included) and stop at the limit."""
+        if self._closed_early:
+            return
+        self._body_seen += len(data)
+        if self._body_limit is not None and self._body_seen > self._body_limit:
+            self._reject_and_close(errors.payload_too_large(self._body_limit))
+            return
+        super().handleContentChunk(data)
+
+    def _reject_and_close(self, error: GatewayError) -> None:
+        """Answer now, before the body, and close the connection once the answer is sent."""
+        self._closed_early = True
+        self.early_error = error
+        # Twisted would answer "Expect: 100-continue" after this; the client must not send.
+        self.requestHeaders.removeHeader(b"expect")
+        body = error.body()
+        lines = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}"]
+        headers = [
+            ("Server", SERVER_NAME.decode()),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            *_HYGIENE_HEADERS,
+            *error.headers,
+        ]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        log.info(
+            "Rejected {method} {path} before reading its body: {status}",
+            method=self.method.decode("latin-1", "replace"),
+            path=self.path.decode("latin-1", "replace")[:200],
+            status=error.status,
+        )
+        transport = self.channel.transport
+        if transport is None:  # the client is already gone: nobody to answer
+            return
+        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.channel.loseConnection()
+
+    def process(self) -> None:
+        """Serve the request unless it was already answered before its body."""
+        if self._closed_early:
+            return
+        super().process()
+
+    def processingFailed(self, reason: Failure) -> None:
+        """A bug in a render method: log it, answer a JSON 500 (never an HTML traceback page)."""
+        log.failure("Error while rendering {path}", reason, path=self.path.decode("latin-1")[:200])
+        self.send_error(errors.internal_error())
+
+    # -- writing errors --------------------------------------------------------------------
+
+    def render_error(self, error: GatewayError) -> bytes:
+        """Set status and headers for ``error`` and return its body (for ``render``)."""
+        self.setResponseCode(error.status)
+        self.setHeader(b"Content-Type", b"application/json")
+        for name, value in (*_HYGIENE_HEADERS, *error.headers):
+            self.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        body = error.body()
+        self.setHeader(b"Content-Length", str(len(body)).encode())
+        return body
+
+    def send_error(self, error: GatewayError) -> None:
+        """Write ``error`` as the whole response (asynchronous handlers), unless too late."""
+        if self.finished or self._disconnected:
+            return
+        if self.startedWriting:
+            # Headers are out: an error appended to a partial body would corrupt it.
+            self.abort()
+            return
+        body = self.render_error(error)
+        if self.method != b"HEAD":
+            self.write(body)
+        self.finish()
+
+    def abort(self) -> None:
+        """Cut the client connection so a partial response is seen as broken, not complete."""
+        if self.channel is not None and self.channel.transport is not None:
+            # TCP, UNIX and TLS transports all have abortConnection; ITransport does not declare it.
+            cast(Any, self.channel.transport).abortConnection()
+
+    @property
+    def gone(self) -> bool:
+        """True once the client disconnected or the response finished."""
+        return bool(self._disconnected or self.finished)
+
+
+def server_version() -> str:
+    """Version string for logs (never sent to clients)."""
+    return f"llamaproxy/{__version__}"

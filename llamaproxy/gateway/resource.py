@@ -1,0 +1,433 @@
+"""The gateway's root resource: public routes, the proxied OpenAI API, and 404/405 for the rest.
+
+Routing is by exact path: only the OpenAI paths (and the llama-server extras an operator lists)
+reach a backend, so ``/slots``, ``/props`` and the backend's ``/metrics`` are never exposed, and
+no spelling of ``..`` can get there either. The route, the method and the API key are all decided
+from the headers (``early_check``), before the body is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import unquote
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from llamaproxy.admission import Admission, QueueFullError, Slot
+from llamaproxy.auth.keys import AUTH_DISABLED, KeySet, authenticate, presented_key
+from llamaproxy.backend import Backend
+from llamaproxy.gateway import errors, forward
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.relay import StreamRelay
+from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
+from llamaproxy.probe import read_body_bounded
+
+log = Logger()
+
+#: Proxied OpenAI paths and the methods they accept.
+API_ROUTES: dict[bytes, tuple[bytes, ...]] = {
+    b"/v1/chat/completions": (b"POST",),
+    b"/v1/completions": (b"POST",),
+    b"/v1/embeddings": (b"POST",),
+    b"/v1/models": (b"GET", b"HEAD"),
+}
+_MODEL_PREFIX = b"/v1/models/"
+
+#: Public routes: no key, never touch a backend.
+PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
+
+_JSON = b"application/json"
+
+#: Largest backend model list the gateway reads to answer /v1/models/{id}.
+_MODEL_LIST_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: a public route, or a proxied path."""
+
+    kind: str  # "public", "api" (proxied), "model" (/v1/models/{id}), "preflight"
+    path: bytes
+
+
+def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route | GatewayError:
+    """Map method and path to a Route, or the 404/405 to answer with."""
+    if method == b"OPTIONS":
+        return Route("preflight", path)
+    if path in PUBLIC_ROUTES:
+        return Route("public", path)
+    allowed = API_ROUTES.get(path)
+    if allowed is None and path in extra_paths:
+        allowed = (b"POST",)
+    if allowed is None and path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+        # Answered by the gateway from the backend's /v1/models (llama-server has no
+        # /v1/models/{id}); the raw path is never forwarded.
+        if method not in (b"GET", b"HEAD"):
+            return errors.method_not_allowed(method.decode("latin-1")[:20], ("GET", "HEAD"))
+        return Route("model", path)
+    if allowed is None:
+        return errors.not_found(path.decode("latin-1")[:200])
+    if method not in allowed:
+        return errors.method_not_allowed(
+            method.decode("latin-1")[:20], tuple(m.decode() for m in allowed)
+        )
+    return Route("api", path)
+
+
+@dataclass
+class GatewaySettings:
+    """The parts of the configuration the gateway resource uses."""
+
+    auth_enabled: bool = True
+    request_timeout: float = 300.0
+    stream_idle_timeout: float = 120.0
+    extra_paths: frozenset[bytes] = frozenset()
+
+
+@dataclass(eq=False)
+class _Exchange:
+    """One proxied request in flight: what a timeout or a disconnect has to stop."""
+
+    request: GatewayRequest
+    started: float
+    relay: StreamRelay | None = None
+    timed_out: bool = False
+    deadline: IDelayedCall | None = None
+    task: Deferred[None] | None = field(default=None, repr=False)
+
+
+class GatewayResource(Resource):
+    """Serves /ping, /health, /readyz and proxies the OpenAI API to the backend."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        backend: Backend,
+        agent: IAgent,
+        admission: Admission,
+        clock: IReactorTime,
+        settings: GatewaySettings,
+        keys: Callable[[], KeySet],
+        health_document: Callable[[], dict[str, object]],
+        ready: Callable[[], bool],
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.agent = agent
+        self.admission = admission
+        self.clock = clock
+        self.settings = settings
+        self.keys = keys
+        self.health_document = health_document
+        self.ready = ready
+        self.draining = False
+        self.in_flight: set[_Exchange] = set()
+        self._drained: list[Deferred[None]] = []
+
+    # -- decisions from the headers alone ------------------------------------------------------
+
+    def early_check(self, request: GatewayRequest) -> GatewayError | None:
+        """Route, method and API key, decided before the body is read."""
+        route = resolve(request.method, request.path, self.settings.extra_paths)
+        if isinstance(route, GatewayError):
+            return route
+        if route.kind not in ("api", "model"):
+            return None
+        if not self.settings.auth_enabled:
+            request.key_id = AUTH_DISABLED
+            return None
+        presented = presented_key(
+            request.requestHeaders.getRawHeaders(b"authorization", [None])[-1],
+            request.requestHeaders.getRawHeaders(b"x-api-key", [None])[-1],
+        )
+        result = authenticate(self.keys(), presented, datetime.now(UTC))
+        if isinstance(result, GatewayError):
+            return result
+        request.key_id = result.key_id
+        return None
+
+    # -- rendering ------------------------------------------------------------------------
+
+    def render(self, request: GatewayRequest) -> bytes | int:
+        request.setHeader(b"Server", SERVER_NAME)
+        if request.early_error is not None:
+            return request.render_error(request.early_error)
+        route = resolve(request.method, request.path, self.settings.extra_paths)
+        if isinstance(route, GatewayError):
+            return request.render_error(route)
+        if route.kind == "preflight":
+            request.setResponseCode(204)
+            return b""
+        if route.kind == "public":
+            return self._render_public(request, route.path)
+        # "api" and "model" routes: both go through admission and the backend.
+        if self.draining:
+            return request.render_error(errors.backend_unavailable("stopping", 5))
+        if request.key_id is None:
+            # early_check did not run (it always does on a GatewaySite): fail closed.
+            return request.render_error(errors.unauthorized("Missing Authorization header"))
+        exchange = _Exchange(request, self.clock.seconds())
+        task = Deferred.fromCoroutine(self._proxy(exchange))
+        exchange.task = task
+        self.in_flight.add(exchange)
+        task.addErrback(self._unexpected, exchange)
+        task.addBoth(self._exchange_done, exchange)
+        request.notifyFinish().addErrback(self._client_gone, exchange)
+        return NOT_DONE_YET
+
+    def _render_public(self, request: GatewayRequest, path: bytes) -> bytes:
+        if path == b"/ping":
+            request.setHeader(b"Content-Length", b"0")
+            return b""
+        if path == b"/health":
+            request.setHeader(b"Content-Type", _JSON)
+            request.setHeader(b"Cache-Control", b"no-store")
+            return json.dumps(self.health_document(), indent=2).encode() + b"\n"
+        ready = self.ready()
+        if not ready:
+            request.setResponseCode(503)
+            request.setHeader(
+                b"Retry-After", str(self.backend.retry_after(self.clock.seconds())).encode()
+            )
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps({"ready": ready, "backend": self.backend.state.value}).encode() + b"\n"
+
+    # -- the proxied exchange ------------------------------------------------------------------
+
+    async def _proxy(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        exchange.deadline = self.clock.callLater(
+            self.settings.request_timeout, self._deadline_passed, exchange
+        )
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            request.send_error(unavailable)
+            return
+        try:
+            waiting = self.admission.acquire(request.key_id or AUTH_DISABLED)
+        except QueueFullError:
+            request.send_error(errors.queue_full())
+            return
+        slot: Slot = await waiting
+        try:
+            await self._forward(exchange)
+        finally:
+            slot.release()
+
+    def _unavailable(self) -> GatewayError | None:
+        if self.backend.ready:
+            return None
+        now = self.clock.seconds()
+        return errors.backend_unavailable(self.backend.state.value, self.backend.retry_after(now))
+
+    async def _forward(self, exchange: _Exchange) -> None:
+        request = exchange.request
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            request.send_error(unavailable)
+            return
+        content = request.content
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+        model_id: str | None = None
+        method, target = request.method, request.uri
+        if request.path.startswith(_MODEL_PREFIX):
+            model_id = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
+            method, target = b"GET", b"/v1/models"
+        try:
+            response = await forward.send(
+                self.agent, self.backend, method, target, request.requestHeaders, body
+            )
+        except CancelledError:
+            raise
+        except (ConnectionRefusedError, ConnectError, DNSLookupError, ConnectingCancelledError,
+                TimeoutError) as e:
+            log.warn("Backend connection failed: {error}", error=str(e) or type(e).__name__)
+            request.send_error(self._unavailable() or errors.bad_gateway())
+            return
+        except Exception as e:
+            log.warn("Backend request failed: {error}", error=_describe(e))
+            request.send_error(self._unavailable() or errors.bad_gateway())
+            return
+        if request.gone:
+            _discard(response)
+            return
+        if model_id is not None:
+            await self._answer_model(request, response, model_id)
+            return
+        await self._relay(exchange, response)
+
+    async def _answer_model(
+        self, request: GatewayRequest, response: IResponse, model_id: str
+    ) -> None:
+        """GET /v1/models/{id}: the matching entry of the backend's model list, or 404."""
+        if response.code != 200:
+            await self._relay_buffered(request, response)
+            return
+        raw = await read_body_bounded(response, _MODEL_LIST_LIMIT)
+        try:
+            entries = json.loads(raw)["data"]
+            entry = next(
+                m for m in entries if model_id == m.get("id") or model_id in m.get("aliases", ())
+            )
+        except StopIteration:
+            request.send_error(errors.model_not_found(model_id))
+            return
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warn("Backend /v1/models answer is not a model list")
+            request.send_error(errors.bad_gateway("Backend sent an invalid model list"))
+            return
+        payload = json.dumps(entry).encode()
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Content-Length", str(len(payload)).encode())
+        if request.method != b"HEAD":
+            request.write(payload)
+        request.finish()
+
+    async def _relay_buffered(self, request: GatewayRequest, response: IResponse) -> None:
+        body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in forward.filter_response_headers(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        if request.method != b"HEAD":
+            request.write(body)
+        request.finish()
+
+    async def _relay(self, exchange: _Exchange, response: IResponse) -> None:
+        request = exchange.request
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in forward.filter_response_headers(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            request.setHeader(b"Content-Length", str(response.length).encode())
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            request.setHeader(b"X-Accel-Buffering", b"no")
+            request.setHeader(b"Cache-Control", b"no-cache")
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout)
+        exchange.relay = relay
+        response.deliverBody(relay)
+        await relay.done
+
+    # -- ends of an exchange -------------------------------------------------------------------
+
+    def _deadline_passed(self, exchange: _Exchange) -> None:
+        exchange.deadline = None
+        exchange.timed_out = True
+        log.warn(
+            "Request exceeded {timeout}s: {method} {path}",
+            timeout=self.settings.request_timeout,
+            method=exchange.request.method.decode("latin-1"),
+            path=exchange.request.path.decode("latin-1")[:200],
+        )
+        if exchange.relay is not None:
+            exchange.relay.abort("timeout")
+        elif exchange.task is not None:
+            exchange.task.cancel()
+
+    def _client_gone(self, reason: Failure, exchange: _Exchange) -> None:
+        if exchange.relay is not None:
+            # Usually the transport already told the relay (stopProducing); make sure.
+            exchange.relay.stopProducing()
+        elif exchange.task is not None:
+            exchange.task.cancel()
+
+    def _unexpected(self, failure: Failure, exchange: _Exchange) -> None:
+        request = exchange.request
+        if failure.check(CancelledError):
+            if exchange.timed_out:
+                request.send_error(errors.gateway_timeout())
+            return None
+        log.failure("Unexpected error while proxying", failure)
+        request.send_error(errors.internal_error())
+        return None
+
+    def _exchange_done(self, result: object, exchange: _Exchange) -> None:
+        if exchange.deadline is not None and exchange.deadline.active():
+            exchange.deadline.cancel()
+        exchange.deadline = None
+        self.in_flight.discard(exchange)
+        self._log_exchange(exchange)
+        if not self.in_flight:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def _log_exchange(self, exchange: _Exchange) -> None:
+        request, relay = exchange.request, exchange.relay
+        if relay is not None:
+            outcome = relay.outcome or "unfinished"
+        else:
+            if exchange.timed_out:
+                outcome = "timeout"
+            elif request.gone and not request.finished:
+                outcome = "client_gone"
+            else:
+                outcome = "answered"
+        log.info(
+            "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id}",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            status=request.code,
+            outcome=outcome,
+            bytes=relay.bytes_sent if relay is not None else 0,
+            duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 1),
+            key_id=request.key_id,
+        )
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def wait_idle(self) -> Deferred[None]:
+        """A Deferred that fires when no proxied request is in flight."""
+        d: Deferred[None] = Deferred()
+        if not self.in_flight:
+            d.callback(None)
+        else:
+            self._drained.append(d)
+        return d
+
+    def abort_in_flight(self) -> None:
+        """Cut every exchange still running (the drain timeout passed)."""
+        for exchange in list(self.in_flight):
+            if exchange.relay is not None:
+                exchange.relay.abort("shutdown")
+            elif exchange.task is not None:
+                exchange.task.cancel()
+
+
+def _discard(response: IResponse) -> None:
+    from twisted.internet.protocol import Protocol
+
+    class _Drop(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.stopProducing()  # type: ignore[union-attr]
+
+    response.deliverBody(_Drop())
+
+
+def _describe(e: BaseException) -> str:
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        return f"{type(e).__name__}: " + "; ".join(r.getErrorMessage() for r in reasons)
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything llamaproxy needs, idempotently: system build tools (if missing), a virtualenv in
+# .venv with llamaproxy and its test tools, and a cached llama-server build (scripts/build-llama-server.sh).
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${LLAMAPROXY_VENV:-.venv}"
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v c++ >/dev/null || need_apt+=(g++)
+command -v make >/dev/null || command -v ninja >/dev/null || need_apt+=(make)
+"$PYTHON" -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing build tools: ${need_apt[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "Missing: ${need_apt[*]} (install them, e.g. sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "Creating virtualenv $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.llamaproxy-installed"
+want="$(cat setup.py | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python" -c "import llamaproxy" 2>/dev/null; then
+  echo "Installing llamaproxy and its test tools into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+  # compat mode: PEP 660 editable installs hide twisted/plugins from twistd.
+  "$VENV/bin/python" -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+  echo "$want" > "$stamp"
+fi
+# Refresh twistd's plugin cache (dropin.cache, git-ignored) so `twistd --help` lists llamaproxy.
+"$VENV/bin/python" -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" 2>/dev/null || true
+
+PYTHON="$VENV/bin/python" bash scripts/build-llama-server.sh

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this): setup, lint, types, then every
+# test (unit and end-to-end against a real llama-server) under coverage, failing below 85 %.
+# Extra arguments select tests, e.g. bash scripts/test.sh tests.gateway
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV="${LLAMAPROXY_VENV:-.venv}"
+export PATH="$PWD/$VENV/bin:$PATH"
+export LLAMAPROXY_REQUIRE_E2E="${LLAMAPROXY_REQUIRE_E2E:-1}"
+
+echo "== ruff" >&2
+ruff check llamaproxy tests twisted bench
+echo "== mypy" >&2
+mypy
+echo "== trial (under coverage)" >&2
+rm -f .coverage .coverage.*
+set +e
+coverage run -m twisted.trial "${@:-tests}" 2>&1 | tee .trial-output.log
+status=${PIPESTATUS[0]}
+set -e
+summary="$(grep -E '^(PASSED|FAILED) \(' .trial-output.log | tail -n1 || true)"
+rm -f .trial-output.log
+passed=$(echo "$summary" | grep -oE 'successes=[0-9]+' | cut -d= -f2 || true)
+failed=$(echo "$summary" | grep -oE '(failures|errors|unexpectedSuccesses)=[0-9]+' | cut -d= -f2 | awk '{s+=$1} END {print s+0}' || true)
+skipped=$(echo "$summary" | grep -oE 'skips=[0-9]+' | cut -d= -f2 || true)
+if [ "$status" -ne 0 ]; then
+  echo "${passed:-0} passed, ${failed:-1} failed, ${skipped:-0} skipped"
+  exit "$status"
+fi
+echo "== coverage" >&2
+coverage report --fail-under=85
+echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped"

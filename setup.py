@@ -1,0 +1,48 @@
+"""Packaging for llamaproxy, a Twisted gateway in front of llama.cpp's llama-server."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(
+    r'^__version__ = "([^"]+)"', Path("llamaproxy/__init__.py").read_text(), re.M
+).group(1)
+
+setup(
+    name="llamaproxy",
+    version=version,
+    description="Production gateway for self-hosted LLMs: supervises llama-server, speaks the OpenAI API",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    # twisted/plugins has no __init__.py on purpose (see docs/operations.md); list it explicitly.
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
+    package_data={"twisted.plugins": ["llamaproxy_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=26.4",
+        "klein>=23.12",
+        "treq>=23.11",
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": [
+            "openai>=1.40",
+            "httpx>=0.27",
+            "gguf>=0.10",
+            "numpy",
+            "hypothesis>=6.100",
+            "coverage>=7.4",
+            "ruff>=0.6",
+            "mypy>=1.11,<2.5",
+            "mypy-zope>=1.0.17",
+        ],
+    },
+    entry_points={"console_scripts": ["llamaproxy=llamaproxy.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Internet :: Proxy Servers",
+    ],
+)

@@ -1,0 +1,469 @@
+"""Tests for llamaproxy.gateway.resource (with site, request, relay and forward), in memory."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from llamaproxy.admission import Admission
+from llamaproxy.auth.keys import KeySet, parse_keys
+from llamaproxy.backend import Backend, BackendState, ProbeResult
+from llamaproxy.gateway.resource import GatewayResource, GatewaySettings, resolve
+from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.health import HealthState
+from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, sse_chunk
+
+KEY = "sk-unit-test-key-000000000001"
+OTHER_KEY = "sk-unit-test-key-000000000002"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+
+
+class GatewayFixture:
+    """A gateway site on an AgentSpy backend, driven by a Clock."""
+
+    def __init__(self, auth: bool = True, concurrency: int = 2, queue: int = 0,
+                 body_limit: int = 1024, **settings: Any) -> None:
+        self.clock = Clock()
+        self.agent = AgentSpy()
+        self.backend = Backend("test", "http://127.0.0.1:9", api_key="gateway-backend-key",
+                               model="fake")
+        self.backend.set_state(BackendState.READY)
+        self.admission = Admission(concurrency, queue)
+        self.keys: KeySet = parse_keys([f"alice:{KEY}", f"bob:{OTHER_KEY}"])[0]
+        self.resource: GatewayResource
+        self.health = HealthState(self.backend, self.admission, self.clock, auth,
+                                  lambda: self.resource.draining)
+        self.resource = GatewayResource(
+            self.backend, self.agent, self.admission, self.clock,
+            GatewaySettings(auth_enabled=auth, **settings), lambda: self.keys,
+            self.health.document, self.health.ready,
+        )
+        self.site = GatewaySite(self.resource, body_limit)
+
+    def client(self) -> InMemoryClient:
+        return InMemoryClient(self.site)
+
+    def chat(self, body: bytes = CHAT, headers: dict[str, str] | None = None) -> InMemoryClient:
+        client = self.client()
+        client.request("POST", "/v1/chat/completions", body, headers or AUTH)
+        return client
+
+
+class RoutingTests(SynchronousTestCase):
+    def test_resolve(self) -> None:
+        extra = frozenset({b"/tokenize"})
+        self.assertEqual(resolve(b"POST", b"/v1/chat/completions", extra).kind, "api")  # type: ignore[union-attr]
+        self.assertEqual(resolve(b"GET", b"/v1/models/tiny", extra).kind, "model")  # type: ignore[union-attr]
+        self.assertEqual(resolve(b"POST", b"/tokenize", extra).kind, "api")  # type: ignore[union-attr]
+        self.assertEqual(resolve(b"GET", b"/ping", extra).kind, "public")  # type: ignore[union-attr]
+        self.assertEqual(resolve(b"OPTIONS", b"/anything", extra).kind, "preflight")  # type: ignore[union-attr]
+        for path in (b"/slots", b"/props", b"/metrics", b"/v1/../slots", b"/detokenize",
+                     b"/v1/models/", b"/v1/chat/completions/", b"//v1/models"):
+            self.assertEqual(resolve(b"GET", path, extra).status, 404, path)  # type: ignore[union-attr]
+        wrong = resolve(b"GET", b"/v1/chat/completions", extra)
+        self.assertEqual(wrong.status, 405)  # type: ignore[union-attr]
+        self.assertEqual(dict(wrong.headers)["Allow"], "POST")  # type: ignore[union-attr]
+
+
+class PublicRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = GatewayFixture()
+
+    def test_ping(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/ping")
+        response = client.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"")
+        self.assertEqual(response.header("server"), "llamaproxy")
+        self.assertEqual(self.gw.agent.requests, [])
+
+    def test_health_document(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/health")
+        doc = client.response().json()
+        self.assertEqual(doc["status"], "ok")
+        self.assertEqual(doc["backend"]["state"], "ready")
+        self.assertEqual(doc["queue"], {"max_concurrent": 2, "max_queue_size": 0, "active": 0,
+                                        "waiting": 0})
+        self.assertEqual(doc["authentication"], {"enabled": True})
+        self.assertNotIn("alice", json.dumps(doc))
+
+    def test_readyz_follows_backend(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/readyz")
+        self.assertEqual(client.response().status, 200)
+        self.gw.backend.set_state(BackendState.LOADING, retry_at=self.gw.clock.seconds() + 7)
+        client = self.gw.client()
+        client.request("GET", "/readyz")
+        response = client.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.header("retry-after"), "7")
+
+    def test_preflight(self) -> None:
+        client = self.gw.client()
+        client.request("OPTIONS", "/v1/chat/completions")
+        self.assertEqual(client.response().status, 204)
+
+    def test_unknown_path_is_json_404(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/slots", headers=AUTH)
+        response = client.response()
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.header("content-type"), "application/json")
+        self.assertEqual(response.json()["error"]["code"], "not_found")
+        self.assertEqual(self.gw.agent.requests, [])
+
+
+class AuthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = GatewayFixture()
+
+    def assert_401(self, client: InMemoryClient, message: str) -> None:
+        response = client.response()
+        self.assertEqual(response.status, 401)
+        self.assertEqual(response.json(), {"error": {
+            "message": message, "type": "invalid_request_error", "code": "invalid_api_key",
+            "param": "authorization"}})
+        self.assertEqual(response.header("cache-control"), "no-store")
+        self.assertEqual(self.gw.agent.requests, [])
+
+    def test_missing_key(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/v1/models")
+        self.assert_401(client, "Missing Authorization header")
+
+    def test_wrong_key(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/v1/models",
+                       headers={"Authorization": "Bearer sk-not-a-real-key-0000"})
+        self.assert_401(client, "Invalid API key")
+
+    def test_bad_format(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/v1/models", headers={"X-Api-Key": "short"})
+        self.assert_401(client, "Invalid API key format")
+
+    def test_no_keys_fails_closed(self) -> None:
+        self.gw.keys = KeySet({})
+        client = self.gw.client()
+        client.request("GET", "/v1/models", headers=AUTH)
+        self.assert_401(client, "Authentication misconfigured: no API keys loaded")
+
+    def test_rejected_before_the_body(self) -> None:
+        """A refused request with a body is answered at once and its body is never read."""
+        client = self.gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        self.assert_401(client, "Missing Authorization header")
+        self.assertNotIn(b"100 Continue", client.written)
+        self.assertTrue(client.closed)
+        client.send(b"x" * 900)  # ignored
+
+    def test_x_api_key_and_auth_disabled(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/v1/models", headers={"X-Api-Key": KEY})
+        self.assertEqual(len(self.gw.agent.requests), 1)
+        open_gw = GatewayFixture(auth=False)
+        client = open_gw.client()
+        client.request("GET", "/v1/models")
+        self.assertEqual(len(open_gw.agent.requests), 1)
+
+
+class ProxyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=5.0)
+
+    def test_headers_forwarded_and_filtered(self) -> None:
+        client = self.gw.chat(headers={**AUTH, "Connection": "keep-alive, X-Secret",
+                                       "X-Secret": "1", "X-Trace": "abc", "Cookie": "a=b"})
+        [record] = self.gw.agent.requests
+        self.assertEqual(record.method, b"POST")
+        self.assertEqual(record.uri, b"http://127.0.0.1:9/v1/chat/completions")
+        assert record.headers is not None
+        self.assertEqual(record.headers.getRawHeaders(b"authorization"),
+                         [b"Bearer gateway-backend-key"])
+        self.assertEqual(record.headers.getRawHeaders(b"x-trace"), [b"abc"])
+        for dropped in (b"x-secret", b"connection", b"cookie", b"host", b"content-length"):
+            self.assertIsNone(record.headers.getRawHeaders(dropped), dropped)
+        assert record.body_producer is not None
+        self.assertEqual(record.body_producer.length, len(CHAT))
+        record.respond(200, b'{"ok": true}', Headers({
+            b"content-type": [b"application/json"], b"access-control-allow-origin": [b"*"],
+            b"connection": [b"close, x-hop"], b"x-hop": [b"1"], b"x-kept": [b"2"]}))
+        response = client.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b'{"ok": true}')
+        self.assertEqual(response.header("content-length"), "12")
+        self.assertEqual(response.header("x-kept"), "2")
+        for dropped in ("access-control-allow-origin", "x-hop"):
+            self.assertIsNone(response.header(dropped), dropped)
+        self.assertEqual(self.gw.resource.in_flight, set())
+        self.assertEqual(self.gw.admission.active, 0)
+
+    def test_stream_is_relayed_event_by_event(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        response = client.response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header("x-accel-buffering"), "no")
+        self.assertEqual(response.header("content-type"), "text/event-stream")
+        self.assertIn(b"Hel", client.written)
+        self.assertNotIn(b"lo", client.written)
+        backend.send(sse_chunk("lo"))
+        self.assertIn(b"lo", client.written)
+        self.assertFalse(client.response().complete)
+        backend.send(b"data: [DONE]\n\n")
+        backend.finish()
+        response = client.response()
+        self.assertTrue(response.complete)
+        self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(self.gw.admission.active, 0)
+
+    def test_backpressure_pauses_the_backend(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        client.http_channel.pauseProducing()  # the client's socket buffer is full
+        self.assertTrue(backend.transport.paused)
+        self.gw.clock.advance(20)  # a paused stream is not idle: the 5 s idle timeout waits
+        self.assertFalse(backend.transport.stopped)
+        client.http_channel.resumeProducing()
+        self.assertFalse(backend.transport.paused)
+
+    def test_client_disconnect_stops_the_backend(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        client.disconnect()
+        self.assertTrue(backend.transport.stopped)
+        self.assertEqual(self.gw.admission.active, 0)
+        self.assertEqual(self.gw.resource.in_flight, set())
+
+    def test_client_disconnect_before_headers_cancels(self) -> None:
+        client = self.gw.chat()
+        client.disconnect()
+        self.assertTrue(self.gw.agent.requests[0].cancelled)
+        self.assertEqual(self.gw.admission.active, 0)
+
+    def test_backend_dies_mid_stream_aborts_the_client(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        backend.fail()
+        self.assertTrue(client.closed)
+        response = client.response()
+        self.assertFalse(response.complete)
+        self.assertNotIn(b"error", response.body)
+
+    def test_idle_stream_is_aborted(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        self.gw.clock.advance(4)
+        backend.send(sse_chunk("lo"))
+        self.gw.clock.advance(4)
+        self.assertFalse(client.closed)
+        self.gw.clock.advance(1.5)
+        self.assertTrue(client.closed)
+        self.assertTrue(backend.transport.stopped)
+        self.assertFalse(client.response().complete)
+
+    def test_connection_refused_is_502(self) -> None:
+        client = self.gw.chat()
+        self.gw.agent.requests[0].fail(ConnectionRefusedError())
+        response = client.response()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.json()["error"]["code"], "bad_gateway")
+
+    def test_refused_while_backend_restarts_is_503(self) -> None:
+        client = self.gw.chat()
+        self.gw.backend.set_state(BackendState.BACKOFF, retry_at=self.gw.clock.seconds() + 3)
+        self.gw.agent.requests[0].fail(ConnectionRefusedError())
+        response = client.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.header("retry-after"), "3")
+
+    def test_backend_not_ready_is_503_without_forwarding(self) -> None:
+        self.gw.backend.set_state(BackendState.LOADING)
+        client = self.gw.chat()
+        response = client.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["code"], "backend_unavailable")
+        self.assertEqual(response.header("retry-after"), "5")
+        self.assertEqual(self.gw.agent.requests, [])
+
+    def test_failed_probe_makes_backend_unavailable(self) -> None:
+        self.gw.backend.last_probe = ProbeResult(0.0, "down", "timed out")
+        response = self.gw.chat().response()
+        self.assertEqual(response.status, 503)
+
+    def test_timeout_before_headers_is_504(self) -> None:
+        client = self.gw.chat()
+        self.gw.clock.advance(30)
+        self.assertTrue(self.gw.agent.requests[0].cancelled)
+        response = client.response()
+        self.assertEqual(response.status, 504)
+        self.assertEqual(response.json()["error"],
+                         {"message": "Request timed out", "type": "timeout_error", "code": 504})
+
+    def test_timeout_after_headers_aborts_instead_of_appending(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        for _ in range(10):
+            backend.send(sse_chunk("x"))
+            self.gw.clock.advance(3)
+        self.assertTrue(client.closed)
+        self.assertNotIn(b"timed out", client.written)
+        self.assertEqual(self.gw.resource.in_flight, set())
+
+    def test_unexpected_error_is_500_without_details(self) -> None:
+        client = self.gw.chat()
+        self.gw.agent.requests[0].fail(ValueError("/secret/path exploded"))
+        response = client.response()
+        self.assertEqual(response.status, 502)
+        self.assertNotIn(b"secret", response.body)
+
+
+class ModelRetrievalTests(SynchronousTestCase):
+    """GET /v1/models/{id} is answered from the backend's model list (llama-server lacks it)."""
+
+    MODELS = json.dumps({"object": "list", "data": [
+        {"id": "tiny", "object": "model", "aliases": ["tiny-alias"]}]}).encode()
+
+    def retrieve(self, path: str) -> tuple[GatewayFixture, InMemoryClient]:
+        gw = GatewayFixture()
+        client = gw.client()
+        client.request("GET", path, headers=AUTH)
+        [record] = gw.agent.requests
+        self.assertEqual(record.uri, b"http://127.0.0.1:9/v1/models")
+        record.respond(200, self.MODELS, Headers({b"content-type": [b"application/json"]}))
+        return gw, client
+
+    def test_found_by_id_and_alias(self) -> None:
+        for model_id in ("tiny", "tiny-alias"):
+            response = self.retrieve(f"/v1/models/{model_id}")[1].response()
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.json()["id"], "tiny")
+
+    def test_unknown_model_is_openai_404(self) -> None:
+        response = self.retrieve("/v1/models/gpt-4")[1].response()
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.json()["error"]["code"], "model_not_found")
+        self.assertEqual(response.json()["error"]["param"], "model")
+
+    def test_traversal_never_reaches_another_path(self) -> None:
+        response = self.retrieve("/v1/models/../../slots")[1].response()
+        self.assertEqual(response.status, 404)
+
+    def test_backend_error_passes_through(self) -> None:
+        gw = GatewayFixture()
+        client = gw.client()
+        client.request("GET", "/v1/models/tiny", headers=AUTH)
+        gw.agent.requests[0].respond(503, b'{"error": {"message": "Loading model"}}')
+        self.assertEqual(client.response().status, 503)
+
+    def test_garbage_list_is_502(self) -> None:
+        gw = GatewayFixture()
+        client = gw.client()
+        client.request("GET", "/v1/models/tiny", headers=AUTH)
+        gw.agent.requests[0].respond(200, b"not json")
+        self.assertEqual(client.response().status, 502)
+
+
+class AdmissionThroughGatewayTests(SynchronousTestCase):
+    def test_queue_full_is_503(self) -> None:
+        gw = GatewayFixture(concurrency=1, queue=1)
+        gw.chat()
+        queued = gw.chat()
+        rejected = gw.chat()
+        self.assertEqual(len(gw.agent.requests), 1)
+        response = rejected.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["code"], "queue_full")
+        self.assertEqual(response.header("retry-after"), "5")
+        gw.agent.requests[0].respond(200, b"{}")
+        self.assertEqual(len(gw.agent.requests), 2)
+        gw.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(queued.response().status, 200)
+
+    def test_queued_client_that_leaves_never_reaches_the_backend(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.chat()
+        queued = gw.chat()
+        self.assertEqual(gw.admission.waiting, 1)
+        queued.disconnect()
+        self.assertEqual(gw.admission.waiting, 0)
+        gw.agent.requests[0].respond(200, b"{}")
+        self.assertEqual(len(gw.agent.requests), 1)
+
+
+class DrainTests(SynchronousTestCase):
+    def test_wait_idle_and_draining(self) -> None:
+        gw = GatewayFixture()
+        client = gw.chat()
+        idle = gw.resource.wait_idle()
+        self.assertNoResult(idle)
+        gw.resource.draining = True
+        late = gw.chat()
+        self.assertEqual(late.response().status, 503)
+        gw.agent.requests[0].respond(200, b"{}")
+        self.successResultOf(idle)
+        self.assertEqual(client.response().status, 200)
+
+    def test_abort_in_flight(self) -> None:
+        gw = GatewayFixture()
+        streaming = gw.chat()
+        waiting = gw.chat()
+        backend = StreamingResponse()
+        gw.agent.requests[0].deferred.callback(backend)
+        gw.resource.abort_in_flight()
+        self.assertTrue(streaming.closed)
+        self.assertTrue(backend.transport.stopped)
+        self.assertTrue(gw.agent.requests[1].cancelled)
+        self.assertEqual(gw.resource.in_flight, set())
+        del waiting
+
+
+class BodyLimitTests(SynchronousTestCase):
+    def test_content_length_over_limit_is_413_before_reading(self) -> None:
+        gw = GatewayFixture(body_limit=100)
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n"
+                    + f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+        response = client.response()
+        self.assertEqual(response.status, 413)
+        self.assertEqual(response.json()["error"]["message"],
+                         "Request body too large (max 100 bytes)")
+        self.assertTrue(client.closed)
+
+    def test_chunked_body_counted_as_it_arrives(self) -> None:
+        gw = GatewayFixture(body_limit=100)
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\n"
+                    + f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+        client.send(b"40\r\n" + b"a" * 64 + b"\r\n")
+        self.assertEqual(client.written, b"")
+        client.send(b"40\r\n" + b"a" * 64 + b"\r\n")
+        self.assertEqual(client.response().status, 413)
+        self.assertTrue(client.closed)
+        self.assertEqual(gw.agent.requests, [])
+
+    def test_at_limit_is_allowed(self) -> None:
+        gw = GatewayFixture(body_limit=len(CHAT))
+        gw.chat()
+        self.assertEqual(len(gw.agent.requests), 1)
+

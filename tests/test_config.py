@@ -1,0 +1,155 @@
+"""Tests for llamaproxy.config: precedence, strict parsing, model resolution, documentation."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy.config import (
+    SETTINGS,
+    ConfigError,
+    detect_data_dir,
+    documented_names,
+    load_config,
+    parse_bool,
+    sanitize_instance_id,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+_BOOL_WORDS = {"true", "false", "1", "0", "yes", "no", "on", "off"}
+
+
+class ConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.model = self.mktemp() + ".gguf"
+        Path(self.model).write_bytes(b"GGUF")
+        self.env = {"MODEL_PATH": self.model}
+
+    def load(self, env: dict[str, str] | None = None, **flags: object):  # type: ignore[no-untyped-def]
+        return load_config(flags, {**self.env, **(env or {})}, path_exists=lambda p: False,
+                           hostname=lambda: "host/1")
+
+    def test_defaults(self) -> None:
+        config = self.load()
+        self.assertEqual(config.endpoints, ("tcp:8000",))
+        self.assertEqual(config.health_endpoint, "tcp:8001")
+        self.assertEqual(config.backend_base_url, "http://127.0.0.1:8080")
+        self.assertTrue(config.auth_enabled)
+        self.assertTrue(config.supervised)
+        self.assertEqual(config.ctx, 16384)
+        self.assertEqual(config.ngl, 99)
+        self.assertEqual(config.data_dir, "/data")
+        self.assertEqual(config.auth_keys_file, "/data/api_keys.txt")
+        self.assertEqual(config.model_alias, Path(self.model).name.removesuffix(".gguf"))
+        self.assertEqual(config.instance_id, "host_1")
+
+    def test_flag_beats_env_beats_default(self) -> None:
+        self.assertEqual(self.load({"PORT": "9000"}).port, 9000)
+        self.assertEqual(self.load({"GATEWAY_PORT": "9001"}).port, 9001)
+        self.assertEqual(self.load({"PORT": "9000"}, port="9100").port, 9100)
+
+    def test_listen_and_host(self) -> None:
+        self.assertEqual(self.load({"HOST": "127.0.0.1"}).endpoints,
+                         ("tcp:8000:interface=127.0.0.1",))
+        self.assertEqual(self.load({"HOST": "::1"}).endpoints, ("tcp:8000:interface=\\:\\:1",))
+        config = self.load({"LISTEN": "tcp:1, unix:/tmp/s"})
+        self.assertEqual(config.endpoints, ("tcp:1", "unix:/tmp/s"))
+        self.assertEqual(self.load(listen=["tcp:2", "tcp:3"]).endpoints, ("tcp:2", "tcp:3"))
+
+    def test_booleans_are_strict(self) -> None:
+        for text in ("true", "TRUE", "1", "yes", "On"):
+            self.assertTrue(self.load({"AUTH_ENABLED": text}).auth_enabled, text)
+        for text in ("false", "0", "no", "OFF"):
+            self.assertFalse(self.load({"AUTH_ENABLED": text}).auth_enabled, text)
+        with self.assertRaises(ConfigError) as raised:
+            self.load({"AUTH_ENABLED": "maybe"})
+        self.assertIn("AUTH_ENABLED", str(raised.exception))
+
+    def test_numbers_are_strict(self) -> None:
+        for env in ({"PORT": "80a"}, {"PORT": "70000"}, {"CTX": "-1"}, {"REQUEST_TIMEOUT": "0"},
+                    {"REQUEST_TIMEOUT": "nan"}, {"MAX_QUEUE_SIZE": "1.5"}, {"PORT_HEALTH": ""}):
+            with self.assertRaises(ConfigError) as raised:
+                self.load(env)
+            self.assertIn(next(iter(env)), str(raised.exception))
+        with self.assertRaises(ConfigError) as raised:
+            self.load(ctx="x")
+        self.assertIn("--ctx", str(raised.exception))
+
+    def test_model_resolution(self) -> None:
+        directory = os.path.dirname(self.model)
+        config = load_config(
+            {}, {"MODELS_DIR": directory, "MODEL_NAME": os.path.basename(self.model)}
+        )
+        self.assertEqual(config.model_path, self.model)
+        with self.assertRaises(ConfigError) as raised:
+            load_config({}, {"MODEL_PATH": "/nonexistent/m.gguf"})
+        self.assertIn("/nonexistent/m.gguf", str(raised.exception))
+        with self.assertRaises(ConfigError) as raised:
+            load_config({}, {})
+        self.assertIn("MODEL_PATH", str(raised.exception))
+
+    def test_external_backend_needs_no_model(self) -> None:
+        config = load_config({}, {"BACKEND_URL": "http://10.0.0.5:8080/"})
+        self.assertFalse(config.supervised)
+        self.assertEqual(config.backend_base_url, "http://10.0.0.5:8080")
+        with self.assertRaises(ConfigError):
+            load_config({}, {"BACKEND_URL": "ftp://x"})
+
+    def test_deprecated_backend_port(self) -> None:
+        config = self.load({"BACKEND_PORT": "9999"})
+        self.assertEqual(config.backend_port, 9999)
+        self.assertTrue(any("BACKEND_PORT" in w for w in config.warnings))
+        self.assertEqual(self.load({"BACKEND_PORT": "9999", "PORT_BACKEND": "7"}).backend_port, 7)
+
+    def test_not_yet_supported_variables_warn(self) -> None:
+        config = self.load({"CORS_ORIGINS": "*"})
+        self.assertTrue(any(w.startswith("CORS_ORIGINS is not supported") for w in config.warnings))
+
+    def test_extra_args_warn_and_split(self) -> None:
+        config = self.load({"EXTRA_ARGS": "--embeddings --pooling 'mean'"})
+        self.assertEqual(config.extra_args, ("--embeddings", "--pooling", "mean"))
+        self.assertTrue(any("EXTRA_ARGS" in w for w in config.warnings))
+        with self.assertRaises(ConfigError):
+            self.load({"EXTRA_ARGS": "'unclosed"})
+
+    def test_proxy_extra_paths(self) -> None:
+        config = self.load({"PROXY_EXTRA_PATHS": "/tokenize,/detokenize"})
+        self.assertEqual(config.proxy_extra_paths, ("/tokenize", "/detokenize"))
+        with self.assertRaises(ConfigError) as raised:
+            self.load({"PROXY_EXTRA_PATHS": "/slots"})
+        self.assertIn("/slots", str(raised.exception))
+
+    def test_health_port_zero_disables(self) -> None:
+        self.assertIsNone(self.load({"PORT_HEALTH": "0"}).health_endpoint)
+
+    def test_data_dir_detection(self) -> None:
+        self.assertEqual(detect_data_dir(lambda p: p == "/data"), "/data")
+        self.assertEqual(detect_data_dir(lambda p: p == "/runpod-volume"), "/runpod-volume")
+        self.assertEqual(detect_data_dir(lambda p: p == "/workspace"), "/workspace")
+        self.assertEqual(detect_data_dir(lambda p: False), "/data")
+
+    def test_instance_id_sanitised(self) -> None:
+        self.assertEqual(sanitize_instance_id("../../etc/passwd"), "_.._etc_passwd")
+        self.assertEqual(sanitize_instance_id(""), "unknown")
+
+    @given(st.text(max_size=12))
+    def test_parse_bool_accepts_only_known_words(self, text: str) -> None:
+        try:
+            parse_bool(text)
+        except ValueError:
+            self.assertNotIn(text.strip().lower(), _BOOL_WORDS)
+        else:
+            self.assertIn(text.strip().lower(), _BOOL_WORDS)
+
+    def test_every_option_is_documented(self) -> None:
+        text = DOCS.read_text()
+        missing = [
+            name for name in documented_names() if not re.search(re.escape(name) + r"\b", text)
+        ]
+        self.assertEqual(missing, [])
+        self.assertEqual(len({s.flag for s in SETTINGS}), len(SETTINGS))

@@ -1,0 +1,104 @@
+"""Tests for llamaproxy.auth.keys and llamaproxy.auth.store."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy.auth.keys import authenticate, parse_expiration, parse_keys, presented_key
+from llamaproxy.auth.store import KeyLoadError, KeyStore
+from llamaproxy.gateway.errors import GatewayError
+
+KEY = "sk-abcdefghijklmnop"
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+class ParseTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        keys, warnings = parse_keys([
+            "# comment", "", f"a:{KEY}", "b:sk-bbbbbbbbbbbbbbbb:120",
+            "c:sk-cccccccccccccccc::2026-03-01T00:00:00",
+            "d:sk-dddddddddddddddd:300:2026-12-31T23:59:59+02:00",
+        ])
+        self.assertEqual(warnings, [])
+        self.assertEqual(len(keys), 4)
+        self.assertEqual(keys.lookup("sk-bbbbbbbbbbbbbbbb").rate_limit, 120)  # type: ignore[union-attr]
+        c = keys.lookup("sk-cccccccccccccccc")
+        assert c is not None and c.expires is not None
+        self.assertEqual(c.expires, datetime(2026, 3, 1, tzinfo=UTC))
+        d = keys.lookup("sk-dddddddddddddddd")
+        assert d is not None and d.expires is not None
+        self.assertEqual(d.expires.utcoffset(), timedelta(hours=2))
+
+    def test_invalid_lines_warn_with_line_number_only(self) -> None:
+        lines = ["nocolon", "bad id:sk-aaaaaaaaaaaaaaaa", "x:short", "y:sk-yyyyyyyyyyyyyyyy:0",
+                 "z:sk-zzzzzzzzzzzzzzzz::30d", f"a:{KEY}", f"dup:{KEY}"]
+        keys, warnings = parse_keys(lines)
+        self.assertEqual(len(keys), 1)
+        self.assertEqual([w.split(":")[0] for w in warnings],
+                         ["line 1", "line 2", "line 3", "line 4", "line 5", "line 7"])
+        for warning in warnings:
+            for secret in ("sk-aaaa", "short", "sk-yyyy", "sk-zzzz", KEY):
+                self.assertNotIn(secret, warning)
+
+    @given(st.lists(st.text(max_size=60), max_size=10))
+    def test_never_raises_and_never_leaks(self, lines: list[str]) -> None:
+        _keys, warnings = parse_keys(lines)
+        for warning in warnings:
+            for line in lines:
+                parts = line.split(":")
+                if len(parts) > 1 and len(parts[1].strip()) >= 16:
+                    self.assertNotIn(parts[1].strip(), warning)
+
+    def test_expiration(self) -> None:
+        self.assertEqual(parse_expiration("2026-01-01T00:00:00Z"), datetime(2026, 1, 1, tzinfo=UTC))
+        self.assertEqual(parse_expiration("2026-01-01T01:00:00+01:00"),
+                         datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
+
+
+class AuthenticateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.keys = parse_keys([f"a:{KEY}", "old:sk-oooooooooooooooo::2026-01-01T00:00:00"])[0]
+
+    def message(self, presented: str | None) -> str:
+        result = authenticate(self.keys, presented, NOW)
+        assert isinstance(result, GatewayError)
+        return result.message
+
+    def test_outcomes(self) -> None:
+        self.assertEqual(authenticate(self.keys, KEY, NOW).key_id, "a")  # type: ignore[union-attr]
+        self.assertEqual(self.message(None), "Missing Authorization header")
+        self.assertEqual(self.message("bad key!"), "Invalid API key format")
+        self.assertEqual(self.message("sk-zzzzzzzzzzzzzzzz"), "Invalid API key")
+        self.assertEqual(self.message("sk-oooooooooooooooo"), "API key has expired")
+        empty = parse_keys([])[0]
+        result = authenticate(empty, KEY, NOW)
+        assert isinstance(result, GatewayError)
+        self.assertEqual(result.message, "Authentication misconfigured: no API keys loaded")
+
+    def test_presented_key(self) -> None:
+        self.assertEqual(presented_key(b"Bearer abc", None), "abc")
+        self.assertEqual(presented_key(b"bEaReR   abc ", None), "abc")
+        self.assertEqual(presented_key(b"abc", None), "abc")
+        self.assertEqual(presented_key(None, b" xyz "), "xyz")
+        self.assertEqual(presented_key(b"", b"xyz"), "xyz")
+        self.assertIsNone(presented_key(None, None))
+
+
+class StoreTests(SynchronousTestCase):
+    def test_load_and_keep_on_failure(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        store = KeyStore(path)
+        self.assertEqual(store.load(), 1)
+        os.remove(path)
+        self.assertRaises(KeyLoadError, store.load)
+        self.assertEqual(len(store()), 1)
+        with open(path, "w") as f:
+            f.write("# nothing\n")
+        self.assertEqual(store.load(), 0)

@@ -1,0 +1,352 @@
+"""Tests for llamaproxy.llama_server: lookup, arguments, environment, key file, exit codes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy import LLAMA_CPP_VERSION
+from llamaproxy.config import Config, ConfigError, load_config
+from llamaproxy.llama_server import (
+    BackendKeyFile,
+    BackendKeyFileError,
+    LlamaServerNotFound,
+    build_args,
+    cached_build_path,
+    child_environment,
+    default_key_dir,
+    describe_exit,
+    find_llama_server,
+    format_exit,
+)
+
+
+def make_config(**overrides: Any) -> Config:
+    """A valid Config (built by load_config, so new settings get their defaults), then overrides."""
+    config = load_config(
+        {},
+        {"MODEL_PATH": __file__, "DATA_DIR": "/data", "INSTANCE_ID": "test"},
+        path_exists=lambda _: False,
+        hostname=lambda: "host",
+    )
+    values: dict[str, Any] = {
+        "model_path": "/models/tiny.gguf",
+        "model_alias": "tiny",
+        "backend_port": 8080,
+        "ctx": 4096,
+        "ngl": 99,
+        "threads": 0,
+        "parallel": 0,
+        "extra_args": (),
+    }
+    values.update(overrides)
+    return dataclasses.replace(config, **values)
+
+
+def make_executable(directory: str, name: str = "llama-server") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+class FindLlamaServerTests(SynchronousTestCase):
+    """find_llama_server: explicit → PATH → cached build → a helpful error."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.tmp)
+        self.cache = os.path.join(self.tmp, "cache")
+        self.environ = {"PATH": "/nowhere", "LLAMAPROXY_CACHE_DIR": self.cache, "HOME": self.tmp}
+        self.which_calls: list[tuple[str, str | None]] = []
+
+    def which(self, result: str | None) -> Callable[..., str | None]:
+        def fake_which(name: str, path: str | None = None) -> str | None:
+            self.which_calls.append((name, path))
+            return result
+
+        return fake_which
+
+    def test_explicit_path(self) -> None:
+        binary = make_executable(self.tmp, "my-llama-server")
+        found = find_llama_server(binary, self.environ, which=self.which("/usr/bin/llama-server"))
+        self.assertEqual(found, binary)
+
+    def test_explicit_missing(self) -> None:
+        missing = os.path.join(self.tmp, "nope")
+        with self.assertRaises(LlamaServerNotFound) as cm:
+            find_llama_server(missing, self.environ, which=self.which("/usr/bin/llama-server"))
+        self.assertIn(missing, str(cm.exception))
+        self.assertIn("does not exist", str(cm.exception))
+        self.assertIsInstance(cm.exception, ConfigError)
+
+    def test_explicit_not_executable(self) -> None:
+        path = os.path.join(self.tmp, "plain")
+        with open(path, "w") as f:
+            f.write("x")
+        os.chmod(path, 0o644)
+        if os.access(path, os.X_OK):  # root may execute anything with an x bit; 0644 has none
+            self.skipTest("cannot make a non-executable file here")
+        with self.assertRaises(LlamaServerNotFound) as cm:
+            find_llama_server(path, self.environ, which=self.which(None))
+        self.assertIn("not an executable", str(cm.exception))
+
+    def test_explicit_name_looked_up_on_path(self) -> None:
+        found = find_llama_server(
+            "llama-server-cuda", self.environ, which=self.which("/opt/bin/llama-server-cuda")
+        )
+        self.assertEqual(found, "/opt/bin/llama-server-cuda")
+        self.assertEqual(self.which_calls, [("llama-server-cuda", "/nowhere")])
+
+    def test_path(self) -> None:
+        found = find_llama_server(None, self.environ, which=self.which("/usr/bin/llama-server"))
+        self.assertEqual(found, "/usr/bin/llama-server")
+        self.assertEqual(self.which_calls, [("llama-server", "/nowhere")])
+
+    def test_cached_build(self) -> None:
+        target = os.path.join(self.cache, f"llama-server-{LLAMA_CPP_VERSION}")
+        os.makedirs(target)
+        binary = make_executable(target)
+        self.assertEqual(cached_build_path(self.environ), binary)
+        self.assertEqual(find_llama_server(None, self.environ, which=self.which(None)), binary)
+
+    def test_path_before_cached_build(self) -> None:
+        target = os.path.join(self.cache, f"llama-server-{LLAMA_CPP_VERSION}")
+        os.makedirs(target)
+        make_executable(target)
+        found = find_llama_server(None, self.environ, which=self.which("/usr/bin/llama-server"))
+        self.assertEqual(found, "/usr/bin/llama-server")
+
+    def test_not_found(self) -> None:
+        with self.assertRaises(LlamaServerNotFound) as cm:
+            find_llama_server(None, self.environ, which=self.which(None))
+        message = str(cm.exception)
+        self.assertIn("scripts/build-llama-server.sh", message)
+        self.assertIn("LLAMA_SERVER", message)
+        self.assertIn(cached_build_path(self.environ), message)
+
+    def test_cached_build_path_rules(self) -> None:
+        """The same defaults as scripts/build-llama-server.sh (empty counts as unset)."""
+        leaf = f"llama-server-{LLAMA_CPP_VERSION}/llama-server"
+        self.assertEqual(
+            cached_build_path({"LLAMAPROXY_CACHE_DIR": "/c", "XDG_CACHE_HOME": "/x"}),
+            f"/c/{leaf}",
+        )
+        self.assertEqual(
+            cached_build_path({"XDG_CACHE_HOME": "/x", "HOME": "/h"}), f"/x/llamaproxy/{leaf}"
+        )
+        self.assertEqual(
+            cached_build_path({"XDG_CACHE_HOME": "", "HOME": "/h"}), f"/h/.cache/llamaproxy/{leaf}"
+        )
+
+    def test_build_script_agrees(self) -> None:
+        """scripts/build-llama-server.sh pins the same release."""
+        script = os.path.join(os.path.dirname(__file__), "..", "scripts", "build-llama-server.sh")
+        with open(script) as f:
+            text = f.read()
+        self.assertIn(f"LLAMA_CPP_VERSION={LLAMA_CPP_VERSION}\n", text)
+        self.assertIn('TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION"', text)
+
+
+class BuildArgsTests(SynchronousTestCase):
+    """build_args: the exact argument list."""
+
+    def test_minimal(self) -> None:
+        self.assertEqual(
+            build_args(make_config(), "/dev/shm/llama-keys/backend-test.key"),
+            [
+                "-m", "/models/tiny.gguf",
+                "--host", "127.0.0.1",
+                "--port", "8080",
+                "-c", "4096",
+                "-ngl", "99",
+                "--api-key-file", "/dev/shm/llama-keys/backend-test.key",
+                "--alias", "tiny",
+            ],
+        )  # fmt: skip
+
+    def test_threads_and_parallel(self) -> None:
+        args = build_args(make_config(threads=4, parallel=2), "/k")
+        self.assertEqual(args[args.index("-t") + 1], "4")
+        self.assertEqual(args[args.index("--parallel") + 1], "2")
+        self.assertLess(args.index("-t"), args.index("--api-key-file"))
+
+    def test_extra_args_last(self) -> None:
+        args = build_args(make_config(extra_args=("--metrics", "--host", "0.0.0.0")), "/k")
+        self.assertEqual(args[-3:], ["--metrics", "--host", "0.0.0.0"])
+        self.assertEqual(args[-5:-3], ["--alias", "tiny"])
+
+    def test_no_key_on_command_line(self) -> None:
+        args = build_args(make_config(), "/k")
+        self.assertNotIn("--api-key", args)
+
+    def test_no_model(self) -> None:
+        self.assertRaises(ConfigError, build_args, make_config(model_path=None), "/k")
+
+
+class ChildEnvironmentTests(SynchronousTestCase):
+    """child_environment strips LLAMA_API_KEY and LLAMA_ARG_*."""
+
+    def test_strips(self) -> None:
+        env = child_environment(
+            {
+                "PATH": "/bin",
+                "CUDA_VISIBLE_DEVICES": "0",
+                "LLAMA_API_KEY": "secret",
+                "LLAMA_ARG_PORT": "9999",
+                "LLAMA_ARG_HOST": "0.0.0.0",
+                "LLAMA_ARGUMENT": "kept",
+                "MY_LLAMA_API_KEY": "kept",
+            }
+        )
+        self.assertEqual(
+            env,
+            {
+                "PATH": "/bin",
+                "CUDA_VISIBLE_DEVICES": "0",
+                "LLAMA_ARGUMENT": "kept",
+                "MY_LLAMA_API_KEY": "kept",
+            },
+        )
+
+    def test_copy(self) -> None:
+        source = {"PATH": "/bin"}
+        env = child_environment(source)
+        env["X"] = "1"
+        self.assertEqual(source, {"PATH": "/bin"})
+
+
+class BackendKeyFileTests(SynchronousTestCase):
+    """BackendKeyFile: private directory, 0600 file, wipe on delete."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(_rmtree, self.tmp)
+        self.directory = os.path.join(self.tmp, "keys")
+
+    def test_key_shape(self) -> None:
+        key_file = BackendKeyFile(self.directory, "box")
+        self.assertEqual(len(key_file.key), 51)
+        self.assertTrue(key_file.key.startswith("gateway-"))
+        self.assertEqual(key_file.prefix, key_file.key[:8])
+        self.assertNotEqual(key_file.key, BackendKeyFile(self.directory, "box").key)
+        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-box.key"))
+        self.assertFalse(key_file.written)
+
+    def test_repr_hides_key(self) -> None:
+        key_file = BackendKeyFile(self.directory, "box")
+        self.assertNotIn(key_file.key, repr(key_file))
+        self.assertIn(key_file.path, repr(key_file))
+
+    def test_write(self) -> None:
+        key_file = BackendKeyFile(self.directory, "box")
+        key_file.write()
+        self.assertTrue(key_file.written)
+        self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(key_file.path).st_mode), 0o600)
+        with open(key_file.path) as f:
+            self.assertEqual(f.read(), key_file.key + "\n")
+        self.assertEqual(os.listdir(self.directory), ["backend-box.key"])  # no temp file left
+
+    def test_write_replaces(self) -> None:
+        BackendKeyFile(self.directory, "box").write()
+        second = BackendKeyFile(self.directory, "box")
+        second.write()
+        with open(second.path) as f:
+            self.assertEqual(f.read().strip(), second.key)
+
+    def test_instance_id_sanitised(self) -> None:
+        key_file = BackendKeyFile(self.directory, "../evil/x")
+        self.assertEqual(os.path.dirname(key_file.path), self.directory)
+
+    def test_delete(self) -> None:
+        key_file = BackendKeyFile(self.directory, "box")
+        key_file.write()
+        key_file.delete()
+        self.assertFalse(os.path.exists(key_file.path))
+        self.assertFalse(key_file.written)
+        key_file.delete()  # idempotent
+        BackendKeyFile(self.directory, "never-written").delete()
+
+    def test_looser_directory_fixed(self) -> None:
+        os.makedirs(self.directory)
+        os.chmod(self.directory, 0o755)
+        BackendKeyFile(self.directory, "box").write()
+        self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
+
+    def test_directory_is_a_file(self) -> None:
+        with open(self.directory, "w") as f:
+            f.write("")
+        self.assertRaises(BackendKeyFileError, BackendKeyFile(self.directory, "box").write)
+
+    def test_directory_is_a_symlink(self) -> None:
+        real = os.path.join(self.tmp, "real")
+        os.mkdir(real, 0o700)
+        os.symlink(real, self.directory)
+        self.assertRaises(BackendKeyFileError, BackendKeyFile(self.directory, "box").write)
+
+    def test_directory_of_another_user(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("only root can give a directory away")
+        os.makedirs(self.directory, 0o700)
+        os.chown(self.directory, 65534, 65534)
+        with self.assertRaises(BackendKeyFileError) as cm:
+            BackendKeyFile(self.directory, "box").write()
+        self.assertIn("belongs to uid 65534", str(cm.exception))
+
+    def test_from_config(self) -> None:
+        key_file = BackendKeyFile.from_config(make_config(key_dir=self.directory, instance_id="i"))
+        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-i.key"))
+
+    def test_default_directory(self) -> None:
+        self.assertEqual(default_key_dir(self.tmp), os.path.join(self.tmp, "llama-keys"))
+        missing = os.path.join(self.tmp, "no-shm")
+        self.assertEqual(
+            default_key_dir(missing), os.path.join(tempfile.gettempdir(), "llama-keys")
+        )
+        self.assertEqual(BackendKeyFile(None, "x").directory, default_key_dir())
+
+
+class DescribeExitTests(SynchronousTestCase):
+    """describe_exit and format_exit."""
+
+    def test_table(self) -> None:
+        cases = [
+            ((0, None), "exited normally"),
+            ((1, None), "bad model file, unsupported model, or port already in use"),
+            ((127, None), "binary not found or not executable"),
+            ((134, None), "aborted (assertion failure)"),
+            ((None, 6), "aborted (assertion failure)"),
+            ((137, None), "killed (out of memory, or SIGKILL)"),
+            ((None, 9), "killed (out of memory, or SIGKILL)"),
+            ((139, None), "segmentation fault"),
+            ((None, 11), "segmentation fault"),
+            ((3, None), "exited with code 3"),
+            ((None, 15), "killed by signal 15 (SIGTERM)"),
+            ((None, None), "unknown exit status"),
+        ]
+        for (code, sig), meaning in cases:
+            self.assertEqual(describe_exit(code, sig), meaning, (code, sig))
+
+    def test_format(self) -> None:
+        self.assertEqual(
+            format_exit(1, None),
+            "exit code 1: bad model file, unsupported model, or port already in use",
+        )
+        self.assertEqual(
+            format_exit(None, 9), "signal 9 (SIGKILL): killed (out of memory, or SIGKILL)"
+        )
+        self.assertEqual(format_exit(None, None), "unknown exit status")
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

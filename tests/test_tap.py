@@ -1,0 +1,115 @@
+"""Tests for llamaproxy.tap and the twistd plugin: options, startup errors, the service tree."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy.service import GatewayService
+from llamaproxy.tap import Options, makeService
+from tests.e2e.harness import twistd as twistd_script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, argv: list[str], env: dict[str, str]) -> Options:
+        self.patch(os, "environ", env)
+        options = Options()
+        options.parseOptions(argv)
+        return options
+
+    def test_external_backend(self) -> None:
+        options = self.parse(["--listen", "tcp:1", "--listen", "tcp:2"],
+                             {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "no"})
+        assert options.config is not None
+        self.assertEqual(options.config.endpoints, ("tcp:1", "tcp:2"))
+        self.assertFalse(options.config.auth_enabled)
+        self.assertFalse(options.config.supervised)
+
+    def test_invalid_value_names_the_variable(self) -> None:
+        with self.assertRaises(UsageError) as raised:
+            self.parse([], {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "maybe"})
+        self.assertIn("AUTH_ENABLED", str(raised.exception))
+        with self.assertRaises(UsageError) as raised:
+            self.parse(["--request-timeout", "soon"], {"BACKEND_URL": "http://127.0.0.1:9"})
+        self.assertIn("--request-timeout", str(raised.exception))
+
+    def test_missing_llama_server_is_a_startup_error(self) -> None:
+        model = self.mktemp()
+        Path(model).write_bytes(b"GGUF")
+        with self.assertRaises(UsageError) as raised:
+            self.parse([], {"MODEL_PATH": model, "LLAMA_SERVER": "/nonexistent/llama-server",
+                            "PATH": "/nonexistent"})
+        self.assertIn("/nonexistent/llama-server", str(raised.exception))
+
+    def test_help_documents_every_option(self) -> None:
+        text = str(Options())
+        for flag in ("--listen", "--port", "--model", "--auth-enabled", "--backend-url",
+                     "--ready-timeout", "AUTH_ENABLED", "PORT_HEALTH"):
+            self.assertIn(flag, text)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_service_tree_listens_and_stops(self) -> None:
+        keys = self.mktemp()
+        Path(keys).write_text("a:sk-aaaaaaaaaaaaaaaa\n")
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_KEYS_FILE": keys,
+                                   "PORT": "8123", "PORT_HEALTH": "8124", "HOST": "127.0.0.1"})
+        options = Options()
+        options.parseOptions([])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor=reactor)
+        self.assertIsInstance(service, GatewayService)
+        service.startService()
+        ports = sorted(port for port, *_ in reactor.tcpServers)
+        self.assertEqual(ports, [8123, 8124])
+        # the external backend is probed at once
+        self.assertTrue(reactor.tcpClients)
+        self.successResultOf(service.stopService())
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_is_found(self) -> None:
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "llamaproxy"]
+        self.assertEqual(len(makers), 1)
+
+    def test_plugin_file_imports_only_service_maker(self) -> None:
+        tree = ast.parse((ROOT / "twisted" / "plugins" / "llamaproxy_plugin.py").read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        self.assertEqual(len(imports), 1)
+        node = imports[0]
+        assert isinstance(node, ast.ImportFrom)
+        self.assertEqual((node.module, [a.name for a in node.names]),
+                         ("twisted.application.service", ["ServiceMaker"]))
+
+    def test_twistd_lists_and_documents_llamaproxy(self) -> None:
+        twistd = [twistd_script()]
+        listing = subprocess.run([*twistd, "--help"], capture_output=True, text=True, timeout=60)
+        self.assertIn("llamaproxy", listing.stdout)
+        help_text = subprocess.run([*twistd, "llamaproxy", "--help"], capture_output=True,
+                                   text=True, timeout=60)
+        self.assertIn("--backend-url", help_text.stdout)
+        self.assertIn("MAX_QUEUE_SIZE", help_text.stdout)
+
+    def test_twistd_refuses_a_bad_value(self) -> None:
+        env = {**os.environ, "BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "yes please"}
+        result = subprocess.run(
+            [twistd_script(), "-n", "--pidfile=", "llamaproxy"],
+            capture_output=True, text=True, timeout=60, env=env, cwd=self.mktemp_dir(),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("AUTH_ENABLED", result.stdout + result.stderr)
+
+    def mktemp_dir(self) -> str:
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
