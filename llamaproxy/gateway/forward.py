@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IAddress, IConsumer, IReactorTime, ITCPTransport
 from twisted.logger import Logger
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -93,9 +94,26 @@ class BytesBody:
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory, minus a log line for every backend connection."""
+    """The pool's connection factory: no log line per backend connection, and TCP_NODELAY.
+
+    Agent writes a request's headers and body separately; with Nagle's algorithm on, the body
+    can wait for the backend's delayed ACK (tens of milliseconds) before it is sent.
+    """
 
     noisy = False
+
+    def buildProtocol(self, addr: IAddress | None) -> HTTP11ClientProtocol:
+        protocol = super().buildProtocol(addr)
+        connection_made = protocol.connectionMade
+
+        def connectionMade() -> None:
+            transport = protocol.transport
+            if ITCPTransport.providedBy(transport):
+                transport.setTcpNoDelay(True)
+            connection_made()
+
+        protocol.connectionMade = connectionMade  # type: ignore[method-assign]
+        return protocol
 
 
 def make_pool(reactor: IReactorTime, max_per_host: int) -> HTTPConnectionPool:

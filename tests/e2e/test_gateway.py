@@ -176,6 +176,17 @@ class SupervisionTests(SynchronousTestCase):
         self.assertLess(time.monotonic() - started, 60)
 
 
+    def test_kill_9_of_twistd_takes_llama_server_along(self) -> None:
+        """Even when twistd cannot clean up, the kernel stops the child (PR_SET_PDEATHSIG)."""
+        gateway = Gateway().start()
+        self.addCleanup(gateway.stop)
+        child = gateway.child_pid()
+        assert gateway.process is not None
+        gateway.process.kill()
+        gateway.process.wait(10)
+        wait_for(lambda: not alive(child), 10, "llama-server to exit after twistd was killed")
+
+
 class EmbeddingsTests(SynchronousTestCase):
     """Embeddings through a gateway whose child runs with --embeddings --pooling mean."""
 

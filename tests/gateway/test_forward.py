@@ -1,0 +1,122 @@
+"""Tests for llamaproxy.gateway.forward: header filtering, the pool, retries on stale connections."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from llamaproxy.backend import Backend
+from llamaproxy.gateway import forward
+from llamaproxy.testing import AgentSpy
+
+
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    nodelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.nodelay
+
+
+class FilterTests(SynchronousTestCase):
+    def test_request_headers(self) -> None:
+        client = Headers({
+            b"Authorization": [b"Bearer client-key"], b"X-Api-Key": [b"k"], b"Host": [b"gw"],
+            b"Connection": [b"keep-alive, X-Custom"], b"X-Custom": [b"1"], b"TE": [b"trailers"],
+            b"Content-Length": [b"5"], b"Accept": [b"text/event-stream"],
+            b"Content-Type": [b"application/json"], b"Cookie": [b"session=1"],
+        })
+        out = forward.filter_request_headers(client, "gateway-backend")
+        self.assertEqual(dict(out.getAllRawHeaders()), {
+            b"Authorization": [b"Bearer gateway-backend"],
+            b"Accept": [b"text/event-stream"], b"Content-Type": [b"application/json"]})
+        self.assertIsNone(forward.filter_request_headers(client, None).getRawHeaders(
+            b"authorization"))
+
+    def test_response_headers(self) -> None:
+        backend = Headers({
+            b"Content-Type": [b"text/event-stream"], b"Access-Control-Allow-Origin": [b"*"],
+            b"Access-Control-Allow-Credentials": [b"true"], b"Keep-Alive": [b"timeout=5"],
+            b"Content-Length": [b"9"], b"Server": [b"llama.cpp"], b"X-Request-Id": [b"r1"],
+            b"Connection": [b"X-Hop"], b"X-Hop": [b"1"], b"Date": [b"yesterday"],
+        })
+        self.assertEqual(dict(forward.filter_response_headers(backend)), {
+            b"Content-Type": [b"text/event-stream"], b"X-Request-Id": [b"r1"]})
+
+    @given(st.lists(st.tuples(
+        st.sampled_from([b"Connection", b"Authorization", b"X-A", b"Keep-Alive", b"Upgrade",
+                         b"Transfer-Encoding", b"X-B", b"Proxy-Authorization"]),
+        st.binary(min_size=1, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)),
+        max_size=8))
+    def test_never_forwards_credentials_or_hop_by_hop(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        client = Headers()
+        for name, value in pairs:
+            client.addRawHeader(name, value)
+        out = forward.filter_request_headers(client, "k")
+        names = {name.lower() for name, _ in out.getAllRawHeaders()}
+        self.assertEqual(out.getRawHeaders(b"authorization"), [b"Bearer k"])
+        self.assertFalse(names & forward.HOP_BY_HOP)
+        self.assertNotIn(b"proxy-authorization", names)
+
+
+class SendTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.agent = AgentSpy()
+        self.backend = Backend("b", "http://127.0.0.1:8080", api_key="k")
+
+    def send(self, body: bytes = b"{}"):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(forward.send(
+            self.agent, self.backend, b"POST", b"/v1/completions?x=1", Headers(), body))
+
+    def test_url_and_body(self) -> None:
+        result = self.send(b'{"prompt": "hi"}')
+        [record] = self.agent.requests
+        self.assertEqual(record.uri, b"http://127.0.0.1:8080/v1/completions?x=1")
+        assert record.body_producer is not None
+        self.assertEqual(record.body_producer.length, 16)
+        consumer = StringTransport()
+        self.successResultOf(record.body_producer.startProducing(consumer))
+        self.assertEqual(consumer.value(), b'{"prompt": "hi"}')
+        record.respond(200, b"ok")
+        self.assertEqual(self.successResultOf(result).code, 200)
+
+    def test_retries_once_on_a_stale_connection(self) -> None:
+        result = self.send()
+        self.agent.requests[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.agent.requests), 2)
+        self.agent.requests[1].fail(RequestTransmissionFailed([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.agent.requests), 2)
+        self.failureResultOf(result, RequestTransmissionFailed)
+
+    def test_does_not_retry_a_refused_connection(self) -> None:
+        result = self.send()
+        self.agent.requests[0].fail(ConnectionRefusedError())
+        self.assertEqual(len(self.agent.requests), 1)
+        self.failureResultOf(result, ConnectionRefusedError)
+
+
+class PoolTests(SynchronousTestCase):
+    def test_pool_settings_and_nodelay(self) -> None:
+        pool = forward.make_pool(Clock(), 8)
+        self.assertEqual(pool.maxPersistentPerHost, 8)
+        self.assertLess(pool.cachedConnectionTimeout, 5)  # under llama-server's keep-alive
+        factory = pool._factory(lambda proto: None, b"127.0.0.1:8080")
+        protocol = factory.buildProtocol(None)
+        transport = TCPStringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.nodelay)
