@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.gateway.forward: header filtering, the pool, retries on stale connections."""
+"""Tests for llamaproxy.gateway.forward: header filtering, the pool, stale-connection retries."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ class FilterTests(SynchronousTestCase):
                          b"Transfer-Encoding", b"X-B", b"Proxy-Authorization"]),
         st.binary(min_size=1, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)),
         max_size=8))
-    def test_never_forwards_credentials_or_hop_by_hop(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def test_never_forwards_credentials_or_hop_by_hop(
+        self, pairs: list[tuple[bytes, bytes]]
+    ) -> None:
         client = Headers()
         for name, value in pairs:
             client.addRawHeader(name, value)
