@@ -195,6 +195,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_keys_file", "auth-keys-file", ("AUTH_KEYS_FILE",), None, _text,
             "API key file, lines key_id:api_key[:rate_limit][:expiration] (default "
             "DATA_DIR/api_keys.txt)."),
+    Setting("max_requests_per_minute", "max-requests-per-minute", ("MAX_REQUESTS_PER_MINUTE",),
+            "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
+            "file gives the key its own limit (429 beyond it)."),
+    Setting("admin_key_ids", "admin-key-ids", ("ADMIN_KEY_IDS",), "", _words,
+            "Key ids allowed to call POST /reload (comma/space separated)."),
+    Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
+            _seconds, "Seconds between checks of the key file for changes (reloaded when its "
+            "content changed)."),
     Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
             "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
     Setting("max_concurrent_requests", "max-concurrent-requests", ("MAX_CONCURRENT_REQUESTS",),
@@ -214,9 +222,8 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 #: The older gateway's variables this version does not act on yet: setting one logs a warning at
 #: startup instead of being silently ignored.
 NOT_YET_SUPPORTED = (
-    "MAX_REQUESTS_PER_MINUTE", "CORS_ORIGINS", "METRICS_AUTH_ENABLED", "LOG_FORMAT",
-    "ADMIN_KEY_IDS", "MAX_HEADERS", "MAX_HEADER_LINE_SIZE", "MAX_REQUEST_LINE_SIZE",
-    "CLIENT_HEADER_TIMEOUT", "QUEUE_TIMEOUT",
+    "CORS_ORIGINS", "METRICS_AUTH_ENABLED", "LOG_FORMAT", "MAX_HEADERS", "MAX_HEADER_LINE_SIZE",
+    "MAX_REQUEST_LINE_SIZE", "CLIENT_HEADER_TIMEOUT", "QUEUE_TIMEOUT",
 )
 
 
@@ -253,6 +260,9 @@ class Config:
     instance_id: str
     auth_enabled: bool
     auth_keys_file: str
+    max_requests_per_minute: int
+    admin_key_ids: tuple[str, ...]
+    keys_reload_interval: float
     max_request_body_size: int
     max_concurrent_requests: int
     max_queue_size: int

@@ -34,6 +34,7 @@ class GatewayService(MultiService):
         resource: GatewayResource,
         pool: HTTPConnectionPool | None,
         drain_timeout: float,
+        background: Sequence[IService] = (),
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -43,12 +44,14 @@ class GatewayService(MultiService):
         self.resource = resource
         self.pool = pool
         self.drain_timeout = drain_timeout
+        #: Timers and watchers (e.g. the key file watcher): started after the backend, stopped last.
+        self.background = list(background)
         self._stopping: Deferred[None] | None = None
         for child in self._in_start_order():
             child.setServiceParent(self)
 
     def _in_start_order(self) -> list[IService]:
-        parts = [self.backend_service, *self.gateway_listeners]
+        parts = [self.backend_service, *self.background, *self.gateway_listeners]
         if self.health_listener is not None:
             parts.append(self.health_listener)
         return parts
@@ -97,6 +100,8 @@ class GatewayService(MultiService):
             await self.pool.closeCachedConnections()
         if self.health_listener is not None:
             await _maybe(self.health_listener.stopService())
+        for part in self.background:
+            await _maybe(part.stopService())
         if clean and getattr(self.clock, "_exitSignal", None) is not None:
             # twistd re-raises the signal that stopped it (exit status 143 for SIGTERM). A drain
             # that lost nothing is a normal exit: status 0. A drain that cut requests keeps 143.

@@ -18,7 +18,9 @@ from twisted.python import usage
 
 from llamaproxy import __version__
 from llamaproxy.admission import Admission
-from llamaproxy.auth.store import KeyLoadError, KeyStore
+from llamaproxy.auth.access import AccessControl
+from llamaproxy.auth.ratelimit import RateLimiter
+from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.backend import Backend
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.gateway import forward
@@ -106,16 +108,23 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     backend_service = _backend_service(config, options, backend, reactor, agent)
 
     keys = KeyStore(config.auth_keys_file)
+    background: list[IService] = []
     if config.auth_enabled:
         # fail closed: no keys, every API request gets 401 until the file is fixed
         with contextlib.suppress(KeyLoadError):
             keys.load()
         _reload_keys_on_sighup(reactor, keys)
+        background.append(KeyFileWatcher(keys, reactor, config.keys_reload_interval))
     else:
         log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
+    access = AccessControl(
+        keys,
+        RateLimiter(reactor, config.max_requests_per_minute),
+        auth_enabled=config.auth_enabled,
+        admin_key_ids=frozenset(config.admin_key_ids),
+    )
 
     settings = GatewaySettings(
-        auth_enabled=config.auth_enabled,
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
@@ -126,7 +135,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         draining=lambda: bool(resource_holder and resource_holder[0].draining),
     )
     resource = GatewayResource(
-        backend, agent, admission, reactor, settings, keys, health.document, health.ready
+        backend, agent, admission, reactor, settings, access, health.document, health.ready
     )
     resource_holder.append(resource)
     site = GatewaySite(resource, config.max_request_body_size)
@@ -147,7 +156,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         auth="on" if config.auth_enabled else "off",
     )
     return GatewayService(
-        reactor, backend_service, listeners, health_listener, resource, pool, config.drain_timeout
+        reactor, backend_service, listeners, health_listener, resource, pool, config.drain_timeout,
+        background=background,
     )
 
 
@@ -186,7 +196,7 @@ def _backend_service(
 def _reload_keys_on_sighup(reactor: Any, keys: KeyStore) -> None:
     def reload() -> None:
         with contextlib.suppress(KeyLoadError):
-            keys.load()
+            keys.load("SIGHUP")
 
     def on_sighup(signum: int, frame: object) -> None:
         reactor.callFromThread(reload)

@@ -89,6 +89,61 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertIsNone(presented_key(None, None))
 
 
+class WatcherTests(SynchronousTestCase):
+    def test_reload_when_content_changes(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaproxy.auth.store import KeyFileWatcher
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        store = KeyStore(path)
+        store.load()
+        clock = Clock()
+        watcher = KeyFileWatcher(store, clock, 5)
+        watcher.startService()
+        self.assertFalse(store.reload_if_changed())
+        os.utime(path, (1, 1))  # touched, same content: no reload
+        self.assertFalse(store.reload_if_changed())
+        with open(path, "a") as f:
+            f.write("b:sk-bbbbbbbbbbbbbbbb\n")
+        clock.advance(5)
+        self.assertIsNotNone(store.keys.lookup("sk-bbbbbbbbbbbbbbbb"))
+        os.remove(path)
+        clock.advance(5)  # gone: keep the keys, say so once
+        clock.advance(5)
+        self.assertEqual(len(store.keys), 2)
+        with open(path, "w") as f:
+            f.write("# emptied\n")
+        clock.advance(5)
+        self.assertEqual(len(store.keys), 0)
+        watcher.stopService()
+        self.assertFalse(clock.getDelayedCalls())
+
+    def test_a_failing_check_does_not_stop_the_watcher(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaproxy.auth.store import KeyFileWatcher
+
+        store = KeyStore(self.mktemp())
+        calls: list[int] = []
+
+        def broken() -> bool:
+            calls.append(1)
+            raise RuntimeError("boom")
+
+        store.reload_if_changed = broken  # type: ignore[method-assign]
+        clock = Clock()
+        watcher = KeyFileWatcher(store, clock, 1)
+        watcher.startService()
+        clock.advance(1)
+        clock.advance(1)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        watcher.stopService()
+
+
 class StoreTests(SynchronousTestCase):
     def test_load_and_keep_on_failure(self) -> None:
         path = self.mktemp()

@@ -1,10 +1,19 @@
-"""The live key set: loaded from the key file, replaced whole on reload.
+"""The live key set: loaded from the key file, replaced whole on reload, kept when a reload fails.
 
-A reload that fails keeps the previous set.
+Reloads happen on SIGHUP, on ``POST /reload``, and by themselves when the file's content changes
+(``KeyFileWatcher`` polls it). A reload swaps the whole KeySet at once, so a request sees either
+the old keys or the new ones; requests already admitted (streams included) are not touched. A file
+that cannot be read keeps the previous keys in force and says why.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from llamaproxy.auth.keys import KeySet, parse_keys
@@ -19,34 +28,99 @@ class KeyLoadError(Exception):
 class KeyStore:
     """Holds the current KeySet for one key file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, keys: KeySet | None = None) -> None:
         self.path = path
-        self.keys = KeySet({})
+        self.keys = keys if keys is not None else KeySet({})
+        self._fingerprint: tuple[int, int, int] | None = None
+        self._content_digest: bytes | None = None
 
     def __call__(self) -> KeySet:
         return self.keys
 
-    def load(self) -> int:
+    def load(self, reason: str = "startup") -> int:
         """Read the file and swap in its keys; on a read error keep the old ones and raise."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            fingerprint = self._stat()
+            with open(self.path, "rb") as f:
+                raw = f.read()
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "not UTF-8 text"
             log.error(
-                "Cannot read API key file {path}: {reason}; keeping {count} loaded keys",
-                path=self.path, reason=reason, count=len(self.keys),
+                "Cannot read API key file {path} ({reason}): {why}; keeping {count} loaded keys",
+                path=self.path, reason=reason, why=why, count=len(self.keys),
             )
-            raise KeyLoadError(f"{self.path}: {reason}") from None
-        keys, warnings = parse_keys(lines)
+            raise KeyLoadError(why) from None
+        keys, warnings = parse_keys(text.splitlines())
         for warning in warnings:
             log.warn("API key file {path}, {warning}", path=self.path, warning=warning)
         self.keys = keys
+        self._fingerprint = fingerprint
+        self._content_digest = hashlib.sha256(raw).digest()
         if not keys:
             log.warn(
                 "No valid API keys in {path}: every API request is refused (401) until keys "
                 "are added", path=self.path,
             )
         else:
-            log.info("Loaded {count} API keys from {path}", count=len(keys), path=self.path)
+            log.info(
+                "Loaded {count} API keys from {path} ({reason})",
+                count=len(keys), path=self.path, reason=reason,
+            )
         return len(keys)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the file's content changed since the last load; True if it reloaded."""
+        try:
+            fingerprint = self._stat()
+        except OSError:
+            fingerprint = None
+        if fingerprint is not None and fingerprint == self._fingerprint:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                digest = hashlib.sha256(f.read()).digest()
+        except OSError:
+            if self._fingerprint is not None:
+                # Reported once per disappearance, not on every poll.
+                self._fingerprint = None
+                log.error("API key file {path} is gone; keeping the loaded keys", path=self.path)
+            return False
+        if digest == self._content_digest:
+            self._fingerprint = fingerprint
+            return False
+        try:
+            self.load("file changed")
+        except KeyLoadError:
+            return False
+        return True
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class KeyFileWatcher(Service):
+    """Polls the key file and reloads it when its content changes."""
+
+    def __init__(self, store: KeyStore, clock: IReactorTime, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def _poll(self) -> None:
+        # A LoopingCall dies on the first exception: never let one escape.
+        try:
+            self.store.reload_if_changed()
+        except Exception:
+            log.failure("Error while checking the API key file {path}", path=self.store.path)

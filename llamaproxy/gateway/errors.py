@@ -39,6 +39,29 @@ def unauthorized(message: str) -> GatewayError:
     return GatewayError(401, message, "invalid_request_error", "invalid_api_key", "authorization")
 
 
+def forbidden(message: str) -> GatewayError:
+    """403: a valid key that may not do this (e.g. POST /reload by a non-admin key)."""
+    return GatewayError(403, message, "invalid_request_error", "forbidden")
+
+
+def rate_limited(headers: tuple[tuple[str, str], ...]) -> GatewayError:
+    """429 with the older gateway's body, a computed Retry-After and the X-RateLimit-* headers."""
+    return GatewayError(
+        429,
+        "Rate limit exceeded. Please slow down your requests.",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def reload_failed(reason: str) -> GatewayError:
+    """500 when POST /reload could not read the key file (the previous keys stay in force)."""
+    return GatewayError(
+        500, f"Failed to reload API keys: {reason}", "server_error", "reload_failed"
+    )
+
+
 def not_found(path: str) -> GatewayError:
     """404 for a path the gateway does not serve."""
     return GatewayError(

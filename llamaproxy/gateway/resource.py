@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -30,7 +29,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llamaproxy.admission import Admission, QueueFullError, Slot
-from llamaproxy.auth.keys import AUTH_DISABLED, KeySet, authenticate, presented_key
+from llamaproxy.auth.access import AccessControl
+from llamaproxy.auth.keys import AUTH_DISABLED
+from llamaproxy.auth.store import KeyLoadError
 from llamaproxy.backend import Backend
 from llamaproxy.gateway import errors, forward
 from llamaproxy.gateway.errors import GatewayError
@@ -52,6 +53,9 @@ _MODEL_PREFIX = b"/v1/models/"
 #: Public routes: no key, never touch a backend.
 PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
 
+#: Admin routes: a key listed in ADMIN_KEY_IDS, never touch a backend.
+ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",)}
+
 _JSON = b"application/json"
 
 #: Largest backend model list the gateway reads to answer /v1/models/{id}.
@@ -62,7 +66,7 @@ _MODEL_LIST_LIMIT = 1 << 20
 class Route:
     """Where a request goes: a public route, or a proxied path."""
 
-    kind: str  # "public", "api" (proxied), "model" (/v1/models/{id}), "preflight"
+    kind: str  # "public", "admin", "api" (proxied), "model" (/v1/models/{id}), "preflight"
     path: bytes
 
 
@@ -72,6 +76,10 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
         return Route("preflight", path)
     if path in PUBLIC_ROUTES:
         return Route("public", path)
+    if path in ADMIN_ROUTES:
+        if method not in ADMIN_ROUTES[path]:
+            return errors.method_not_allowed(method.decode("latin-1")[:20], ("POST",))
+        return Route("admin", path)
     allowed = API_ROUTES.get(path)
     if allowed is None and path in extra_paths:
         allowed = (b"POST",)
@@ -94,7 +102,6 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
 class GatewaySettings:
     """The parts of the configuration the gateway resource uses."""
 
-    auth_enabled: bool = True
     request_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
     extra_paths: frozenset[bytes] = frozenset()
@@ -124,7 +131,7 @@ class GatewayResource(Resource):
         admission: Admission,
         clock: IReactorTime,
         settings: GatewaySettings,
-        keys: Callable[[], KeySet],
+        access: AccessControl,
         health_document: Callable[[], dict[str, object]],
         ready: Callable[[], bool],
     ) -> None:
@@ -134,7 +141,7 @@ class GatewayResource(Resource):
         self.admission = admission
         self.clock = clock
         self.settings = settings
-        self.keys = keys
+        self.access = access
         self.health_document = health_document
         self.ready = ready
         self.draining = False
@@ -148,19 +155,19 @@ class GatewayResource(Resource):
         route = resolve(request.method, request.path, self.settings.extra_paths)
         if isinstance(route, GatewayError):
             return route
-        if route.kind not in ("api", "model"):
+        if route.kind not in ("api", "model", "admin"):
             return None
-        if not self.settings.auth_enabled:
-            request.key_id = AUTH_DISABLED
-            return None
-        presented = presented_key(
-            request.requestHeaders.getRawHeaders(b"authorization", [None])[-1],
-            request.requestHeaders.getRawHeaders(b"x-api-key", [None])[-1],
+        headers = request.requestHeaders
+        result = self.access.check(
+            headers.getRawHeaders(b"authorization", [None])[-1],
+            headers.getRawHeaders(b"x-api-key", [None])[-1],
+            admin=route.kind == "admin",
         )
-        result = authenticate(self.keys(), presented, datetime.now(UTC))
         if isinstance(result, GatewayError):
             return result
         request.key_id = result.key_id
+        for name, value in result.headers:
+            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return None
 
     # -- rendering ------------------------------------------------------------------------
@@ -177,6 +184,8 @@ class GatewayResource(Resource):
             return b""
         if route.kind == "public":
             return self._render_public(request, route.path)
+        if route.kind == "admin":
+            return self._reload_keys(request)
         # "api" and "model" routes: both go through admission and the backend.
         if self.draining:
             return request.render_error(errors.backend_unavailable("stopping", 5))
@@ -210,6 +219,16 @@ class GatewayResource(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps({"ready": ready, "backend": self.backend.state.value}).encode() + b"\n"
 
+    def _reload_keys(self, request: GatewayRequest) -> bytes:
+        """POST /reload: re-read the key file now (admin keys only)."""
+        try:
+            count = self.access.store.load(f"POST /reload by {request.key_id}")
+        except KeyLoadError as e:
+            return request.render_error(errors.reload_failed(str(e)))
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps({"status": "ok", "keys_loaded": count}).encode() + b"\n"
+
     # -- the proxied exchange ------------------------------------------------------------------
 
     async def _proxy(self, exchange: _Exchange) -> None:
@@ -220,6 +239,10 @@ class GatewayResource(Resource):
         unavailable = self._unavailable()
         if unavailable is not None:
             request.send_error(unavailable)
+            return
+        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
+            # The model list uses no inference slot: it never waits behind a generation.
+            await self._forward(exchange)
             return
         try:
             waiting = self.admission.acquire(request.key_id or AUTH_DISABLED)

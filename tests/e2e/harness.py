@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from tests.e2e.tiny_model import write_tiny_model
 
 API_KEY = "sk-e2e-test-key-0123456789abcdef"
 _model_dir = tempfile.mkdtemp(prefix="llamaproxy-e2e-model-")
+atexit.register(shutil.rmtree, _model_dir, True)
 _model_path: str | None = None
 
 
@@ -216,7 +218,13 @@ class Gateway:
         return out + self.log_text()[-5000:]
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM twistd and wait for it; returns its exit code."""
+        """SIGTERM twistd, wait for it, remove its directories; returns its exit code."""
+        code = self.terminate(timeout)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return code
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM twistd and wait for it (its files stay); returns its exit code."""
         if self.process is None:
             return 0
         if self.process.poll() is None:

@@ -165,12 +165,13 @@ class SupervisionTests(SynchronousTestCase):
 
     def test_sigterm_leaves_no_llama_server_behind(self) -> None:
         gateway = Gateway().start()
+        self.addCleanup(gateway.stop)
         child = gateway.child_pid()
         key_file = gateway.root / "keys" / f"backend-{gateway.instance_id}.key"
         self.assertTrue(key_file.exists())
         self.assertEqual(key_file.stat().st_mode & 0o777, 0o600)
         started = time.monotonic()
-        self.assertEqual(gateway.stop(), 0)
+        self.assertEqual(gateway.terminate(), 0)
         self.assertFalse(alive(child), "llama-server outlived twistd")
         self.assertFalse(key_file.exists(), "the backend key file was left behind")
         self.assertLess(time.monotonic() - started, 60)

@@ -9,7 +9,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaproxy.admission import Admission
+from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import parse_keys
+from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
 from llamaproxy.gateway.site import GatewaySite
@@ -28,9 +30,9 @@ class FakeLlamaServerTests(SynchronousTestCase):
         backend.set_state(BackendState.READY)
         admission = Admission(2)
         health = HealthState(backend, admission, self.clock, True, lambda: False)
-        keys = parse_keys([f"t:{KEY}"])[0]
+        access = AccessControl(KeyStore("unused", parse_keys([f"t:{KEY}"])[0]), None)
         resource = GatewayResource(backend, self.agent, admission, self.clock,
-                                   GatewaySettings(), lambda: keys, health.document, health.ready)
+                                   GatewaySettings(), access, health.document, health.ready)
         self.site = GatewaySite(resource, 1 << 20)
 
     def call(self, method: str, path: str, body: object = None) -> InMemoryClient:

@@ -11,7 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from llamaproxy.admission import Admission
+from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import KeySet, parse_keys
+from llamaproxy.auth.ratelimit import RateLimiter
+from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState, ProbeResult
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings, resolve
 from llamaproxy.gateway.site import GatewaySite
@@ -28,20 +31,24 @@ class GatewayFixture:
     """A gateway site on an AgentSpy backend, driven by a Clock."""
 
     def __init__(self, auth: bool = True, concurrency: int = 2, queue: int = 0,
-                 body_limit: int = 1024, **settings: Any) -> None:
+                 body_limit: int = 1024, limiter: RateLimiter | None = None,
+                 keys_path: str = "/nonexistent/api_keys.txt", **settings: Any) -> None:
+        self.keys_path = keys_path
         self.clock = Clock()
         self.agent = AgentSpy()
         self.backend = Backend("test", "http://127.0.0.1:9", api_key="gateway-backend-key",
                                model="fake")
         self.backend.set_state(BackendState.READY)
         self.admission = Admission(concurrency, queue)
-        self.keys: KeySet = parse_keys([f"alice:{KEY}", f"bob:{OTHER_KEY}"])[0]
+        self.store = KeyStore(self.keys_path, parse_keys([f"alice:{KEY}", f"bob:{OTHER_KEY}"])[0])
+        self.access = AccessControl(self.store, limiter, auth_enabled=auth,
+                                    admin_key_ids=frozenset({"alice"}))
         self.resource: GatewayResource
         self.health = HealthState(self.backend, self.admission, self.clock, auth,
                                   lambda: self.resource.draining)
         self.resource = GatewayResource(
             self.backend, self.agent, self.admission, self.clock,
-            GatewaySettings(auth_enabled=auth, **settings), lambda: self.keys,
+            GatewaySettings(**settings), self.access,
             self.health.document, self.health.ready,
         )
         self.site = GatewaySite(self.resource, body_limit)
@@ -151,7 +158,7 @@ class AuthTests(SynchronousTestCase):
         self.assert_401(client, "Invalid API key format")
 
     def test_no_keys_fails_closed(self) -> None:
-        self.gw.keys = KeySet({})
+        self.gw.store.keys = KeySet({})
         client = self.gw.client()
         client.request("GET", "/v1/models", headers=AUTH)
         self.assert_401(client, "Authentication misconfigured: no API keys loaded")
@@ -174,6 +181,88 @@ class AuthTests(SynchronousTestCase):
         client = open_gw.client()
         client.request("GET", "/v1/models")
         self.assertEqual(len(open_gw.agent.requests), 1)
+
+
+class ReloadRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        with open(self.path, "w") as f:
+            f.write(f"alice:{KEY}\nbob:{OTHER_KEY}\ncarol:sk-carolcarolcarol00\n")
+        self.gw = GatewayFixture(keys_path=self.path)
+
+    def reload(self, key: str, method: str = "POST") -> InMemoryClient:
+        client = self.gw.client()
+        client.request(method, "/reload", headers={"Authorization": f"Bearer {key}"})
+        return client
+
+    def test_admin_reloads(self) -> None:
+        response = self.reload(KEY).response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json(), {"status": "ok", "keys_loaded": 3})
+        self.assertIsNotNone(self.gw.store.keys.lookup("sk-carolcarolcarol00"))
+        self.assertEqual(self.gw.agent.requests, [])
+
+    def test_other_keys_get_403(self) -> None:
+        response = self.reload(OTHER_KEY).response()
+        self.assertEqual(response.status, 403)
+        self.assertEqual(response.json()["error"]["code"], "forbidden")
+        self.assertIsNone(self.gw.store.keys.lookup("sk-carolcarolcarol00"))
+        self.assertEqual(self.reload("sk-nobody-000000000000").response().status, 401)
+
+    def test_unreadable_file_keeps_keys_and_answers_500(self) -> None:
+        import os
+
+        os.remove(self.path)
+        response = self.reload(KEY).response()
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.json()["error"]["code"], "reload_failed")
+        self.assertNotIn(self.path, response.json()["error"]["message"])
+        self.assertIsNotNone(self.gw.store.keys.lookup(KEY))
+
+    def test_get_is_405(self) -> None:
+        response = self.reload(KEY, "GET").response()
+        self.assertEqual(response.status, 405)
+        self.assertEqual(response.header("allow"), "POST")
+
+
+class RateLimitThroughGatewayTests(SynchronousTestCase):
+    def test_429_with_retry_after_and_headers(self) -> None:
+        clock_holder: list[Clock] = []
+        gw = GatewayFixture()
+        clock_holder.append(gw.clock)
+        limiter = RateLimiter(gw.clock, default_limit=2)
+        gw.access.limiter = limiter
+        for _ in range(2):
+            client = gw.client()
+            client.request("GET", "/v1/models", headers=AUTH)
+            gw.agent.requests[-1].respond(200, b"{}")
+            response = client.response()
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.header("x-ratelimit-limit"), "2")
+        self.assertEqual(response.header("x-ratelimit-remaining"), "0")
+        client = gw.client()
+        client.request("GET", "/v1/models", headers=AUTH)
+        response = client.response()
+        self.assertEqual(response.status, 429)
+        self.assertEqual(response.json()["error"], {
+            "message": "Rate limit exceeded. Please slow down your requests.",
+            "type": "rate_limit_error", "code": "rate_limit_exceeded"})
+        self.assertGreaterEqual(int(response.header("retry-after") or 0), 1)
+        self.assertEqual(len(gw.agent.requests), 2)
+        # another key has its own bucket
+        other = gw.client()
+        other.request("GET", "/v1/models", headers={"Authorization": f"Bearer {OTHER_KEY}"})
+        self.assertEqual(len(gw.agent.requests), 3)
+
+    def test_limited_post_is_refused_before_its_body(self) -> None:
+        gw = GatewayFixture()
+        gw.access.limiter = RateLimiter(gw.clock, default_limit=1)
+        gw.chat()
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n"
+                    + f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+        self.assertEqual(client.response().status, 429)
+        self.assertTrue(client.closed)
 
 
 class ProxyTests(SynchronousTestCase):
@@ -398,6 +487,14 @@ class AdmissionThroughGatewayTests(SynchronousTestCase):
         self.assertEqual(len(gw.agent.requests), 2)
         gw.agent.requests[1].respond(200, b"{}")
         self.assertEqual(queued.response().status, 200)
+
+    def test_model_list_does_not_wait_for_a_slot(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.chat()
+        client = gw.client()
+        client.request("GET", "/v1/models", headers=AUTH)
+        self.assertEqual(len(gw.agent.requests), 2)
+        self.assertEqual(gw.admission.waiting, 0)
 
     def test_queued_client_that_leaves_never_reaches_the_backend(self) -> None:
         gw = GatewayFixture(concurrency=1)
