@@ -1,7 +1,8 @@
 """Concurrency slots and a bounded wait queue served round-robin across key ids.
 
 At most ``max_concurrent`` requests hold a slot (for their whole response, streams included).
-Others wait, at most ``max_queue_size`` of them (0 = unlimited); beyond that ``QueueFullError``.
+Others wait, at most ``max_queue_size`` of them (0 = unlimited) and at most ``max_queue_per_key``
+of one key (0 = no per-key bound); beyond that ``QueueFullError``.
 Waiters are grouped by key id and served in rotation, so one key's burst cannot starve another
 key's single request. A waiter whose Deferred is cancelled (its client left) leaves at once.
 """
@@ -35,11 +36,14 @@ class Slot:
 class Admission:
     """Slots plus a fair queue. ``acquire(key_id)`` gives a Deferred that fires with a Slot."""
 
-    def __init__(self, max_concurrent: int, max_queue_size: int = 0) -> None:
+    def __init__(
+        self, max_concurrent: int, max_queue_size: int = 0, max_queue_per_key: int = 0
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self.max_concurrent = max_concurrent
         self.max_queue_size = max_queue_size
+        self.max_queue_per_key = max_queue_per_key
         self.active = 0
         self.waiting = 0
         self._queues: OrderedDict[str, deque[Deferred[Slot]]] = OrderedDict()
@@ -54,6 +58,8 @@ class Admission:
         if self.max_queue_size and self.waiting >= self.max_queue_size:
             raise QueueFullError()
         queue = self._queues.get(key_id)
+        if self.max_queue_per_key and queue is not None and len(queue) >= self.max_queue_per_key:
+            raise QueueFullError()
         if queue is None:
             queue = self._queues[key_id] = deque()
         waiter: Deferred[Slot] = Deferred(lambda d: self._cancel(key_id, d))

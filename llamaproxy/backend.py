@@ -10,6 +10,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import Deferred, succeed
+
 
 class BackendState(enum.Enum):
     """Life-cycle states of a backend, as /health reports them."""
@@ -41,6 +43,10 @@ class ProbeResult:
         return doc
 
 
+#: States a backend comes back from by itself: requests may wait for it instead of failing.
+TRANSIENT_STATES = frozenset({BackendState.STARTING, BackendState.LOADING, BackendState.BACKOFF})
+
+
 @dataclass
 class Backend:
     """A backend's address, credentials and live status."""
@@ -52,17 +58,35 @@ class Backend:
     slots: int | None = None  # the backend's --parallel, when known
     state: BackendState = BackendState.STOPPED
     restarts: int = 0
-    last_probe: ProbeResult | None = None
     last_exit: str | None = None
     #: When the current not-ready period is expected to end (clock seconds), for Retry-After.
     retry_at: float | None = None
     listeners: list[Callable[[Backend], None]] = field(default_factory=list, repr=False)
+    _last_probe: ProbeResult | None = field(default=None, repr=False)
+    _ready_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
+
+    @property
+    def last_probe(self) -> ProbeResult | None:
+        """The outcome of the latest health probe (None before the first)."""
+        return self._last_probe
+
+    @last_probe.setter
+    def last_probe(self, result: ProbeResult | None) -> None:
+        self._last_probe = result
+        self._wake_waiters()
 
     @property
     def ready(self) -> bool:
         """True when requests can be sent: READY and the last probe did not fail."""
         return self.state is BackendState.READY and (
-            self.last_probe is None or self.last_probe.outcome == "ready"
+            self._last_probe is None or self._last_probe.outcome == "ready"
+        )
+
+    @property
+    def recovering(self) -> bool:
+        """True when the backend is expected to become ready by itself (worth waiting for)."""
+        return self.state in TRANSIENT_STATES or (
+            self.state is BackendState.READY and not self.ready
         )
 
     def set_state(self, state: BackendState, retry_at: float | None = None) -> None:
@@ -73,6 +97,22 @@ class Backend:
         if changed:
             for listener in list(self.listeners):
                 listener(self)
+        self._wake_waiters()
+
+    def wait_ready(self) -> Deferred[None]:
+        """A Deferred that fires when the backend is ready (cancel it to stop waiting)."""
+        if self.ready:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._ready_waiters.remove)
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def _wake_waiters(self) -> None:
+        if not self.ready or not self._ready_waiters:
+            return
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     def retry_after(self, now: float, default: int = 5) -> int:
         """Whole seconds a client should wait before retrying (>= 1)."""

@@ -180,8 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backend_connect_timeout", "backend-connect-timeout", ("BACKEND_CONNECT_TIMEOUT",),
             "10", _seconds, "Timeout for connecting to the backend (then 502)."),
     Setting("request_timeout", "request-timeout", ("REQUEST_TIMEOUT",), "300", _seconds,
-            "Total time for one proxied request: 504 if no response byte was sent yet, else the "
-            "connection is aborted."),
+            "Total time of one exchange with the backend (from sending the request to the end of "
+            "the response): 504 if no response byte was sent yet, else the connection is "
+            "aborted."),
     Setting("stream_idle_timeout", "stream-idle-timeout", ("STREAM_IDLE_TIMEOUT",), "120",
             _seconds, "Longest silence between two chunks of a backend response before it is "
             "aborted."),
@@ -210,6 +211,17 @@ SETTINGS: tuple[Setting, ...] = (
             "count, or 4 when that is unknown)."),
     Setting("max_queue_size", "max-queue-size", ("MAX_QUEUE_SIZE",), "0", _int_parser(0),
             "Requests allowed to wait for a slot (0: unlimited); beyond it 503 queue_full."),
+    Setting("max_queue_per_key", "max-queue-per-key", ("MAX_QUEUE_PER_KEY",), "0", _int_parser(0),
+            "Requests one key may have waiting (0: no per-key bound); beyond it 503 queue_full."),
+    Setting("queue_timeout", "queue-timeout", ("QUEUE_TIMEOUT",), "60", _seconds,
+            "Longest wait for a free slot, or for a restarting backend to be ready, before 503 "
+            "queue_timeout with Retry-After."),
+    Setting("first_byte_timeout", "first-byte-timeout", ("FIRST_BYTE_TIMEOUT",), "300", _seconds,
+            "Longest wait for the backend's response headers once a request was sent (then "
+            "504)."),
+    Setting("client_header_timeout", "client-header-timeout", ("CLIENT_HEADER_TIMEOUT",), "30",
+            _seconds, "Seconds a client has, from its first byte, to send a whole request "
+            "(headers and body); then 408 and the connection is closed."),
     Setting("proxy_extra_paths", "proxy-extra-paths", ("PROXY_EXTRA_PATHS",), "", _extra_path,
             "llama-server extras to expose besides the OpenAI paths: /tokenize, /detokenize, "
             "/infill, /rerank, /v1/rerank."),
@@ -223,7 +235,7 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 #: startup instead of being silently ignored.
 NOT_YET_SUPPORTED = (
     "CORS_ORIGINS", "METRICS_AUTH_ENABLED", "LOG_FORMAT", "MAX_HEADERS", "MAX_HEADER_LINE_SIZE",
-    "MAX_REQUEST_LINE_SIZE", "CLIENT_HEADER_TIMEOUT", "QUEUE_TIMEOUT",
+    "MAX_REQUEST_LINE_SIZE",
 )
 
 
@@ -266,6 +278,10 @@ class Config:
     max_request_body_size: int
     max_concurrent_requests: int
     max_queue_size: int
+    max_queue_per_key: int
+    queue_timeout: float
+    first_byte_timeout: float
+    client_header_timeout: float
     proxy_extra_paths: tuple[str, ...]
     drain_timeout: float
     warnings: tuple[str, ...] = field(default=(), compare=False)

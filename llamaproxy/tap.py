@@ -101,7 +101,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         slots=config.parallel or None,
     )
     concurrency = config.max_concurrent_requests or config.parallel or DEFAULT_CONCURRENCY
-    admission = Admission(concurrency, config.max_queue_size)
+    admission = Admission(concurrency, config.max_queue_size, config.max_queue_per_key)
     pool = forward.make_pool(reactor, concurrency + 2)
     agent = forward.make_agent(reactor, pool, config.backend_connect_timeout)
 
@@ -127,6 +127,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     settings = GatewaySettings(
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
+        queue_timeout=config.queue_timeout,
+        first_byte_timeout=config.first_byte_timeout,
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
     )
     resource_holder: list[GatewayResource] = []
@@ -138,7 +140,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         backend, agent, admission, reactor, settings, access, health.document, health.ready
     )
     resource_holder.append(resource)
-    site = GatewaySite(resource, config.max_request_body_size)
+    site = GatewaySite(
+        resource, config.max_request_body_size, config.client_header_timeout, reactor=reactor
+    )
     listeners = [strports.service(endpoint, site, reactor=reactor) for endpoint in config.endpoints]
     health_listener = None
     if config.health_endpoint is not None:

@@ -10,7 +10,7 @@ export PATH="$PWD/$VENV/bin:$PATH"
 export LLAMAPROXY_REQUIRE_E2E="${LLAMAPROXY_REQUIRE_E2E:-1}"
 
 echo "== ruff" >&2
-ruff check llamaproxy tests twisted bench
+ruff check llamaproxy tests twisted bench scripts
 echo "== mypy" >&2
 mypy
 echo "== trial (under coverage)" >&2

@@ -91,6 +91,27 @@ def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
     )
 
 
+def request_timeout(seconds: float) -> GatewayError:
+    """408 when a client did not send its whole request in time (slow-loris protection)."""
+    return GatewayError(
+        408,
+        f"Request not received within {seconds:g} seconds",
+        "invalid_request_error",
+        "request_timeout",
+    )
+
+
+def queue_timeout(retry_after: int) -> GatewayError:
+    """503 when a request waited QUEUE_TIMEOUT for a slot or a ready backend."""
+    return GatewayError(
+        503,
+        "Timed out waiting for a free slot; try again later",
+        "server_error",
+        "queue_timeout",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
 def payload_too_large(limit: int) -> GatewayError:
     """413 before the body is read (older gateway message)."""
     return GatewayError(

@@ -103,17 +103,6 @@ class GatewayRequest(server.Request):
         self.early_error = error
         # Twisted would answer "Expect: 100-continue" after this; the client must not send.
         self.requestHeaders.removeHeader(b"expect")
-        body = error.body()
-        lines = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}"]
-        headers = [
-            ("Server", SERVER_NAME.decode()),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-            *_HYGIENE_HEADERS,
-            *error.headers,
-        ]
-        lines.extend(f"{name}: {value}" for name, value in headers)
         log.info(
             "Rejected {method} {path} before reading its body: {status}",
             method=self.method.decode("latin-1", "replace"),
@@ -123,7 +112,7 @@ class GatewayRequest(server.Request):
         transport = self.channel.transport
         if transport is None:  # the client is already gone: nobody to answer
             return
-        transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        transport.write(raw_response(error))
         self.channel.loseConnection()
 
     def process(self) -> None:
@@ -172,6 +161,26 @@ class GatewayRequest(server.Request):
     def gone(self) -> bool:
         """True once the client disconnected or the response finished."""
         return bool(self._disconnected or self.finished)
+
+
+def raw_response(error: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response for ``error`` that closes the connection, as bytes.
+
+    For answers written straight to the transport, when no Request can answer (before the body
+    was read, or before a request was even complete).
+    """
+    body = error.body()
+    lines = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}"]
+    headers = [
+        ("Server", SERVER_NAME.decode()),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *_HYGIENE_HEADERS,
+        *error.headers,
+    ]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def server_version() -> str:

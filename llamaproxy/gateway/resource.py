@@ -11,16 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import unquote
 
+from twisted.internet import defer, task
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import (
-    ConnectError,
-    ConnectingCancelledError,
-    ConnectionRefusedError,
-    DNSLookupError,
-    TimeoutError,
-)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,6 +52,11 @@ PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
 ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",)}
 
 _JSON = b"application/json"
+
+#: How long a failed send waits for the supervisor to notice a crash before giving up (seconds).
+_CRASH_NOTICE_DELAY = 0.5
+
+_T = TypeVar("_T")
 
 #: Largest backend model list the gateway reads to answer /v1/models/{id}.
 _MODEL_LIST_LIMIT = 1 << 20
@@ -104,6 +104,8 @@ class GatewaySettings:
 
     request_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
+    queue_timeout: float = 60.0
+    first_byte_timeout: float = 300.0
     extra_paths: frozenset[bytes] = frozenset()
 
 
@@ -116,6 +118,7 @@ class _Exchange:
     relay: StreamRelay | None = None
     timed_out: bool = False
     deadline: IDelayedCall | None = None
+    slot: Slot | None = None
     task: Deferred[None] | None = field(default=None, repr=False)
 
 
@@ -233,40 +236,54 @@ class GatewayResource(Resource):
 
     async def _proxy(self, exchange: _Exchange) -> None:
         request = exchange.request
-        exchange.deadline = self.clock.callLater(
-            self.settings.request_timeout, self._deadline_passed, exchange
-        )
-        unavailable = self._unavailable()
-        if unavailable is not None:
-            request.send_error(unavailable)
+        # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
+        wait_until = exchange.started + self.settings.queue_timeout
+        if not await self._backend_ready(request, wait_until):
             return
-        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
-            # The model list uses no inference slot: it never waits behind a generation.
-            await self._forward(exchange)
-            return
-        try:
-            waiting = self.admission.acquire(request.key_id or AUTH_DISABLED)
-        except QueueFullError:
-            request.send_error(errors.queue_full())
-            return
-        slot: Slot = await waiting
-        try:
-            await self._forward(exchange)
-        finally:
-            slot.release()
+        if not (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")):
+            # (The model list uses no inference slot: it never waits behind a generation.)
+            try:
+                waiting = self.admission.acquire(request.key_id or AUTH_DISABLED)
+            except QueueFullError:
+                request.send_error(errors.queue_full())
+                return
+            try:
+                # Released in _exchange_done, however the exchange ends.
+                exchange.slot = await self._within(waiting, wait_until)
+            except defer.TimeoutError:
+                request.send_error(errors.queue_timeout(self._retry_after()))
+                return
+        await self._forward(exchange, wait_until)
 
-    def _unavailable(self) -> GatewayError | None:
+    async def _within(self, waiting: Deferred[_T], until: float) -> _T:
+        """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
+        remaining = until - self.clock.seconds()
+        if remaining <= 0:
+            waiting.cancel()
+            waiting.addErrback(lambda _: None)
+            raise defer.TimeoutError()
+        waiting.addTimeout(remaining, self.clock)
+        return await waiting
+
+    def _retry_after(self) -> int:
+        return self.backend.retry_after(self.clock.seconds())
+
+    async def _backend_ready(self, request: GatewayRequest, until: float) -> bool:
+        """True once the backend is ready; a restarting one is waited for, up to ``until``."""
         if self.backend.ready:
-            return None
-        now = self.clock.seconds()
-        return errors.backend_unavailable(self.backend.state.value, self.backend.retry_after(now))
+            return True
+        if self.backend.recovering and not self.draining:
+            try:
+                await self._within(self.backend.wait_ready(), until)
+                return True
+            except defer.TimeoutError:
+                pass
+        state = "stopping" if self.draining else self.backend.state.value
+        request.send_error(errors.backend_unavailable(state, self._retry_after()))
+        return False
 
-    async def _forward(self, exchange: _Exchange) -> None:
+    async def _forward(self, exchange: _Exchange, wait_until: float) -> None:
         request = exchange.request
-        unavailable = self._unavailable()
-        if unavailable is not None:
-            request.send_error(unavailable)
-            return
         content = request.content
         body = b""
         if content is not None:
@@ -277,21 +294,38 @@ class GatewayResource(Resource):
         if request.path.startswith(_MODEL_PREFIX):
             model_id = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
-        try:
-            response = await forward.send(
+        for attempt in (1, 2):
+            if not await self._backend_ready(request, wait_until):
+                return
+            if exchange.deadline is None:
+                exchange.deadline = self.clock.callLater(
+                    self.settings.request_timeout, self._deadline_passed, exchange
+                )
+            sending = Deferred.fromCoroutine(forward.send(
                 self.agent, self.backend, method, target, request.requestHeaders, body
-            )
-        except CancelledError:
-            raise
-        except (ConnectionRefusedError, ConnectError, DNSLookupError, ConnectingCancelledError,
-                TimeoutError) as e:
-            log.warn("Backend connection failed: {error}", error=str(e) or type(e).__name__)
-            request.send_error(self._unavailable() or errors.bad_gateway())
-            return
-        except Exception as e:
-            log.warn("Backend request failed: {error}", error=_describe(e))
-            request.send_error(self._unavailable() or errors.bad_gateway())
-            return
+            ))
+            sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+            try:
+                response = await sending
+                break
+            except CancelledError:
+                raise
+            except defer.TimeoutError:
+                log.warn("Backend sent no response within {timeout}s",
+                         timeout=self.settings.first_byte_timeout)
+                request.send_error(errors.gateway_timeout())
+                return
+            except Exception as e:
+                log.warn("Backend request failed: {error}", error=_describe(e))
+                if attempt == 1 and await self._backend_went_down():
+                    # The backend crashed under us: wait for the restart (that wait belongs to
+                    # the queue budget, not to REQUEST_TIMEOUT), then send again.
+                    self._cancel_deadline(exchange)
+                    continue
+                unavailable = None if self.backend.ready else errors.backend_unavailable(
+                    self.backend.state.value, self._retry_after())
+                request.send_error(unavailable or errors.bad_gateway())
+                return
         if request.gone:
             _discard(response)
             return
@@ -353,6 +387,16 @@ class GatewayResource(Resource):
         response.deliverBody(relay)
         await relay.done
 
+    async def _backend_went_down(self) -> bool:
+        """After a failed send: is the backend restarting (so the request may wait and retry)?
+
+        A crash and the connection failures it causes reach the gateway in no fixed order, so a
+        backend that still looks ready gets a moment for its supervisor to notice.
+        """
+        if self.backend.ready and not self.draining:
+            await task.deferLater(self.clock, _CRASH_NOTICE_DELAY, lambda: None)
+        return self.backend.recovering and not self.draining
+
     # -- ends of an exchange -------------------------------------------------------------------
 
     def _deadline_passed(self, exchange: _Exchange) -> None:
@@ -386,10 +430,15 @@ class GatewayResource(Resource):
         request.send_error(errors.internal_error())
         return None
 
-    def _exchange_done(self, result: object, exchange: _Exchange) -> None:
+    def _cancel_deadline(self, exchange: _Exchange) -> None:
         if exchange.deadline is not None and exchange.deadline.active():
             exchange.deadline.cancel()
         exchange.deadline = None
+
+    def _exchange_done(self, result: object, exchange: _Exchange) -> None:
+        self._cancel_deadline(exchange)
+        if exchange.slot is not None:
+            exchange.slot.release()
         self.in_flight.discard(exchange)
         self._log_exchange(exchange)
         if not self.in_flight:

@@ -142,7 +142,9 @@ class SupervisionTests(SynchronousTestCase):
     """Crash recovery and clean shutdown, each on its own gateway."""
 
     def test_kill_9_gives_503_then_recovers(self) -> None:
-        gateway = Gateway(env={"BACKOFF_MAX": "3"}).start()
+        # QUEUE_TIMEOUT shorter than the restart (1 s backoff + jitter): requests that waited in
+        # vain get 503 with Retry-After; with the default they would wait and succeed.
+        gateway = Gateway(env={"BACKOFF_MAX": "3", "QUEUE_TIMEOUT": "0.3"}).start()
         self.addCleanup(gateway.stop)
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
         self.assertEqual(client.models.list().data[0].id, "tiny")

@@ -33,7 +33,7 @@ class FakeLlamaServerTests(SynchronousTestCase):
         access = AccessControl(KeyStore("unused", parse_keys([f"t:{KEY}"])[0]), None)
         resource = GatewayResource(backend, self.agent, admission, self.clock,
                                    GatewaySettings(), access, health.document, health.ready)
-        self.site = GatewaySite(resource, 1 << 20)
+        self.site = GatewaySite(resource, 1 << 20, reactor=self.clock)
 
     def call(self, method: str, path: str, body: object = None) -> InMemoryClient:
         client = InMemoryClient(self.site)

@@ -32,14 +32,15 @@ class GatewayFixture:
 
     def __init__(self, auth: bool = True, concurrency: int = 2, queue: int = 0,
                  body_limit: int = 1024, limiter: RateLimiter | None = None,
-                 keys_path: str = "/nonexistent/api_keys.txt", **settings: Any) -> None:
+                 keys_path: str = "/nonexistent/api_keys.txt", client_timeout: float = 30.0,
+                 max_queue_per_key: int = 0, clock: Any = None, **settings: Any) -> None:
         self.keys_path = keys_path
-        self.clock = Clock()
+        self.clock = clock if clock is not None else Clock()
         self.agent = AgentSpy()
         self.backend = Backend("test", "http://127.0.0.1:9", api_key="gateway-backend-key",
                                model="fake")
         self.backend.set_state(BackendState.READY)
-        self.admission = Admission(concurrency, queue)
+        self.admission = Admission(concurrency, queue, max_queue_per_key)
         self.store = KeyStore(self.keys_path, parse_keys([f"alice:{KEY}", f"bob:{OTHER_KEY}"])[0])
         self.access = AccessControl(self.store, limiter, auth_enabled=auth,
                                     admin_key_ids=frozenset({"alice"}))
@@ -51,7 +52,8 @@ class GatewayFixture:
             GatewaySettings(**settings), self.access,
             self.health.document, self.health.ready,
         )
-        self.site = GatewaySite(self.resource, body_limit)
+        self.site = GatewaySite(self.resource, body_limit, client_timeout=client_timeout,
+                                reactor=self.clock)
 
     def client(self) -> InMemoryClient:
         return InMemoryClient(self.site)
@@ -372,31 +374,79 @@ class ProxyTests(SynchronousTestCase):
     def test_connection_refused_is_502(self) -> None:
         client = self.gw.chat()
         self.gw.agent.requests[0].fail(ConnectionRefusedError())
+        self.assertEqual(client.written, b"")  # a moment for the supervisor to notice a crash
+        self.gw.clock.advance(0.5)
         response = client.response()
         self.assertEqual(response.status, 502)
         self.assertEqual(response.json()["error"]["code"], "bad_gateway")
+        self.assertEqual(len(self.gw.agent.requests), 1)
 
-    def test_refused_while_backend_restarts_is_503(self) -> None:
+    def test_refused_during_a_crash_waits_for_the_restart_and_resends(self) -> None:
         client = self.gw.chat()
         self.gw.backend.set_state(BackendState.BACKOFF, retry_at=self.gw.clock.seconds() + 3)
         self.gw.agent.requests[0].fail(ConnectionRefusedError())
+        self.gw.clock.advance(2)
+        self.assertEqual(len(self.gw.agent.requests), 1)
+        self.gw.backend.set_state(BackendState.READY)
+        self.assertEqual(len(self.gw.agent.requests), 2)
+        self.gw.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(client.response().status, 200)
+
+    def test_refused_and_never_back_is_503(self) -> None:
+        client = self.gw.chat()
+        self.gw.backend.set_state(BackendState.BACKOFF, retry_at=self.gw.clock.seconds() + 90)
+        self.gw.agent.requests[0].fail(ConnectionRefusedError())
+        self.gw.clock.advance(60)
         response = client.response()
         self.assertEqual(response.status, 503)
-        self.assertEqual(response.header("retry-after"), "3")
+        self.assertEqual(response.header("retry-after"), "30")
 
-    def test_backend_not_ready_is_503_without_forwarding(self) -> None:
+    def test_loading_backend_holds_requests_until_ready(self) -> None:
         self.gw.backend.set_state(BackendState.LOADING)
         client = self.gw.chat()
+        self.gw.clock.advance(30)
+        self.assertEqual(self.gw.agent.requests, [])
+        self.gw.backend.set_state(BackendState.READY)
+        self.gw.agent.requests[0].respond(200, b"{}")
+        self.assertEqual(client.response().status, 200)
+
+    def test_backend_not_ready_in_time_is_503_without_forwarding(self) -> None:
+        self.gw.backend.set_state(BackendState.LOADING)
+        client = self.gw.chat()
+        self.gw.clock.advance(59)
+        self.assertEqual(client.written, b"")
+        self.gw.clock.advance(1)
         response = client.response()
         self.assertEqual(response.status, 503)
         self.assertEqual(response.json()["error"]["code"], "backend_unavailable")
         self.assertEqual(response.header("retry-after"), "5")
         self.assertEqual(self.gw.agent.requests, [])
 
-    def test_failed_probe_makes_backend_unavailable(self) -> None:
-        self.gw.backend.last_probe = ProbeResult(0.0, "down", "timed out")
+    def test_stopped_backend_is_503_at_once(self) -> None:
+        self.gw.backend.set_state(BackendState.STOPPED)
         response = self.gw.chat().response()
         self.assertEqual(response.status, 503)
+
+    def test_client_leaving_while_backend_loads(self) -> None:
+        self.gw.backend.set_state(BackendState.LOADING)
+        client = self.gw.chat()
+        client.disconnect()
+        self.gw.backend.set_state(BackendState.READY)
+        self.assertEqual(self.gw.agent.requests, [])
+        self.assertEqual(self.gw.resource.in_flight, set())
+
+    def test_failed_probe_makes_backend_unavailable(self) -> None:
+        self.gw.backend.last_probe = ProbeResult(0.0, "down", "timed out")
+        client = self.gw.chat()
+        self.gw.clock.advance(60)
+        self.assertEqual(client.response().status, 503)
+
+    def test_first_byte_timeout_is_504(self) -> None:
+        gw = GatewayFixture(first_byte_timeout=10.0)
+        client = gw.chat()
+        gw.clock.advance(10)
+        self.assertTrue(gw.agent.requests[0].cancelled)
+        self.assertEqual(client.response().status, 504)
 
     def test_timeout_before_headers_is_504(self) -> None:
         client = self.gw.chat()
@@ -418,9 +468,10 @@ class ProxyTests(SynchronousTestCase):
         self.assertNotIn(b"timed out", client.written)
         self.assertEqual(self.gw.resource.in_flight, set())
 
-    def test_unexpected_error_is_500_without_details(self) -> None:
+    def test_unexpected_error_is_502_without_details(self) -> None:
         client = self.gw.chat()
         self.gw.agent.requests[0].fail(ValueError("/secret/path exploded"))
+        self.gw.clock.advance(0.5)
         response = client.response()
         self.assertEqual(response.status, 502)
         self.assertNotIn(b"secret", response.body)
@@ -505,6 +556,67 @@ class AdmissionThroughGatewayTests(SynchronousTestCase):
         self.assertEqual(gw.admission.waiting, 0)
         gw.agent.requests[0].respond(200, b"{}")
         self.assertEqual(len(gw.agent.requests), 1)
+
+
+class QueueTimeoutTests(SynchronousTestCase):
+    def test_waiting_too_long_for_a_slot_is_503(self) -> None:
+        gw = GatewayFixture(concurrency=1, queue_timeout=20.0)
+        gw.chat()
+        queued = gw.chat()
+        gw.clock.advance(19)
+        self.assertEqual(queued.written, b"")
+        gw.clock.advance(1)
+        response = queued.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["code"], "queue_timeout")
+        self.assertIsNotNone(response.header("retry-after"))
+        self.assertEqual(gw.admission.waiting, 0)
+        gw.agent.requests[0].respond(200, b"{}")
+        self.assertEqual(len(gw.agent.requests), 1)
+
+    def test_per_key_queue_bound(self) -> None:
+        gw = GatewayFixture(concurrency=1, max_queue_per_key=1)
+        gw.chat()
+        gw.chat()
+        self.assertEqual(gw.chat().response().json()["error"]["code"], "queue_full")
+        other = gw.chat(headers={"Authorization": f"Bearer {OTHER_KEY}"})
+        self.assertEqual(other.written, b"")  # bob may still queue
+        self.assertEqual(gw.admission.waiting, 2)
+
+
+class ClientTimeoutTests(SynchronousTestCase):
+    def test_slow_client_gets_408(self) -> None:
+        gw = GatewayFixture(client_timeout=30.0)
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(29):
+            client.send(b"X-Slow: 1\r\n")
+            gw.clock.advance(1)
+        self.assertEqual(client.written, b"")
+        gw.clock.advance(1)
+        response = client.response()
+        self.assertEqual(response.status, 408)
+        self.assertEqual(response.json()["error"]["code"], "request_timeout")
+        self.assertTrue(client.closed)
+
+    def test_slow_body_gets_408(self) -> None:
+        gw = GatewayFixture(client_timeout=5.0)
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                    + f"Authorization: Bearer {KEY}\r\n\r\nabc".encode())
+        gw.clock.advance(5)
+        self.assertEqual(client.response().status, 408)
+        self.assertEqual(gw.agent.requests, [])
+
+    def test_timer_restarts_for_each_request_on_a_connection(self) -> None:
+        gw = GatewayFixture(client_timeout=5.0)
+        client = gw.client()
+        client.request("GET", "/ping")
+        gw.clock.advance(4)
+        client.request("GET", "/ping")
+        gw.clock.advance(4)
+        self.assertFalse(client.closed)
+        self.assertEqual(client.written.count(b"HTTP/1.1 200"), 2)
 
 
 class DrainTests(SynchronousTestCase):
