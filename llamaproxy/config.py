@@ -196,6 +196,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_keys_file", "auth-keys-file", ("AUTH_KEYS_FILE",), None, _text,
             "API key file, lines key_id:api_key[:rate_limit][:expiration] (default "
             "DATA_DIR/api_keys.txt)."),
+    Setting("max_request_line_size", "max-request-line-size", ("MAX_REQUEST_LINE_SIZE",), "8192",
+            _int_parser(64), "Longest request line in bytes, CRLF included (414 above it)."),
+    Setting("max_header_line_size", "max-header-line-size", ("MAX_HEADER_LINE_SIZE",), "8192",
+            _int_parser(64), "Longest header line in bytes, CRLF included (431 above it)."),
+    Setting("max_headers", "max-headers", ("MAX_HEADERS",), "64", _int_parser(1),
+            "Most header lines a request may have (431 above it)."),
+    Setting("cors_origins", "cors-origins", ("CORS_ORIGINS",), "", _words,
+            "Origins browsers may call from (comma separated, exact match, trailing / ignored), "
+            "or * for any; empty disables CORS."),
     Setting("max_requests_per_minute", "max-requests-per-minute", ("MAX_REQUESTS_PER_MINUTE",),
             "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
             "file gives the key its own limit (429 beyond it)."),
@@ -234,8 +243,7 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 #: The older gateway's variables this version does not act on yet: setting one logs a warning at
 #: startup instead of being silently ignored.
 NOT_YET_SUPPORTED = (
-    "CORS_ORIGINS", "METRICS_AUTH_ENABLED", "LOG_FORMAT", "MAX_HEADERS", "MAX_HEADER_LINE_SIZE",
-    "MAX_REQUEST_LINE_SIZE",
+    "METRICS_AUTH_ENABLED", "LOG_FORMAT",
 )
 
 
@@ -272,6 +280,10 @@ class Config:
     instance_id: str
     auth_enabled: bool
     auth_keys_file: str
+    max_request_line_size: int
+    max_header_line_size: int
+    max_headers: int
+    cors_origins: tuple[str, ...]
     max_requests_per_minute: int
     admin_key_ids: tuple[str, ...]
     keys_reload_interval: float

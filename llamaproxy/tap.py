@@ -23,9 +23,10 @@ from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.backend import Backend
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
+from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
-from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthSite, HealthState
 from llamaproxy.service import GatewayService
 
@@ -140,9 +141,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         backend, agent, admission, reactor, settings, access, health.document, health.ready
     )
     resource_holder.append(resource)
-    site = GatewaySite(
-        resource, config.max_request_body_size, config.client_header_timeout, reactor=reactor
+    limits = RequestLimits(
+        max_request_line=config.max_request_line_size,
+        max_header_line=config.max_header_line_size,
+        max_headers=config.max_headers,
+        max_body=config.max_request_body_size,
+        client_timeout=config.client_header_timeout,
     )
+    cors = CorsPolicy.from_entries(config.cors_origins)
+    for warning in cors.warnings():
+        log.warn("Configuration: {warning}", warning=warning)
+    site = GatewaySite(resource, limits, cors, reactor=reactor)
     listeners = [strports.service(endpoint, site, reactor=reactor) for endpoint in config.endpoints]
     health_listener = None
     if config.health_endpoint is not None:

@@ -107,8 +107,10 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(self.load({"BACKEND_PORT": "9999", "PORT_BACKEND": "7"}).backend_port, 7)
 
     def test_not_yet_supported_variables_warn(self) -> None:
-        config = self.load({"CORS_ORIGINS": "*"})
-        self.assertTrue(any(w.startswith("CORS_ORIGINS is not supported") for w in config.warnings))
+        config = self.load({"METRICS_AUTH_ENABLED": "true"})
+        self.assertTrue(
+            any(w.startswith("METRICS_AUTH_ENABLED is not supported") for w in config.warnings)
+        )
 
     def test_extra_args_warn_and_split(self) -> None:
         config = self.load({"EXTRA_ARGS": "--embeddings --pooling 'mean'"})

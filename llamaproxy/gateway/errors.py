@@ -91,6 +91,23 @@ def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
     )
 
 
+def uri_too_long(limit: int) -> GatewayError:
+    """414 for a request line over MAX_REQUEST_LINE_SIZE (older gateway body)."""
+    return GatewayError(
+        414, f"Request line too long (max {limit} bytes)", "invalid_request_error", "uri_too_long"
+    )
+
+
+def headers_too_large() -> GatewayError:
+    """431 for a header line over MAX_HEADER_LINE_SIZE or more than MAX_HEADERS headers."""
+    return GatewayError(
+        431,
+        "Request headers too large or too many headers",
+        "invalid_request_error",
+        "header_fields_too_large",
+    )
+
+
 def request_timeout(seconds: float) -> GatewayError:
     """408 when a client did not send its whole request in time (slow-loris protection)."""
     return GatewayError(

@@ -16,6 +16,7 @@ from typing import Any, cast
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import RESPONSES
 
 from llamaproxy import __version__
 from llamaproxy.gateway import errors
@@ -29,12 +30,6 @@ SERVER_NAME = b"llamaproxy"
 #: Headers on every response the gateway writes itself.
 _HYGIENE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store"))
 
-_REASONS = {
-    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
 
 #: Decides, from the method, path and headers alone, whether a request may go on. Returns the
 #: error to answer with, or None. It may store what it learnt (e.g. the key id) on the request.
@@ -48,9 +43,12 @@ class GatewayRequest(server.Request):
     key_id: str | None = None
     #: An error decided before the body arrived, rendered by ``process`` instead of the resource.
     early_error: GatewayError | None = None
+    #: The parsed JSON body of an API request (set by the resource when it validates it).
+    json_body: Any = None
     _closed_early = False
     _body_limit: int | None = None
     _body_seen = 0
+    _site: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -62,7 +60,7 @@ class GatewayRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         """Headers are in: apply the body limit and the site's early check before any body."""
         # Site.buildProtocol sets ``site`` on the channel; HTTPChannel does not declare it.
-        site = cast(Any, self.channel).site
+        site = self._site = cast(Any, self.channel).site
         # The request line is parsed but not yet copied onto the request; do it now.
         self.method = self.channel._command
         self.uri = self.channel._path
@@ -112,7 +110,7 @@ class GatewayRequest(server.Request):
         transport = self.channel.transport
         if transport is None:  # the client is already gone: nobody to answer
             return
-        transport.write(raw_response(error))
+        transport.write(raw_response(error, self.cors_headers()))
         self.channel.loseConnection()
 
     def process(self) -> None:
@@ -126,7 +124,26 @@ class GatewayRequest(server.Request):
         log.failure("Error while rendering {path}", reason, path=self.path.decode("latin-1")[:200])
         self.send_error(errors.internal_error())
 
-    # -- writing errors --------------------------------------------------------------------
+    # -- CORS and errors --------------------------------------------------------------------
+
+    def cors_headers(self) -> list[tuple[bytes, bytes]]:
+        """The CORS headers this request's response gets (none when CORS is off)."""
+        site = self._site if self._site is not None else getattr(self.channel, "site", None)
+        policy = getattr(site, "cors", None)
+        if policy is None or not policy.enabled:
+            return []
+        origin = self.requestHeaders.getRawHeaders(b"origin", [None])[-1]
+        if self.method == b"OPTIONS":
+            requested = self.requestHeaders.getRawHeaders(
+                b"access-control-request-headers", [None]
+            )[-1]
+            return list(policy.preflight_headers(origin, requested))
+        return list(policy.response_headers(origin))
+
+    def apply_cors(self) -> None:
+        """Put this request's CORS headers on its response."""
+        for name, value in self.cors_headers():
+            self.setHeader(name, value)
 
     def render_error(self, error: GatewayError) -> bytes:
         """Set status and headers for ``error`` and return its body (for ``render``)."""
@@ -163,14 +180,17 @@ class GatewayRequest(server.Request):
         return bool(self._disconnected or self.finished)
 
 
-def raw_response(error: GatewayError) -> bytes:
+def raw_response(
+    error: GatewayError, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> bytes:
     """A whole HTTP/1.1 response for ``error`` that closes the connection, as bytes.
 
     For answers written straight to the transport, when no Request can answer (before the body
     was read, or before a request was even complete).
     """
     body = error.body()
-    lines = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}"]
+    reason = RESPONSES.get(error.status, b"Error").decode("latin-1")
+    lines = [f"HTTP/1.1 {error.status} {reason}"]
     headers = [
         ("Server", SERVER_NAME.decode()),
         ("Content-Type", "application/json"),
@@ -178,6 +198,7 @@ def raw_response(error: GatewayError) -> bytes:
         ("Connection", "close"),
         *_HYGIENE_HEADERS,
         *error.headers,
+        *((n.decode("latin-1"), v.decode("latin-1")) for n, v in extra_headers or ()),
     ]
     lines.extend(f"{name}: {value}" for name, value in headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

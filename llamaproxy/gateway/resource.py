@@ -177,6 +177,8 @@ class GatewayResource(Resource):
 
     def render(self, request: GatewayRequest) -> bytes | int:
         request.setHeader(b"Server", SERVER_NAME)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.apply_cors()
         if request.early_error is not None:
             return request.render_error(request.early_error)
         route = resolve(request.method, request.path, self.settings.extra_paths)
@@ -195,6 +197,9 @@ class GatewayResource(Resource):
         if request.key_id is None:
             # early_check did not run (it always does on a GatewaySite): fail closed.
             return request.render_error(errors.unauthorized("Missing Authorization header"))
+        invalid = _validate_body(request)
+        if invalid is not None:
+            return request.render_error(invalid)
         exchange = _Exchange(request, self.clock.seconds())
         task = Deferred.fromCoroutine(self._proxy(exchange))
         exchange.task = task
@@ -486,6 +491,45 @@ class GatewayResource(Resource):
                 exchange.relay.abort("shutdown")
             elif exchange.task is not None:
                 exchange.task.cancel()
+
+
+#: What each OpenAI route needs in its JSON body (llama-server answers a 500 otherwise).
+_REQUIRED_FIELD = {
+    b"/v1/chat/completions": "messages",
+    b"/v1/completions": "prompt",
+    b"/v1/embeddings": "input",
+}
+
+
+def _validate_body(request: GatewayRequest) -> GatewayError | None:
+    """400 for a POST body that is not a JSON object or lacks the route's required field."""
+    if request.method != b"POST":
+        return None
+    content = request.content
+    raw = b""
+    if content is not None:
+        content.seek(0)
+        raw = content.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return errors.bad_request(
+            "Request body is not valid JSON", code="invalid_json"
+        )
+    if not isinstance(body, dict):
+        return errors.bad_request("Request body must be a JSON object", code="invalid_json")
+    required = _REQUIRED_FIELD.get(request.path)
+    if required is not None and required not in body:
+        return errors.bad_request(
+            f"'{required}' is a required property", code="missing_required_parameter",
+            param=required,
+        )
+    if required == "messages" and not isinstance(body["messages"], list):
+        return errors.bad_request(
+            "'messages' must be an array", code="invalid_type", param="messages"
+        )
+    request.json_body = body
+    return None
 
 
 def _discard(response: IResponse) -> None:

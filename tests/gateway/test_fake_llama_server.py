@@ -14,7 +14,7 @@ from llamaproxy.auth.keys import parse_keys
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
-from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
 from llamaproxy.testing import FakeLlamaServer, InMemoryClient
 
@@ -33,7 +33,7 @@ class FakeLlamaServerTests(SynchronousTestCase):
         access = AccessControl(KeyStore("unused", parse_keys([f"t:{KEY}"])[0]), None)
         resource = GatewayResource(backend, self.agent, admission, self.clock,
                                    GatewaySettings(), access, health.document, health.ready)
-        self.site = GatewaySite(resource, 1 << 20, reactor=self.clock)
+        self.site = GatewaySite(resource, RequestLimits(max_body=1 << 20), reactor=self.clock)
 
     def call(self, method: str, path: str, body: object = None) -> InMemoryClient:
         client = InMemoryClient(self.site)

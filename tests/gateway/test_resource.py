@@ -16,8 +16,9 @@ from llamaproxy.auth.keys import KeySet, parse_keys
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState, ProbeResult
+from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings, resolve
-from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
 from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, sse_chunk
 
@@ -33,7 +34,9 @@ class GatewayFixture:
     def __init__(self, auth: bool = True, concurrency: int = 2, queue: int = 0,
                  body_limit: int = 1024, limiter: RateLimiter | None = None,
                  keys_path: str = "/nonexistent/api_keys.txt", client_timeout: float = 30.0,
-                 max_queue_per_key: int = 0, clock: Any = None, **settings: Any) -> None:
+                 max_queue_per_key: int = 0, clock: Any = None,
+                 limits: dict[str, Any] | None = None, cors: CorsPolicy | None = None,
+                 **settings: Any) -> None:
         self.keys_path = keys_path
         self.clock = clock if clock is not None else Clock()
         self.agent = AgentSpy()
@@ -52,8 +55,10 @@ class GatewayFixture:
             GatewaySettings(**settings), self.access,
             self.health.document, self.health.ready,
         )
-        self.site = GatewaySite(self.resource, body_limit, client_timeout=client_timeout,
-                                reactor=self.clock)
+        self.site = GatewaySite(
+            self.resource,
+            RequestLimits(max_body=body_limit, client_timeout=client_timeout, **(limits or {})),
+            cors, reactor=self.clock)
 
     def client(self) -> InMemoryClient:
         return InMemoryClient(self.site)
