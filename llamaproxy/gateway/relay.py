@@ -20,6 +20,7 @@ from twisted.web.http import _DataLoss
 from zope.interface import implementer
 
 from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.gateway.tokens import UsageCollector
 
 log = Logger()
 
@@ -34,8 +35,15 @@ class StreamRelay(Protocol):
     #: How the relay ended: "complete", "client_gone", "backend_failed" or "idle_timeout".
     outcome: str | None = None
 
-    def __init__(self, request: GatewayRequest, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: GatewayRequest,
+        clock: IReactorTime,
+        idle_timeout: float,
+        usage: UsageCollector | None = None,
+    ) -> None:
         self.request = request
+        self.usage = usage
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.bytes_sent = 0
@@ -58,8 +66,11 @@ class StreamRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.outcome is not None or self.request.gone:
             return
-        self.bytes_sent += len(data)
-        self.request.write(data)
+        if self.usage is not None:
+            data = self.usage.feed(data)
+        if data:
+            self.bytes_sent += len(data)
+            self.request.write(data)
         self._arm_idle_timer()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
@@ -71,6 +82,11 @@ class StreamRelay(Protocol):
             self._end("client_gone")
             return
         if reason.check(ResponseDone, PotentialDataLoss):
+            if self.usage is not None:
+                tail = self.usage.finish()
+                if tail:
+                    self.bytes_sent += len(tail)
+                    self.request.write(tail)
             self._unregister()
             self.request.finish()
             self._end("complete")

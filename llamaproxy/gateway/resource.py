@@ -32,6 +32,7 @@ from llamaproxy.gateway import errors, forward
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
+from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
 from llamaproxy.probe import read_body_bounded
 
 log = Logger()
@@ -119,6 +120,10 @@ class _Exchange:
     timed_out: bool = False
     deadline: IDelayedCall | None = None
     slot: Slot | None = None
+    #: The request body as sent to the backend.
+    body: bytes = b""
+    #: Token usage seen in the response (chat, completions, embeddings).
+    usage: UsageCollector | None = None
     task: Deferred[None] | None = field(default=None, repr=False)
 
 
@@ -200,7 +205,7 @@ class GatewayResource(Resource):
         invalid = _validate_body(request)
         if invalid is not None:
             return request.render_error(invalid)
-        exchange = _Exchange(request, self.clock.seconds())
+        exchange = _Exchange(request, self.clock.seconds(), body=_body_of(request))
         task = Deferred.fromCoroutine(self._proxy(exchange))
         exchange.task = task
         self.in_flight.add(exchange)
@@ -289,13 +294,18 @@ class GatewayResource(Resource):
 
     async def _forward(self, exchange: _Exchange, wait_until: float) -> None:
         request = exchange.request
-        content = request.content
-        body = b""
-        if content is not None:
-            content.seek(0)
-            body = content.read()
+        body = exchange.body
         model_id: str | None = None
         method, target = request.method, request.uri
+        parsed = request.json_body
+        if isinstance(parsed, dict) and request.path in _USAGE_ROUTES:
+            if parsed.get("stream") is True:
+                with_usage, asked = ask_for_stream_usage(parsed)
+                if not asked:
+                    body = json.dumps(with_usage).encode()
+                exchange.usage = UsageCollector(streaming=True, remove_usage_event=not asked)
+            else:
+                exchange.usage = UsageCollector(streaming=False)
         if request.path.startswith(_MODEL_PREFIX):
             model_id = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
@@ -381,13 +391,19 @@ class GatewayResource(Resource):
         request.setResponseCode(response.code, response.phrase)
         for name, values in forward.filter_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            request.setHeader(b"Content-Length", str(response.length).encode())
         content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        if content_type.startswith(b"text/event-stream"):
+        is_stream = content_type.startswith(b"text/event-stream")
+        usage = exchange.usage
+        if usage is not None and usage.streaming and not is_stream:
+            # A stream was asked for but this is a whole body (an error, typically).
+            usage = exchange.usage = UsageCollector(streaming=False)
+        body_changes = usage is not None and usage.remove_usage_event
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD" and not body_changes:
+            request.setHeader(b"Content-Length", str(response.length).encode())
+        if is_stream:
             request.setHeader(b"X-Accel-Buffering", b"no")
             request.setHeader(b"Cache-Control", b"no-cache")
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout)
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done
@@ -501,15 +517,23 @@ _REQUIRED_FIELD = {
 }
 
 
+#: Routes whose responses report token usage.
+_USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
+
+
+def _body_of(request: GatewayRequest) -> bytes:
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return content.read()
+
+
 def _validate_body(request: GatewayRequest) -> GatewayError | None:
     """400 for a POST body that is not a JSON object or lacks the route's required field."""
     if request.method != b"POST":
         return None
-    content = request.content
-    raw = b""
-    if content is not None:
-        content.seek(0)
-        raw = content.read()
+    raw = _body_of(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -52,6 +52,22 @@ class ServingTests(SynchronousTestCase):
         self.assertEqual("".join(parts), text)
         self.assertGreater(len([p for p in parts if p]), 5)
 
+    def test_stream_usage_only_when_asked(self) -> None:
+        """The gateway asks llama-server for usage but clients see only what they asked for."""
+        client = self.client()
+        plain = list(client.chat.completions.create(
+            model="tiny", messages=PROMPT, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+        ))
+        self.assertEqual([c for c in plain if c.usage is not None or not c.choices], [])
+        asked = list(client.chat.completions.create(
+            model="tiny", messages=PROMPT, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True},
+        ))
+        with_usage = [c for c in asked if c.usage is not None]
+        self.assertEqual(len(with_usage), 1)
+        self.assertEqual(with_usage[0].choices, [])
+        self.assertEqual(with_usage[0].usage.completion_tokens, 8)  # type: ignore[union-attr]
+
     def test_stream_arrives_in_separate_reads(self) -> None:
         """SSE events are relayed as the backend emits them, not buffered into one block."""
         body = {"model": "tiny", "messages": PROMPT, "max_tokens": 64, "temperature": 0,

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -289,7 +290,11 @@ class ProxyTests(SynchronousTestCase):
         for dropped in (b"x-secret", b"connection", b"cookie", b"host", b"content-length"):
             self.assertIsNone(record.headers.getRawHeaders(dropped), dropped)
         assert record.body_producer is not None
-        self.assertEqual(record.body_producer.length, len(CHAT))
+        sent = StringTransport()
+        record.body_producer.startProducing(sent)
+        # A stream without stream_options: the gateway asks for usage on the client's behalf.
+        self.assertEqual(json.loads(sent.value()),
+                         {**json.loads(CHAT), "stream_options": {"include_usage": True}})
         record.respond(200, b'{"ok": true}', Headers({
             b"content-type": [b"application/json"], b"access-control-allow-origin": [b"*"],
             b"connection": [b"close, x-hop"], b"x-hop": [b"1"], b"x-kept": [b"2"]}))
@@ -323,6 +328,22 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(response.complete)
         self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.gw.admission.active, 0)
+
+    def test_usage_event_is_removed_unless_the_client_asked(self) -> None:
+        usage_event = (b'data: {"choices": [], "usage": {"prompt_tokens": 5, '
+                       b'"completion_tokens": 2}}\n\n')
+        for asked in (False, True):
+            body = json.loads(CHAT)
+            if asked:
+                body["stream_options"] = {"include_usage": True}
+            client = self.gw.chat(json.dumps(body).encode())
+            backend = StreamingResponse()
+            self.gw.agent.requests[-1].deferred.callback(backend)
+            backend.send(sse_chunk("Hi") + usage_event + b"data: [DONE]\n\n")
+            backend.finish()
+            response = client.response()
+            self.assertEqual(usage_event in response.body, asked)
+            self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
 
     def test_backpressure_pauses_the_backend(self) -> None:
         client = self.gw.chat()
