@@ -25,6 +25,7 @@ setup(
         "klein>=23.12",
         "treq>=23.11",
         "attrs>=23.1",
+        "prometheus-client>=0.26",
     ],
     extras_require={
         "test": [

@@ -93,6 +93,34 @@ def _url(text: str) -> str:
     return value
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"expected 'text' or 'json', got {text!r}")
+    return value
+
+
+def _optional_format(text: str) -> str:
+    return _log_format(text) if text.strip() else ""
+
+
+def _tls_version(text: str) -> str:
+    value = text.strip()
+    if value not in ("1.2", "1.3"):
+        raise ValueError(f"expected 1.2 or 1.3, got {text!r}")
+    return value
+
+
+def _key_limits(text: str) -> tuple[tuple[str, int], ...]:
+    pairs = []
+    for item in _words(text):
+        key_id, sep, number = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", key_id) or not number.isdigit():
+            raise ValueError(f"expected key_id=N pairs, got {item!r}")
+        pairs.append((key_id, int(number)))
+    return tuple(pairs)
+
+
 def _extra_path(text: str) -> tuple[str, ...]:
     allowed = {"/tokenize", "/detokenize", "/infill", "/rerank", "/v1/rerank"}
     paths = _words(text)
@@ -234,17 +262,55 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy_extra_paths", "proxy-extra-paths", ("PROXY_EXTRA_PATHS",), "", _extra_path,
             "llama-server extras to expose besides the OpenAI paths: /tokenize, /detokenize, "
             "/infill, /rerank, /v1/rerank."),
+    Setting("log_format", "log-format", ("LOG_FORMAT",), "text", _log_format,
+            "Log format on twistd's log output: text, or json (one object per line: ts, level, "
+            "msg, fields)."),
+    Setting("worker_type", "worker-type", ("WORKER_TYPE",), "", _text,
+            "A name for this worker's role, added to every log record (optional)."),
+    Setting("access_log", "access-log", ("ACCESS_LOG",), "", _text,
+            "Access log file, one line per request (default DATA_DIR/logs/api_access.log; - for "
+            "stdout; off to disable)."),
+    Setting("access_log_format", "access-log-format", ("ACCESS_LOG_FORMAT",), "", _optional_format,
+            "Access log format: text or json (default: LOG_FORMAT)."),
+    Setting("usage_ledger", "usage-ledger", ("USAGE_LEDGER",), "", _text,
+            "SQLite file of token totals per key and day (default DATA_DIR/usage.sqlite3; off to "
+            "disable)."),
+    Setting("tokens_per_minute", "tokens-per-minute", ("TOKENS_PER_MINUTE",), "0", _int_parser(0),
+            "Tokens (prompt + completion) per key per sliding minute; 0: no token limit."),
+    Setting("key_tokens_per_minute", "key-tokens-per-minute", ("KEY_TOKENS_PER_MINUTE",), "",
+            _key_limits, "Per-key token limits overriding TOKENS_PER_MINUTE, e.g. "
+            "alice=50000,bob=0 (0: unlimited)."),
+    Setting("metrics_auth_enabled", "metrics-auth-enabled", ("METRICS_AUTH_ENABLED",), "false",
+            parse_bool, "Require an API key for /metrics on the gateway (it then includes "
+            "per-key series)."),
+    Setting("metrics_listen", "metrics-listen", ("METRICS_LISTEN",), "", _text,
+            "Extra endpoint serving Prometheus metrics with per-key series, e.g. "
+            "tcp:9100:interface=127.0.0.1 (empty: none)."),
+    Setting("tls_cert_file", "tls-cert-file", ("TLS_CERT_FILE",), None, _text,
+            "PEM certificate: with TLS_KEY_FILE, the gateway listener on PORT speaks HTTPS."),
+    Setting("tls_key_file", "tls-key-file", ("TLS_KEY_FILE",), None, _text,
+            "PEM private key for TLS_CERT_FILE."),
+    Setting("tls_chain_file", "tls-chain-file", ("TLS_CHAIN_FILE",), None, _text,
+            "PEM intermediate certificates (optional)."),
+    Setting("tls_min_version", "tls-min-version", ("TLS_MIN_VERSION",), "1.2", _tls_version,
+            "Lowest TLS version accepted: 1.2 or 1.3."),
+    Setting("hsts_max_age", "hsts-max-age", ("HSTS_MAX_AGE",), "0", _int_parser(0),
+            "Send Strict-Transport-Security with this max-age on HTTPS responses (0: no header)."),
     Setting("drain_timeout", "drain-timeout", ("DRAIN_TIMEOUT",), "30", _float_parser(0.0, False),
             "On SIGTERM, seconds in-flight requests may take to finish before they are cut."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
-#: The older gateway's variables this version does not act on yet: setting one logs a warning at
-#: startup instead of being silently ignored.
-NOT_YET_SUPPORTED = (
-    "METRICS_AUTH_ENABLED", "LOG_FORMAT",
-)
+#: The older gateway's variables llamaproxy does not use, and what to do instead: setting one
+#: logs a warning at startup instead of being silently ignored.
+IGNORED_OLDER_VARIABLES = {
+    "MOCK_BACKEND": "point BACKEND_URL at any running server instead",
+    "BACKEND_HOST": "set BACKEND_URL for a backend elsewhere",
+    "DEBUG_SHELL": "run a shell in the container instead",
+    "LOG_DIR": "logs go to twistd's log (--logfile) and ACCESS_LOG",
+    "LOG_NAME": "logs go to twistd's log (--logfile) and ACCESS_LOG",
+}
 
 
 @dataclass(frozen=True)
@@ -295,6 +361,20 @@ class Config:
     first_byte_timeout: float
     client_header_timeout: float
     proxy_extra_paths: tuple[str, ...]
+    log_format: str
+    worker_type: str
+    access_log: str
+    access_log_format: str
+    usage_ledger: str
+    tokens_per_minute: int
+    key_tokens_per_minute: tuple[tuple[str, int], ...]
+    metrics_auth_enabled: bool
+    metrics_listen: str
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_chain_file: str | None
+    tls_min_version: str
+    hsts_max_age: int
     drain_timeout: float
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -368,9 +448,9 @@ def _raw_values(
     if "backend_port" not in chosen and "BACKEND_PORT" in environ:
         chosen["backend_port"] = ("BACKEND_PORT", environ["BACKEND_PORT"])
         warnings.append("BACKEND_PORT is deprecated: set PORT_BACKEND instead")
-    for var in NOT_YET_SUPPORTED:
+    for var, hint in IGNORED_OLDER_VARIABLES.items():
         if var in environ:
-            warnings.append(f"{var} is not supported by this version of llamaproxy yet; ignored")
+            warnings.append(f"{var} is not used by llamaproxy and is ignored: {hint}")
     return chosen, warnings
 
 
@@ -423,6 +503,10 @@ def load_config(
             )
         if values["backend_port"] == 0:
             raise ConfigError("PORT_BACKEND: a supervised llama-server needs a fixed port, not 0")
+    if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+    if not values["access_log_format"]:
+        values["access_log_format"] = values["log_format"]
     alias = values["model_alias"] or (
         Path(model_path).name.removesuffix(".gguf") if model_path else "default"
     )

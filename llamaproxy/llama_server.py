@@ -111,7 +111,8 @@ def build_args(config: Config, key_file: str) -> list[str]:
         args += ["-t", str(config.threads)]
     if config.parallel > 0:
         args += ["--parallel", str(config.parallel)]
-    args += ["--api-key-file", key_file, "--alias", config.model_alias]
+    # --metrics: its /metrics (behind the backend key) is re-exported by the gateway's /metrics.
+    args += ["--api-key-file", key_file, "--alias", config.model_alias, "--metrics"]
     args += list(config.extra_args)
     return args
 

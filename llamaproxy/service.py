@@ -10,14 +10,16 @@ when all of that is done, and twistd waits for it before exiting.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.web.client import HTTPConnectionPool
 
 from llamaproxy.gateway.resource import GatewayResource
+from llamaproxy.logs import install_observer
 
 log = Logger()
 
@@ -35,6 +37,7 @@ class GatewayService(MultiService):
         pool: HTTPConnectionPool | None,
         drain_timeout: float,
         background: Sequence[IService] = (),
+        log_observer: ILogObserver | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -46,6 +49,7 @@ class GatewayService(MultiService):
         self.drain_timeout = drain_timeout
         #: Timers and watchers (e.g. the key file watcher): started after the backend, stopped last.
         self.background = list(background)
+        self.log_observer = log_observer
         self._stopping: Deferred[None] | None = None
         for child in self._in_start_order():
             child.setServiceParent(self)
@@ -55,6 +59,12 @@ class GatewayService(MultiService):
         if self.health_listener is not None:
             parts.append(self.health_listener)
         return parts
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, ``parent`` is the Application: give it our log observer (LOG_FORMAT)."""
+        if self.log_observer is not None:
+            install_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         # MultiService starts children in the order they were added: exactly ours.

@@ -9,26 +9,44 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 
 from llamaproxy import __version__
+from llamaproxy.access_log import AccessLog, resolve_access_log
 from llamaproxy.admission import Admission
-from llamaproxy.auth.access import AccessControl
+from llamaproxy.auth.access import AccessControl, TokenLimits
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
+from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.backend import Backend
+from llamaproxy.backend_metrics import BackendMetricsScraper
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
+from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthSite, HealthState
+from llamaproxy.logs import observer_for_twistd, parse_log_format
+from llamaproxy.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.service import GatewayService
+from llamaproxy.tls import (
+    CertificateWatcher,
+    ReloadingContextFactory,
+    TLSConfigError,
+    TLSSettings,
+    hsts_header,
+    tls_server_endpoint,
+)
+from llamaproxy.usage import UsageLedger, resolve_ledger_path
 
 log = Logger()
 
@@ -91,6 +109,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     config = options.config
     assert config is not None, "Options.postOptions did not run"
+    worker = config.worker_type or None
+    observer = observer_for_twistd(
+        parse_log_format(config.log_format), getattr(options, "parent", None), worker,
+        config.instance_id,
+    )
     for warning in config.warnings:
         log.warn("Configuration: {warning}", warning=warning)
 
@@ -105,32 +128,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     admission = Admission(concurrency, config.max_queue_size, config.max_queue_per_key)
     pool = forward.make_pool(reactor, concurrency + 2)
     agent = forward.make_agent(reactor, pool, config.backend_connect_timeout)
-
     backend_service = _backend_service(config, options, backend, reactor, agent)
-
-    keys = KeyStore(config.auth_keys_file)
     background: list[IService] = []
-    if config.auth_enabled:
-        # fail closed: no keys, every API request gets 401 until the file is fixed
-        with contextlib.suppress(KeyLoadError):
-            keys.load()
-        _reload_keys_on_sighup(reactor, keys)
-        background.append(KeyFileWatcher(keys, reactor, config.keys_reload_interval))
-    else:
-        log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
-    access = AccessControl(
-        keys,
-        RateLimiter(reactor, config.max_requests_per_minute),
-        auth_enabled=config.auth_enabled,
-        admin_key_ids=frozenset(config.admin_key_ids),
-    )
+    on_sighup: list[Callable[[], object]] = []
 
+    access = _access_control(config, reactor, background, on_sighup)
+    metrics = GatewayMetrics(reactor)
+    metrics.watch_backend(backend)
+    metrics.watch_admission(admission)
+    scraper = BackendMetricsScraper(backend, agent, reactor)
+    metrics.add_scraper(scraper)
+    background.append(scraper)
+    recorder = _recorder(config, reactor, metrics, access, background, on_sighup)
+
+    tls = _tls(config, reactor, background, on_sighup)
     settings = GatewaySettings(
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
         queue_timeout=config.queue_timeout,
         first_byte_timeout=config.first_byte_timeout,
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
+        metrics_auth_enabled=config.metrics_auth_enabled,
+        hsts=hsts_header(config.hsts_max_age) if config.hsts_max_age else None,
     )
     resource_holder: list[GatewayResource] = []
     health = HealthState(
@@ -138,40 +157,144 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         draining=lambda: bool(resource_holder and resource_holder[0].draining),
     )
     resource = GatewayResource(
-        backend, agent, admission, reactor, settings, access, health.document, health.ready
+        backend, agent, admission, reactor, settings, access, health.document, health.ready,
+        metrics=metrics,
     )
     resource_holder.append(resource)
-    limits = RequestLimits(
-        max_request_line=config.max_request_line_size,
-        max_header_line=config.max_header_line_size,
-        max_headers=config.max_headers,
-        max_body=config.max_request_body_size,
-        client_timeout=config.client_header_timeout,
-    )
-    cors = CorsPolicy.from_entries(config.cors_origins)
-    for warning in cors.warnings():
-        log.warn("Configuration: {warning}", warning=warning)
-    site = GatewaySite(resource, limits, cors, reactor=reactor)
-    listeners = [strports.service(endpoint, site, reactor=reactor) for endpoint in config.endpoints]
+    site = GatewaySite(resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder)
+    listeners = _gateway_listeners(config, site, reactor, tls)
+    if config.metrics_listen:
+        metrics_site = Site(MetricsResource(metrics, include_per_key=True))
+        metrics_site.log = lambda request: None  # type: ignore[method-assign]
+        listeners.append(strports.service(config.metrics_listen, metrics_site, reactor=reactor))
     health_listener = None
     if config.health_endpoint is not None:
-        from twisted.web.server import Site
-
         health_site = Site(HealthSite(health).app.resource())
         health_site.log = lambda request: None  # type: ignore[method-assign]
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
+    _on_sighup(reactor, on_sighup)
     log.info(
         "llamaproxy {version}: gateway on {endpoints}, health on {health}, backend {backend}, "
         "model {model}, {concurrency} concurrent, auth {auth}",
-        version=__version__, endpoints=", ".join(config.endpoints),
+        version=__version__,
+        endpoints=", ".join(
+            ([f"tls:{config.port}"] if tls is not None else []) + list(config.listen)
+        ) if tls is not None else ", ".join(config.endpoints),
         health=config.health_endpoint or "off", backend=config.backend_base_url,
         model=config.model_alias, concurrency=concurrency,
         auth="on" if config.auth_enabled else "off",
     )
     return GatewayService(
         reactor, backend_service, listeners, health_listener, resource, pool, config.drain_timeout,
-        background=background,
+        background=background, log_observer=observer,
     )
+
+
+def _access_control(
+    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]]
+) -> AccessControl:
+    keys = KeyStore(config.auth_keys_file)
+    if config.auth_enabled:
+        # fail closed: no keys, every API request gets 401 until the file is fixed
+        with contextlib.suppress(KeyLoadError):
+            keys.load()
+        on_sighup.append(lambda: _reload_keys(keys))
+        background.append(KeyFileWatcher(keys, reactor, config.keys_reload_interval))
+    else:
+        log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
+    token_limits = None
+    if config.tokens_per_minute or config.key_tokens_per_minute:
+        token_limits = TokenLimits(
+            TokenRateLimiter(reactor), config.tokens_per_minute, dict(config.key_tokens_per_minute)
+        )
+    return AccessControl(
+        keys,
+        RateLimiter(reactor, config.max_requests_per_minute),
+        auth_enabled=config.auth_enabled,
+        admin_key_ids=frozenset(config.admin_key_ids),
+        token_limits=token_limits,
+    )
+
+
+def _reload_keys(keys: KeyStore) -> None:
+    with contextlib.suppress(KeyLoadError):
+        keys.load("SIGHUP")
+
+
+def _recorder(
+    config: Config,
+    reactor: Any,
+    metrics: GatewayMetrics,
+    access: AccessControl,
+    background: list[IService],
+    on_sighup: list[Callable[[], object]],
+) -> RequestRecorder:
+    access_log = None
+    path = resolve_access_log(config.access_log, config.data_dir)
+    if path is not None:
+        access_log = AccessLog(
+            path, parse_log_format(config.access_log_format), reactor, config.instance_id,
+            config.worker_type or None,
+        )
+        on_sighup.append(access_log.reopen)
+        reactor.addSystemEventTrigger("after", "shutdown", access_log.close)
+    ledger = None
+    ledger_path = resolve_ledger_path(config.usage_ledger, config.data_dir)
+    if ledger_path is not None:
+        ledger = UsageLedger(ledger_path, reactor, reactor)
+        background.append(ledger)
+    return RequestRecorder(reactor, access_log, metrics, ledger, access.token_limits)
+
+
+def _tls(
+    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]]
+) -> ReloadingContextFactory | None:
+    if not config.tls_cert_file or not config.tls_key_file:
+        return None
+    settings = TLSSettings(
+        config.tls_cert_file, config.tls_key_file, config.tls_chain_file, config.tls_min_version
+    )
+    try:
+        factory = ReloadingContextFactory(settings, reactor)
+    except TLSConfigError as e:
+        raise usage.UsageError(str(e)) from None
+    background.append(CertificateWatcher(factory, reactor))
+    on_sighup.append(lambda: factory.reload("SIGHUP"))
+    return factory
+
+
+def _limits(config: Config) -> RequestLimits:
+    return RequestLimits(
+        max_request_line=config.max_request_line_size,
+        max_header_line=config.max_header_line_size,
+        max_headers=config.max_headers,
+        max_body=config.max_request_body_size,
+        client_timeout=config.client_header_timeout,
+    )
+
+
+def _cors(config: Config) -> CorsPolicy:
+    cors = CorsPolicy.from_entries(config.cors_origins)
+    for warning in cors.warnings():
+        log.warn("Configuration: {warning}", warning=warning)
+    return cors
+
+
+def _gateway_listeners(
+    config: Config, site: GatewaySite, reactor: Any, tls: ReloadingContextFactory | None
+) -> list[IService]:
+    """--listen endpoints; PORT over TLS beside them when a certificate is configured."""
+    listeners: list[IService] = []
+    if tls is not None:
+        endpoint = tls_server_endpoint(reactor, config.port, config.host or "0.0.0.0", tls)
+        listener = StreamServerEndpointService(endpoint, site)
+        listener._raiseSynchronously = True  # a bind failure is a startup error, as strports
+        listeners.append(listener)
+        specs: tuple[str, ...] = config.listen
+    else:
+        specs = config.endpoints
+    listeners.extend(strports.service(spec, site, reactor=reactor) for spec in specs)
+    return listeners
 
 
 def _backend_service(
@@ -206,13 +329,19 @@ def _backend_service(
     )
 
 
-def _reload_keys_on_sighup(reactor: Any, keys: KeyStore) -> None:
-    def reload() -> None:
-        with contextlib.suppress(KeyLoadError):
-            keys.load("SIGHUP")
+def _on_sighup(reactor: Any, actions: list[Callable[[], object]]) -> None:
+    """SIGHUP re-reads the key file, reopens the access log and reloads the TLS certificate."""
+    if not actions or not hasattr(signal, "SIGHUP"):
+        return
 
-    def on_sighup(signum: int, frame: object) -> None:
+    def reload() -> None:
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                log.failure("Error while handling SIGHUP")
+
+    def handler(signum: int, frame: object) -> None:
         reactor.callFromThread(reload)
 
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, on_sighup)
+    signal.signal(signal.SIGHUP, handler)

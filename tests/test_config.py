@@ -106,11 +106,24 @@ class ConfigTests(SynchronousTestCase):
         self.assertTrue(any("BACKEND_PORT" in w for w in config.warnings))
         self.assertEqual(self.load({"BACKEND_PORT": "9999", "PORT_BACKEND": "7"}).backend_port, 7)
 
-    def test_not_yet_supported_variables_warn(self) -> None:
-        config = self.load({"METRICS_AUTH_ENABLED": "true"})
-        self.assertTrue(
-            any(w.startswith("METRICS_AUTH_ENABLED is not supported") for w in config.warnings)
-        )
+    def test_older_variables_we_do_not_use_warn(self) -> None:
+        config = self.load({"MOCK_BACKEND": "true"})
+        self.assertTrue(any(w.startswith("MOCK_BACKEND is not used") and "BACKEND_URL" in w
+                            for w in config.warnings))
+
+    def test_tls_files_come_in_pairs(self) -> None:
+        with self.assertRaises(ConfigError):
+            self.load({"TLS_CERT_FILE": "/c.pem"})
+        config = self.load({"TLS_CERT_FILE": "/c.pem", "TLS_KEY_FILE": "/k.pem"})
+        self.assertEqual(config.tls_min_version, "1.2")
+
+    def test_log_and_token_settings(self) -> None:
+        config = self.load({"LOG_FORMAT": "JSON", "KEY_TOKENS_PER_MINUTE": "alice=5, bob=0"})
+        self.assertEqual((config.log_format, config.access_log_format), ("json", "json"))
+        self.assertEqual(config.key_tokens_per_minute, (("alice", 5), ("bob", 0)))
+        with self.assertRaises(ConfigError) as raised:
+            self.load({"KEY_TOKENS_PER_MINUTE": "alice"})
+        self.assertIn("KEY_TOKENS_PER_MINUTE", str(raised.exception))
 
     def test_extra_args_warn_and_split(self) -> None:
         config = self.load({"EXTRA_ARGS": "--embeddings --pooling 'mean'"})

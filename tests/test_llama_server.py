@@ -169,6 +169,7 @@ class BuildArgsTests(SynchronousTestCase):
                 "-ngl", "99",
                 "--api-key-file", "/dev/shm/llama-keys/backend-test.key",
                 "--alias", "tiny",
+                "--metrics",
             ],
         )  # fmt: skip
 
@@ -179,9 +180,9 @@ class BuildArgsTests(SynchronousTestCase):
         self.assertLess(args.index("-t"), args.index("--api-key-file"))
 
     def test_extra_args_last(self) -> None:
-        args = build_args(make_config(extra_args=("--metrics", "--host", "0.0.0.0")), "/k")
-        self.assertEqual(args[-3:], ["--metrics", "--host", "0.0.0.0"])
-        self.assertEqual(args[-5:-3], ["--alias", "tiny"])
+        args = build_args(make_config(extra_args=("--no-webui", "--host", "0.0.0.0")), "/k")
+        self.assertEqual(args[-3:], ["--no-webui", "--host", "0.0.0.0"])
+        self.assertEqual(args[-6:-3], ["--alias", "tiny", "--metrics"])
 
     def test_no_key_on_command_line(self) -> None:
         args = build_args(make_config(), "/k")

@@ -63,7 +63,9 @@ class MakeServiceTests(SynchronousTestCase):
         keys = self.mktemp()
         Path(keys).write_text("a:sk-aaaaaaaaaaaaaaaa\n")
         self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_KEYS_FILE": keys,
-                                   "PORT": "8123", "PORT_HEALTH": "8124", "HOST": "127.0.0.1"})
+                                   "PORT": "8123", "PORT_HEALTH": "8124", "HOST": "127.0.0.1",
+                                   "METRICS_LISTEN": "tcp:8125", "USAGE_LEDGER": "off",
+                                   "ACCESS_LOG": self.mktemp()})
         options = Options()
         options.parseOptions([])
         reactor = MemoryReactorClock()
@@ -71,7 +73,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, GatewayService)
         service.startService()
         ports = sorted(port for port, *_ in reactor.tcpServers)
-        self.assertEqual(ports, [8123, 8124])
+        self.assertEqual(ports, [8123, 8124, 8125])
         # the external backend is probed at once
         self.assertTrue(reactor.tcpClients)
         self.successResultOf(service.stopService())

@@ -9,22 +9,25 @@ response must show.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from llamaproxy.auth.keys import AUTH_DISABLED, authenticate, presented_key
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
+from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 
 
 @dataclass(frozen=True)
 class Access:
-    """A request that may go on: its key id and the headers its response carries."""
+    """The decision for one request: its key id (when known), response headers, any refusal."""
 
-    key_id: str
+    key_id: str | None
     headers: tuple[tuple[str, str], ...] = ()
+    #: Set when the request is refused (401, 403, 429).
+    error: GatewayError | None = None
 
 
 def _now() -> datetime:
@@ -41,17 +44,19 @@ class AccessControl:
         auth_enabled: bool = True,
         admin_key_ids: frozenset[str] = frozenset(),
         now: Callable[[], datetime] = _now,
+        token_limits: TokenLimits | None = None,
     ) -> None:
         self.store = store
         self.limiter = limiter
         self.auth_enabled = auth_enabled
         self.admin_key_ids = admin_key_ids
         self.now = now
+        self.token_limits = token_limits
 
     def check(
         self, authorization: bytes | None, x_api_key: bytes | None, admin: bool = False
-    ) -> Access | GatewayError:
-        """The caller's Access, or the 401/403/429 to answer with."""
+    ) -> Access:
+        """Who the caller is and whether they may go on (``Access.error`` when not)."""
         if not self.auth_enabled:
             # No keys, no identities: every caller is "auth-disabled" and nothing is limited.
             return Access(AUTH_DISABLED)
@@ -59,12 +64,44 @@ class AccessControl:
             self.store.keys, presented_key(authorization, x_api_key), self.now()
         )
         if isinstance(result, GatewayError):
-            return result
-        if admin and result.key_id not in self.admin_key_ids:
-            return errors.forbidden(f"Key '{result.key_id}' is not allowed to do this")
-        if self.limiter is None:
-            return Access(result.key_id)
-        decision = self.limiter.check(result.key_id, result.rate_limit)
-        if not decision.allowed:
-            return errors.rate_limited(decision.headers())
-        return Access(result.key_id, decision.headers())
+            return Access(None, error=result)
+        key_id = result.key_id
+        if admin and key_id not in self.admin_key_ids:
+            refusal = errors.forbidden(f"Key '{key_id}' is not allowed to do this")
+            return Access(key_id, error=refusal)
+        headers: tuple[tuple[str, str], ...] = ()
+        if self.limiter is not None:
+            decision = self.limiter.check(key_id, result.rate_limit)
+            if not decision.allowed:
+                return Access(key_id, error=errors.rate_limited(decision.headers()))
+            headers = decision.headers()
+        if self.token_limits is not None:
+            retry_after = self.token_limits.retry_after(key_id)
+            if retry_after is not None:
+                return Access(key_id, error=errors.token_rate_limited(retry_after))
+        return Access(key_id, headers)
+
+
+@dataclass
+class TokenLimits:
+    """Optional tokens-per-minute limits per key: a default and per-key overrides (0 = none)."""
+
+    limiter: TokenRateLimiter
+    default: int = 0
+    per_key: dict[str, int] = field(default_factory=dict)
+
+    def limit_for(self, key_id: str) -> int:
+        """The key's tokens-per-minute limit (0: unlimited)."""
+        return self.per_key.get(key_id, self.default)
+
+    def retry_after(self, key_id: str) -> int | None:
+        """Seconds until the key may send again, or None when it is within its limit."""
+        limit = self.limit_for(key_id)
+        if limit <= 0:
+            return None
+        return self.limiter.check(key_id, limit)
+
+    def spend(self, key_id: str, tokens: int) -> None:
+        """Count tokens a finished request used."""
+        if tokens > 0 and self.limit_for(key_id) > 0:
+            self.limiter.spend(key_id, tokens)

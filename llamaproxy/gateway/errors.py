@@ -55,6 +55,17 @@ def rate_limited(headers: tuple[tuple[str, str], ...]) -> GatewayError:
     )
 
 
+def token_rate_limited(retry_after: int) -> GatewayError:
+    """429 when a key used up its tokens-per-minute limit."""
+    return GatewayError(
+        429,
+        "Token rate limit exceeded. Please slow down your requests.",
+        "rate_limit_error",
+        "token_rate_limit_exceeded",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
 def reload_failed(reason: str) -> GatewayError:
     """500 when POST /reload could not read the key file (the previous keys stay in force)."""
     return GatewayError(

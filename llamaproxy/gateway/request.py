@@ -19,6 +19,7 @@ from twisted.web import server
 from twisted.web.http import RESPONSES
 
 from llamaproxy import __version__
+from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 
@@ -50,10 +51,24 @@ class GatewayRequest(server.Request):
     _body_seen = 0
     _site: Any = None
 
+    #: The X-Request-ID of this request (the client's when valid, else a new one).
+    request_id: str = "-"
+    #: The proxied exchange serving this request, when it reached one (for the access log).
+    exchange: Any = None
+    #: The gateway error this request was answered with, if any.
+    error: GatewayError | None = None
+    #: When the response's first byte was written (clock seconds), for time-to-first-byte.
+    first_byte_at: float | None = None
+    _recorded = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Never let twisted.web invent a text/html content type for a response.
         self.defaultContentType = None
+        site = getattr(self.channel, "site", None)
+        self._clock = getattr(site, "reactor", None)
+        #: When the request line arrived (clock seconds).
+        self.started_at: float = self._clock.seconds() if self._clock is not None else 0.0
 
     # -- decisions when the headers are complete ---------------------------------------------
 
@@ -65,6 +80,9 @@ class GatewayRequest(server.Request):
         self.method = self.channel._command
         self.uri = self.channel._path
         self.path = self.uri.split(b"?", 1)[0]
+        given = self.requestHeaders.getRawHeaders(REQUEST_ID_HEADER, [None])[-1]
+        self.request_id = request_id_from(given)
+        self.setHeader(REQUEST_ID_HEADER, self.request_id.encode("ascii"))
         limit: int = site.max_request_body_size
         self._body_limit = limit
         error: GatewayError | None = None
@@ -110,8 +128,12 @@ class GatewayRequest(server.Request):
         transport = self.channel.transport
         if transport is None:  # the client is already gone: nobody to answer
             return
-        transport.write(raw_response(error, self.cors_headers()))
+        extra = [*self.cors_headers(), (REQUEST_ID_HEADER, self.request_id.encode("ascii"))]
+        transport.write(raw_response(error, extra))
         self.channel.loseConnection()
+        self.error = error
+        self.setResponseCode(error.status)
+        self._record()
 
     def process(self) -> None:
         """Serve the request unless it was already answered before its body."""
@@ -147,6 +169,7 @@ class GatewayRequest(server.Request):
 
     def render_error(self, error: GatewayError) -> bytes:
         """Set status and headers for ``error`` and return its body (for ``render``)."""
+        self.error = error
         self.setResponseCode(error.status)
         self.setHeader(b"Content-Type", b"application/json")
         for name, value in (*_HYGIENE_HEADERS, *error.headers):
@@ -173,6 +196,34 @@ class GatewayRequest(server.Request):
         if self.channel is not None and self.channel.transport is not None:
             # TCP, UNIX and TLS transports all have abortConnection; ITransport does not declare it.
             cast(Any, self.channel.transport).abortConnection()
+
+    # -- the end of a request --------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.first_byte_at is None and self._clock is not None:
+            self.first_byte_at = self._clock.seconds()
+            timer = getattr(self.exchange, "timer", None)
+            if timer is not None:
+                timer.first_byte_sent()
+        super().write(data)
+
+    def finish(self) -> None:
+        super().finish()
+        self._record()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._record()
+
+    def _record(self) -> None:
+        """Tell the site's recorder (access log, metrics, ledger) about this request, once."""
+        if self._recorded:
+            return
+        self._recorded = True
+        site = self._site if self._site is not None else getattr(self.channel, "site", None)
+        recorder = getattr(site, "recorder", None)
+        if recorder is not None:
+            recorder.request_done(self)
 
     @property
     def gone(self) -> bool:

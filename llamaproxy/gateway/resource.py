@@ -33,6 +33,7 @@ from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
 from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
+from llamaproxy.metrics import GatewayMetrics, RequestTimer, route_label
 from llamaproxy.probe import read_body_bounded
 
 log = Logger()
@@ -67,7 +68,8 @@ _MODEL_LIST_LIMIT = 1 << 20
 class Route:
     """Where a request goes: a public route, or a proxied path."""
 
-    kind: str  # "public", "admin", "api" (proxied), "model" (/v1/models/{id}), "preflight"
+    # "public", "metrics", "admin", "api" (proxied), "model" (/v1/models/{id}), "preflight"
+    kind: str
     path: bytes
 
 
@@ -77,6 +79,8 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
         return Route("preflight", path)
     if path in PUBLIC_ROUTES:
         return Route("public", path)
+    if path == b"/metrics":
+        return Route("metrics", path)
     if path in ADMIN_ROUTES:
         if method not in ADMIN_ROUTES[path]:
             return errors.method_not_allowed(method.decode("latin-1")[:20], ("POST",))
@@ -107,6 +111,9 @@ class GatewaySettings:
     stream_idle_timeout: float = 120.0
     queue_timeout: float = 60.0
     first_byte_timeout: float = 300.0
+    metrics_auth_enabled: bool = False
+    #: Strict-Transport-Security value for HTTPS responses (None: not sent).
+    hsts: str | None = None
     extra_paths: frozenset[bytes] = frozenset()
 
 
@@ -124,7 +131,21 @@ class _Exchange:
     body: bytes = b""
     #: Token usage seen in the response (chat, completions, embeddings).
     usage: UsageCollector | None = None
+    #: Set when the gateway cut the exchange (drain timeout) before it was answered.
+    aborted: bool = False
+    #: The metrics timer of this request (when metrics are on).
+    timer: RequestTimer | None = None
     task: Deferred[None] | None = field(default=None, repr=False)
+
+    def outcome(self) -> str:
+        """How the exchange ended, in a word (for logs and metrics)."""
+        if self.relay is not None:
+            return self.relay.outcome or "unfinished"
+        if self.timed_out:
+            return "timeout"
+        if self.aborted:
+            return "shutdown"
+        return "client_gone" if self.request.gone and not self.request.finished else "answered"
 
 
 class GatewayResource(Resource):
@@ -142,8 +163,10 @@ class GatewayResource(Resource):
         access: AccessControl,
         health_document: Callable[[], dict[str, object]],
         ready: Callable[[], bool],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         super().__init__()
+        self.metrics = metrics
         self.backend = backend
         self.agent = agent
         self.admission = admission
@@ -163,7 +186,9 @@ class GatewayResource(Resource):
         route = resolve(request.method, request.path, self.settings.extra_paths)
         if isinstance(route, GatewayError):
             return route
-        if route.kind not in ("api", "model", "admin"):
+        if route.kind == "metrics" and not self.settings.metrics_auth_enabled:
+            return None
+        if route.kind not in ("api", "model", "admin", "metrics"):
             return None
         headers = request.requestHeaders
         result = self.access.check(
@@ -171,9 +196,11 @@ class GatewayResource(Resource):
             headers.getRawHeaders(b"x-api-key", [None])[-1],
             admin=route.kind == "admin",
         )
-        if isinstance(result, GatewayError):
-            return result
         request.key_id = result.key_id
+        if result.error is not None:
+            return result.error
+        if self.metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
+            self.metrics.authenticated(result.key_id)  # type: ignore[arg-type]
         for name, value in result.headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return None
@@ -183,6 +210,8 @@ class GatewayResource(Resource):
     def render(self, request: GatewayRequest) -> bytes | int:
         request.setHeader(b"Server", SERVER_NAME)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        if self.settings.hsts is not None and request.isSecure():
+            request.setHeader(b"Strict-Transport-Security", self.settings.hsts.encode())
         request.apply_cors()
         if request.early_error is not None:
             return request.render_error(request.early_error)
@@ -196,6 +225,8 @@ class GatewayResource(Resource):
             return self._render_public(request, route.path)
         if route.kind == "admin":
             return self._reload_keys(request)
+        if route.kind == "metrics":
+            return self._render_metrics(request)
         # "api" and "model" routes: both go through admission and the backend.
         if self.draining:
             return request.render_error(errors.backend_unavailable("stopping", 5))
@@ -206,6 +237,10 @@ class GatewayResource(Resource):
         if invalid is not None:
             return request.render_error(invalid)
         exchange = _Exchange(request, self.clock.seconds(), body=_body_of(request))
+        request.exchange = exchange
+        if self.metrics is not None:
+            key_id = request.key_id if request.key_id != AUTH_DISABLED else None
+            exchange.timer = self.metrics.request_started(route_label(request.path), key_id)
         task = Deferred.fromCoroutine(self._proxy(exchange))
         exchange.task = task
         self.in_flight.add(exchange)
@@ -232,6 +267,19 @@ class GatewayResource(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps({"ready": ready, "backend": self.backend.state.value}).encode() + b"\n"
 
+    def _render_metrics(self, request: GatewayRequest) -> bytes:
+        """/metrics: the older gateway's JSON, or Prometheus/OpenMetrics text for scrapers."""
+        if self.metrics is None:
+            return request.render_error(errors.not_found("/metrics"))
+        accept = request.getHeader(b"accept")
+        body, content_type = self.metrics.render(
+            accept.decode("latin-1") if accept is not None else None,
+            include_per_key=self.settings.metrics_auth_enabled,
+        )
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
     def _reload_keys(self, request: GatewayRequest) -> bytes:
         """POST /reload: re-read the key file now (admin keys only)."""
         try:
@@ -248,6 +296,9 @@ class GatewayResource(Resource):
         request = exchange.request
         # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
         wait_until = exchange.started + self.settings.queue_timeout
+        timer = exchange.timer
+        if not self.backend.ready and timer is not None:
+            timer.queued()
         if not await self._backend_ready(request, wait_until):
             return
         if not (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")):
@@ -257,12 +308,16 @@ class GatewayResource(Resource):
             except QueueFullError:
                 request.send_error(errors.queue_full())
                 return
+            if not waiting.called and timer is not None:
+                timer.queued()
             try:
                 # Released in _exchange_done, however the exchange ends.
                 exchange.slot = await self._within(waiting, wait_until)
             except defer.TimeoutError:
                 request.send_error(errors.queue_timeout(self._retry_after()))
                 return
+        if timer is not None:
+            timer.admitted()
         await self._forward(exchange, wait_until)
 
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
@@ -316,12 +371,16 @@ class GatewayResource(Resource):
                 exchange.deadline = self.clock.callLater(
                     self.settings.request_timeout, self._deadline_passed, exchange
                 )
+            if exchange.timer is not None:
+                exchange.timer.backend_sent()
             sending = Deferred.fromCoroutine(forward.send(
                 self.agent, self.backend, method, target, request.requestHeaders, body
             ))
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
                 response = await sending
+                if exchange.timer is not None:
+                    exchange.timer.backend_headers(response.code)
                 break
             except CancelledError:
                 raise
@@ -446,6 +505,8 @@ class GatewayResource(Resource):
         if failure.check(CancelledError):
             if exchange.timed_out:
                 request.send_error(errors.gateway_timeout())
+            elif exchange.aborted:
+                request.send_error(errors.backend_unavailable("stopping", 5))
             return None
         log.failure("Unexpected error while proxying", failure)
         request.send_error(errors.internal_error())
@@ -469,24 +530,17 @@ class GatewayResource(Resource):
 
     def _log_exchange(self, exchange: _Exchange) -> None:
         request, relay = exchange.request, exchange.relay
-        if relay is not None:
-            outcome = relay.outcome or "unfinished"
-        else:
-            if exchange.timed_out:
-                outcome = "timeout"
-            elif request.gone and not request.finished:
-                outcome = "client_gone"
-            else:
-                outcome = "answered"
         log.info(
-            "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id}",
+            "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id} "
+            "id={request_id}",
             method=request.method.decode("latin-1"),
             path=request.path.decode("latin-1")[:200],
-            status=request.code,
-            outcome=outcome,
+            status=request.code if request.startedWriting or request.finished else 499,
+            outcome=exchange.outcome(),
             bytes=relay.bytes_sent if relay is not None else 0,
             duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 1),
             key_id=request.key_id,
+            request_id=request.request_id,
         )
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -506,6 +560,7 @@ class GatewayResource(Resource):
             if exchange.relay is not None:
                 exchange.relay.abort("shutdown")
             elif exchange.task is not None:
+                exchange.aborted = True
                 exchange.task.cancel()
 
 

@@ -23,6 +23,7 @@ from twisted.web import http, server
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, raw_response
 from llamaproxy.gateway.resource import GatewayResource
 
@@ -147,6 +148,9 @@ class GatewayChannel(http.HTTPChannel):
         )
         # The Origin is not known yet (or not trusted): CORS headers only in wildcard mode.
         self.transport.write(raw_response(error, self.cors.response_headers(None)))
+        recorder = getattr(getattr(self, "site", None), "recorder", None)
+        if recorder is not None:
+            recorder.refused(error)
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
         self.loseConnection()
@@ -167,10 +171,12 @@ class GatewaySite(server.Site):
         limits: RequestLimits | None = None,
         cors: CorsPolicy | None = None,
         reactor: Any = None,
+        recorder: RequestRecorder | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.limits = limits or RequestLimits()
         self.cors = cors or CorsPolicy()
+        self.recorder = recorder
         self.early_check: EarlyCheck = resource.early_check
 
     @property

@@ -78,7 +78,8 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(resolve(b"POST", b"/tokenize", extra).kind, "api")  # type: ignore[union-attr]
         self.assertEqual(resolve(b"GET", b"/ping", extra).kind, "public")  # type: ignore[union-attr]
         self.assertEqual(resolve(b"OPTIONS", b"/anything", extra).kind, "preflight")  # type: ignore[union-attr]
-        for path in (b"/slots", b"/props", b"/metrics", b"/v1/../slots", b"/detokenize",
+        self.assertEqual(resolve(b"GET", b"/metrics", extra).kind, "metrics")  # type: ignore[union-attr]
+        for path in (b"/slots", b"/props", b"/v1/../slots", b"/detokenize",
                      b"/v1/models/", b"/v1/chat/completions/", b"//v1/models"):
             self.assertEqual(resolve(b"GET", path, extra).status, 404, path)  # type: ignore[union-attr]
         wrong = resolve(b"GET", b"/v1/chat/completions", extra)

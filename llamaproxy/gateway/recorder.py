@@ -1,0 +1,110 @@
+"""What happens when a request ends: its access-log line, its metrics, its tokens in the ledger.
+
+``GatewayRequest`` calls ``RequestRecorder.request_done`` exactly once per request, however it
+ended (answered, refused before its body, cut by a timeout, abandoned by its client), so every
+status the gateway produced, 401, 429 and 503 included, is logged and counted with its real value.
+Requests refused before they were even complete (a 414, a 431, a 408) have no Request object:
+the channel reports them with ``refused``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from llamaproxy.access_log import AccessEntry, AccessLog
+from llamaproxy.auth.access import TokenLimits
+from llamaproxy.auth.keys import AUTH_DISABLED
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.metrics import GatewayMetrics, rejection_reason
+from llamaproxy.usage import UsageLedger
+
+#: Status recorded for a request whose client left before any response byte (nginx's 499).
+CLIENT_CLOSED = 499
+
+
+class RequestRecorder:
+    """Fans one finished request out to the access log, the metrics and the usage ledger."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        access_log: AccessLog | None = None,
+        metrics: GatewayMetrics | None = None,
+        ledger: UsageLedger | None = None,
+        token_limits: TokenLimits | None = None,
+    ) -> None:
+        self.clock = clock
+        self.access_log = access_log
+        self.metrics = metrics
+        self.ledger = ledger
+        self.token_limits = token_limits
+
+    def request_done(self, request: GatewayRequest) -> None:
+        """Record one request that ended, whichever way."""
+        now = self.clock.seconds()
+        exchange = request.exchange
+        status = request.code
+        outcome = "answered"
+        if exchange is not None:
+            outcome = exchange.outcome()
+        client_left = request.gone and not request.finished
+        if client_left and not request.startedWriting and request.error is None:
+            status, outcome = CLIENT_CLOSED, "client_gone"  # left before anything was sent
+        usage = exchange.usage if exchange is not None else None
+        prompt = usage.prompt_tokens if usage is not None else None
+        completion = usage.completion_tokens if usage is not None else None
+        model = (usage.model if usage is not None else None) or _requested_model(request)
+        key_id = request.key_id
+        if self.access_log is not None:
+            self.access_log.record(AccessEntry(
+                ts=request.started_at,
+                request_id=request.request_id,
+                key_id=key_id,
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                status=status,
+                duration_ms=(now - request.started_at) * 1000,
+                ttfb_ms=None if request.first_byte_at is None
+                else (request.first_byte_at - request.started_at) * 1000,
+                bytes=request.sentLength,
+                model=model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                outcome=outcome,
+            ))
+        if self.metrics is not None:
+            timer = exchange.timer if exchange is not None else None
+            if timer is not None:
+                if request.error is not None:
+                    timer.rejected(rejection_reason(request.error) or "other")
+                if prompt is not None or completion is not None:
+                    timer.tokens(model, prompt or 0, completion or 0)
+                bytes_sent = exchange.relay.bytes_sent if exchange.relay is not None else 0
+                timer.finished(status, model, bytes_sent, outcome)
+            elif request.error is not None:
+                reason = rejection_reason(request.error) or "other"
+                self.metrics.rejected(reason, key_id if key_id != AUTH_DISABLED else None)
+        if key_id is not None and (prompt or completion):
+            if self.ledger is not None:
+                self.ledger.record(key_id, model, prompt, completion)
+            if self.token_limits is not None:
+                self.token_limits.spend(key_id, (prompt or 0) + (completion or 0))
+
+    def refused(self, error: GatewayError) -> None:
+        """A request refused before it was complete (no Request exists): 408, 414, 431, 400."""
+        now = self.clock.seconds()
+        if self.access_log is not None:
+            self.access_log.record(AccessEntry(
+                ts=now, request_id="-", key_id=None, method="-", path="-", status=error.status,
+                duration_ms=0.0, outcome="rejected",
+            ))
+        if self.metrics is not None:
+            self.metrics.rejected(rejection_reason(error) or "other")
+
+
+def _requested_model(request: GatewayRequest) -> str | None:
+    body = request.json_body
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        return str(body["model"])[:200]
+    return None
