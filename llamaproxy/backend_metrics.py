@@ -100,16 +100,25 @@ class BackendMetricsScraper(Service):
         self._in_flight: Deferred[None] | None = None
 
     def startService(self) -> None:
-        """Scrape now, then every ``interval`` seconds."""
+        """Scrape now, then every ``interval`` seconds, and whenever the backend becomes ready."""
         Service.startService(self)
         loop = self._loop = LoopingCall(self.scrape_once)
         loop.clock = self._clock
         loop.start(self.interval, now=True).addErrback(
             lambda f: log.failure("Backend metrics loop stopped", f))
+        if self._on_state not in self.backend.listeners:
+            self.backend.listeners.append(self._on_state)
+
+    def _on_state(self, backend: Backend) -> None:
+        # A (re)started backend has fresh counters: fetch them now, not up to `interval` later.
+        if backend.ready and self.running:
+            self.scrape_once()
 
     def stopService(self) -> Deferred[None]:
         """Stop the loop and cancel a scrape in flight."""
         Service.stopService(self)
+        if self._on_state in self.backend.listeners:
+            self.backend.listeners.remove(self._on_state)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

@@ -368,17 +368,25 @@ class RequestTimer:
             self._series.backend_latency.observe(now - self._sent_at)
         self._series.backend_counter(status).inc()
 
-    def first_byte_sent(self) -> None:
-        """The response starts going out to the client (its first ``request.write``)."""
+    def first_byte_sent(self) -> float | None:
+        """The response starts going out to the client (its first ``request.write``).
+
+        Returns the gateway's overhead in seconds (what the overhead histogram observed; the
+        gateway also sends it as ``X-Gateway-Overhead-Ms``), or None when the request never
+        reached a backend.
+        """
         if self._done or self._first_byte_at is not None:
-            return
+            return None
         now = self._first_byte_at = self._metrics._clock.seconds()
         series = self._series
         series.first_byte.observe(now - self._started)
-        if self._sent_first_at is not None and self._headers_at is not None:
-            before = self._sent_first_at - self._started - self._wait
-            after = now - self._headers_at
-            series.overhead.observe(max(0.0, before) + max(0.0, after))
+        if self._sent_first_at is None or self._headers_at is None:
+            return None
+        before = self._sent_first_at - self._started - self._wait
+        after = now - self._headers_at
+        overhead = max(0.0, before) + max(0.0, after)
+        series.overhead.observe(overhead)
+        return overhead
 
     def rejected(self, reason: str) -> None:
         """The gateway refused this request (see ``REJECTION_REASONS``)."""
@@ -462,6 +470,7 @@ class GatewayMetrics:
         self._key_rejections: dict[tuple[str, str], int] = {}
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
+        self._certificate_expiry: Callable[[], float] | None = None
         self._scrapers: list[BackendMetricsScraper] = []
 
         reg = self.registry
@@ -690,8 +699,17 @@ class GatewayMetrics:
             "gateway_uptime_seconds", "Whole seconds since the gateway started.",
             value=doc["uptime_seconds"])
 
+    def watch_certificate(self, seconds_until_expiry: Callable[[], float]) -> None:
+        """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""
+        self._certificate_expiry = seconds_until_expiry
+
     def _live_families(self) -> Iterator[Metric]:
-        """Admission and backend state, read from the live objects."""
+        """Admission, backend and certificate state, read from the live objects."""
+        if self._certificate_expiry is not None:
+            yield GaugeMetricFamily(
+                "llamaproxy_tls_certificate_expiry_seconds",
+                "Seconds until the served TLS certificate's notAfter (negative once expired).",
+                value=self._certificate_expiry())
         admission = self._admission
         if admission is not None:
             for name, help_text, value in (

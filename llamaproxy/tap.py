@@ -142,6 +142,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     recorder = _recorder(config, reactor, metrics, access, background, on_sighup)
 
     tls = _tls(config, reactor, background, on_sighup)
+    if tls is not None:
+        metrics.watch_certificate(tls.seconds_until_expiry)
     settings = GatewaySettings(
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,

@@ -560,8 +560,7 @@ class ScraperTests(SynchronousTestCase):
         self.scraper.startService()
         self.h.clock.advance(30)
         self.assertEqual(self.agent.requests, [])
-        self.backend.set_state(BackendState.READY)
-        self.h.clock.advance(15)
+        self.backend.set_state(BackendState.READY)  # becoming ready triggers a scrape at once
         self.assertEqual(len(self.agent.requests), 1)
         self.agent.requests[0].respond(501, b"start it with --metrics")
         self.assertIn("--metrics", self.scraper.last_error or "")
@@ -587,3 +586,13 @@ class ScraperTests(SynchronousTestCase):
             '# TYPE llamacpp:x gauge\nllamacpp:x{slot="0"} 1\n', "m")
         self.assertEqual([(s.name, s.labels) for s in families[0].samples],
                          [("llamacpp:x", {"slot": "0", "model": "m"})])
+
+
+class CertificateGaugeTests(SynchronousTestCase):
+    def test_expiry_gauge(self) -> None:
+        from twisted.internet.task import Clock
+
+        metrics = GatewayMetrics(Clock())
+        metrics.watch_certificate(lambda: 86400.0 * 3)
+        body, _ = metrics.render("text/plain", include_per_key=False)
+        self.assertIn(b"llamaproxy_tls_certificate_expiry_seconds 259200.0", body)

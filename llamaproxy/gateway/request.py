@@ -204,7 +204,9 @@ class GatewayRequest(server.Request):
             self.first_byte_at = self._clock.seconds()
             timer = getattr(self.exchange, "timer", None)
             if timer is not None:
-                timer.first_byte_sent()
+                overhead = timer.first_byte_sent()
+                if overhead is not None and not self.startedWriting:
+                    self.setHeader(b"X-Gateway-Overhead-Ms", b"%.2f" % (overhead * 1000))
         super().write(data)
 
     def finish(self) -> None:

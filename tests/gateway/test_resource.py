@@ -346,6 +346,18 @@ class ProxyTests(SynchronousTestCase):
             self.assertEqual(usage_event in response.body, asked)
             self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
 
+    def test_overhead_header_and_metrics(self) -> None:
+        from llamaproxy.metrics import GatewayMetrics
+
+        self.gw.resource.metrics = GatewayMetrics(self.gw.clock)
+        client = self.gw.chat()
+        self.gw.clock.advance(0.002)  # the backend's time, not the gateway's
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hi"))
+        self.assertEqual(client.response().header("x-gateway-overhead-ms"), "0.00")
+        self.assertIsNotNone(client.response().header("x-request-id"))
+
     def test_backpressure_pauses_the_backend(self) -> None:
         client = self.gw.chat()
         backend = StreamingResponse()
