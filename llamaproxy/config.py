@@ -150,6 +150,10 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    Setting("backends_file", "config", ("LLAMAPROXY_CONFIG",), None, _text,
+            "TOML file declaring several backends (local children and remote upstreams), their "
+            "models, strategies, failover and breakers; see docs/routing.md. Without it: one "
+            "backend from MODEL_PATH or BACKEND_URL."),
     Setting("listen", "listen", ("LISTEN",), None, _words,
             "Gateway endpoint string, e.g. tcp:8000, ssl:8443:privateKey=k.pem:certKey=c.pem, "
             "unix:/run/llamaproxy.sock. Repeatable (the env var takes a comma/space separated "
@@ -317,6 +321,7 @@ IGNORED_OLDER_VARIABLES = {
 class Config:
     """The validated configuration of one llamaproxy process."""
 
+    backends_file: str | None
     listen: tuple[str, ...]
     host: str
     port: int
@@ -489,7 +494,7 @@ def load_config(
     if not model_path and model_name:
         model_path = os.path.join(models_dir, model_name)
 
-    if values["backend_url"] is None:
+    if values["backend_url"] is None and values["backends_file"] is None:
         if not model_path:
             raise ConfigError(
                 "no model: set MODEL_PATH (--model), or MODEL_NAME inside MODELS_DIR, "

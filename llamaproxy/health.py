@@ -8,6 +8,7 @@ liveness check never wakes or loads a model. ``/readyz`` on either site is the r
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -35,6 +36,8 @@ class HealthState:
         self.auth_enabled = auth_enabled
         self.draining = draining
         self.started_at = clock.seconds()
+        #: The live Router, when there are several backends (their states and breakers).
+        self.router: Callable[[], Any] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
@@ -54,6 +57,8 @@ class HealthState:
             "model": self.backend.model,
             "queue": self.admission.status_json(),
             "authentication": {"enabled": self.auth_enabled},
+            **({"backends": self.router().status_json()}
+               if self.router is not None and len(self.router().members) > 1 else {}),
             "uptime_seconds": int(self.clock.seconds() - self.started_at),
             "version": __version__,
         }

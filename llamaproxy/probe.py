@@ -292,8 +292,12 @@ class ExternalBackendMonitor(Service):
         health_timeout: float,
         not_ready_interval: float = 1.0,
         retry_after: float = 5.0,
+        no_health_is_ready: bool = False,
     ) -> None:
         self.backend = backend
+        #: Count a 404 on /health as ready: upstreams without a health endpoint (hosted APIs)
+        #: answer HTTP, and their failures are left to the circuit breaker.
+        self.no_health_is_ready = no_health_is_ready
         self._agent = agent
         self._clock = clock
         self._probe_interval = probe_interval
@@ -333,6 +337,8 @@ class ExternalBackendMonitor(Service):
         return probe_health(self._agent, self.backend.base_url, self._clock, self._health_timeout)
 
     def _on_result(self, result: ProbeResult) -> None:
+        if self.no_health_is_ready and result.outcome == "down" and result.status_code == 404:
+            result = ProbeResult(result.at, "ready", "no /health endpoint", 404)
         previous = self.backend.last_probe
         self.backend.last_probe = result
         changed = previous is None or previous.outcome != result.outcome

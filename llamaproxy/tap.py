@@ -10,11 +10,12 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, Service
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
@@ -28,6 +29,16 @@ from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.backend import Backend
 from llamaproxy.backend_metrics import BackendMetricsScraper
+from llamaproxy.backends_file import (
+    BackendSpec,
+    BackendsTable,
+    LocalBackendSpec,
+    LocalDefaults,
+    RemoteBackendSpec,
+    diff,
+    load_backends_file,
+    single_backend_table,
+)
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
@@ -37,6 +48,8 @@ from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthSite, HealthState
 from llamaproxy.logs import observer_for_twistd, parse_log_format
 from llamaproxy.metrics import GatewayMetrics, MetricsResource
+from llamaproxy.probe import ExternalBackendMonitor
+from llamaproxy.routing import Router, status_for
 from llamaproxy.service import GatewayService
 from llamaproxy.tls import (
     CertificateWatcher,
@@ -50,9 +63,6 @@ from llamaproxy.usage import UsageLedger, resolve_ledger_path
 
 log = Logger()
 
-#: Concurrency when neither MAX_CONCURRENT_REQUESTS nor PARALLEL says (llama-server's own default
-#: with --parallel auto is 4 slots).
-DEFAULT_CONCURRENCY = 4
 
 
 class Options(usage.Options):
@@ -93,7 +103,16 @@ class Options(usage.Options):
         flags["listen"] = self["listen"]
         try:
             self.config = load_config(flags, os.environ)
-            if self.config.supervised:
+            self.backends_file = self.config.backends_file
+            if self.backends_file is not None:
+                self.backends_table = load_backends_file(
+                    self.backends_file, os.environ,
+                    defaults=LocalDefaults.from_config(self.config),
+                )
+                _check_remote_tls(self.backends_table)
+            else:
+                self.backends_table = single_backend_table(self.config)
+            if any(isinstance(b, LocalBackendSpec) for b in self.backends_table.backends):
                 from llamaproxy.llama_server import find_llama_server
 
                 self.llama_server_path = find_llama_server(self.config.llama_server, os.environ)
@@ -117,28 +136,25 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for warning in config.warnings:
         log.warn("Configuration: {warning}", warning=warning)
 
-    backend = Backend(
-        name="llama-server" if config.supervised else config.backend_base_url,
-        base_url=config.backend_base_url,
-        api_key=config.backend_api_key,
-        model=config.model_alias,
-        slots=config.parallel or None,
-    )
-    concurrency = config.max_concurrent_requests or config.parallel or DEFAULT_CONCURRENCY
-    admission = Admission(concurrency, config.max_queue_size, config.max_queue_per_key)
-    pool = forward.make_pool(reactor, concurrency + 2)
+    table = options.backends_table
+    pool = forward.make_pool(reactor, sum(b.max_concurrent for b in table.backends) + 2)
     agent = forward.make_agent(reactor, pool, config.backend_connect_timeout)
-    backend_service = _backend_service(config, options, backend, reactor, agent)
+    backends = BackendSet(config, options, reactor, agent)
+    router = backends.apply(table)
+    primary = router.members[table.backends_for(table.default_model)[0].name]
+    backend, admission = primary.status, cast(Admission, primary.load)
     background: list[IService] = []
     on_sighup: list[Callable[[], object]] = []
 
     access = _access_control(config, reactor, background, on_sighup)
     metrics = GatewayMetrics(reactor)
-    metrics.watch_backend(backend)
     metrics.watch_admission(admission)
-    scraper = BackendMetricsScraper(backend, agent, reactor)
-    metrics.add_scraper(scraper)
-    background.append(scraper)
+    for member in router.members.values():
+        metrics.watch_backend(member.status)
+        if member.spec.kind == "local":
+            scraper = BackendMetricsScraper(member.status, agent, reactor)
+            metrics.add_scraper(scraper)
+            background.append(scraper)
     recorder = _recorder(config, reactor, metrics, access, background, on_sighup)
 
     tls = _tls(config, reactor, background, on_sighup)
@@ -159,10 +175,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         draining=lambda: bool(resource_holder and resource_holder[0].draining),
     )
     resource = GatewayResource(
-        backend, agent, admission, reactor, settings, access, health.document, health.ready,
-        metrics=metrics,
+        router, agent, reactor, settings, access, health.document, health.ready, metrics=metrics
     )
+    resource.local_model_list = options.backends_file is not None
+    health.router = lambda: resource.router
     resource_holder.append(resource)
+    if options.backends_file is not None:
+        on_sighup.append(lambda: _reload_backends(options, backends, resource))
     site = GatewaySite(resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder)
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
@@ -183,11 +202,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             ([f"tls:{config.port}"] if tls is not None else []) + list(config.listen)
         ) if tls is not None else ", ".join(config.endpoints),
         health=config.health_endpoint or "off", backend=config.backend_base_url,
-        model=config.model_alias, concurrency=concurrency,
+        model=config.model_alias, concurrency=admission.max_concurrent,
         auth="on" if config.auth_enabled else "off",
     )
     return GatewayService(
-        reactor, backend_service, listeners, health_listener, resource, pool, config.drain_timeout,
+        reactor, backends, listeners, health_listener, resource, pool, config.drain_timeout,
         background=background, log_observer=observer,
     )
 
@@ -299,15 +318,78 @@ def _gateway_listeners(
     return listeners
 
 
-def _backend_service(
+class BackendSet(MultiService):
+    """The backends' own services (supervised children, monitors of remote upstreams).
+
+    ``apply(table)`` makes the live objects of a backends table and returns its Router; applied
+    again after a reload, it starts added backends, stops removed ones (their requests in flight
+    finish: a removed child is stopped only after the drain of its own streams would allow), and
+    restarts changed ones. Backends that did not change keep their process, status and queue.
+    """
+
+    def __init__(self, config: Config, options: Options, reactor: Any, agent: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.options = options
+        self.reactor = reactor
+        self.agent = agent
+        self.table: BackendsTable | None = None
+        self.router: Router | None = None
+        self.statuses: dict[str, Backend] = {}
+        self.loads: dict[str, Admission] = {}
+        self.by_name: dict[str, Service] = {}
+
+    def apply(self, table: BackendsTable) -> Router:
+        """Make (or update) the live backends for ``table``; returns the new Router."""
+        added: frozenset[str] | set[str]
+        removed: frozenset[str] | set[str] = set()
+        changed: frozenset[str] | set[str] = set()
+        if self.table is None:
+            added = {s.name for s in table.backends}
+        else:
+            added, removed, changed = diff(self.table, table)
+        for name in [*removed, *changed]:
+            self._remove(name)
+        for spec in table.backends:
+            if spec.name in added or spec.name in changed:
+                self._add(spec)
+        self.router = Router.build(table, self.reactor, self.statuses, self.loads, self.router)
+        self.table = table
+        return self.router
+
+    def _add(self, spec: BackendSpec) -> None:
+        config = self.config
+        status = status_for(spec)
+        self.statuses[spec.name] = status
+        self.loads[spec.name] = Admission(
+            spec.max_concurrent, config.max_queue_size, config.max_queue_per_key
+        )
+        if isinstance(spec, LocalBackendSpec):
+            # Without a backends file the one child keeps today's names (its key file is
+            # backend-INSTANCE_ID.key); with one, each child's instance id gets its name.
+            child = config if self.options.backends_file is None else spec.child_config(config)
+            service: Service = _supervisor(child, self.options, status, self.reactor, self.agent)
+        else:
+            service = ExternalBackendMonitor(
+                status, self.agent, self.reactor, config.probe_interval, config.health_timeout,
+                no_health_is_ready=self.options.backends_file is not None,
+            )
+        self.by_name[spec.name] = service
+        service.setServiceParent(self)
+
+    def _remove(self, name: str) -> None:
+        service = self.by_name.pop(name, None)
+        self.statuses.pop(name, None)
+        self.loads.pop(name, None)
+        if service is not None:
+            stopping = service.disownServiceParent()
+            if isinstance(stopping, Deferred):
+                stopping.addErrback(lambda f: log.failure("Error stopping {name}", f, name=name))
+
+
+def _supervisor(
     config: Config, options: Options, backend: Backend, reactor: Any, agent: Any
 ) -> Service:
-    if not config.supervised:
-        from llamaproxy.probe import ExternalBackendMonitor
-
-        return ExternalBackendMonitor(
-            backend, agent, reactor, config.probe_interval, config.health_timeout
-        )
     from llamaproxy.llama_server import (
         BackendKeyFile,
         build_args,
@@ -329,6 +411,31 @@ def _backend_service(
         timings=SupervisorTimings.from_config(config),
         launcher=spawn_command,
     )
+
+
+def _reload_backends(options: Options, backends: BackendSet, resource: GatewayResource) -> None:
+    """SIGHUP: re-read the backends file; a file that does not load keeps the current one."""
+    assert options.backends_file is not None and options.config is not None
+    try:
+        table = load_backends_file(
+            options.backends_file, os.environ,
+            defaults=LocalDefaults.from_config(options.config),
+        )
+        _check_remote_tls(table)
+    except ConfigError as e:
+        log.error("Backends file not reloaded, keeping the current one: {error}", error=str(e))
+        return
+    resource.router = backends.apply(table)
+    log.info("Backends file reloaded: {count} backends", count=len(table.backends))
+
+
+def _check_remote_tls(table: BackendsTable) -> None:
+    for spec in table.backends:
+        if isinstance(spec, RemoteBackendSpec) and not spec.verify_tls:
+            raise ConfigError(
+                f"backend {spec.name!r}: verify_tls = false is not supported; "
+                "upstream certificates are always verified"
+            )
 
 
 def _on_sighup(reactor: Any, actions: list[Callable[[], object]]) -> None:

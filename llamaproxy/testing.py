@@ -51,6 +51,7 @@ __all__ = [
     "StreamingResponse",
     "StubResponse",
     "parse_response",
+    "router_for",
     "sse_chunk",
 ]
 
@@ -632,3 +633,36 @@ class InMemoryClient:
     def disconnect(self) -> None:
         """The client goes away."""
         self.channel.connectionLost(Failure(error.ConnectionLost()))
+
+
+# --- a one-backend router ------------------------------------------------------------------------
+
+
+def router_for(backend: Any, admission: Any, clock: Any) -> Any:
+    """A Router over one existing ``Backend`` status and its ``Admission`` (no breaker),
+    serving ``backend.model`` and routing every other model name to it: the single-backend
+    mode, for tests that build a GatewayResource by hand."""
+    from llamaproxy.backends_file import (
+        BackendsTable,
+        FailoverSettings,
+        ModelSpec,
+        RemoteBackendSpec,
+        Strategy,
+    )
+    from llamaproxy.breaker import BreakerSettings
+    from llamaproxy.routing import Router
+
+    no_breaker = BreakerSettings(enabled=False)
+    spec = RemoteBackendSpec(
+        name=backend.name, models=(backend.model,), slots=admission.max_concurrent,
+        breaker=no_breaker, base_url=backend.base_url,
+    )
+    table = BackendsTable(
+        backends=(spec,),
+        models=(ModelSpec(backend.model, Strategy.PRIORITY, (), True),),
+        default_model=backend.model,
+        breaker=no_breaker,
+        failover=FailoverSettings(),
+        route_unknown_models=True,
+    )
+    return Router.build(table, clock, {spec.name: backend}, {spec.name: admission})

@@ -18,8 +18,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaproxy.backend import Backend
-
 log = Logger()
 
 #: Hop-by-hop headers (RFC 9110 7.6.1 and common legacy ones): never forwarded either way.
@@ -147,15 +145,14 @@ def _stale_connection(failure_value: BaseException) -> bool:
 
 async def send(
     agent: IAgent,
-    backend: Backend,
+    url: bytes,
+    backend_key: str | None,
     method: bytes,
-    path_and_query: bytes,
     client_headers: Headers,
     body: bytes,
 ) -> IResponse:
-    """Send one request to ``backend``; retry once if a stale pooled connection swallowed it."""
-    url = backend.base_url.encode("ascii") + path_and_query
-    headers = filter_request_headers(client_headers, backend.api_key)
+    """Send one request to ``url``; retry once if a stale pooled connection swallowed it."""
+    headers = filter_request_headers(client_headers, backend_key)
     producer = BytesBody(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
     try:
         return await agent.request(method, url, headers, producer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer, task
@@ -28,6 +28,8 @@ from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.auth.store import KeyLoadError
 from llamaproxy.backend import Backend
+from llamaproxy.backends_file import upstream_url_bytes
+from llamaproxy.breaker import Ticket
 from llamaproxy.gateway import errors, forward
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
@@ -35,6 +37,14 @@ from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
 from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
 from llamaproxy.metrics import GatewayMetrics, RequestTimer, route_label
 from llamaproxy.probe import read_body_bounded
+from llamaproxy.routing import (
+    Member,
+    ModelNotAllowedError,
+    Router,
+    UnknownModelError,
+    is_retryable,
+    report,
+)
 
 log = Logger()
 
@@ -133,6 +143,10 @@ class _Exchange:
     usage: UsageCollector | None = None
     #: Set when the gateway cut the exchange (drain timeout) before it was answered.
     aborted: bool = False
+    #: The canonical model the request was routed for.
+    model: str | None = None
+    #: Why the last backend tried could not answer (sent if no other backend can).
+    failure: GatewayError | None = None
     #: The metrics timer of this request (when metrics are on).
     timer: RequestTimer | None = None
     task: Deferred[None] | None = field(default=None, repr=False)
@@ -155,9 +169,8 @@ class GatewayResource(Resource):
 
     def __init__(
         self,
-        backend: Backend,
+        router: Router,
         agent: IAgent,
-        admission: Admission,
         clock: IReactorTime,
         settings: GatewaySettings,
         access: AccessControl,
@@ -167,9 +180,11 @@ class GatewayResource(Resource):
     ) -> None:
         super().__init__()
         self.metrics = metrics
-        self.backend = backend
+        #: Routes models to backends; replaced whole when the backends file is reloaded.
+        self.router = router
+        #: Answer /v1/models from the router (several backends) instead of asking the backend.
+        self.local_model_list = False
         self.agent = agent
-        self.admission = admission
         self.clock = clock
         self.settings = settings
         self.access = access
@@ -177,6 +192,7 @@ class GatewayResource(Resource):
         self.ready = ready
         self.draining = False
         self.in_flight: set[_Exchange] = set()
+        self.started_at = clock.seconds()
         self._drained: list[Deferred[None]] = []
 
     # -- decisions from the headers alone ------------------------------------------------------
@@ -267,6 +283,34 @@ class GatewayResource(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps({"ready": ready, "backend": self.backend.state.value}).encode() + b"\n"
 
+    @property
+    def backend(self) -> Backend:
+        """The default model's first backend (what /readyz reports in single-backend mode)."""
+        router = self.router
+        spec = router.table.backends_for(router.table.default_model)[0]
+        return router.members[spec.name].status
+
+    def _answer_model_list(self, request: GatewayRequest) -> None:
+        """/v1/models and /v1/models/{id} from the router: the models this key may use."""
+        created = int(self.started_at)
+        entries = self.router.models_for(request.key_id)
+        if request.path.startswith(_MODEL_PREFIX):
+            wanted = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
+            model = self.router.resolve_model(wanted, request.key_id) if wanted else None
+            match = [e for e in entries if e.id == model]
+            if not match:
+                request.send_error(errors.model_not_found(wanted))
+                return
+            doc: dict[str, object] = match[0].as_json(created)
+        else:
+            doc = {"object": "list", "data": [e.as_json(created) for e in entries]}
+        payload = json.dumps(doc).encode()
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Content-Length", str(len(payload)).encode())
+        if request.method != b"HEAD":
+            request.write(payload)
+        request.finish()
+
     def _render_metrics(self, request: GatewayRequest) -> bytes:
         """/metrics: the older gateway's JSON, or Prometheus/OpenMetrics text for scrapers."""
         if self.metrics is None:
@@ -294,31 +338,94 @@ class GatewayResource(Resource):
 
     async def _proxy(self, exchange: _Exchange) -> None:
         request = exchange.request
+        router = self.router
+        if self.local_model_list and request.path.startswith(b"/v1/models"):
+            self._answer_model_list(request)
+            return
+        body = request.json_body
+        requested = body.get("model") if isinstance(body, dict) else None
+        if requested is not None and not isinstance(requested, str):
+            request.send_error(errors.bad_request(
+                "'model' must be a string", code="invalid_type", param="model"))
+            return
+        model = router.resolve_model(requested, request.key_id)
+        try:
+            if model is None:
+                raise UnknownModelError(requested)
+            candidates = router.candidates(model, request.key_id)
+        except UnknownModelError:
+            request.send_error(errors.model_not_found(requested or ""))
+            return
+        except ModelNotAllowedError:
+            request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
+            return
+        exchange.model = model
         # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
         wait_until = exchange.started + self.settings.queue_timeout
+        budget = min(len(candidates), router.max_attempts)
+        attempts = 0
+        for member in candidates:
+            if attempts >= budget or request.gone:
+                break
+            ticket = member.breaker.acquire()
+            if ticket is None:
+                continue  # its breaker just opened: not an attempt
+            attempts += 1
+            last = attempts >= budget or member is candidates[-1]
+            if await self._try_member(exchange, member, ticket, wait_until, last):
+                return
+            log.info("Failing over {model} from {backend} ({reason})", model=model,
+                     backend=member.name, reason=exchange.failure.message
+                     if exchange.failure else "breaker")
+        if not request.gone:
+            request.send_error(exchange.failure or errors.backend_unavailable(
+                "stopping" if self.draining else "unavailable", 5))
+
+    def _give_up(self, exchange: _Exchange, error: GatewayError, last: bool) -> bool:
+        """Answer ``error`` when this was the last candidate (True), else remember it (False)."""
+        if last:
+            exchange.request.send_error(error)
+            return True
+        exchange.failure = error
+        return False
+
+    async def _try_member(
+        self, exchange: _Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
+    ) -> bool:
+        """One attempt on one backend; True when the request got its answer from this attempt."""
+        request = exchange.request
+        status = member.status
         timer = exchange.timer
-        if not self.backend.ready and timer is not None:
+        if not status.ready and timer is not None:
             timer.queued()
-        if not await self._backend_ready(request, wait_until):
-            return
+        if not await self._member_ready(member, wait_until):
+            ticket.release()
+            state = "stopping" if self.draining else status.state.value
+            return self._give_up(exchange, errors.backend_unavailable(
+                state, status.retry_after(self.clock.seconds())), last)
         if not (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")):
             # (The model list uses no inference slot: it never waits behind a generation.)
             try:
-                waiting = self.admission.acquire(request.key_id or AUTH_DISABLED)
+                waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
             except QueueFullError:
-                request.send_error(errors.queue_full())
-                return
+                ticket.release()
+                return self._give_up(exchange, errors.queue_full(), last)
             if not waiting.called and timer is not None:
                 timer.queued()
             try:
-                # Released in _exchange_done, however the exchange ends.
+                # Released when the exchange ends, or below when failing over.
                 exchange.slot = await self._within(waiting, wait_until)
             except defer.TimeoutError:
-                request.send_error(errors.queue_timeout(self._retry_after()))
-                return
+                ticket.release()
+                return self._give_up(exchange, errors.queue_timeout(
+                    status.retry_after(self.clock.seconds())), last)
         if timer is not None:
             timer.admitted()
-        await self._forward(exchange, wait_until)
+        answered = await self._forward(exchange, member, ticket, wait_until, last)
+        if not answered and exchange.slot is not None:
+            exchange.slot.release()
+            exchange.slot = None
+        return answered
 
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
         """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
@@ -330,43 +437,58 @@ class GatewayResource(Resource):
         waiting.addTimeout(remaining, self.clock)
         return await waiting
 
-    def _retry_after(self) -> int:
-        return self.backend.retry_after(self.clock.seconds())
-
-    async def _backend_ready(self, request: GatewayRequest, until: float) -> bool:
+    async def _member_ready(self, member: Member, until: float) -> bool:
         """True once the backend is ready; a restarting one is waited for, up to ``until``."""
-        if self.backend.ready:
+        status = member.status
+        if status.ready:
             return True
-        if self.backend.recovering and not self.draining:
+        if status.recovering and not self.draining:
             try:
-                await self._within(self.backend.wait_ready(), until)
+                await self._within(status.wait_ready(), until)
                 return True
             except defer.TimeoutError:
                 pass
-        state = "stopping" if self.draining else self.backend.state.value
-        request.send_error(errors.backend_unavailable(state, self._retry_after()))
         return False
 
-    async def _forward(self, exchange: _Exchange, wait_until: float) -> None:
+    def _request_body(self, exchange: _Exchange, member: Member) -> bytes:
+        """The body for ``member``: usage asked for on streams, the upstream's model name."""
         request = exchange.request
-        body = exchange.body
+        parsed = request.json_body
+        if not isinstance(parsed, dict):
+            return exchange.body
+        changed = dict(parsed)
+        if request.path in _USAGE_ROUTES:
+            if exchange.usage is None:
+                streaming = parsed.get("stream") is True
+                asked = streaming and ask_for_stream_usage(parsed)[1]
+                exchange.usage = UsageCollector(streaming, remove_usage_event=not asked)
+            if exchange.usage.remove_usage_event:
+                changed = ask_for_stream_usage(parsed)[0]
+        if self.local_model_list and exchange.model is not None and "model" in parsed:
+            # Several backends: each gets the name it knows the model by (aliases resolved).
+            changed["model"] = member.spec.upstream_model(exchange.model)
+        if changed == parsed:
+            return exchange.body
+        return json.dumps(changed).encode()
+
+    async def _forward(
+        self, exchange: _Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
+    ) -> bool:
+        """Send to ``member`` and relay its answer; False to fail over to the next backend."""
+        request = exchange.request
+        status = member.status
+        body = self._request_body(exchange, member)
         model_id: str | None = None
         method, target = request.method, request.uri
-        parsed = request.json_body
-        if isinstance(parsed, dict) and request.path in _USAGE_ROUTES:
-            if parsed.get("stream") is True:
-                with_usage, asked = ask_for_stream_usage(parsed)
-                if not asked:
-                    body = json.dumps(with_usage).encode()
-                exchange.usage = UsageCollector(streaming=True, remove_usage_event=not asked)
-            else:
-                exchange.usage = UsageCollector(streaming=False)
         if request.path.startswith(_MODEL_PREFIX):
             model_id = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
+        url = upstream_url_bytes(member.spec.base_url, target)
         for attempt in (1, 2):
-            if not await self._backend_ready(request, wait_until):
-                return
+            if not await self._member_ready(member, wait_until):
+                ticket.release()
+                return self._give_up(exchange, errors.backend_unavailable(
+                    status.state.value, status.retry_after(self.clock.seconds())), last)
             if exchange.deadline is None:
                 exchange.deadline = self.clock.callLater(
                     self.settings.request_timeout, self._deadline_passed, exchange
@@ -374,7 +496,7 @@ class GatewayResource(Resource):
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
             sending = Deferred.fromCoroutine(forward.send(
-                self.agent, self.backend, method, target, request.requestHeaders, body
+                self.agent, url, status.api_key, method, request.requestHeaders, body
             ))
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
@@ -383,30 +505,47 @@ class GatewayResource(Resource):
                     exchange.timer.backend_headers(response.code)
                 break
             except CancelledError:
+                ticket.release()
                 raise
-            except defer.TimeoutError:
-                log.warn("Backend sent no response within {timeout}s",
-                         timeout=self.settings.first_byte_timeout)
-                request.send_error(errors.gateway_timeout())
-                return
+            except defer.TimeoutError as e:
+                log.warn("Backend {backend} sent no response within {timeout}s",
+                         backend=member.name, timeout=self.settings.first_byte_timeout)
+                report(ticket, None, e)
+                self._cancel_deadline(exchange)
+                return self._give_up(exchange, errors.gateway_timeout(), last)
             except Exception as e:
-                log.warn("Backend request failed: {error}", error=_describe(e))
-                if attempt == 1 and await self._backend_went_down():
+                log.warn("Backend {backend} request failed: {error}", backend=member.name,
+                         error=_describe(e))
+                if not last and is_retryable(None, e, 0):
+                    report(ticket, None, e)
+                    self._cancel_deadline(exchange)
+                    exchange.failure = errors.bad_gateway()
+                    return False
+                if attempt == 1 and await self._backend_went_down(status):
                     # The backend crashed under us: wait for the restart (that wait belongs to
                     # the queue budget, not to REQUEST_TIMEOUT), then send again.
                     self._cancel_deadline(exchange)
                     continue
-                unavailable = None if self.backend.ready else errors.backend_unavailable(
-                    self.backend.state.value, self._retry_after())
+                report(ticket, None, e)
+                unavailable = None if status.ready else errors.backend_unavailable(
+                    status.state.value, status.retry_after(self.clock.seconds()))
                 request.send_error(unavailable or errors.bad_gateway())
-                return
+                return True
+        if not last and (response.code >= 500 or response.code == 429) and not request.gone:
+            report(ticket, response.code, None)
+            _discard(response)
+            self._cancel_deadline(exchange)
+            exchange.failure = errors.bad_gateway(f"Backend answered {response.code}")
+            return False
+        report(ticket, response.code, None)
         if request.gone:
             _discard(response)
-            return
+            return True
         if model_id is not None:
             await self._answer_model(request, response, model_id)
-            return
+            return True
         await self._relay(exchange, response)
+        return True
 
     async def _answer_model(
         self, request: GatewayRequest, response: IResponse, model_id: str
@@ -467,15 +606,15 @@ class GatewayResource(Resource):
         response.deliverBody(relay)
         await relay.done
 
-    async def _backend_went_down(self) -> bool:
+    async def _backend_went_down(self, status: Backend) -> bool:
         """After a failed send: is the backend restarting (so the request may wait and retry)?
 
         A crash and the connection failures it causes reach the gateway in no fixed order, so a
         backend that still looks ready gets a moment for its supervisor to notice.
         """
-        if self.backend.ready and not self.draining:
+        if status.ready and not self.draining:
             await task.deferLater(self.clock, _CRASH_NOTICE_DELAY, lambda: None)
-        return self.backend.recovering and not self.draining
+        return status.recovering and not self.draining
 
     # -- ends of an exchange -------------------------------------------------------------------
 

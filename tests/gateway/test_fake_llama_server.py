@@ -16,7 +16,7 @@ from llamaproxy.backend import Backend, BackendState
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
-from llamaproxy.testing import FakeLlamaServer, InMemoryClient
+from llamaproxy.testing import FakeLlamaServer, InMemoryClient, router_for
 
 KEY = "sk-fake-llama-test-0000001"
 
@@ -31,8 +31,9 @@ class FakeLlamaServerTests(SynchronousTestCase):
         admission = Admission(2)
         health = HealthState(backend, admission, self.clock, True, lambda: False)
         access = AccessControl(KeyStore("unused", parse_keys([f"t:{KEY}"])[0]), None)
-        resource = GatewayResource(backend, self.agent, admission, self.clock,
-                                   GatewaySettings(), access, health.document, health.ready)
+        resource = GatewayResource(router_for(backend, admission, self.clock), self.agent,
+                                   self.clock, GatewaySettings(), access, health.document,
+                                   health.ready)
         self.site = GatewaySite(resource, RequestLimits(max_body=1 << 20), reactor=self.clock)
 
     def call(self, method: str, path: str, body: object = None) -> InMemoryClient:

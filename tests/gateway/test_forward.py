@@ -82,8 +82,9 @@ class SendTests(SynchronousTestCase):
     def send(self, body: bytes = b"{}"):  # type: ignore[no-untyped-def]
         from twisted.internet.defer import Deferred
 
+        url = self.backend.base_url.encode() + b"/v1/completions?x=1"
         return Deferred.fromCoroutine(forward.send(
-            self.agent, self.backend, b"POST", b"/v1/completions?x=1", Headers(), body))
+            self.agent, url, self.backend.api_key, b"POST", Headers(), body))
 
     def test_url_and_body(self) -> None:
         result = self.send(b'{"prompt": "hi"}')

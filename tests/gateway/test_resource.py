@@ -21,7 +21,7 @@ from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway.resource import GatewayResource, GatewaySettings, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
-from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, sse_chunk
+from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, router_for, sse_chunk
 
 KEY = "sk-unit-test-key-000000000001"
 OTHER_KEY = "sk-unit-test-key-000000000002"
@@ -52,7 +52,7 @@ class GatewayFixture:
         self.health = HealthState(self.backend, self.admission, self.clock, auth,
                                   lambda: self.resource.draining)
         self.resource = GatewayResource(
-            self.backend, self.agent, self.admission, self.clock,
+            router_for(self.backend, self.admission, self.clock), self.agent, self.clock,
             GatewaySettings(**settings), self.access,
             self.health.document, self.health.ready,
         )
