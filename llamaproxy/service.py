@@ -9,6 +9,7 @@ when all of that is done, and twistd waits for it before exiting.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,9 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         # MultiService starts children in the order they were added: exactly ours.
         super().startService()
+        # Everything built so far lives as long as the process: keep it out of the cyclic
+        # garbage collector's full collections (tens of ms each under load, in the profile).
+        gc.freeze()
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:

@@ -168,6 +168,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
         metrics_auth_enabled=config.metrics_auth_enabled,
         hsts=hsts_header(config.hsts_max_age) if config.hsts_max_age else None,
+        log_requests=recorder.access_log is None,
     )
     resource_holder: list[GatewayResource] = []
     health = HealthState(

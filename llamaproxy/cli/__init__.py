@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from llamaproxy import __version__
-from llamaproxy.cli import keys, usage
+from llamaproxy.cli import bench, keys, usage
 
 #: Sub-commands and the functions that add their parsers.
-COMMANDS = {"keys": keys.register, "usage": usage.register}
+COMMANDS = {"keys": keys.register, "usage": usage.register, "bench": bench.register}
 
 PROG = "llamaproxy"
 

@@ -61,7 +61,7 @@ _MODEL_PREFIX = b"/v1/models/"
 PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
 
 #: Admin routes: a key listed in ADMIN_KEY_IDS, never touch a backend.
-ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",)}
+ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",), b"/v1/route": (b"POST",)}
 
 _JSON = b"application/json"
 
@@ -69,6 +69,12 @@ _JSON = b"application/json"
 _CRASH_NOTICE_DELAY = 0.5
 
 _T = TypeVar("_T")
+
+#: Status of a /v1/route answer by its error (None: 200).
+_EXPLAIN_STATUS = {
+    "invalid_model": 400, "model_not_allowed": 403, "model_not_found": 404,
+    "no_backend_available": 503,
+}
 
 #: Largest backend model list the gateway reads to answer /v1/models/{id}.
 _MODEL_LIST_LIMIT = 1 << 20
@@ -124,6 +130,8 @@ class GatewaySettings:
     metrics_auth_enabled: bool = False
     #: Strict-Transport-Security value for HTTPS responses (None: not sent).
     hsts: str | None = None
+    #: Log a line per proxied request (off when the access log already records each one).
+    log_requests: bool = True
     extra_paths: frozenset[bytes] = frozenset()
 
 
@@ -239,6 +247,8 @@ class GatewayResource(Resource):
             return b""
         if route.kind == "public":
             return self._render_public(request, route.path)
+        if route.kind == "admin" and route.path == b"/v1/route":
+            return self._explain_route(request)
         if route.kind == "admin":
             return self._reload_keys(request)
         if route.kind == "metrics":
@@ -323,6 +333,19 @@ class GatewayResource(Resource):
         request.setHeader(b"Content-Type", content_type)
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+    def _explain_route(self, request: GatewayRequest) -> bytes:
+        """POST /v1/route (admin keys): which backend would serve this body, and why."""
+        try:
+            body = json.loads(_body_of(request) or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            return request.render_error(errors.bad_request(
+                "Request body is not valid JSON", code="invalid_json"))
+        answer = self.router.explain(body, request.key_id)
+        request.setResponseCode(_EXPLAIN_STATUS.get(str(answer.get("error")), 200))
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps(answer).encode() + b"\n"
 
     def _reload_keys(self, request: GatewayRequest) -> bytes:
         """POST /reload: re-read the key file now (admin keys only)."""
@@ -661,7 +684,8 @@ class GatewayResource(Resource):
         if exchange.slot is not None:
             exchange.slot.release()
         self.in_flight.discard(exchange)
-        self._log_exchange(exchange)
+        if self.settings.log_requests:
+            self._log_exchange(exchange)
         if not self.in_flight:
             waiters, self._drained = self._drained, []
             for d in waiters:

@@ -204,6 +204,14 @@ class Gateway:
         assert len(kids) == 1, f"expected one llama-server child, found {kids}"
         return kids[0]
 
+    def access_log(self) -> list[list[str]]:
+        """The access log's lines (text format), each split into its ``|`` fields."""
+        try:
+            text = (self.root / "logs" / "api_access.log").read_text()
+        except OSError:
+            return []
+        return [line.split(" | ") for line in text.splitlines() if line]
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -119,8 +119,12 @@ class QueueTests(SynchronousTestCase):
         for thread in threads:
             thread.join(60)
         self.assertEqual(results, {"a1": 200, "a2": 200, "a3": 200, "b1": 200})
-        served = re.findall(r"POST /v1/completions 200 complete \S+ \S+ key=(\w+)",
-                            gateway.log_text())
+        def served_keys() -> list[str]:  # the access log, in completion order
+            return [f[2] for f in gateway.access_log()
+                    if f[3] == "POST /v1/completions" and f[4] == "200"]
+
+        wait_for(lambda: len(served_keys()) == 5, 10, "five completions in the access log")
+        served = served_keys()
         # The held stream, then a1 (first in line), then bob's single request, then alice's rest.
         self.assertEqual(served, ["alice", "alice", "bob", "alice", "alice"])
         wait_for(lambda: launched_tasks(gateway) == before + 4, 10, "llama-server's log")

@@ -123,3 +123,22 @@ class PoolTests(SynchronousTestCase):
         transport = TCPStringTransport()
         protocol.makeConnection(transport)
         self.assertTrue(transport.nodelay)
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_endpoints_are_cached_per_address(self) -> None:
+        from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        endpoints = forward.CachedEndpoints(Clock(), 10)
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/v1/models"))
+        again = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/other"))
+        self.assertIsInstance(first, TCP4ClientEndpoint)
+        self.assertIs(first, again)
+        named = endpoints.endpointForURI(URI.fromBytes(b"http://backend.internal:9000/"))
+        self.assertIsInstance(named, HostnameEndpoint)
+        secure = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1"))
+        self.assertIsNot(secure, named)
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI,
+                          URI.fromBytes(b"ftp://127.0.0.1/"))
