@@ -228,6 +228,17 @@ class ReloadRouteTests(SynchronousTestCase):
         self.assertNotIn(self.path, response.json()["error"]["message"])
         self.assertIsNotNone(self.gw.store.keys.lookup(KEY))
 
+    def test_route_dry_run(self) -> None:
+        client = self.gw.client()
+        client.request("POST", "/v1/route", b'{"model": "anything"}',
+                       {"Authorization": f"Bearer {KEY}"})
+        answer = client.response().json()
+        self.assertEqual((answer["model"], answer["backend"]), ("fake", "test"))
+        self.assertEqual(self.gw.agent.requests, [])
+        other = self.gw.client()
+        other.request("POST", "/v1/route", b"{}", {"Authorization": f"Bearer {OTHER_KEY}"})
+        self.assertEqual(other.response().status, 403)
+
     def test_get_is_405(self) -> None:
         response = self.reload(KEY, "GET").response()
         self.assertEqual(response.status, 405)
