@@ -7,6 +7,7 @@ other part takes its reactor, clock or agent as a parameter.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from llamaproxy.auth.access import AccessControl, TokenLimits
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
-from llamaproxy.backend import Backend
+from llamaproxy.backend import Backend, BackendState
 from llamaproxy.backend_metrics import BackendMetricsScraper
 from llamaproxy.backends_file import (
     BackendSpec,
@@ -349,22 +350,36 @@ class BackendSet(MultiService):
             added = {s.name for s in table.backends}
         else:
             added, removed, changed = diff(self.table, table)
-        for name in [*removed, *changed]:
-            self._remove(name)
+        for name in removed:
+            self._retire(*self._detach(name))
         for spec in table.backends:
-            if spec.name in added or spec.name in changed:
+            if spec.name in added:
                 self._add(spec)
+            elif spec.name in changed:
+                # The new child may need the old one's port: start it once the old one is gone.
+                # Meanwhile requests for it wait (its new status says "starting").
+                old = self._detach(spec.name)
+                self._prepare(spec).set_state(BackendState.STARTING)
+                self._retire(*old, then=functools.partial(self._start, spec))
         self.router = Router.build(table, self.reactor, self.statuses, self.loads, self.router)
         self.table = table
         return self.router
 
-    def _add(self, spec: BackendSpec) -> None:
-        config = self.config
+    def _prepare(self, spec: BackendSpec) -> Backend:
+        """The status record and queue a backend is routed with."""
         status = status_for(spec)
         self.statuses[spec.name] = status
         self.loads[spec.name] = Admission(
-            spec.max_concurrent, config.max_queue_size, config.max_queue_per_key
+            spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key
         )
+        return status
+
+    def _add(self, spec: BackendSpec) -> None:
+        self._prepare(spec)
+        self._start(spec)
+
+    def _start(self, spec: BackendSpec) -> None:
+        config, status = self.config, self.statuses[spec.name]
         if isinstance(spec, LocalBackendSpec):
             # Without a backends file the one child keeps today's names (its key file is
             # backend-INSTANCE_ID.key); with one, each child's instance id gets its name.
@@ -378,14 +393,40 @@ class BackendSet(MultiService):
         self.by_name[spec.name] = service
         service.setServiceParent(self)
 
-    def _remove(self, name: str) -> None:
-        service = self.by_name.pop(name, None)
+    def _detach(self, name: str) -> tuple[str, Service | None, Admission | None]:
+        """Take a backend out of the set (the next Router will not route to it)."""
         self.statuses.pop(name, None)
-        self.loads.pop(name, None)
-        if service is not None:
-            stopping = service.disownServiceParent()
-            if isinstance(stopping, Deferred):
-                stopping.addErrback(lambda f: log.failure("Error stopping {name}", f, name=name))
+        return name, self.by_name.pop(name, None), self.loads.pop(name, None)
+
+    def _retire(
+        self,
+        name: str,
+        service: Service | None,
+        load: Admission | None,
+        then: Callable[[], object] | None = None,
+    ) -> None:
+        """Stop a detached backend's service once its requests finished (up to DRAIN_TIMEOUT)."""
+        deadline = self.reactor.seconds() + self.config.drain_timeout
+
+        def stop() -> None:
+            busy = load is not None and (load.active or load.waiting)
+            if busy and self.reactor.seconds() < deadline:
+                self.reactor.callLater(0.2, stop)
+                return
+            if service is None:
+                stopped: Deferred[None] = Deferred()
+                stopped.callback(None)
+            else:
+                log.info("Backend {name} removed: stopping it", name=name)
+                result = service.disownServiceParent()
+                stopped = result if isinstance(result, Deferred) else Deferred()
+                if not isinstance(result, Deferred):
+                    stopped.callback(None)
+            stopped.addErrback(lambda f: log.failure("Error stopping {name}", f, name=name))
+            if then is not None:
+                stopped.addCallback(lambda _: then())
+
+        stop()
 
 
 def _supervisor(

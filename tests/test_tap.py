@@ -115,3 +115,46 @@ class PluginTests(SynchronousTestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+class BackendSetTests(SynchronousTestCase):
+    """Reloading a backends file: added start, removed drain then stop, changed restart."""
+
+    def table(self, text: str):  # type: ignore[no-untyped-def]
+        from llamaproxy.backends_file import parse_backends_text
+
+        return parse_backends_text(text, "backends.toml", {})
+
+    def test_reload_applies_the_difference(self) -> None:
+        from types import SimpleNamespace
+
+        from llamaproxy.config import load_config
+        from llamaproxy.tap import BackendSet
+
+        reactor = MemoryReactorClock()
+        config = load_config({}, {"BACKEND_URL": "http://127.0.0.1:1", "DRAIN_TIMEOUT": "5"})
+        options = SimpleNamespace(backends_file="backends.toml", config=config)
+        backends = BackendSet(config, options, reactor, agent=None)  # type: ignore[arg-type]
+        backends.startService()
+        one = self.table('[[backends]]\nname = "r1"\nbase_url = "http://127.0.0.1:9001/v1"\n'
+                         'models = ["a"]\n[[backends]]\nname = "r2"\n'
+                         'base_url = "http://127.0.0.1:9002/v1"\nmodels = ["b"]\n')
+        router = backends.apply(one)
+        self.assertEqual(sorted(router.members), ["r1", "r2"])
+        old_r1, old_r2 = backends.by_name["r1"], backends.by_name["r2"]
+        busy = backends.loads["r2"]
+        slot = busy.acquire("k").result  # a request in flight on r2
+        two = self.table('[[backends]]\nname = "r1"\nbase_url = "http://127.0.0.1:9011/v1"\n'
+                         'models = ["a"]\n[[backends]]\nname = "r3"\n'
+                         'base_url = "http://127.0.0.1:9003/v1"\nmodels = ["c"]\n')
+        router = backends.apply(two)
+        self.assertEqual(sorted(router.members), ["r1", "r3"])
+        self.assertTrue(backends.by_name["r1"] is not old_r1)  # changed: restarted
+        self.assertFalse(old_r1.running)
+        self.assertTrue(old_r2.running)  # removed, but its request is still in flight
+        reactor.advance(1)
+        self.assertTrue(old_r2.running)
+        slot.release()
+        reactor.advance(0.2)
+        self.assertFalse(old_r2.running)
+        backends.stopService()
