@@ -55,6 +55,10 @@ Memory: buckets idle for more than ``2W`` (nothing left to remember) are purged 
 run lazily from ``check``, at most once per ``cleanup_interval`` (amortised O(1) per request), or
 by ``purge()``. State lives in the limiter, so it survives key reloads.
 
+The machinery (buckets, rolling, ``E``, ``retry_after``, purging) is :class:`SlidingWindowCounter`;
+:class:`RateLimiter` counts requests with it and ``llamaproxy.auth.tokenlimit.TokenRateLimiter``
+counts tokens.
+
 Cost (micro-check with timeit on the dev container, CPython 3.11; informative, not a test):
 ``check`` takes about 2.6 µs when allowed and 3.5 µs when refused, the same for limit 10 and
 limit 1 000 000 and with 1 or 100 000 buckets held; a sweep of 100 000 idle buckets about 8 ms.
@@ -107,7 +111,106 @@ class _Bucket:
     last_seen: float
 
 
-class RateLimiter:
+class SlidingWindowCounter:
+    """Per-key sliding-window counters: the machinery shared by the request and token limiters.
+
+    Holds one :class:`_Bucket` per key_id and implements the rolling, the estimate ``E(t)``, the
+    exact ``retry_after`` and the purge of idle buckets described in this module's docstring.
+    What is counted (requests, tokens) and when is up to the subclass.
+    """
+
+    def __init__(
+        self, clock: SecondsClock, window: float = 60.0, cleanup_interval: float = 300.0
+    ) -> None:
+        self._check_settings(window, cleanup_interval)
+        self._clock = clock
+        self.window = float(window)
+        self.cleanup_interval = float(cleanup_interval)
+        self._buckets: dict[str, _Bucket] = {}
+        self._last_sweep = clock.seconds()
+
+    def _check_settings(self, window: float, cleanup_interval: float) -> None:
+        """Refuse a window that is not positive (subclasses may check more)."""
+        if not window > 0:
+            raise ValueError("window must be positive")
+
+    def __len__(self) -> int:
+        """The number of buckets held."""
+        return len(self._buckets)
+
+    def purge(self) -> int:
+        """Drop buckets idle for more than two windows; return how many were dropped."""
+        now = self._clock.seconds()
+        self._last_sweep = now
+        horizon = 2 * self.window
+        kept = {key: b for key, b in self._buckets.items() if now - b.last_seen <= horizon}
+        dropped = len(self._buckets) - len(kept)
+        if dropped:
+            self._buckets = kept  # a new dict: deleting from the old one would not shrink it
+        return dropped
+
+    def _sweep_if_due(self, now: float) -> None:
+        """The lazy sweep: purge once per cleanup_interval at most, or when the clock went back."""
+        if now - self._last_sweep >= self.cleanup_interval or now < self._last_sweep:
+            self.purge()
+
+    def _bucket(self, key_id: str, now: float) -> _Bucket:
+        """The bucket of ``key_id`` rolled to ``now`` and marked seen, created if there is none."""
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(now, 0, 0, now)
+        else:
+            self._touch(bucket, now)
+        return bucket
+
+    def _touch(self, bucket: _Bucket, now: float) -> None:
+        """Roll ``bucket`` to ``now`` and mark it seen then."""
+        self._roll(bucket, now)
+        bucket.last_seen = now
+
+    def _rolled(self, bucket: _Bucket, now: float) -> tuple[float, int, int]:
+        """(start, previous, current) of the bucket seen at ``now`` (which may be in the past)."""
+        elapsed = now - bucket.start
+        if elapsed < 0:  # the clock went back: restart the window here, forgetting nothing
+            return now, bucket.previous, bucket.current
+        if elapsed < self.window:
+            return bucket.start, bucket.previous, bucket.current
+        if elapsed < 2 * self.window:
+            return bucket.start + self.window, bucket.current, 0
+        return now, 0, 0
+
+    def _roll(self, bucket: _Bucket, now: float) -> None:
+        """Store the rolled (start, previous, current) of ``bucket`` at ``now``."""
+        bucket.start, bucket.previous, bucket.current = self._rolled(bucket, now)
+
+    def _estimate(self, start: float, previous: int, current: int, now: float) -> float:
+        """E(t) = p * (W - e) / W + c, with the offset e clamped to [0, W]."""
+        offset = min(max(now - start, 0.0), self.window)
+        return previous * ((self.window - offset) / self.window) + current
+
+    def _estimate_later(self, bucket: _Bucket, when: float) -> float:
+        """E at time ``when`` (now or later), assuming no further requests."""
+        start, previous, current = self._rolled(bucket, when)
+        return self._estimate(start, previous, current, when)
+
+    def _retry_after(self, bucket: _Bucket, now: float, limit: int) -> int:
+        """The smallest whole r >= 1 with E(now + r) < limit (bucket already rolled to now)."""
+        window = self.window
+        offset = min(max(now - bucket.start, 0.0), window)
+        if bucket.current < limit:
+            delay = window - offset - window * (limit - bucket.current) / bucket.previous
+        else:
+            delay = 2 * window - offset - window * limit / bucket.current
+        retry = max(1, math.floor(delay) + 1)
+        # E never grows without requests, so this settles in a step or two.
+        while retry > 1 and self._estimate_later(bucket, now + retry - 1) < limit:
+            retry -= 1
+        while self._estimate_later(bucket, now + retry) >= limit:
+            retry += 1
+        return retry
+
+
+class RateLimiter(SlidingWindowCounter):
     """Sliding-window counter per key_id; one instance for the process (survives key reloads)."""
 
     def __init__(
@@ -118,20 +221,14 @@ class RateLimiter:
         cleanup_interval: float = 300.0,
     ) -> None:
         _check_limit(default_limit)
-        if not window > 0:
-            raise ValueError("window must be positive")
+        super().__init__(clock, window, cleanup_interval)
+        self.default_limit = default_limit
+
+    def _check_settings(self, window: float, cleanup_interval: float) -> None:
+        """Refuse a window that is not positive and a negative cleanup_interval."""
+        super()._check_settings(window, cleanup_interval)
         if not cleanup_interval >= 0:
             raise ValueError("cleanup_interval must not be negative")
-        self._clock = clock
-        self.default_limit = default_limit
-        self.window = float(window)
-        self.cleanup_interval = float(cleanup_interval)
-        self._buckets: dict[str, _Bucket] = {}
-        self._last_sweep = clock.seconds()
-
-    def __len__(self) -> int:
-        """The number of buckets held."""
-        return len(self._buckets)
 
     def check(self, key_id: str, limit: int | None = None) -> RateDecision:
         """Count one request for ``key_id`` if it is within ``limit`` (default: default_limit)."""
@@ -140,14 +237,8 @@ class RateLimiter:
         else:
             _check_limit(limit)
         now = self._clock.seconds()
-        if now - self._last_sweep >= self.cleanup_interval or now < self._last_sweep:
-            self.purge()
-        bucket = self._buckets.get(key_id)
-        if bucket is None:
-            bucket = self._buckets[key_id] = _Bucket(now, 0, 0, now)
-        else:
-            bucket.start, bucket.previous, bucket.current = self._rolled(bucket, now)
-            bucket.last_seen = now
+        self._sweep_if_due(now)
+        bucket = self._bucket(key_id, now)
         start, previous = bucket.start, bucket.previous
         estimate = self._estimate(start, previous, bucket.current, now)
         allowed = estimate < limit
@@ -161,38 +252,6 @@ class RateLimiter:
             reset=self._reset(start, previous, current, now),
             retry_after=None if allowed else self._retry_after(bucket, now, limit),
         )
-
-    def purge(self) -> int:
-        """Drop buckets idle for more than two windows; return how many were dropped."""
-        now = self._clock.seconds()
-        self._last_sweep = now
-        horizon = 2 * self.window
-        kept = {key: b for key, b in self._buckets.items() if now - b.last_seen <= horizon}
-        dropped = len(self._buckets) - len(kept)
-        if dropped:
-            self._buckets = kept  # a new dict: deleting from the old one would not shrink it
-        return dropped
-
-    def _rolled(self, bucket: _Bucket, now: float) -> tuple[float, int, int]:
-        """(start, previous, current) of the bucket seen at ``now`` (which may be in the past)."""
-        elapsed = now - bucket.start
-        if elapsed < 0:  # the clock went back: restart the window here, forgetting nothing
-            return now, bucket.previous, bucket.current
-        if elapsed < self.window:
-            return bucket.start, bucket.previous, bucket.current
-        if elapsed < 2 * self.window:
-            return bucket.start + self.window, bucket.current, 0
-        return now, 0, 0
-
-    def _estimate(self, start: float, previous: int, current: int, now: float) -> float:
-        """E(t) = p * (W - e) / W + c, with the offset e clamped to [0, W]."""
-        offset = min(max(now - start, 0.0), self.window)
-        return previous * ((self.window - offset) / self.window) + current
-
-    def _estimate_later(self, bucket: _Bucket, when: float) -> float:
-        """E at a future time ``when``, assuming no further requests."""
-        start, previous, current = self._rolled(bucket, when)
-        return self._estimate(start, previous, current, when)
 
     def _remaining(self, start: float, previous: int, current: int, now: float, limit: int) -> int:
         """The smallest k >= 0 with E + k >= limit: how many more are allowed right now."""
@@ -213,22 +272,6 @@ class RateLimiter:
         if previous > 0:
             return math.ceil(self.window - offset)
         return 0
-
-    def _retry_after(self, bucket: _Bucket, now: float, limit: int) -> int:
-        """The smallest whole r >= 1 with E(now + r) < limit (bucket already rolled to now)."""
-        window = self.window
-        offset = min(max(now - bucket.start, 0.0), window)
-        if bucket.current < limit:
-            delay = window - offset - window * (limit - bucket.current) / bucket.previous
-        else:
-            delay = 2 * window - offset - window * limit / bucket.current
-        retry = max(1, math.floor(delay) + 1)
-        # E never grows without requests, so this settles in a step or two.
-        while retry > 1 and self._estimate_later(bucket, now + retry - 1) < limit:
-            retry -= 1
-        while self._estimate_later(bucket, now + retry) >= limit:
-            retry += 1
-        return retry
 
 
 def _check_limit(limit: int) -> None:

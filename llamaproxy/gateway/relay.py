@@ -88,8 +88,9 @@ class StreamRelay(Protocol):
                     self.bytes_sent += len(tail)
                     self.request.write(tail)
             self._unregister()
+            self.outcome = "complete"  # before finish(): the access log reads it
             self.request.finish()
-            self._end("complete")
+            self.done.callback("complete")
             return
         if reason.check(_DataLoss) is None:
             log.warn(

@@ -1,0 +1,83 @@
+"""Tests for llamaproxy.gateway.recorder: every request ends in the access log, metrics, ledger."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy.access_log import AccessLog
+from llamaproxy.auth.access import TokenLimits
+from llamaproxy.auth.tokenlimit import TokenRateLimiter
+from llamaproxy.gateway.recorder import CLIENT_CLOSED, RequestRecorder
+from llamaproxy.metrics import GatewayMetrics
+from llamaproxy.testing import StreamingResponse, sse_chunk
+from tests.gateway.test_resource import AUTH, GatewayFixture
+
+
+class LedgerSpy:
+    """Records what the recorder books."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def record(self, key_id: str, model: str | None, prompt: int | None,
+               completion: int | None) -> None:
+        self.rows.append((key_id, model, prompt, completion))
+
+
+class RecorderTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.gw = GatewayFixture()
+        self.path = self.mktemp()
+        self.access_log = AccessLog(self.path, "json", self.gw.clock, "test", None)
+        self.metrics = GatewayMetrics(self.gw.clock)
+        self.gw.resource.metrics = self.metrics
+        self.ledger = LedgerSpy()
+        self.tokens = TokenLimits(TokenRateLimiter(self.gw.clock), default=1000)
+        self.gw.site.recorder = RequestRecorder(
+            self.gw.clock, self.access_log, self.metrics, self.ledger,  # type: ignore[arg-type]
+            self.tokens,
+        )
+
+    def entries(self) -> list[dict[str, Any]]:
+        self.access_log.flush()
+        with open(self.path) as f:
+            return [json.loads(line) for line in f]
+
+    def test_a_stream_with_usage(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hi"))
+        backend.send(b'data: {"choices": [], "model": "fake", "usage": {"prompt_tokens": 4, '
+                     b'"completion_tokens": 9}}\n\ndata: [DONE]\n\n')
+        backend.finish()
+        self.assertTrue(client.response().complete)
+        [entry] = self.entries()
+        self.assertEqual((entry["status"], entry["key_id"], entry["path"]),
+                         (200, "alice", "/v1/chat/completions"))
+        self.assertEqual((entry["prompt_tokens"], entry["completion_tokens"]), (4, 9))
+        self.assertEqual(entry["request_id"], client.response().header("x-request-id"))
+        self.assertEqual(self.ledger.rows, [("alice", "fake", 4, 9)])
+        self.assertEqual(self.tokens.limiter.used("alice"), 13)
+        self.assertEqual(self.metrics.legacy_json()["gateway"]["requests_success"], 1)
+
+    def test_refusals_are_recorded_with_their_status(self) -> None:
+        client = self.gw.client()
+        client.request("GET", "/v1/models")  # 401
+        client = self.gw.client()
+        client.send(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")  # 414, no request object
+        statuses = [e["status"] for e in self.entries()]
+        self.assertEqual(statuses, [401, 414])
+        self.assertEqual(self.metrics.legacy_json()["gateway"]["requests_unauthorized"], 1)
+        self.assertEqual(self.ledger.rows, [])
+
+    def test_a_client_that_leaves_before_the_answer(self) -> None:
+        client = self.gw.client()
+        client.request("POST", "/v1/chat/completions",
+                       b'{"messages": [{"role": "user", "content": "hi"}]}', AUTH)
+        client.disconnect()
+        [entry] = self.entries()
+        self.assertEqual((entry["status"], entry["outcome"]), (CLIENT_CLOSED, "client_gone"))

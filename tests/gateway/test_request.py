@@ -1,0 +1,56 @@
+"""Tests for llamaproxy.gateway.request: raw early answers, request ids, JSON 500s."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.request import GatewayRequest, raw_response
+from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.testing import InMemoryClient, parse_response
+from tests.gateway.test_resource import GatewayFixture
+
+
+class Broken(Resource):
+    isLeaf = True
+
+    @staticmethod
+    def early_check(request: GatewayRequest) -> None:
+        """Let everything through (GatewaySite asks before reading a body)."""
+
+    def render(self, request: GatewayRequest) -> bytes:  # type: ignore[override]
+        raise RuntimeError("/secret/path/in/a/traceback")
+
+
+class RequestTests(SynchronousTestCase):
+    def test_raw_response(self) -> None:
+        raw = raw_response(errors.queue_full(), [(b"X-Extra", b"1")])
+        response = parse_response(raw)
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.header("connection"), "close")
+        self.assertEqual(response.header("retry-after"), "5")
+        self.assertEqual(response.header("x-extra"), "1")
+        self.assertEqual(response.json()["error"]["code"], "queue_full")
+
+    def test_request_ids(self) -> None:
+        gw = GatewayFixture()
+        client = gw.client()
+        client.request("GET", "/ping", headers={"X-Request-ID": "trace-123.abc"})
+        self.assertEqual(client.response().header("x-request-id"), "trace-123.abc")
+        client = gw.client()
+        client.request("GET", "/ping", headers={"X-Request-ID": "bad id\twith tab"})
+        generated = client.response().header("x-request-id")
+        self.assertNotIn("bad", generated or "")
+        self.assertEqual(len(generated or ""), 16)
+
+    def test_a_bug_in_a_resource_is_a_json_500(self) -> None:
+        gw = GatewayFixture()
+        site = GatewaySite(Broken(), reactor=gw.clock)  # type: ignore[arg-type]
+        client = InMemoryClient(site)
+        client.request("GET", "/anything")
+        response = client.response()
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.json()["error"]["code"], "internal_error")
+        self.assertNotIn(b"secret", client.written)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
