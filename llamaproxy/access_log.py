@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import re
-import secrets
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -35,8 +35,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def new_request_id() -> str:
-    """A fresh request id: 16 hex characters (64 random bits)."""
-    return secrets.token_hex(8)
+    """A fresh request id: 16 hex characters (64 random bits; ids need to be unique, not secret,
+    so the fast generator, not the system's CSPRNG, which cost 1 % of a request's CPU)."""
+    return f"{random.getrandbits(64):016x}"
 
 
 def request_id_from(header_value: bytes | None) -> str:

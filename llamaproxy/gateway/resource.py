@@ -680,6 +680,7 @@ class GatewayResource(Resource):
         exchange.deadline = None
 
     def _exchange_done(self, result: object, exchange: _Exchange) -> None:
+        exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
         self._cancel_deadline(exchange)
         if exchange.slot is not None:
             exchange.slot.release()
