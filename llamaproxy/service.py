@@ -71,8 +71,10 @@ class GatewayService(MultiService):
         # MultiService starts children in the order they were added: exactly ours.
         super().startService()
         # Everything built so far lives as long as the process: keep it out of the cyclic
-        # garbage collector's full collections (tens of ms each under load, in the profile).
+        # garbage collector's full collections (tens of ms each under load, in the profile), and
+        # collect the young generation less often (bench/: ~10 % of a request's CPU was GC).
         gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
