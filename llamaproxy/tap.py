@@ -43,8 +43,9 @@ from llamaproxy.backends_file import (
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
+from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
-from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
+from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthSite, HealthState
 from llamaproxy.logs import observer_for_twistd, parse_log_format

@@ -10,40 +10,32 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TypeVar, cast
-from urllib.parse import unquote
+from dataclasses import dataclass
 
-from twisted.internet import defer, task
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llamaproxy.admission import Admission, QueueFullError, Slot
 from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.auth.store import KeyLoadError
 from llamaproxy.backend import Backend
-from llamaproxy.backends_file import upstream_url_bytes
-from llamaproxy.breaker import Ticket
-from llamaproxy.gateway import errors, forward
+from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
-from llamaproxy.gateway.relay import StreamRelay
+from llamaproxy.gateway.proxy import (
+    MODEL_PREFIX,
+    Exchange,
+    GatewaySettings,
+    ProxyExchanges,
+)
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
-from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
-from llamaproxy.metrics import GatewayMetrics, RequestTimer, route_label
-from llamaproxy.probe import read_body_bounded
+from llamaproxy.metrics import GatewayMetrics, route_label
 from llamaproxy.routing import (
-    Member,
-    ModelNotAllowedError,
     Router,
-    UnknownModelError,
-    is_retryable,
-    report,
 )
 
 log = Logger()
@@ -55,7 +47,6 @@ API_ROUTES: dict[bytes, tuple[bytes, ...]] = {
     b"/v1/embeddings": (b"POST",),
     b"/v1/models": (b"GET", b"HEAD"),
 }
-_MODEL_PREFIX = b"/v1/models/"
 
 #: Public routes: no key, never touch a backend.
 PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
@@ -65,19 +56,12 @@ ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",), b"/v1/ro
 
 _JSON = b"application/json"
 
-#: How long a failed send waits for the supervisor to notice a crash before giving up (seconds).
-_CRASH_NOTICE_DELAY = 0.5
-
-_T = TypeVar("_T")
-
 #: Status of a /v1/route answer by its error (None: 200).
 _EXPLAIN_STATUS = {
     "invalid_model": 400, "model_not_allowed": 403, "model_not_found": 404,
     "no_backend_available": 503,
 }
 
-#: Largest backend model list the gateway reads to answer /v1/models/{id}.
-_MODEL_LIST_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -104,7 +88,7 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
     allowed = API_ROUTES.get(path)
     if allowed is None and path in extra_paths:
         allowed = (b"POST",)
-    if allowed is None and path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+    if allowed is None and path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
         # Answered by the gateway from the backend's /v1/models (llama-server has no
         # /v1/models/{id}); the raw path is never forwarded.
         if method not in (b"GET", b"HEAD"):
@@ -119,58 +103,7 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
     return Route("api", path)
 
 
-@dataclass
-class GatewaySettings:
-    """The parts of the configuration the gateway resource uses."""
-
-    request_timeout: float = 300.0
-    stream_idle_timeout: float = 120.0
-    queue_timeout: float = 60.0
-    first_byte_timeout: float = 300.0
-    metrics_auth_enabled: bool = False
-    #: Strict-Transport-Security value for HTTPS responses (None: not sent).
-    hsts: str | None = None
-    #: Log a line per proxied request (off when the access log already records each one).
-    log_requests: bool = True
-    extra_paths: frozenset[bytes] = frozenset()
-
-
-@dataclass(eq=False)
-class _Exchange:
-    """One proxied request in flight: what a timeout or a disconnect has to stop."""
-
-    request: GatewayRequest
-    started: float
-    relay: StreamRelay | None = None
-    timed_out: bool = False
-    deadline: IDelayedCall | None = None
-    slot: Slot | None = None
-    #: The request body as sent to the backend.
-    body: bytes = b""
-    #: Token usage seen in the response (chat, completions, embeddings).
-    usage: UsageCollector | None = None
-    #: Set when the gateway cut the exchange (drain timeout) before it was answered.
-    aborted: bool = False
-    #: The canonical model the request was routed for.
-    model: str | None = None
-    #: Why the last backend tried could not answer (sent if no other backend can).
-    failure: GatewayError | None = None
-    #: The metrics timer of this request (when metrics are on).
-    timer: RequestTimer | None = None
-    task: Deferred[None] | None = field(default=None, repr=False)
-
-    def outcome(self) -> str:
-        """How the exchange ended, in a word (for logs and metrics)."""
-        if self.relay is not None:
-            return self.relay.outcome or "unfinished"
-        if self.timed_out:
-            return "timeout"
-        if self.aborted:
-            return "shutdown"
-        return "client_gone" if self.request.gone and not self.request.finished else "answered"
-
-
-class GatewayResource(Resource):
+class GatewayResource(ProxyExchanges, Resource):
     """Serves /ping, /health, /readyz and proxies the OpenAI API to the backend."""
 
     isLeaf = True
@@ -199,7 +132,7 @@ class GatewayResource(Resource):
         self.health_document = health_document
         self.ready = ready
         self.draining = False
-        self.in_flight: set[_Exchange] = set()
+        self.in_flight: set[Exchange] = set()
         self.started_at = clock.seconds()
         self._drained: list[Deferred[None]] = []
 
@@ -262,7 +195,7 @@ class GatewayResource(Resource):
         invalid = _validate_body(request)
         if invalid is not None:
             return request.render_error(invalid)
-        exchange = _Exchange(request, self.clock.seconds(), body=_body_of(request))
+        exchange = Exchange(request, self.clock.seconds(), body=_body_of(request))
         request.exchange = exchange
         if self.metrics is not None:
             key_id = request.key_id if request.key_id != AUTH_DISABLED else None
@@ -299,27 +232,6 @@ class GatewayResource(Resource):
         router = self.router
         spec = router.table.backends_for(router.table.default_model)[0]
         return router.members[spec.name].status
-
-    def _answer_model_list(self, request: GatewayRequest) -> None:
-        """/v1/models and /v1/models/{id} from the router: the models this key may use."""
-        created = int(self.started_at)
-        entries = self.router.models_for(request.key_id)
-        if request.path.startswith(_MODEL_PREFIX):
-            wanted = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
-            model = self.router.resolve_model(wanted, request.key_id) if wanted else None
-            match = [e for e in entries if e.id == model]
-            if not match:
-                request.send_error(errors.model_not_found(wanted))
-                return
-            doc: dict[str, object] = match[0].as_json(created)
-        else:
-            doc = {"object": "list", "data": [e.as_json(created) for e in entries]}
-        payload = json.dumps(doc).encode()
-        request.setHeader(b"Content-Type", _JSON)
-        request.setHeader(b"Content-Length", str(len(payload)).encode())
-        if request.method != b"HEAD":
-            request.write(payload)
-        request.finish()
 
     def _render_metrics(self, request: GatewayRequest) -> bytes:
         """/metrics: the older gateway's JSON, or Prometheus/OpenMetrics text for scrapers."""
@@ -359,310 +271,14 @@ class GatewayResource(Resource):
 
     # -- the proxied exchange ------------------------------------------------------------------
 
-    async def _proxy(self, exchange: _Exchange) -> None:
-        request = exchange.request
-        router = self.router
-        if self.local_model_list and request.path.startswith(b"/v1/models"):
-            self._answer_model_list(request)
-            return
-        body = request.json_body
-        requested = body.get("model") if isinstance(body, dict) else None
-        if requested is not None and not isinstance(requested, str):
-            request.send_error(errors.bad_request(
-                "'model' must be a string", code="invalid_type", param="model"))
-            return
-        model = router.resolve_model(requested, request.key_id)
-        try:
-            if model is None:
-                raise UnknownModelError(requested)
-            candidates = router.candidates(model, request.key_id)
-        except UnknownModelError:
-            request.send_error(errors.model_not_found(requested or ""))
-            return
-        except ModelNotAllowedError:
-            request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
-            return
-        exchange.model = model
-        # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
-        wait_until = exchange.started + self.settings.queue_timeout
-        budget = min(len(candidates), router.max_attempts)
-        attempts = 0
-        for member in candidates:
-            if attempts >= budget or request.gone:
-                break
-            ticket = member.breaker.acquire()
-            if ticket is None:
-                continue  # its breaker just opened: not an attempt
-            attempts += 1
-            last = attempts >= budget or member is candidates[-1]
-            if await self._try_member(exchange, member, ticket, wait_until, last):
-                return
-            log.info("Failing over {model} from {backend} ({reason})", model=model,
-                     backend=member.name, reason=exchange.failure.message
-                     if exchange.failure else "breaker")
-        if not request.gone:
-            request.send_error(exchange.failure or errors.backend_unavailable(
-                "stopping" if self.draining else "unavailable", 5))
-
-    def _give_up(self, exchange: _Exchange, error: GatewayError, last: bool) -> bool:
-        """Answer ``error`` when this was the last candidate (True), else remember it (False)."""
-        if last:
-            exchange.request.send_error(error)
-            return True
-        exchange.failure = error
-        return False
-
-    async def _try_member(
-        self, exchange: _Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
-    ) -> bool:
-        """One attempt on one backend; True when the request got its answer from this attempt."""
-        request = exchange.request
-        status = member.status
-        timer = exchange.timer
-        if not status.ready and timer is not None:
-            timer.queued()
-        if not await self._member_ready(member, wait_until):
-            ticket.release()
-            state = "stopping" if self.draining else status.state.value
-            return self._give_up(exchange, errors.backend_unavailable(
-                state, status.retry_after(self.clock.seconds())), last)
-        if not (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")):
-            # (The model list uses no inference slot: it never waits behind a generation.)
-            try:
-                waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
-            except QueueFullError:
-                ticket.release()
-                return self._give_up(exchange, errors.queue_full(), last)
-            if not waiting.called and timer is not None:
-                timer.queued()
-            try:
-                # Released when the exchange ends, or below when failing over.
-                exchange.slot = await self._within(waiting, wait_until)
-            except defer.TimeoutError:
-                ticket.release()
-                return self._give_up(exchange, errors.queue_timeout(
-                    status.retry_after(self.clock.seconds())), last)
-        if timer is not None:
-            timer.admitted()
-        answered = await self._forward(exchange, member, ticket, wait_until, last)
-        if not answered and exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        return answered
-
-    async def _within(self, waiting: Deferred[_T], until: float) -> _T:
-        """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
-        remaining = until - self.clock.seconds()
-        if remaining <= 0:
-            waiting.cancel()
-            waiting.addErrback(lambda _: None)
-            raise defer.TimeoutError()
-        waiting.addTimeout(remaining, self.clock)
-        return await waiting
-
-    async def _member_ready(self, member: Member, until: float) -> bool:
-        """True once the backend is ready; a restarting one is waited for, up to ``until``."""
-        status = member.status
-        if status.ready:
-            return True
-        if status.recovering and not self.draining:
-            try:
-                await self._within(status.wait_ready(), until)
-                return True
-            except defer.TimeoutError:
-                pass
-        return False
-
-    def _request_body(self, exchange: _Exchange, member: Member) -> bytes:
-        """The body for ``member``: usage asked for on streams, the upstream's model name."""
-        request = exchange.request
-        parsed = request.json_body
-        if not isinstance(parsed, dict):
-            return exchange.body
-        changed = dict(parsed)
-        if request.path in _USAGE_ROUTES:
-            if exchange.usage is None:
-                streaming = parsed.get("stream") is True
-                asked = streaming and ask_for_stream_usage(parsed)[1]
-                exchange.usage = UsageCollector(streaming, remove_usage_event=not asked)
-            if exchange.usage.remove_usage_event:
-                changed = ask_for_stream_usage(parsed)[0]
-        if self.local_model_list and exchange.model is not None and "model" in parsed:
-            # Several backends: each gets the name it knows the model by (aliases resolved).
-            changed["model"] = member.spec.upstream_model(exchange.model)
-        if changed == parsed:
-            return exchange.body
-        return json.dumps(changed).encode()
-
-    async def _forward(
-        self, exchange: _Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
-    ) -> bool:
-        """Send to ``member`` and relay its answer; False to fail over to the next backend."""
-        request = exchange.request
-        status = member.status
-        body = self._request_body(exchange, member)
-        model_id: str | None = None
-        method, target = request.method, request.uri
-        if request.path.startswith(_MODEL_PREFIX):
-            model_id = unquote(request.path[len(_MODEL_PREFIX):].decode("latin-1"))
-            method, target = b"GET", b"/v1/models"
-        url = upstream_url_bytes(member.spec.base_url, target)
-        for attempt in (1, 2):
-            if not await self._member_ready(member, wait_until):
-                ticket.release()
-                return self._give_up(exchange, errors.backend_unavailable(
-                    status.state.value, status.retry_after(self.clock.seconds())), last)
-            if exchange.deadline is None:
-                exchange.deadline = self.clock.callLater(
-                    self.settings.request_timeout, self._deadline_passed, exchange
-                )
-            if exchange.timer is not None:
-                exchange.timer.backend_sent()
-            sending = Deferred.fromCoroutine(forward.send(
-                self.agent, url, status.api_key, method, request.requestHeaders, body
-            ))
-            sending.addTimeout(self.settings.first_byte_timeout, self.clock)
-            try:
-                response = await sending
-                if exchange.timer is not None:
-                    exchange.timer.backend_headers(response.code)
-                break
-            except CancelledError:
-                ticket.release()
-                raise
-            except defer.TimeoutError as e:
-                log.warn("Backend {backend} sent no response within {timeout}s",
-                         backend=member.name, timeout=self.settings.first_byte_timeout)
-                report(ticket, None, e)
-                self._cancel_deadline(exchange)
-                return self._give_up(exchange, errors.gateway_timeout(), last)
-            except Exception as e:
-                log.warn("Backend {backend} request failed: {error}", backend=member.name,
-                         error=_describe(e))
-                if not last and is_retryable(None, e, 0):
-                    report(ticket, None, e)
-                    self._cancel_deadline(exchange)
-                    exchange.failure = errors.bad_gateway()
-                    return False
-                if attempt == 1 and await self._backend_went_down(status):
-                    # The backend crashed under us: wait for the restart (that wait belongs to
-                    # the queue budget, not to REQUEST_TIMEOUT), then send again.
-                    self._cancel_deadline(exchange)
-                    continue
-                report(ticket, None, e)
-                unavailable = None if status.ready else errors.backend_unavailable(
-                    status.state.value, status.retry_after(self.clock.seconds()))
-                request.send_error(unavailable or errors.bad_gateway())
-                return True
-        if not last and (response.code >= 500 or response.code == 429) and not request.gone:
-            report(ticket, response.code, None)
-            _discard(response)
-            self._cancel_deadline(exchange)
-            exchange.failure = errors.bad_gateway(f"Backend answered {response.code}")
-            return False
-        report(ticket, response.code, None)
-        if request.gone:
-            _discard(response)
-            return True
-        if model_id is not None:
-            await self._answer_model(request, response, model_id)
-            return True
-        await self._relay(exchange, response)
-        return True
-
-    async def _answer_model(
-        self, request: GatewayRequest, response: IResponse, model_id: str
-    ) -> None:
-        """GET /v1/models/{id}: the matching entry of the backend's model list, or 404."""
-        if response.code != 200:
-            await self._relay_buffered(request, response)
-            return
-        raw = await read_body_bounded(response, _MODEL_LIST_LIMIT)
-        try:
-            entries = json.loads(raw)["data"]
-            entry = next(
-                m for m in entries if model_id == m.get("id") or model_id in m.get("aliases", ())
-            )
-        except StopIteration:
-            request.send_error(errors.model_not_found(model_id))
-            return
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warn("Backend /v1/models answer is not a model list")
-            request.send_error(errors.bad_gateway("Backend sent an invalid model list"))
-            return
-        payload = json.dumps(entry).encode()
-        request.setHeader(b"Content-Type", _JSON)
-        request.setHeader(b"Content-Length", str(len(payload)).encode())
-        if request.method != b"HEAD":
-            request.write(payload)
-        request.finish()
-
-    async def _relay_buffered(self, request: GatewayRequest, response: IResponse) -> None:
-        body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in forward.filter_response_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"Content-Length", str(len(body)).encode())
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
-
-    async def _relay(self, exchange: _Exchange, response: IResponse) -> None:
-        request = exchange.request
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in forward.filter_response_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_stream = content_type.startswith(b"text/event-stream")
-        usage = exchange.usage
-        if usage is not None and usage.streaming and not is_stream:
-            # A stream was asked for but this is a whole body (an error, typically).
-            usage = exchange.usage = UsageCollector(streaming=False)
-        body_changes = usage is not None and usage.remove_usage_event
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD" and not body_changes:
-            request.setHeader(b"Content-Length", str(response.length).encode())
-        if is_stream:
-            request.setHeader(b"X-Accel-Buffering", b"no")
-            request.setHeader(b"Cache-Control", b"no-cache")
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
-        exchange.relay = relay
-        response.deliverBody(relay)
-        await relay.done
-
-    async def _backend_went_down(self, status: Backend) -> bool:
-        """After a failed send: is the backend restarting (so the request may wait and retry)?
-
-        A crash and the connection failures it causes reach the gateway in no fixed order, so a
-        backend that still looks ready gets a moment for its supervisor to notice.
-        """
-        if status.ready and not self.draining:
-            await task.deferLater(self.clock, _CRASH_NOTICE_DELAY, lambda: None)
-        return status.recovering and not self.draining
-
-    # -- ends of an exchange -------------------------------------------------------------------
-
-    def _deadline_passed(self, exchange: _Exchange) -> None:
-        exchange.deadline = None
-        exchange.timed_out = True
-        log.warn(
-            "Request exceeded {timeout}s: {method} {path}",
-            timeout=self.settings.request_timeout,
-            method=exchange.request.method.decode("latin-1"),
-            path=exchange.request.path.decode("latin-1")[:200],
-        )
-        if exchange.relay is not None:
-            exchange.relay.abort("timeout")
-        elif exchange.task is not None:
-            exchange.task.cancel()
-
-    def _client_gone(self, reason: Failure, exchange: _Exchange) -> None:
+    def _client_gone(self, reason: Failure, exchange: Exchange) -> None:
         if exchange.relay is not None:
             # Usually the transport already told the relay (stopProducing); make sure.
             exchange.relay.stopProducing()
         elif exchange.task is not None:
             exchange.task.cancel()
 
-    def _unexpected(self, failure: Failure, exchange: _Exchange) -> None:
+    def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request
         if failure.check(CancelledError):
             if exchange.timed_out:
@@ -674,12 +290,7 @@ class GatewayResource(Resource):
         request.send_error(errors.internal_error())
         return None
 
-    def _cancel_deadline(self, exchange: _Exchange) -> None:
-        if exchange.deadline is not None and exchange.deadline.active():
-            exchange.deadline.cancel()
-        exchange.deadline = None
-
-    def _exchange_done(self, result: object, exchange: _Exchange) -> None:
+    def _exchange_done(self, result: object, exchange: Exchange) -> None:
         exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
         self._cancel_deadline(exchange)
         if exchange.slot is not None:
@@ -692,7 +303,7 @@ class GatewayResource(Resource):
             for d in waiters:
                 d.callback(None)
 
-    def _log_exchange(self, exchange: _Exchange) -> None:
+    def _log_exchange(self, exchange: Exchange) -> None:
         request, relay = exchange.request, exchange.relay
         log.info(
             "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id} "
@@ -736,9 +347,6 @@ _REQUIRED_FIELD = {
 }
 
 
-#: Routes whose responses report token usage.
-_USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
-
 
 def _body_of(request: GatewayRequest) -> bytes:
     content = request.content
@@ -774,19 +382,3 @@ def _validate_body(request: GatewayRequest) -> GatewayError | None:
     request.json_body = body
     return None
 
-
-def _discard(response: IResponse) -> None:
-    from twisted.internet.protocol import Protocol
-
-    class _Drop(Protocol):
-        def connectionMade(self) -> None:
-            self.transport.stopProducing()  # type: ignore[union-attr]
-
-    response.deliverBody(_Drop())
-
-
-def _describe(e: BaseException) -> str:
-    reasons = getattr(e, "reasons", None)
-    if reasons:
-        return f"{type(e).__name__}: " + "; ".join(r.getErrorMessage() for r in reasons)
-    return f"{type(e).__name__}: {e}"

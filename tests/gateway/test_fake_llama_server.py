@@ -13,7 +13,8 @@ from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import parse_keys
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState
-from llamaproxy.gateway.resource import GatewayResource, GatewaySettings
+from llamaproxy.gateway.proxy import GatewaySettings
+from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
 from llamaproxy.testing import FakeLlamaServer, InMemoryClient, router_for

@@ -18,7 +18,8 @@ from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState, ProbeResult
 from llamaproxy.cors import CorsPolicy
-from llamaproxy.gateway.resource import GatewayResource, GatewaySettings, resolve
+from llamaproxy.gateway.proxy import GatewaySettings
+from llamaproxy.gateway.resource import GatewayResource, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
 from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, router_for, sse_chunk
