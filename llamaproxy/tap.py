@@ -197,16 +197,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         health_site.log = lambda request: None  # type: ignore[method-assign]
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
+    endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
     log.info(
-        "llamaproxy {version}: gateway on {endpoints}, health on {health}, backend {backend}, "
-        "model {model}, {concurrency} concurrent, auth {auth}",
-        version=__version__,
-        endpoints=", ".join(
-            ([f"tls:{config.port}"] if tls is not None else []) + list(config.listen)
-        ) if tls is not None else ", ".join(config.endpoints),
-        health=config.health_endpoint or "off", backend=config.backend_base_url,
-        model=config.model_alias, concurrency=admission.max_concurrent,
-        auth="on" if config.auth_enabled else "off",
+        "llamaproxy {version}: gateway on {endpoints}, health on {health}, backends {backends}, "
+        "default model {model}, auth {auth}",
+        version=__version__, endpoints=", ".join(endpoints),
+        health=config.health_endpoint or "off",
+        backends=", ".join(f"{m.name} ({m.slots} slots)" for m in router.members.values()),
+        model=table.default_model, auth="on" if config.auth_enabled else "off",
     )
     return GatewayService(
         reactor, backends, listeners, health_listener, resource, pool, config.drain_timeout,
