@@ -426,6 +426,21 @@ def detect_data_dir(exists: Callable[[str], bool] = os.path.isdir) -> str:
     return "/data"
 
 
+def data_file_from_env(
+    environ: Mapping[str, str],
+    variable: str,
+    name: str,
+    data_dir_exists: Callable[[str], bool] = os.path.isdir,
+) -> str:
+    """``$variable`` when set, else ``$DATA_DIR/name`` (DATA_DIR detected as the gateway does):
+    where the command-line tools find the gateway's files without the gateway's flags."""
+    explicit = environ.get(variable, "").strip()
+    if explicit:
+        return explicit
+    data_dir = environ.get("DATA_DIR", "").strip() or detect_data_dir(data_dir_exists)
+    return os.path.join(data_dir, name)
+
+
 def sanitize_instance_id(value: str) -> str:
     """Make a value safe inside a file name (SEC-06 of the older gateway)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value)[:64].lstrip(".")

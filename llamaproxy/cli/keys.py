@@ -17,7 +17,7 @@ from typing import TextIO
 
 from llamaproxy.auth import keyfile
 from llamaproxy.auth.keys import parse_expiration, parse_keys
-from llamaproxy.config import detect_data_dir
+from llamaproxy.config import data_file_from_env
 
 _RELATIVE = re.compile(r"(\d+)([dhm])", re.IGNORECASE)
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
@@ -34,13 +34,10 @@ def default_key_file(
     data_dir_exists: Callable[[str], bool] = os.path.isdir,
 ) -> str:
     """``$AUTH_KEYS_FILE``, else ``$DATA_DIR/api_keys.txt`` (DATA_DIR detected like the gateway)."""
-    if environ is None:
-        environ = os.environ
-    explicit = environ.get("AUTH_KEYS_FILE", "").strip()
-    if explicit:
-        return explicit
-    data_dir = environ.get("DATA_DIR", "").strip() or detect_data_dir(data_dir_exists)
-    return os.path.join(data_dir, "api_keys.txt")
+    return data_file_from_env(
+        os.environ if environ is None else environ, "AUTH_KEYS_FILE", "api_keys.txt",
+        data_dir_exists,
+    )
 
 
 def resolve_expires(text: str, now: datetime) -> str:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TextIO
 
-from llamaproxy.config import detect_data_dir
-from llamaproxy.usage import UsageRow, default_ledger_path, grand_total, query, totals_by_key
+from llamaproxy.config import data_file_from_env
+from llamaproxy.usage import LEDGER_FILE_NAME, UsageRow, grand_total, query, totals_by_key
 
 _DAYS_AGO = re.compile(r"([0-9]+)d", re.IGNORECASE)
 
@@ -31,13 +31,10 @@ def default_ledger_file(
     data_dir_exists: Callable[[str], bool] = os.path.isdir,
 ) -> str:
     """``$USAGE_LEDGER``, else ``$DATA_DIR/usage.sqlite3`` (DATA_DIR detected like the gateway)."""
-    if environ is None:
-        environ = os.environ
-    explicit = environ.get("USAGE_LEDGER", "").strip()
-    if explicit:
-        return explicit
-    data_dir = environ.get("DATA_DIR", "").strip() or detect_data_dir(data_dir_exists)
-    return default_ledger_path(data_dir)
+    return data_file_from_env(
+        os.environ if environ is None else environ, "USAGE_LEDGER", LEDGER_FILE_NAME,
+        data_dir_exists,
+    )
 
 
 def parse_day(text: str, today: date, option: str) -> date:
