@@ -471,6 +471,7 @@ class GatewayMetrics:
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
         self._certificate_expiry: Callable[[], float] | None = None
+        self._router: Callable[[], Any] | None = None
         self._scrapers: list[BackendMetricsScraper] = []
 
         reg = self.registry
@@ -699,12 +700,46 @@ class GatewayMetrics:
             "gateway_uptime_seconds", "Whole seconds since the gateway started.",
             value=doc["uptime_seconds"])
 
+    def watch_router(self, router: Callable[[], Any]) -> None:
+        """Export each backend's circuit breaker: state, and attempts by outcome.
+
+        ``router`` returns the live ``routing.Router`` (it is replaced on reloads). Every attempt
+        on a backend settles a breaker ticket, so the breaker's counters count the attempts.
+        """
+        self._router = router
+
+    def _breaker_families(self) -> Iterator[Metric]:
+        router = self._router() if self._router is not None else None
+        if router is None:
+            return
+        state = GaugeMetricFamily("llamaproxy_breaker_state",
+                                  "1 for the backend's circuit-breaker state, 0 for the others.",
+                                  labels=["backend", "state"])
+        attempts = CounterMetricFamily("llamaproxy_backend_attempts",
+                                       "Attempts on a backend by outcome (failover included).",
+                                       labels=["backend", "outcome"])
+        opens = CounterMetricFamily("llamaproxy_breaker_opens",
+                                    "Times the backend's breaker opened.", labels=["backend"])
+        skipped = CounterMetricFamily("llamaproxy_breaker_rejections",
+                                      "Requests that skipped the backend: its breaker was open.",
+                                      labels=["backend"])
+        for name, member in router.members.items():
+            breaker = member.breaker
+            for value in ("closed", "open", "half_open"):
+                state.add_metric([name, value], 1.0 if breaker.state.value == value else 0.0)
+            attempts.add_metric([name, "success"], breaker.successes)
+            attempts.add_metric([name, "failure"], breaker.failures)
+            opens.add_metric([name], breaker.opens)
+            skipped.add_metric([name], breaker.rejections)
+        yield from (state, attempts, opens, skipped)
+
     def watch_certificate(self, seconds_until_expiry: Callable[[], float]) -> None:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""
         self._certificate_expiry = seconds_until_expiry
 
     def _live_families(self) -> Iterator[Metric]:
-        """Admission, backend and certificate state, read from the live objects."""
+        """Admission, backend, breaker and certificate state, read from the live objects."""
+        yield from self._breaker_families()
         if self._certificate_expiry is not None:
             yield GaugeMetricFamily(
                 "llamaproxy_tls_certificate_expiry_seconds",

@@ -181,6 +181,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         router, agent, reactor, settings, access, health.document, health.ready, metrics=metrics
     )
     resource.local_model_list = options.backends_file is not None
+    metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
     resource_holder.append(resource)
     if options.backends_file is not None:

@@ -596,3 +596,26 @@ class CertificateGaugeTests(SynchronousTestCase):
         metrics.watch_certificate(lambda: 86400.0 * 3)
         body, _ = metrics.render("text/plain", include_per_key=False)
         self.assertIn(b"llamaproxy_tls_certificate_expiry_seconds 259200.0", body)
+
+
+class BreakerMetricsTests(SynchronousTestCase):
+    def test_breaker_state_and_attempts(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaproxy.admission import Admission
+        from llamaproxy.testing import router_for
+
+        clock = Clock()
+        backend = Backend("b1", "http://127.0.0.1:1", model="m")
+        router = router_for(backend, Admission(1), clock)
+        member = router.members["b1"]
+        member.breaker.acquire().record_success()  # type: ignore[union-attr]
+        member.breaker.acquire().record_failure()  # type: ignore[union-attr]
+        metrics = GatewayMetrics(clock)
+        metrics.watch_router(lambda: router)
+        body, _ = metrics.render("text/plain", include_per_key=False)
+        self.assertIn(b'llamaproxy_breaker_state{backend="b1",state="closed"} 1.0', body)
+        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="success"} 1.0',
+                      body)
+        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="failure"} 1.0',
+                      body)
