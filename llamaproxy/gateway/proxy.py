@@ -180,8 +180,11 @@ class ProxyExchanges:
                 continue  # its breaker just opened: not an attempt
             attempts += 1
             last = attempts >= budget or member is candidates[-1]
-            if await self._try_member(exchange, member, ticket, wait_until, last):
-                return
+            try:
+                if await self._try_member(exchange, member, ticket, wait_until, last):
+                    return
+            finally:
+                ticket.release()  # no-op once settled; frees it when the client left meanwhile
             log.info("Failing over {model} from {backend} ({reason})", model=model,
                      backend=member.name, reason=exchange.failure.message
                      if exchange.failure else "breaker")
