@@ -299,6 +299,22 @@ class CommandTests(BackendTestCase):
         self.assertIn("6/6 requests", err)  # 2 /ping + 2 /health + 2 chats
         self.assertTrue(err.endswith("\n"))
 
+    def test_progress_object(self) -> None:
+        import io
+
+        from llamaproxy.cli.bench import Progress
+
+        stream = io.StringIO()
+        progress = Progress(stream, total=4, enabled=True, width=4)
+        progress.advance(4)
+        progress.close()
+        self.assertIn("[####] 4/4 requests", stream.getvalue())
+        quiet = io.StringIO()
+        disabled = Progress(quiet, total=4, enabled=False)
+        disabled.advance(4)
+        disabled.close()
+        self.assertEqual(quiet.getvalue(), "")
+
     def test_gateway_only(self) -> None:
         code, out, err = run_cli("bench", "--url", self.url, "--gateway-only", "--requests", "3",
                                  "--warmup", "0", "--output", "json")
