@@ -167,27 +167,12 @@ def gateway_features(root: Path, server: Server) -> dict[str, Any]:
                 if "Configuration" in line or "not supported" in line.lower()]
     access_log = root / "access.log"
     return {
-        "auth_without_key_status": _post_status(port),
+        "auth_without_key_status": http_status(port, PATH, 5.0, "POST", b"{}"),
         "metrics_status": http_status(port, "/metrics"),
         "access_log_bytes": access_log.stat().st_size if access_log.exists() else None,
         "usage_ledger": (root / "usage.sqlite3").exists(),
         "startup_warnings": warnings[:10],
     }
-
-
-def _post_status(port: int) -> int | None:
-    import http.client
-
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("POST", PATH, body=b"{}", headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
 
 
 # -- load -------------------------------------------------------------------------------------

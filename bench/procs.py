@@ -187,11 +187,14 @@ def wait_quiet(timeout: float, threshold: float = 10.0) -> float:
     return busy
 
 
-def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
-    """Status of GET http://127.0.0.1:port/path, or None when nothing answers."""
+def http_status(
+    port: int, path: str, timeout: float = 2.0, method: str = "GET", body: bytes | None = None
+) -> int | None:
+    """Status of METHOD http://127.0.0.1:port/path, or None when nothing answers."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Content-Type": "application/json"} if body is not None else {}
     try:
-        connection.request("GET", path)
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         response.read()
         return response.status

@@ -17,15 +17,13 @@ from typing import TextIO
 
 from llamaproxy.auth import keyfile
 from llamaproxy.auth.keys import parse_expiration, parse_keys
+from llamaproxy.cli.guard import CommandError, Handler, guarded
 from llamaproxy.config import data_file_from_env
 
 _RELATIVE = re.compile(r"(\d+)([dhm])", re.IGNORECASE)
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
-Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
-
-
-class KeyCommandError(Exception):
+class KeyCommandError(CommandError):
     """A user error: printed as ``error: <message>`` on stderr, exit code 1, no traceback."""
 
 
@@ -236,21 +234,6 @@ def remove(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _guarded(command: Handler) -> Handler:
-    """Turn user errors and file-system errors into a one-line message and exit code 1."""
-
-    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-        try:
-            return command(args, out, err)
-        except KeyCommandError as error:
-            err.write(f"error: {error}\n")
-        except OSError as error:
-            where = f": {error.filename}" if error.filename else ""
-            err.write(f"error: {error.strerror or error}{where}\n")
-        return 1
-
-    run.__doc__ = command.__doc__
-    return run
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> None:
@@ -287,7 +270,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         _add_global_options(command, repeated=True)
-        command.set_defaults(handler=_guarded(handler))
+        command.set_defaults(handler=guarded(handler))
         return command
 
     name_help = "key_id: 1-64 characters from A-Z a-z 0-9 - _"

@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TextIO
 
+from llamaproxy.cli.guard import CommandError, guarded
 from llamaproxy.config import data_file_from_env
 from llamaproxy.usage import LEDGER_FILE_NAME, UsageRow, grand_total, query, totals_by_key
 
 _DAYS_AGO = re.compile(r"([0-9]+)d", re.IGNORECASE)
 
 
-class UsageCommandError(Exception):
+class UsageCommandError(CommandError):
     """A user error: printed as ``error: <message>`` on stderr, exit code 1."""
 
 
@@ -172,23 +173,6 @@ def _describe_filters(key: str | None, since: date | None, until: date | None) -
     return (" " + " ".join(parts)) if parts else ""
 
 
-def _guarded(
-    command: Callable[[argparse.Namespace, TextIO, TextIO], int],
-) -> Callable[[argparse.Namespace, TextIO, TextIO], int]:
-    """Turn user and file-system errors into a one-line message and exit code 1."""
-
-    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-        try:
-            return command(args, out, err)
-        except UsageCommandError as error:
-            err.write(f"error: {error}\n")
-        except OSError as error:
-            where = f": {error.filename}" if error.filename else ""
-            err.write(f"error: {error.strerror or error}{where}\n")
-        return 1
-
-    run.__doc__ = command.__doc__
-    return run
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -211,4 +195,4 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--since", metavar="DAY", help=f"first day included: {day_help}")
     parser.add_argument("--until", metavar="DAY", help=f"last day included: {day_help}")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.set_defaults(handler=_guarded(show_usage), help_parser=parser)
+    parser.set_defaults(handler=guarded(show_usage), help_parser=parser)

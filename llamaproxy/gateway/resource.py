@@ -192,10 +192,11 @@ class GatewayResource(ProxyExchanges, Resource):
         if request.key_id is None:
             # early_check did not run (it always does on a GatewaySite): fail closed.
             return request.render_error(errors.unauthorized("Missing Authorization header"))
-        invalid = _validate_body(request)
+        body = _body_of(request)
+        invalid = _validate_body(request, body)
         if invalid is not None:
             return request.render_error(invalid)
-        exchange = Exchange(request, self.clock.seconds(), body=_body_of(request))
+        exchange = Exchange(request, self.clock.seconds(), body=body)
         request.exchange = exchange
         if self.metrics is not None:
             key_id = request.key_id if request.key_id != AUTH_DISABLED else None
@@ -356,11 +357,10 @@ def _body_of(request: GatewayRequest) -> bytes:
     return content.read()
 
 
-def _validate_body(request: GatewayRequest) -> GatewayError | None:
+def _validate_body(request: GatewayRequest, raw: bytes) -> GatewayError | None:
     """400 for a POST body that is not a JSON object or lacks the route's required field."""
     if request.method != b"POST":
         return None
-    raw = _body_of(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
