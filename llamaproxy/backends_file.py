@@ -20,6 +20,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
@@ -255,7 +256,18 @@ class BackendsTable:
 
     def backends_for(self, model: str) -> tuple[BackendSpec, ...]:
         """The backends serving ``model`` (canonical name), in declaration order."""
-        return tuple(spec for spec in self.backends if model in spec.models)
+        found = self._backends_by_model.get(model)
+        if found is None:
+            found = tuple(spec for spec in self.backends if model in spec.models)
+        return found
+
+    @cached_property
+    def _backends_by_model(self) -> dict[str, tuple[BackendSpec, ...]]:
+        """``backends_for`` of every served model, computed once (it runs on every request)."""
+        return {
+            model.name: tuple(spec for spec in self.backends if model.name in spec.models)
+            for model in self.models
+        }
 
 
 class TableDiff(NamedTuple):

@@ -268,7 +268,7 @@ class Router:
         spec = self._model(model)
         if not self.allowed(key_id, model):
             raise ModelNotAllowedError(model)
-        return [member for member, _ in self._plan(spec, commit=True).candidates]
+        return [member for member, _ in self._plan(spec, commit=True, why=False).candidates]
 
     def _model(self, model: str) -> ModelSpec:
         try:
@@ -282,7 +282,8 @@ class Router:
     def _priority_key_spec(self, spec: BackendSpec) -> tuple[int, int]:
         return spec.priority, self._order[spec.name]
 
-    def _plan(self, model: ModelSpec, commit: bool) -> _Plan:
+    def _plan(self, model: ModelSpec, commit: bool, why: bool = True) -> _Plan:
+        """Order the model's backends; ``why=False`` (the request path) skips the reasons."""
         plan = _Plan()
         ready: list[Member] = []
         recovering: list[Member] = []
@@ -297,21 +298,30 @@ class Router:
                 recovering.append(member)
             else:
                 plan.skipped.append((member, f"backend is {member.status.state.value}"))
-        ready.sort(key=self._priority_key)
-        recovering.sort(key=self._priority_key)
-        trial = " (breaker half-open: trial request)"
-        note = {m.name: trial if m.breaker.state is BreakerState.HALF_OPEN else "" for m in ready}
+        if len(ready) > 1:
+            ready.sort(key=self._priority_key)
+        if len(recovering) > 1:
+            recovering.sort(key=self._priority_key)
         if model.strategy is Strategy.ROUND_ROBIN and ready:
             pick = self._round_robin_pick(model.name, ready, commit)
             ready.remove(pick)
+            ready.insert(0, pick)
+        elif model.strategy is Strategy.LEAST_BUSY and len(ready) > 1:
+            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
+        if not why:
+            plan.candidates = [(m, "") for m in ready + recovering]
+            return plan
+        trial = " (breaker half-open: trial request)"
+        note = {m.name: trial if m.breaker.state is BreakerState.HALF_OPEN else "" for m in ready}
+        if model.strategy is Strategy.ROUND_ROBIN and ready:
+            pick = ready[0]
             plan.candidates.append(
                 (pick, f"round-robin turn (weight {pick.spec.weight}){note[pick.name]}")
             )
             plan.candidates += [
-                (m, f"failover, priority {m.spec.priority}{note[m.name]}") for m in ready
+                (m, f"failover, priority {m.spec.priority}{note[m.name]}") for m in ready[1:]
             ]
         elif model.strategy is Strategy.LEAST_BUSY:
-            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
             plan.candidates += [
                 (m, f"{m.in_flight}/{m.slots} slots busy{note[m.name]}") for m in ready
             ]
