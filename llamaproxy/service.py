@@ -17,8 +17,8 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
-from twisted.web.client import HTTPConnectionPool
 
+from llamaproxy.gateway.backend_client import BackendClient
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.logs import install_observer
 
@@ -35,7 +35,7 @@ class GatewayService(MultiService):
         gateway_listeners: Sequence[IService],
         health_listener: IService | None,
         resource: GatewayResource,
-        pool: HTTPConnectionPool | None,
+        pool: BackendClient | None,
         drain_timeout: float,
         background: Sequence[IService] = (),
         log_observer: ILogObserver | None = None,

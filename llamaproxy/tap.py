@@ -139,8 +139,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log.warn("Configuration: {warning}", warning=warning)
 
     table = options.backends_table
-    pool = forward.make_pool(reactor, sum(b.max_concurrent for b in table.backends) + 2)
-    agent = forward.make_agent(reactor, pool, config.backend_connect_timeout)
+    agent = pool = forward.make_client(
+        reactor, sum(b.max_concurrent for b in table.backends) + 2, config.backend_connect_timeout
+    )
     backends = BackendSet(config, options, reactor, agent)
     router = backends.apply(table)
     primary = router.members[table.backends_for(table.default_model)[0].name]

@@ -1,8 +1,9 @@
-"""Sending a client's request to a backend: header filtering, the pooled Agent, retries.
+"""Sending a client's request to a backend: header filtering, the client and its pool, retries.
 
-Twisted's Agent speaks HTTP/1.1 with keep-alive through an ``HTTPConnectionPool``. The pool's idle
-timeout stays below llama-server's 5 s keep-alive, and a request that fails because a pooled
-connection was closed under it (the backend never saw it) is sent once more on a fresh connection.
+``BackendClient`` (llamaproxy/gateway/backend_client.py) speaks HTTP/1.1 with keep-alive. Its
+pool's idle timeout stays below llama-server's 5 s keep-alive, and a request that fails because a
+pooled connection was closed under it (the backend never saw it) is sent once more on a fresh
+connection.
 """
 
 from __future__ import annotations
@@ -18,28 +19,20 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import (
-    IAddress,
-    IConsumer,
-    IReactorTime,
-    IStreamClientEndpoint,
-    ITCPTransport,
-)
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llamaproxy.gateway.backend_client import BackendClient
+
 log = Logger()
+
+#: How long an idle backend connection is kept: under llama-server's 5 s keep-alive.
+_IDLE_TIMEOUT = 4.0
 
 #: Hop-by-hop headers (RFC 9110 7.6.1 and common legacy ones): never forwarded either way.
 HOP_BY_HOP = frozenset(
@@ -112,39 +105,6 @@ class BytesBody:
         """Nothing to stop."""
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """The pool's connection factory: no log line per backend connection, and TCP_NODELAY.
-
-    Agent writes a request's headers and body separately; with Nagle's algorithm on, the body
-    can wait for the backend's delayed ACK (tens of milliseconds) before it is sent.
-    """
-
-    noisy = False
-
-    def buildProtocol(self, addr: IAddress | None) -> HTTP11ClientProtocol:
-        protocol = super().buildProtocol(addr)
-        connection_made = protocol.connectionMade
-
-        def connectionMade() -> None:
-            transport = protocol.transport
-            if ITCPTransport.providedBy(transport):
-                transport.setTcpNoDelay(True)
-            connection_made()
-
-        protocol.connectionMade = connectionMade  # type: ignore[method-assign]
-        return protocol
-
-
-def make_pool(reactor: IReactorTime, max_per_host: int) -> HTTPConnectionPool:
-    """A keep-alive pool sized for our concurrency, idle timeout under llama-server's 5 s."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = max(2, max_per_host)
-    pool.cachedConnectionTimeout = 4
-    pool.retryAutomatically = False
-    return pool
-
-
 @implementer(IAgentEndpointFactory)
 class CachedEndpoints:
     """Client endpoints per (scheme, host, port), built once instead of once per request.
@@ -185,10 +145,11 @@ class CachedEndpoints:
         return endpoint
 
 
-def make_agent(reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float) -> Agent:
-    """The Agent requests are forwarded with (cached endpoints, the keep-alive pool)."""
-    return Agent.usingEndpointFactory(
-        reactor, CachedEndpoints(reactor, connect_timeout), pool=pool
+def make_client(reactor: Any, max_idle_per_host: int, connect_timeout: float) -> BackendClient:
+    """The client requests are forwarded with: cached endpoints, a keep-alive pool."""
+    return BackendClient(
+        reactor, CachedEndpoints(reactor, connect_timeout), max(2, max_idle_per_host),
+        idle_timeout=_IDLE_TIMEOUT,
     )
 
 

@@ -113,16 +113,13 @@ class SendTests(SynchronousTestCase):
         self.failureResultOf(result, ConnectionRefusedError)
 
 
-class PoolTests(SynchronousTestCase):
-    def test_pool_settings_and_nodelay(self) -> None:
-        pool = forward.make_pool(Clock(), 8)
-        self.assertEqual(pool.maxPersistentPerHost, 8)
-        self.assertLess(pool.cachedConnectionTimeout, 5)  # under llama-server's keep-alive
-        factory = pool._factory(lambda proto: None, b"127.0.0.1:8080")
-        protocol = factory.buildProtocol(None)
-        transport = TCPStringTransport()
-        protocol.makeConnection(transport)
-        self.assertTrue(transport.nodelay)
+class ClientTests(SynchronousTestCase):
+    def test_client_settings(self) -> None:
+        client = forward.make_client(Clock(), 8, 10)
+        self.assertEqual(client.max_idle_per_host, 8)
+        self.assertLess(client.idle_timeout, 5)  # under llama-server's keep-alive
+        self.assertEqual(forward.make_client(Clock(), 0, 10).max_idle_per_host, 2)
+        self.assertIsInstance(client.endpoints, forward.CachedEndpoints)
 
 
 class EndpointTests(SynchronousTestCase):
