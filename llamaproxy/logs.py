@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
+from functools import lru_cache
 from typing import IO, Any, Literal
 
 from twisted.logger import (
@@ -71,11 +72,28 @@ def parse_log_format(text: str) -> LogFormat:
 
 def iso_timestamp(seconds: float) -> str:
     """ISO 8601 UTC with milliseconds and ``Z``: ``2026-05-01T12:00:00.123Z``."""
+    if not math.isfinite(seconds):
+        return _EPOCH
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)  # datetime rounds to microseconds, then truncates
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, 0
+    prefix = _second_prefix(whole)
+    if prefix is None:
+        return _EPOCH
+    return f"{prefix}.{micros // 1000:03d}Z"
+
+
+_EPOCH = "1970-01-01T00:00:00.000Z"
+
+
+@lru_cache(maxsize=4)
+def _second_prefix(whole: int) -> str | None:
+    """``2026-05-01T12:00:00`` for a whole second (the log lines of a second share it)."""
     try:
-        moment = datetime.fromtimestamp(seconds, UTC)
+        return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     except (OverflowError, OSError, ValueError):
-        moment = datetime.fromtimestamp(0, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return None
 
 
 def _scalar(value: object) -> tuple[bool, object]:
@@ -119,13 +137,18 @@ def _failure_text(failure: object) -> str:
         return f"(unable to render traceback) {failure.getErrorMessage()}"
 
 
+#: The encoders of ``dumps_compact``, built once (json.dumps builds one per call).
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+_COMPACT_ASCII = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+
 def dumps_compact(record: Mapping[str, object]) -> str:
     """Compact JSON; ASCII-escaped only when the text has lone surrogates (not UTF-8 encodable)."""
-    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+    text = _COMPACT.encode(record)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+        text = _COMPACT_ASCII.encode(record)
     return text
 
 

@@ -240,6 +240,8 @@ class ProxyExchanges:
 
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
         """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
+        if waiting.called:
+            return await waiting  # a free slot: no timer to arm and cancel
         remaining = until - self.clock.seconds()
         if remaining <= 0:
             waiting.cancel()

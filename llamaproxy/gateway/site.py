@@ -51,6 +51,7 @@ class GatewayChannel(http.HTTPChannel):
     _arrival_timer: IDelayedCall | None = None
     _bad_request: str = "Malformed request"
     _header_lines = 0
+    _host: Any = None
 
     def connectionMade(self) -> None:
         # Twisted's own checks must never fire before ours (they would answer a bare 400).
@@ -61,6 +62,12 @@ class GatewayChannel(http.HTTPChannel):
             limits.max_header_line + 2
         ) + 2
         super().connectionMade()
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection, not once per request."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     # -- arrival timeout ---------------------------------------------------------------------
 
