@@ -72,6 +72,8 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from llamaproxy.eager_write import send_eagerly
+
 __all__ = ["MAX_HEAD_SIZE", "BackendClient"]
 
 log = Logger()
@@ -435,6 +437,7 @@ class _Connection:
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        send_eagerly(transport)
 
     def logPrefix(self) -> str:
         return "BackendConnection"

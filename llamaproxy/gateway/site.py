@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from llamaproxy.cors import CorsPolicy
+from llamaproxy.eager_write import send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
@@ -61,6 +62,7 @@ class GatewayChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_request_line + limits.max_headers * (
             limits.max_header_line + 2
         ) + 2
+        send_eagerly(self.transport)
         super().connectionMade()
 
     def getHost(self) -> Any:

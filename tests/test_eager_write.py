@@ -1,0 +1,135 @@
+"""Tests for llamaproxy.eager_write over real loopback TCP connections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from llamaproxy.eager_write import send_eagerly
+
+reactor: Any = global_reactor
+
+
+class Collector(Protocol):
+    """Client side: everything received, and a Deferred for the close."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+        self.wanted = 0
+        self.enough: Deferred[bytes] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.enough is not None and len(self.received) >= self.wanted:
+            enough, self.enough = self.enough, None
+            enough.callback(self.received)
+
+    def wait_for(self, size: int) -> Deferred[bytes]:
+        self.wanted = size
+        self.enough = Deferred()
+        if len(self.received) >= size:
+            enough, self.enough = self.enough, None
+            enough.callback(self.received)
+        return self.enough  # type: ignore[return-value]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class Answering(Protocol):
+    """Server side: made eager; on each request line, runs ``on_data`` in the read callback."""
+
+    eager = False
+
+    def connectionMade(self) -> None:
+        self.eager = send_eagerly(self.transport)
+        self.factory.servers.append(self)  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.on_data(self, data)  # type: ignore[attr-defined]
+
+
+class EagerWriteTests(TestCase):
+    async def connect(self, on_data: Any) -> tuple[Answering, Collector]:
+        factory = Factory.forProtocol(Answering)
+        factory.servers = []  # type: ignore[attr-defined]
+        factory.on_data = on_data  # type: ignore[attr-defined]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = Collector()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(lambda: client)
+        )
+        self.addCleanup(lambda: client.transport.abortConnection())  # type: ignore[union-attr]
+        while not factory.servers:  # type: ignore[attr-defined]
+            await _turn()
+        return factory.servers[0], client  # type: ignore[attr-defined]
+
+    async def test_writes_in_a_read_callback_leave_together_in_order(self) -> None:
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"head ")  # type: ignore[union-attr]
+            server.transport.writeSequence([b"body ", b"", b"tail"])  # type: ignore[union-attr]
+            # Held until the read callback returns: nothing sent, nothing registered.
+            self.assertNotIn(server.transport, IReactorFDSet(reactor).getWriters())
+
+        server, client = await self.connect(on_data)
+        self.assertTrue(server.eager)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        self.assertEqual(await client.wait_for(14), b"head body tail")
+        self.assertNotIn(server.transport, IReactorFDSet(reactor).getWriters())
+
+    async def test_a_write_outside_a_read_callback_is_sent_at_once(self) -> None:
+        server, client = await self.connect(lambda server, data: None)
+        server.transport.write(b"now")  # type: ignore[union-attr]
+        self.assertNotIn(server.transport, IReactorFDSet(reactor).getWriters())
+        self.assertEqual(await client.wait_for(3), b"now")
+
+    async def test_close_after_held_writes_sends_them_first(self) -> None:
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"last words")  # type: ignore[union-attr]
+            server.transport.loseConnection()  # type: ignore[union-attr]
+            server.transport.write(b", really")  # type: ignore[union-attr]
+
+        _, client = await self.connect(on_data)
+        client.transport.write(b"bye")  # type: ignore[union-attr]
+        await client.closed
+        self.assertEqual(client.received, b"last words, really")
+
+    async def test_what_the_kernel_refuses_goes_through_twisted_in_order(self) -> None:
+        big = bytes(range(256)) * 40_000  # 10 MB: far more than a socket buffer
+        server, client = await self.connect(lambda server, data: None)
+        server.transport.write(big)  # type: ignore[union-attr]
+        server.transport.write(b"END")  # type: ignore[union-attr]
+        # The rest waits in Twisted's buffer, registered for writability as usual.
+        self.assertIn(server.transport, IReactorFDSet(reactor).getWriters())
+        self.assertEqual(await client.wait_for(len(big) + 3), big + b"END")
+
+    async def test_wrong_types_still_raise(self) -> None:
+        server, _ = await self.connect(lambda server, data: None)
+        self.assertRaises(TypeError, server.transport.write, "text")  # type: ignore[union-attr]
+        self.assertRaises(
+            TypeError, server.transport.writeSequence, [b"ok", "text"]  # type: ignore[union-attr]
+        )
+
+
+class NotTCPTests(SynchronousTestCase):
+    def test_other_transports_are_left_alone(self) -> None:
+        transport = StringTransport()
+        write = transport.write
+        self.assertFalse(send_eagerly(transport))
+        self.assertFalse(send_eagerly(None))
+        self.assertEqual(transport.write, write)
+
+
+def _turn() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0, d.callback, None)
+    return d
