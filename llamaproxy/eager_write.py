@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from twisted.internet import tcp
+from twisted.python.failure import Failure
 
 _TCP = (tcp.Server, tcp.Client)
 
@@ -60,13 +61,16 @@ def send_eagerly(transport: object) -> bool:
     connection.write = sender.write  # type: ignore[method-assign]
     connection.writeSequence = sender.write_sequence  # type: ignore[method-assign]
     connection.doRead = sender.do_read  # type: ignore[method-assign, assignment]
+    connection.connectionLost = sender.connection_lost  # type: ignore[method-assign]
     return True
 
 
 class _EagerSender:
     """One connection's eager write path (small: there is one per open connection)."""
 
-    __slots__ = ("buffered_write", "buffered_write_sequence", "connection", "held", "read")
+    __slots__ = (
+        "buffered_write", "buffered_write_sequence", "connection", "held", "lost", "read"
+    )
 
     def __init__(self, connection: tcp.Connection) -> None:
         self.connection = connection
@@ -75,6 +79,7 @@ class _EagerSender:
         self.buffered_write = connection.write
         self.buffered_write_sequence = connection.writeSequence
         self.read = connection.doRead
+        self.lost = connection.connectionLost
 
     def can_send(self) -> bool:
         """Nothing queued in Twisted's buffer and nothing that needs its buffered path."""
@@ -136,6 +141,16 @@ class _EagerSender:
             if self.held:
                 self.flush()
             self.buffered_write_sequence(parts)  # raises Twisted's TypeError
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The transport's ``connectionLost``: Twisted's, then the connection is plain again.
+
+        (Our bound methods on the connection and the connection in ``self`` make a reference
+        cycle; removing them lets reference counting free both at once, not the GC.)
+        """
+        for name in ("write", "writeSequence", "doRead", "connectionLost"):
+            self.connection.__dict__.pop(name, None)
+        self.lost(reason)
 
     def do_read(self) -> object:
         """The transport's ``doRead``: writes made while it runs leave when it returns."""

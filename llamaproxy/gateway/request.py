@@ -229,6 +229,13 @@ class GatewayRequest(server.Request):
         recorder = getattr(site, "recorder", None)
         if recorder is not None:
             recorder.request_done(self)
+        if self.exchange is not None and self.exchange.task is None:
+            self.exchange = None  # its coroutine has ended: break request <-> exchange
+
+    @property
+    def recorded(self) -> bool:
+        """True once the access log, metrics and ledger have seen this request."""
+        return self._recorded
 
     @property
     def gone(self) -> bool:

@@ -293,6 +293,10 @@ class GatewayResource(ProxyExchanges, Resource):
 
     def _exchange_done(self, result: object, exchange: Exchange) -> None:
         exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
+        if exchange.request.recorded:
+            # The access log and metrics have read it: break request <-> exchange too, so the
+            # request's objects are freed now rather than by a garbage collection.
+            exchange.request.exchange = None
         self._cancel_deadline(exchange)
         if exchange.slot is not None:
             exchange.slot.release()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any
 
 from twisted.internet.error import ConnectionRefusedError
@@ -320,6 +322,31 @@ class ProxyTests(SynchronousTestCase):
             self.assertIsNone(response.header(dropped), dropped)
         self.assertEqual(self.gw.resource.in_flight, set())
         self.assertEqual(self.gw.admission.active, 0)
+
+    def test_answered_requests_are_freed_without_the_garbage_collector(self) -> None:
+        # No reference cycle outlives an exchange: its request, exchange and relay are freed
+        # by reference counting as soon as it ends (garbage collections cost milliseconds).
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for streamed in (False, True):
+            client = self.gw.chat()
+            [exchange] = self.gw.resource.in_flight
+            freed = [weakref.ref(exchange), weakref.ref(exchange.request)]
+            del exchange
+            if streamed:
+                backend = StreamingResponse()
+                self.gw.agent.requests[-1].deferred.callback(backend)
+                backend.send(sse_chunk("Hel"))
+                backend.send(b"data: [DONE]\n\n")
+                backend.finish()
+                del backend  # the fake backend response keeps its body protocol
+            else:
+                self.gw.agent.requests[-1].respond(200, b'{"ok": true}', Headers({
+                    b"content-type": [b"application/json"]}))
+            self.assertTrue(client.response().complete)
+            freed.append(weakref.ref(self.gw.resource))  # a control that must stay alive
+            self.assertEqual([ref() is None for ref in freed], [True, True, False], streamed)
 
     def test_stream_is_relayed_event_by_event(self) -> None:
         client = self.gw.chat()
