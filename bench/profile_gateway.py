@@ -131,18 +131,19 @@ def report(raw: str, rate: int, duration: float, top: int = 25) -> str:
 
 
 def _load_command(load: str, url: str, api_key: str, seconds: float, core: int | None,
-                  streams: int) -> list[str]:
+                  streams: int, connections: int = 64) -> list[str]:
     if load == "plain":
-        return pinned(["wrk", "-t1", "-c64", f"-d{round(seconds)}s", "-s", str(LUA), url + PATH],
-                      core)
+        return pinned(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "-s", str(LUA),
+                       url + PATH], core)
     return pinned([sys.executable, "-m", "bench.load", "streams", "--url", url, "--api-key",
                    api_key, "--streams", str(streams), "--events", "50"], core)
 
 
 def record(pid: int, url: str, api_key: str, duration: float, rate: int, output: Path,
-           form: str, load_core: int | None, load: str = "plain", streams: int = 500) -> None:
-    """Load the gateway (wrk -c64, or rounds of ``streams`` SSE streams) while py-spy samples
-    ``pid`` for ``duration`` seconds."""
+           form: str, load_core: int | None, load: str = "plain", streams: int = 500,
+           connections: int = 64) -> None:
+    """Load the gateway (wrk with ``connections``, or rounds of ``streams`` SSE streams) while
+    py-spy samples ``pid`` for ``duration`` seconds."""
     deadline = time.monotonic() + duration + 3
     stop = threading.Event()
 
@@ -150,7 +151,7 @@ def record(pid: int, url: str, api_key: str, duration: float, rate: int, output:
         while not stop.is_set() and time.monotonic() < deadline:
             subprocess.run(
                 _load_command(load, url, api_key, deadline - time.monotonic(), load_core,
-                              streams),
+                              streams, connections),
                 env={**os.environ, "BENCH_API_KEY": api_key}, capture_output=True,
                 check=False, timeout=duration + 60, cwd=Path(__file__).resolve().parent.parent,
             )
@@ -178,6 +179,8 @@ def main() -> None:
     parser.add_argument("--load", choices=("plain", "streams"), default="plain",
                         help="wrk -c64 plain requests, or rounds of concurrent SSE streams")
     parser.add_argument("--streams", type=int, default=500, help="streams per round")
+    parser.add_argument("--connections", type=int, default=64,
+                        help="wrk's concurrency for the plain load (1 for the latency target)")
     parser.add_argument("--svg", type=Path, help="also record a flame graph here")
     parser.add_argument("--raw", type=Path, help="keep the collapsed stacks here")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
@@ -201,10 +204,11 @@ def main() -> None:
         )
         raw_path = args.raw or root / "profile.txt"
         record(gateway.process.pid, gateway.url, gateway.api_key or "", args.duration, args.rate,
-               raw_path, "raw", load_core, args.load, args.streams)
+               raw_path, "raw", load_core, args.load, args.streams, args.connections)
         if args.svg:
             record(gateway.process.pid, gateway.url, gateway.api_key or "", args.duration,
-                   args.rate, args.svg, "flamegraph", load_core, args.load, args.streams)
+                   args.rate, args.svg, "flamegraph", load_core, args.load, args.streams,
+                   args.connections)
         text = report(raw_path.read_text(), args.rate, args.duration)
     finally:
         for server in reversed(servers):

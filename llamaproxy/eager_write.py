@@ -25,9 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 _TCP = (tcp.Server, tcp.Client)
+
+log = Logger()
 
 
 class _Corked:
@@ -35,13 +38,35 @@ class _Corked:
 
     depth = 0
     pending: list[Callable[[], None]] = []
+    #: Work to do once the held writes are sent (``after_sending``).
+    after: list[Callable[[], None]] = []
 
 
 def _flush_pending() -> None:
-    while _Corked.pending:
-        flushes, _Corked.pending = _Corked.pending, []
-        for flush in flushes:
-            flush()
+    while _Corked.pending or _Corked.after:
+        while _Corked.pending:
+            flushes, _Corked.pending = _Corked.pending, []
+            for flush in flushes:
+                flush()
+        if _Corked.after:
+            work, _Corked.after = _Corked.after, []
+            for callback in work:
+                try:
+                    callback()
+                except Exception:
+                    log.failure("Unexpected error after sending a response")
+
+
+def after_sending(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the writes held by the current read callback have been sent.
+
+    For bookkeeping that the client should not wait for (the access log line, metrics): inside
+    a read callback of an eager connection it runs right after the flush; anywhere else, now.
+    """
+    if _Corked.depth:
+        _Corked.after.append(callback)
+    else:
+        callback()
 
 
 def send_eagerly(transport: object) -> bool:

@@ -142,7 +142,7 @@ _COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=s
 _COMPACT_ASCII = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
 
 
-def dumps_compact(record: Mapping[str, object]) -> str:
+def dumps_compact(record: object) -> str:
     """Compact JSON; ASCII-escaped only when the text has lone surrogates (not UTF-8 encodable)."""
     text = _COMPACT.encode(record)
     try:

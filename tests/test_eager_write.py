@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
@@ -12,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llamaproxy.eager_write import send_eagerly
+from llamaproxy.eager_write import after_sending, send_eagerly
 
 reactor: Any = global_reactor
 
@@ -120,7 +121,36 @@ class EagerWriteTests(TestCase):
         )
 
 
+    async def test_after_sending_runs_once_the_response_is_in_the_kernel(self) -> None:
+        seen: list[bytes] = []
+
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"answer")  # type: ignore[union-attr]
+            after_sending(lambda: seen.append(peek(client)))
+            after_sending(lambda: 1 / 0)  # logged, and the next one still runs
+            after_sending(lambda: seen.append(b"after the error"))
+            self.assertEqual(seen, [])
+
+        _, client = await self.connect(on_data)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        self.assertEqual(await client.wait_for(6), b"answer")
+        self.assertEqual(seen, [b"answer", b"after the error"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+def peek(client: Collector) -> bytes:
+    """What the client's socket holds, without reading it."""
+    sock = client.transport.socket  # type: ignore[union-attr]
+    return bytes(sock.recv(100, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+
+
 class NotTCPTests(SynchronousTestCase):
+    def test_after_sending_outside_a_read_callback_runs_now(self) -> None:
+        seen: list[int] = []
+        after_sending(lambda: seen.append(1))
+        self.assertEqual(seen, [1])
+
+
     def test_other_transports_are_left_alone(self) -> None:
         transport = StringTransport()
         write = transport.write

@@ -394,6 +394,25 @@ class AccessFormatTests(SynchronousTestCase):
         self.assertEqual((record["path"], record["key_id"]), (path, key_id))
 
 
+    @given(
+        st.text(max_size=40), st.one_of(st.none(), st.text(max_size=40)), st.text(max_size=300),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.one_of(st.none(), st.floats(min_value=0, max_value=1e6)),
+        st.one_of(st.none(), st.integers(min_value=0, max_value=10**9), st.just(1.5)),
+        st.one_of(st.none(), st.text(max_size=20)), st.one_of(st.none(), st.text(max_size=20)),
+    )
+    def test_json_by_hand_is_the_json_encoder_output(
+        self, request_id: str, key_id: str | None, path: str, duration: float,
+        ttfb: float | None, tokens: int | float | None, worker: str | None, instance: str | None,
+    ) -> None:
+        record = entry(request_id=request_id, key_id=key_id, path=path, duration_ms=duration,
+                       ttfb_ms=ttfb, prompt_tokens=tokens, model=key_id, outcome=request_id)
+        self.assertEqual(
+            format_access_json(record, worker, instance),
+            logs.dumps_compact(access_log.access_record(record, worker, instance)) + "\n",
+        )
+
+
 class AccessLogTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()

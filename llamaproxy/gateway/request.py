@@ -20,6 +20,7 @@ from twisted.web.http import RESPONSES
 
 from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
+from llamaproxy.eager_write import after_sending
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 
@@ -214,7 +215,8 @@ class GatewayRequest(server.Request):
 
     def finish(self) -> None:
         super().finish()
-        self._record()
+        # The response leaves first; the access log, metrics and ledger follow.
+        after_sending(self._record)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
