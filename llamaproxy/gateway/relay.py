@@ -51,6 +51,7 @@ class StreamRelay(Protocol):
         self._paused = False
         self._idle_call: IDelayedCall | None = None
         self._registered = False
+        self._last_data = 0.0
 
     # -- backend side (IProtocol) ----------------------------------------------------------
 
@@ -71,7 +72,9 @@ class StreamRelay(Protocol):
         if data:
             self.bytes_sent += len(data)
             self.request.write(data)
-        self._arm_idle_timer()
+        # The idle timer is not reset per piece (that is most of a relay's timer work); it
+        # checks this when it fires.
+        self._last_data = self.clock.seconds()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self._cancel_idle_timer()
@@ -143,6 +146,7 @@ class StreamRelay(Protocol):
     def _arm_idle_timer(self) -> None:
         if self._paused or self.outcome is not None or self.idle_timeout <= 0:
             return
+        self._last_data = self.clock.seconds()
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(self.idle_timeout)
         else:
@@ -154,6 +158,11 @@ class StreamRelay(Protocol):
         self._idle_call = None
 
     def _idle_expired(self) -> None:
+        quiet = self.clock.seconds() - self._last_data
+        if self.idle_timeout - quiet > 0.001:
+            # Data came since the timer was armed: wait out the rest of the timeout.
+            self._idle_call = self.clock.callLater(self.idle_timeout - quiet, self._idle_expired)
+            return
         self._idle_call = None
         log.warn(
             "Backend sent nothing for {seconds}s after {bytes} bytes; aborting",

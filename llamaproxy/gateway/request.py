@@ -204,6 +204,15 @@ class GatewayRequest(server.Request):
     # -- the end of a request --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self.startedWriting and not self.finished and not self._disconnected:
+            # The head is out: a body piece goes to the transport in one write (twisted.web
+            # would pass a chunk's size line, data and CRLF through three calls).
+            if data:
+                self.sentLength += len(data)
+                if self.chunked:
+                    data = b"%x\r\n%b\r\n" % (len(data), data)
+                self.channel.transport.write(data)  # type: ignore[union-attr]
+            return
         if self.first_byte_at is None and self._clock is not None:
             self.first_byte_at = self._clock.seconds()
             timer = getattr(self.exchange, "timer", None)
