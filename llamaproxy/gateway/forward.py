@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -167,22 +168,27 @@ def _stale_connection(failure_value: BaseException) -> bool:
     return False
 
 
-async def send(
+def send(
     agent: IAgent,
     url: bytes,
     backend_key: str | None,
     method: bytes,
     client_headers: Headers,
     body: bytes,
-) -> IResponse:
-    """Send one request to ``url``; retry once if a stale pooled connection swallowed it."""
+) -> Deferred[IResponse]:
+    """Send one request to ``url``; retry once if a stale pooled connection swallowed it.
+
+    A Deferred, not a coroutine: this is on every request's path, and cancelling it cancels
+    whichever attempt is in flight.
+    """
     headers = filter_request_headers(client_headers, backend_key)
-    producer = BytesBody(body) if body or method in (b"POST", b"PUT", b"PATCH") else None
-    try:
-        return await agent.request(method, url, headers, producer)
-    except Exception as e:
-        if not _stale_connection(e):
-            raise
+    with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
+
+    def retry(failure: Failure) -> Deferred[IResponse]:
+        if failure.value is None or not _stale_connection(failure.value):
+            return fail(failure)
         log.debug("Retrying {method} {url} on a fresh connection", method=method, url=url)
-        producer = BytesBody(body) if producer is not None else None
-        return await agent.request(method, url, headers, producer)
+        return agent.request(method, url, headers, BytesBody(body) if with_body else None)
+
+    sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
+    return sending.addErrback(retry)

@@ -308,9 +308,9 @@ class ProxyExchanges:
                 )
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
-            sending = Deferred.fromCoroutine(forward.send(
+            sending = forward.send(
                 self.agent, url, status.api_key, method, request.requestHeaders, body
-            ))
+            )
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
                 response = await sending

@@ -849,8 +849,7 @@ class PoolTests(Base):
         d, protocol, _ = self.send()
         self.finish(protocol)
         self.read(self.successResultOf(d))
-        sending = Deferred.fromCoroutine(forward.send(
-            self.client, URL, "k", b"POST", Headers(), b"{}"))
+        sending = forward.send(self.client, URL, "k", b"POST", Headers(), b"{}")
         self.assertEqual(self.connections(), 1)
         protocol.connectionLost(Failure(ConnectionDone()))  # closed by the server meanwhile
         self.assertEqual(self.connections(), 2)

@@ -80,11 +80,8 @@ class SendTests(SynchronousTestCase):
         self.backend = Backend("b", "http://127.0.0.1:8080", api_key="k")
 
     def send(self, body: bytes = b"{}"):  # type: ignore[no-untyped-def]
-        from twisted.internet.defer import Deferred
-
         url = self.backend.base_url.encode() + b"/v1/completions?x=1"
-        return Deferred.fromCoroutine(forward.send(
-            self.agent, url, self.backend.api_key, b"POST", Headers(), body))
+        return forward.send(self.agent, url, self.backend.api_key, b"POST", Headers(), body)
 
     def test_url_and_body(self) -> None:
         result = self.send(b'{"prompt": "hi"}')
@@ -105,6 +102,20 @@ class SendTests(SynchronousTestCase):
         self.agent.requests[1].fail(RequestTransmissionFailed([Failure(ConnectionDone())]))
         self.assertEqual(len(self.agent.requests), 2)
         self.failureResultOf(result, RequestTransmissionFailed)
+
+    def test_cancelling_cancels_the_attempt_in_flight(self) -> None:
+        from twisted.internet.defer import CancelledError
+
+        first = self.send()
+        first.cancel()
+        self.assertTrue(self.agent.requests[0].cancelled)
+        self.failureResultOf(first, CancelledError)
+        retried = self.send()
+        self.agent.requests[1].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        retried.cancel()
+        self.assertTrue(self.agent.requests[2].cancelled)
+        self.assertEqual(len(self.agent.requests), 3)
+        self.failureResultOf(retried, CancelledError)
 
     def test_does_not_retry_a_refused_connection(self) -> None:
         result = self.send()
