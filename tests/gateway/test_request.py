@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -43,6 +45,19 @@ class RequestTests(SynchronousTestCase):
         generated = client.response().header("x-request-id")
         self.assertNotIn("bad", generated or "")
         self.assertEqual(len(generated or ""), 16)
+
+    def test_date_header_and_options_star(self) -> None:
+        import email.utils
+
+        gw = GatewayFixture()
+        client = gw.client()
+        client.request("GET", "/ping")
+        date = client.response().header("date")
+        assert date is not None
+        self.assertLess(abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()), 5)
+        client = gw.client()
+        client.request("OPTIONS", "*")  # twisted.web's own answer: no resource involved
+        self.assertEqual(client.response().status, 200)
 
     def test_a_bug_in_a_resource_is_a_json_500(self) -> None:
         gw = GatewayFixture()
