@@ -528,6 +528,11 @@ class _Connection:
         if producer is None:
             self.write(head)
             return
+        in_memory = getattr(producer, "in_memory", None)
+        if type(in_memory) is bytes and producer.length == len(in_memory):
+            # A body already in memory (forward.BytesBody): one write, no producer protocol.
+            self.write(head + in_memory)
+            return
         writer = self._writer = _BodyWriter(self, producer, head)
         try:
             producing = producer.startProducing(writer)

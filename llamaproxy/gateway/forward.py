@@ -86,14 +86,17 @@ def filter_response_headers(backend: Headers) -> Iterable[tuple[bytes, list[byte
 
 @implementer(IBodyProducer)
 class BytesBody:
-    """A request body already in memory, written in one go (no Cooperator needed)."""
+    """A request body already in memory, written in one go (no Cooperator needed).
+
+    ``in_memory`` lets ``BackendClient`` send it with the request head without producing it.
+    """
 
     def __init__(self, data: bytes) -> None:
-        self._data = data
+        self.in_memory = data
         self.length = len(data)
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
+        consumer.write(self.in_memory)
         return succeed(None)
 
     def pauseProducing(self) -> None:

@@ -84,7 +84,8 @@ class StreamRelay(Protocol):
         if self.request.gone:
             self._end("client_gone")
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: check() computes the class's qualified MRO names.
+        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             if self.usage is not None:
                 tail = self.usage.finish()
                 if tail:
@@ -95,7 +96,7 @@ class StreamRelay(Protocol):
             self.request.finish()
             self.done.callback("complete")
             return
-        if reason.check(_DataLoss) is None:
+        if not isinstance(reason.value, _DataLoss):
             log.warn(
                 "Backend response broke after {bytes} bytes: {reason}; aborting the client",
                 bytes=self.bytes_sent,

@@ -227,6 +227,23 @@ class RequestBytesTests(Base):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
             b"Content-Type: x/y\r\nContent-Length: 8\r\n\r\n{\"a\": 1}"])
 
+    def test_a_producer_that_writes_at_once_also_goes_in_one_write(self) -> None:
+        class Producer(forward.BytesBody):
+            in_memory = None  # type: ignore[assignment]  # not recognised: produced
+
+            def __init__(self) -> None:
+                self.length = 3
+
+            def startProducing(self, consumer: Any) -> Deferred[None]:
+                consumer.write(b"ab")
+                consumer.write(b"c")
+                return succeed(None)
+
+        d, _, transport = self.send(b"POST", URL, None, Producer())
+        self.assertEqual(len(transport.writes), 1)
+        self.assertTrue(transport.writes[0].endswith(b"Content-Length: 3\r\n\r\nabc"))
+        self.assertNoResult(d)
+
     def test_post_without_body_says_length_zero(self) -> None:
         _, _, transport = self.send(b"POST")
         self.assertTrue(transport.value().endswith(b"\r\nContent-Length: 0\r\n\r\n"))
