@@ -158,14 +158,15 @@ class _EagerSender:
     def write_sequence(self, iovec: Iterable[bytes]) -> None:
         """The transport's ``writeSequence``."""
         parts = list(iovec)
-        if all(type(part) is bytes for part in parts):
-            for part in parts:
-                if part:
-                    self.write(part)
+        for part in parts:
+            if type(part) is not bytes:
+                break
         else:
-            if self.held:
-                self.flush()
-            self.buffered_write_sequence(parts)  # raises Twisted's TypeError
+            self.write(b"".join(parts))  # (write ignores b"")
+            return
+        if self.held:
+            self.flush()
+        self.buffered_write_sequence(parts)  # raises Twisted's TypeError
 
     def connection_lost(self, reason: Failure) -> None:
         """The transport's ``connectionLost``: Twisted's, then the connection is plain again.
