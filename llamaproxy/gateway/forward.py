@@ -43,7 +43,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Request headers the backend never sees: the client's credentials, framing the Agent redoes,
+#: Request headers the backend never sees: the client's credentials, framing the client redoes,
 #: cookies, and encodings that would stop a stream from passing through untouched.
 _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"authorization", b"x-api-key", b"expect", b"cookie",
@@ -113,10 +113,11 @@ class BytesBody:
 class CachedEndpoints:
     """Client endpoints per (scheme, host, port), built once instead of once per request.
 
-    Agent's default makes a HostnameEndpoint for every request (IDNA-encoding the host each
-    time: about a tenth of the gateway's CPU per request in the profile). Backends are a few
-    fixed addresses, so the endpoints are cached; an IP literal gets a plain TCP endpoint (no
-    name resolution on the thread pool).
+    Backends are a few fixed addresses, so their endpoints are cached (Twisted's Agent made a
+    HostnameEndpoint per request, IDNA-encoding the host each time: a tenth of the gateway's
+    CPU per request in the profile); an IP literal gets a plain TCP endpoint (no name
+    resolution on the thread pool); ``https`` backends are wrapped in TLS with Twisted's
+    browser-like certificate checks.
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
