@@ -122,6 +122,8 @@ class _EagerSender:
 
     def send_now(self, data: bytes) -> None:
         """``send`` what the kernel takes; Twisted's buffered path gets the rest."""
+        if getattr(self.connection, "_aborting", False):
+            return  # abortConnection drops whatever was not sent yet, held writes included
         if self.can_send():
             try:
                 sent = self.connection.socket.send(data)

@@ -104,6 +104,16 @@ class EagerWriteTests(TestCase):
         await client.closed
         self.assertEqual(client.received, b"last words, really")
 
+    async def test_abort_drops_held_writes(self) -> None:
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"never sent")  # type: ignore[union-attr]
+            server.transport.abortConnection()  # type: ignore[union-attr]
+
+        _, client = await self.connect(on_data)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        await client.closed
+        self.assertEqual(client.received, b"")
+
     async def test_what_the_kernel_refuses_goes_through_twisted_in_order(self) -> None:
         big = bytes(range(256)) * 40_000  # 10 MB: far more than a socket buffer
         server, client = await self.connect(lambda server, data: None)
