@@ -52,7 +52,7 @@ class TimeSource(Protocol):
 
 
 class HTTPAgent(Protocol):
-    """The ``IAgent`` interface as a structural type (``Agent``, ``AgentSpy``, treq's fakes)."""
+    """``IAgent`` as a structural type (``BackendClient``, Twisted's ``Agent``, ``AgentSpy``)."""
 
     def request(
         self,
