@@ -723,6 +723,16 @@ class GatewayMetrics:
         skipped = CounterMetricFamily("llamaproxy_breaker_rejections",
                                       "Requests that skipped the backend: its breaker was open.",
                                       labels=["backend"])
+        # Each backend's own admission (the llamaproxy_admission_* families describe the
+        # default model's backend only, as the older gateway's single queue did).
+        active = GaugeMetricFamily("llamaproxy_backend_slots_active",
+                                   "The backend's concurrency slots in use.", labels=["backend"])
+        slots = GaugeMetricFamily("llamaproxy_backend_slots",
+                                  "The backend's concurrency slots (max_concurrent).",
+                                  labels=["backend"])
+        waiting = GaugeMetricFamily("llamaproxy_backend_queue_waiting",
+                                    "Requests waiting for one of the backend's slots.",
+                                    labels=["backend"])
         for name, member in router.members.items():
             breaker = member.breaker
             for value in ("closed", "open", "half_open"):
@@ -731,7 +741,11 @@ class GatewayMetrics:
             attempts.add_metric([name, "failure"], breaker.failures)
             opens.add_metric([name], breaker.opens)
             skipped.add_metric([name], breaker.rejections)
-        yield from (state, attempts, opens, skipped)
+            slots.add_metric([name], member.slots)
+            if member.load is not None:
+                active.add_metric([name], member.load.active)
+                waiting.add_metric([name], member.load.waiting)
+        yield from (state, attempts, opens, skipped, active, slots, waiting)
 
     def watch_certificate(self, seconds_until_expiry: Callable[[], float]) -> None:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""

@@ -609,6 +609,11 @@ class BreakerMetricsTests(SynchronousTestCase):
         backend = Backend("b1", "http://127.0.0.1:1", model="m")
         router = router_for(backend, Admission(1), clock)
         member = router.members["b1"]
+        assert member.load is not None
+        held = member.load.acquire("k")  # type: ignore[attr-defined]
+        queued = member.load.acquire("k")  # type: ignore[attr-defined]
+        self.assertTrue(held.called)
+        self.assertFalse(queued.called)
         member.breaker.acquire().record_success()  # type: ignore[union-attr]
         member.breaker.acquire().record_failure()  # type: ignore[union-attr]
         metrics = GatewayMetrics(clock)
@@ -619,3 +624,6 @@ class BreakerMetricsTests(SynchronousTestCase):
                       body)
         self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="failure"} 1.0',
                       body)
+        self.assertIn(b'llamaproxy_backend_slots_active{backend="b1"} 1.0', body)
+        self.assertIn(b'llamaproxy_backend_queue_waiting{backend="b1"} 1.0', body)
+        self.assertIn(b'llamaproxy_backend_slots{backend="b1"} 1.0', body)
