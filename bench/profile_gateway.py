@@ -1,8 +1,9 @@
 """Where llamaproxy spends its time under the plain-request load: py-spy on the real gateway.
 
 Starts the fake backend and ``twistd -n llamaproxy`` exactly as :mod:`bench.overhead` does
-(gateway on core 0, every feature on), drives it with ``wrk`` at concurrency 64 (or, with
-``--load streams``, with back-to-back rounds of 500 concurrent SSE streams) and samples it
+(gateway on core 0, every feature on), drives it with ``wrk`` at concurrency 64 (``--connections``
+to change it; or, with ``--load streams``, with back-to-back rounds of 500 concurrent SSE
+streams) and samples it
 with ``py-spy record --format raw --function --idle``. Prints the functions with the most self time
 and the most inclusive time, and self time per file, as markdown; ``--svg`` also records a flame
 graph in a second pass. ``--idle`` keeps the samples taken in system calls (a socket ``send``,
@@ -177,7 +178,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds sampled")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--load", choices=("plain", "streams"), default="plain",
-                        help="wrk -c64 plain requests, or rounds of concurrent SSE streams")
+                        help="wrk plain requests, or rounds of concurrent SSE streams")
     parser.add_argument("--streams", type=int, default=500, help="streams per round")
     parser.add_argument("--connections", type=int, default=64,
                         help="wrk's concurrency for the plain load (1 for the latency target)")

@@ -256,10 +256,7 @@ class BackendsTable:
 
     def backends_for(self, model: str) -> tuple[BackendSpec, ...]:
         """The backends serving ``model`` (canonical name), in declaration order."""
-        found = self._backends_by_model.get(model)
-        if found is None:
-            found = tuple(spec for spec in self.backends if model in spec.models)
-        return found
+        return self._backends_by_model.get(model, ())
 
     @cached_property
     def _backends_by_model(self) -> dict[str, tuple[BackendSpec, ...]]:

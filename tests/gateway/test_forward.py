@@ -5,7 +5,6 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -13,22 +12,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from llamaproxy.backend import Backend
 from llamaproxy.gateway import forward
 from llamaproxy.testing import AgentSpy
-
-
-@implementer(ITCPTransport)
-class TCPStringTransport(StringTransport):
-    nodelay = False
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.nodelay = enabled
-
-    def getTcpNoDelay(self) -> bool:
-        return self.nodelay
 
 
 class FilterTests(SynchronousTestCase):
