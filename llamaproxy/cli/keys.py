@@ -170,6 +170,15 @@ def list_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _lines_of(path: str, key_id: str) -> tuple[list[str], list[int]]:
+    """The key file's lines and the indexes of ``key_id``'s (an error when it has none)."""
+    lines = keyfile.read_lines(path)
+    found = keyfile.find_lines(lines, key_id)
+    if not found:
+        raise KeyCommandError(f"key_id '{key_id}' not found in {path}")
+    return lines, found
+
+
 def rotate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Give a key_id a new key, keeping its rate limit and (unless --expires) its expiration."""
     key_id = check_key_id(args.name)
@@ -177,10 +186,7 @@ def rotate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path = _key_file(args)
     _require_file(path)
     with keyfile.locked(path):
-        lines = keyfile.read_lines(path)
-        found = keyfile.find_lines(lines, key_id)
-        if not found:
-            raise KeyCommandError(f"key_id '{key_id}' not found in {path}")
+        lines, found = _lines_of(path, key_id)
         fields = keyfile.split_fields(lines[found[0]])
         old_limit = fields[2] if len(fields) > 2 else ""
         try:
@@ -221,10 +227,7 @@ def remove(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     path = _key_file(args)
     _require_file(path)
     with keyfile.locked(path):
-        lines = keyfile.read_lines(path)
-        found = keyfile.find_lines(lines, key_id)
-        if not found:
-            raise KeyCommandError(f"key_id '{key_id}' not found in {path}")
+        lines, found = _lines_of(path, key_id)
         for index in reversed(found):
             del lines[index]
         keyfile.atomic_write(path, lines)
