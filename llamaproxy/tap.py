@@ -371,7 +371,8 @@ class BackendSet(MultiService):
         status = status_for(spec)
         self.statuses[spec.name] = status
         self.loads[spec.name] = Admission(
-            spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key
+            spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key,
+            clock=self.reactor,
         )
         return status
 

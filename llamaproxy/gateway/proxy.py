@@ -9,8 +9,9 @@ yet), and relay the answer with backpressure. ``Exchange`` is one such request i
 from __future__ import annotations
 
 import json
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer, task
@@ -20,11 +21,11 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
-from llamaproxy.admission import Admission, QueueFullError, Slot
+from llamaproxy.admission import Admission, QueueFullError, Slot, Waiter
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.backend import Backend
 from llamaproxy.backends_file import upstream_url_bytes
-from llamaproxy.breaker import Ticket
+from llamaproxy.breaker import BreakerState, Ticket
 from llamaproxy.gateway import errors, forward
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
@@ -60,7 +61,7 @@ _USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/em
 
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Exchange:
     """One proxied request in flight: what a timeout or a disconnect has to stop."""
 
@@ -83,6 +84,8 @@ class Exchange:
     #: The metrics timer of this request (when metrics are on).
     timer: RequestTimer | None = None
     task: Deferred[None] | None = field(default=None, repr=False)
+    #: Its place in a backend's queue while it waits there parked (no coroutine yet).
+    parked: ParkedExchange | None = field(default=None, repr=False)
 
     def outcome(self) -> str:
         """How the exchange ended, in a word (for logs and metrics)."""
@@ -111,6 +114,64 @@ class GatewaySettings:
     extra_paths: frozenset[bytes] = frozenset()
 
 
+class ParkedExchange(Waiter):
+    """An exchange waiting for its first backend's slot, before any coroutine of it exists.
+
+    Most of a queued request's memory would be its machinery (the coroutines, Deferreds and
+    timers of a running exchange). A request that has to queue for a ready backend is parked
+    in that backend's ``Admission`` as this small object instead, and its exchange starts once
+    a slot is its (``granted``) or QUEUE_TIMEOUT passed (``expired``: the attempt failed like a
+    queue timeout, so the next candidate may still serve it). Its client leaving
+    (``client_gone``) or a drain running out (``abort``) takes it out of the queue.
+    """
+
+    __slots__ = ("admission", "candidates", "exchange", "exchanges")
+
+    def __init__(
+        self, exchanges: ProxyExchanges, exchange: Exchange, candidates: list[Member],
+        admission: Admission,
+    ) -> None:
+        super().__init__(exchange.request.key_id or AUTH_DISABLED)
+        self.exchanges: ProxyExchanges | None = exchanges
+        self.exchange: Exchange | None = exchange
+        self.candidates = candidates
+        self.admission = admission
+
+    def _leave(self) -> tuple[ProxyExchanges, Exchange]:
+        """Unhook from the request (served, expired or gone) and drop references."""
+        exchanges, exchange = self.exchanges, self.exchange
+        assert exchanges is not None and exchange is not None
+        self.exchanges = self.exchange = None
+        exchange.parked = None
+        exchange.request.on_lost = None
+        return exchanges, exchange
+
+    def granted(self, slot: Slot) -> None:
+        exchanges, exchange = self._leave()
+        exchange.slot = slot
+        exchanges._run(exchange, exchanges._attempts(exchange, self.candidates))
+
+    def expired(self) -> None:
+        exchanges, exchange = self._leave()
+        status = self.candidates[0].status
+        timed_out = errors.queue_timeout(status.retry_after(exchanges.clock.seconds()))
+        exchanges._run(exchange, exchanges._attempts(exchange, self.candidates, timed_out))
+
+    def client_gone(self) -> None:
+        """The client disconnected while waiting: leave the queue, end the exchange."""
+        self.admission.cancel(self)
+        exchanges, exchange = self._leave()
+        exchanges._exchange_done(None, exchange)
+
+    def abort(self) -> None:
+        """The drain timed out: answer 503 "stopping" and leave the queue."""
+        self.admission.cancel(self)
+        exchanges, exchange = self._leave()
+        exchange.aborted = True
+        exchange.request.send_error(errors.backend_unavailable("stopping", 5))
+        exchanges._exchange_done(None, exchange)
+
+
 class ProxyExchanges:
     """The exchange logic of ``GatewayResource`` (a mixin: it uses the resource's attributes)."""
 
@@ -122,6 +183,14 @@ class ProxyExchanges:
     local_model_list: bool
     metrics: GatewayMetrics | None
     started_at: float
+
+    def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """Drive ``exchange`` with the coroutine ``work`` (implemented by the resource)."""
+        raise NotImplementedError
+
+    def _exchange_done(self, result: object, exchange: Exchange) -> None:
+        """Clean up after ``exchange`` ended (implemented by the resource)."""
+        raise NotImplementedError
 
     def _answer_model_list(self, request: GatewayRequest) -> None:
         """/v1/models and /v1/models/{id} from the router: the models this key may use."""
@@ -144,18 +213,22 @@ class ProxyExchanges:
             request.write(payload)
         request.finish()
 
-    async def _proxy(self, exchange: Exchange) -> None:
+    def _route(self, exchange: Exchange) -> list[Member] | None:
+        """The backends to try for ``exchange``, or None when it was answered already.
+
+        Answers the model list (several backends) and the errors of the requested model.
+        """
         request = exchange.request
         router = self.router
         if self.local_model_list and request.path.startswith(b"/v1/models"):
             self._answer_model_list(request)
-            return
+            return None
         body = request.json_body
         requested = body.get("model") if isinstance(body, dict) else None
         if requested is not None and not isinstance(requested, str):
             request.send_error(errors.bad_request(
                 "'model' must be a string", code="invalid_type", param="model"))
-            return
+            return None
         model = router.resolve_model(requested, request.key_id)
         try:
             if model is None:
@@ -163,31 +236,82 @@ class ProxyExchanges:
             candidates = router.candidates(model, request.key_id)
         except UnknownModelError:
             request.send_error(errors.model_not_found(requested or ""))
-            return
+            return None
         except ModelNotAllowedError:
             request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
-            return
+            return None
         exchange.model = model
+        return candidates
+
+    def _park(self, exchange: Exchange, candidates: list[Member]) -> bool:
+        """Queue ``exchange`` parked (see ``ParkedExchange``) when it has to wait for a slot.
+
+        Only the plain case: an inference request whose first backend is ready, with its
+        breaker closed and every slot taken. Anything else runs the exchange at once.
+        """
+        request = exchange.request
+        if request.method != b"POST" or not candidates:
+            return False
+        member = candidates[0]
+        admission = member.load
+        if not isinstance(admission, Admission) or admission.clock is None or not admission.full:
+            return False
+        if not member.status.ready or member.breaker.state is not BreakerState.CLOSED:
+            return False
+        parked = ParkedExchange(self, exchange, candidates, admission)
+        try:
+            admission.park(parked, exchange.started + self.settings.queue_timeout)
+        except QueueFullError:
+            return False  # the exchange answers it (or fails over to the next candidate)
+        exchange.parked = parked
+        request.on_lost = parked.client_gone
+        if exchange.timer is not None:
+            exchange.timer.queued()
+        return True
+
+    async def _attempts(
+        self, exchange: Exchange, candidates: list[Member],
+        first_failed: GatewayError | None = None,
+    ) -> None:
+        """Try ``candidates`` in order until one answers; the failure otherwise.
+
+        A parked exchange starts here holding its first candidate's slot (``exchange.slot``),
+        or with ``first_failed``, how its wait for that slot ended.
+        """
+        request = exchange.request
+        model = exchange.model
         # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
         wait_until = exchange.started + self.settings.queue_timeout
-        budget = min(len(candidates), router.max_attempts)
+        budget = min(len(candidates), self.router.max_attempts)
         attempts = 0
         for member in candidates:
             if attempts >= budget or request.gone:
                 break
             ticket = member.breaker.acquire()
             if ticket is None:
-                continue  # its breaker just opened: not an attempt
+                # Its breaker just opened: not an attempt (and a slot held for it is not used).
+                if exchange.slot is not None:
+                    exchange.slot.release()
+                    exchange.slot = None
+                first_failed = None
+                continue
             attempts += 1
             last = attempts >= budget or member is candidates[-1]
             try:
-                if await self._try_member(exchange, member, ticket, wait_until, last):
+                if first_failed is not None:
+                    error, first_failed = first_failed, None
+                    if self._give_up(exchange, error, last):
+                        return
+                elif await self._try_member(exchange, member, ticket, wait_until, last):
                     return
             finally:
                 ticket.release()  # no-op once settled; frees it when the client left meanwhile
             log.info("Failing over {model} from {backend} ({reason})", model=model,
                      backend=member.name, reason=exchange.failure.message
                      if exchange.failure else "breaker")
+        if exchange.slot is not None:
+            exchange.slot.release()
+            exchange.slot = None
         if not request.gone:
             request.send_error(exchange.failure or errors.backend_unavailable(
                 "stopping" if self.draining else "unavailable", 5))
@@ -204,39 +328,49 @@ class ProxyExchanges:
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
     ) -> bool:
         """One attempt on one backend; True when the request got its answer from this attempt."""
+        # A parked exchange, served, holds its slot on this backend already.
+        if exchange.slot is None:
+            refused = await self._admit(exchange, member, wait_until)
+            if refused is not None:
+                ticket.release()
+                return self._give_up(exchange, refused, last)
+        if exchange.timer is not None:
+            exchange.timer.admitted()
+        answered = await self._forward(exchange, member, ticket, wait_until, last)
+        if not answered and exchange.slot is not None:
+            exchange.slot.release()
+            exchange.slot = None
+        return answered
+
+    async def _admit(
+        self, exchange: Exchange, member: Member, wait_until: float
+    ) -> GatewayError | None:
+        """Wait for ``member`` to be ready and for one of its slots (``exchange.slot``).
+
+        None when admitted; else why not (503 not ready, 429 queue full, 503 queue timeout).
+        """
         request = exchange.request
         status = member.status
         timer = exchange.timer
         if not status.ready and timer is not None:
             timer.queued()
         if not await self._member_ready(member, wait_until):
-            ticket.release()
             state = "stopping" if self.draining else status.state.value
-            return self._give_up(exchange, errors.backend_unavailable(
-                state, status.retry_after(self.clock.seconds())), last)
-        if not (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")):
-            # (The model list uses no inference slot: it never waits behind a generation.)
-            try:
-                waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
-            except QueueFullError:
-                ticket.release()
-                return self._give_up(exchange, errors.queue_full(), last)
-            if not waiting.called and timer is not None:
-                timer.queued()
-            try:
-                # Released when the exchange ends, or below when failing over.
-                exchange.slot = await self._within(waiting, wait_until)
-            except defer.TimeoutError:
-                ticket.release()
-                return self._give_up(exchange, errors.queue_timeout(
-                    status.retry_after(self.clock.seconds())), last)
-        if timer is not None:
-            timer.admitted()
-        answered = await self._forward(exchange, member, ticket, wait_until, last)
-        if not answered and exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        return answered
+            return errors.backend_unavailable(state, status.retry_after(self.clock.seconds()))
+        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
+            return None  # the model list uses no inference slot: it never waits behind one
+        try:
+            waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
+        except QueueFullError:
+            return errors.queue_full()
+        if not waiting.called and timer is not None:
+            timer.queued()
+        try:
+            # Released when the exchange ends, or by _try_member when failing over.
+            exchange.slot = await self._within(waiting, wait_until)
+        except defer.TimeoutError:
+            return errors.queue_timeout(status.retry_after(self.clock.seconds()))
+        return None
 
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
         """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""

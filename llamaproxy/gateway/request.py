@@ -62,6 +62,9 @@ class GatewayRequest(server.Request):
     error: GatewayError | None = None
     #: When the response's first byte was written (clock seconds), for time-to-first-byte.
     first_byte_at: float | None = None
+    #: Called once if the connection is lost before the response ends (a parked exchange's
+    #: way to leave its queue without a notifyFinish Deferred).
+    on_lost: Callable[[], None] | None = None
     _recorded = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -248,6 +251,9 @@ class GatewayRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
         self._record()
 
     def _record(self) -> None:

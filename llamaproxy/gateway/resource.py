@@ -9,8 +9,9 @@ from the headers (``early_check``), before the body is read.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -201,13 +202,22 @@ class GatewayResource(ProxyExchanges, Resource):
         if self.metrics is not None:
             key_id = request.key_id if request.key_id != AUTH_DISABLED else None
             exchange.timer = self.metrics.request_started(route_label(request.path), key_id)
-        task = Deferred.fromCoroutine(self._proxy(exchange))
-        exchange.task = task
+        candidates = self._route(exchange)
+        if candidates is None:  # answered already (the model list, or a model error)
+            self._exchange_done(None, exchange)
+            return NOT_DONE_YET
         self.in_flight.add(exchange)
+        if not self._park(exchange, candidates):
+            self._run(exchange, self._attempts(exchange, candidates))
+        return NOT_DONE_YET
+
+    def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends."""
+        task = Deferred.fromCoroutine(work)
+        exchange.task = task
         task.addErrback(self._unexpected, exchange)
         task.addBoth(self._exchange_done, exchange)
-        request.notifyFinish().addErrback(self._client_gone, exchange)
-        return NOT_DONE_YET
+        exchange.request.notifyFinish().addErrback(self._client_gone, exchange)
 
     def _render_public(self, request: GatewayRequest, path: bytes) -> bytes:
         if path == b"/ping":
@@ -337,7 +347,9 @@ class GatewayResource(ProxyExchanges, Resource):
     def abort_in_flight(self) -> None:
         """Cut every exchange still running (the drain timeout passed)."""
         for exchange in list(self.in_flight):
-            if exchange.relay is not None:
+            if exchange.parked is not None:
+                exchange.parked.abort()
+            elif exchange.relay is not None:
                 exchange.relay.abort("shutdown")
             elif exchange.task is not None:
                 exchange.aborted = True

@@ -19,11 +19,14 @@ from llamaproxy.auth.keys import KeySet, parse_keys
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.backend import Backend, BackendState, ProbeResult
+from llamaproxy.backends_file import BackendsTable, ModelSpec, RemoteBackendSpec
+from llamaproxy.breaker import BreakerSettings
 from llamaproxy.cors import CorsPolicy
-from llamaproxy.gateway.proxy import GatewaySettings
+from llamaproxy.gateway.proxy import Exchange, GatewaySettings
 from llamaproxy.gateway.resource import GatewayResource, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
+from llamaproxy.routing import Router
 from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, router_for, sse_chunk
 
 KEY = "sk-unit-test-key-000000000001"
@@ -47,7 +50,7 @@ class GatewayFixture:
         self.backend = Backend("test", "http://127.0.0.1:9", api_key="gateway-backend-key",
                                model="fake")
         self.backend.set_state(BackendState.READY)
-        self.admission = Admission(concurrency, queue, max_queue_per_key)
+        self.admission = Admission(concurrency, queue, max_queue_per_key, clock=self.clock)
         self.store = KeyStore(self.keys_path, parse_keys([f"alice:{KEY}", f"bob:{OTHER_KEY}"])[0])
         self.access = AccessControl(self.store, limiter, auth_enabled=auth,
                                     admin_key_ids=frozenset({"alice"}))
@@ -695,6 +698,113 @@ class ClientTimeoutTests(SynchronousTestCase):
         gw.clock.advance(4)
         self.assertFalse(client.closed)
         self.assertEqual(client.written.count(b"HTTP/1.1 200"), 2)
+
+
+class ParkedQueueTests(SynchronousTestCase):
+    """A request that must wait for a busy, ready backend waits parked: no exchange running."""
+
+    def parked(self, gw: GatewayFixture) -> list[Exchange]:
+        return [e for e in gw.resource.in_flight if e.parked is not None]
+
+    def queue_timers(self, gw: GatewayFixture, admission: Admission) -> int:
+        return sum(1 for call in gw.clock.getDelayedCalls() if call.func == admission._expire)
+
+    def test_queued_requests_are_parked_and_served_in_order(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.chat()
+        bodies = [json.dumps({"messages": [{"role": "user", "content": str(i)}]}).encode()
+                  for i in range(20)]
+        clients = [gw.chat(body) for body in bodies]
+        parked = self.parked(gw)
+        self.assertEqual(len(parked), 20)
+        self.assertTrue(all(e.task is None and e.slot is None for e in parked))
+        self.assertEqual(self.queue_timers(gw, gw.admission), 1)  # one timer for all of them
+        for i in range(20):
+            gw.agent.requests[i].respond(200, b"{}")
+            producer = gw.agent.requests[i + 1].body_producer
+            assert producer is not None
+            sent = StringTransport()
+            producer.startProducing(sent)
+            self.assertEqual(json.loads(sent.value())["messages"][0]["content"], str(i))
+        gw.agent.requests[20].respond(200, b"{}")
+        self.assertEqual([c.response().status for c in clients], [200] * 20)
+        self.assertEqual((gw.resource.in_flight, gw.admission.active), (set(), 0))
+        self.assertEqual(self.queue_timers(gw, gw.admission), 0)
+
+    def test_client_leaving_a_parked_request_ends_its_exchange(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        first = gw.chat()
+        queued = gw.chat()
+        self.assertEqual(len(self.parked(gw)), 1)
+        idle = gw.resource.wait_idle()
+        queued.disconnect()
+        self.assertEqual((len(gw.resource.in_flight), gw.admission.waiting), (1, 0))
+        gw.agent.requests[0].respond(200, b"{}")
+        self.successResultOf(idle)
+        self.assertEqual(first.response().status, 200)
+        self.assertEqual(len(gw.agent.requests), 1)
+
+    def test_drain_timeout_answers_parked_requests_503(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.chat()
+        queued = gw.chat()
+        gw.resource.abort_in_flight()
+        response = queued.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(gw.admission.waiting, 0)
+        self.assertEqual(len(gw.agent.requests), 1)
+
+    def test_a_backend_not_ready_is_waited_for_without_parking(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.chat()
+        gw.backend.set_state(BackendState.STARTING)
+        gw.chat()
+        self.assertEqual(self.parked(gw), [])  # its exchange runs: it waits for the restart
+        self.assertEqual(len(gw.resource.in_flight), 2)
+
+
+class ParkedFailoverTests(SynchronousTestCase):
+    """Parked requests with two backends for the model: timeouts and breakers fail over."""
+
+    def setUp(self) -> None:
+        self.gw = gw = GatewayFixture(concurrency=1, queue_timeout=10.0)
+        self.spare = Backend("spare", "http://127.0.0.1:8", model="fake")
+        self.spare.set_state(BackendState.READY)
+        self.spare_admission = Admission(1, clock=gw.clock)
+        breaker = BreakerSettings(failure_threshold=1, reset_timeout=60)
+        specs = (
+            RemoteBackendSpec(name="test", models=("fake",), slots=1, breaker=breaker,
+                              base_url=gw.backend.base_url),
+            RemoteBackendSpec(name="spare", models=("fake",), slots=1, breaker=breaker,
+                              base_url=self.spare.base_url, priority=1),
+        )
+        table = BackendsTable(backends=specs, models=(ModelSpec("fake", default=True),),
+                              default_model="fake", breaker=breaker)
+        gw.resource.router = Router.build(
+            table, gw.clock, {"test": gw.backend, "spare": self.spare},
+            {"test": gw.admission, "spare": self.spare_admission})
+
+    def test_queue_timeout_on_the_first_backend_fails_over(self) -> None:
+        gw = self.gw
+        gw.chat()
+        queued = gw.chat()
+        self.assertEqual(gw.admission.waiting, 1)
+        gw.clock.advance(10)
+        self.assertEqual(gw.admission.waiting, 0)
+        self.assertEqual(gw.agent.requests[1].uri, b"http://127.0.0.1:8/v1/chat/completions")
+        gw.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(queued.response().status, 200)
+        self.assertEqual(self.spare_admission.active, 0)
+
+    def test_a_breaker_opened_meanwhile_sends_the_served_request_elsewhere(self) -> None:
+        gw = self.gw
+        gw.chat()
+        queued = gw.chat()
+        gw.agent.requests[0].fail(ConnectionRefusedError())  # opens test's breaker, frees a slot
+        self.assertEqual(gw.admission.active, 0)  # the parked one's slot was given back
+        self.assertEqual(gw.agent.requests[-1].uri, b"http://127.0.0.1:8/v1/chat/completions")
+        gw.agent.requests[-1].respond(200, b"{}")
+        self.assertEqual(queued.response().status, 200)
 
 
 class DrainTests(SynchronousTestCase):
