@@ -346,7 +346,9 @@ class GatewayResource(ProxyExchanges, Resource):
 
     def abort_in_flight(self) -> None:
         """Cut every exchange still running (the drain timeout passed)."""
-        for exchange in list(self.in_flight):
+        # Waiting ones first: a slot freed by cutting a running one must not start them.
+        waiting_first = sorted(self.in_flight, key=lambda e: (e.parked is None, e.slot is not None))
+        for exchange in waiting_first:
             if exchange.parked is not None:
                 exchange.parked.abort()
             elif exchange.relay is not None:
