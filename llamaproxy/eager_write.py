@@ -106,10 +106,14 @@ class _EagerSender:
         self.read = connection.doRead
         self.lost = connection.connectionLost
 
-    def can_send(self) -> bool:
-        """Nothing queued in Twisted's buffer and nothing that needs its buffered path."""
+    def send_now(self, data: bytes) -> None:
+        """``send`` what the kernel takes; Twisted's buffered path gets the rest."""
         c = self.connection
-        return bool(
+        if c._aborting:
+            return  # abortConnection drops whatever was not sent yet, held writes included
+        # Send directly only when nothing is queued in Twisted's buffer and nothing needs its
+        # buffered path (closing, a pull producer to resume after each flush, TLS).
+        if (
             not c.dataBuffer
             and not c._tempDataBuffer
             and c.connected
@@ -118,15 +122,9 @@ class _EagerSender:
             and not c._writeDisconnected
             and (c.producer is None or c.streamingProducer)
             and not c.TLS
-        )
-
-    def send_now(self, data: bytes) -> None:
-        """``send`` what the kernel takes; Twisted's buffered path gets the rest."""
-        if getattr(self.connection, "_aborting", False):
-            return  # abortConnection drops whatever was not sent yet, held writes included
-        if self.can_send():
+        ):
             try:
-                sent = self.connection.socket.send(data)
+                sent = c.socket.send(data)
             except OSError:
                 # Would block, or the connection broke: Twisted's path meets the error on its
                 # next send and closes the connection the way it always does.

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.server import Site
 
-from llamaproxy import __version__
+from llamaproxy import __version__, lean_poll
 from llamaproxy.access_log import AccessLog, resolve_access_log
 from llamaproxy.admission import Admission
 from llamaproxy.auth.access import AccessControl, TokenLimits
@@ -128,6 +128,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    lean_poll.install(reactor)
     config = options.config
     assert config is not None, "Options.postOptions did not run"
     worker = config.worker_type or None

@@ -437,7 +437,12 @@ class _Connection:
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        send_eagerly(transport)
+        if send_eagerly(transport):
+            wrapper = getattr(transport, "protocol", None)
+            if getattr(wrapper, "_wrappedProtocol", None) is self:
+                # The endpoint's wrapper only relays each call to us: take its place, one call
+                # less per piece of every stream (plain TCP only; TLS keeps its wrapper).
+                transport.protocol = self  # type: ignore[union-attr]
 
     def logPrefix(self) -> str:
         return "BackendConnection"
@@ -774,6 +779,19 @@ class _Connection:
         self._end_body(_done(), reusable=not rest)
 
     def _chunked(self, data: bytes) -> None:
+        if self._chunk_state == _CHUNK_SIZE and not self._chunk_buffer:
+            # The common case on a stream: ``data`` is exactly one whole chunk (size line, data,
+            # CRLF). Deliver it without the general loop below.
+            newline = data.find(b"\r\n", 0, 18)
+            if newline > 0:
+                digits = data[:newline]
+                if not digits.strip(_HEX_DIGITS):
+                    end = newline + 2 + int(digits, 16)
+                    if end > newline + 2 and len(data) == end + 2 and data.endswith(b"\r\n"):
+                        protocol = self._protocol
+                        if protocol is not None:
+                            protocol.dataReceived(data[newline + 2:end])
+                            return
         response = self.response
         position = 0
         size = len(data)

@@ -65,13 +65,14 @@ class StreamRelay(Protocol):
         self._arm_idle_timer()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.outcome is not None or self.request.gone:
-            return
+        request = self.request
+        if self.outcome is not None or request._disconnected or request.finished:
+            return  # (request.gone, inline: this runs once per event of every stream)
         if self.usage is not None:
             data = self.usage.feed(data)
         if data:
             self.bytes_sent += len(data)
-            self.request.write(data)
+            request.write(data)
         # The idle timer is not reset per piece (that is most of a relay's timer work); it
         # checks this when it fires.
         self._last_data = self.clock.seconds()

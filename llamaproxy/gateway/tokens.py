@@ -90,6 +90,8 @@ class UsageCollector:
 
     def _filter(self, data: bytes) -> bytes:
         """Filtering: pass whole events through, drop the usage event, hold the partial tail."""
+        if not self._pending and data.endswith(b"\n\n") and _USAGE not in data:
+            return data  # whole events, none of them usage: the usual piece of a stream
         buffer = self._pending + data
         complete, separator, tail = buffer.rpartition(b"\n\n")
         if len(tail) > MAX_EVENT_HELD:  # not SSE after all: stop holding anything back

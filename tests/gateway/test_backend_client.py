@@ -411,6 +411,17 @@ class ResponseTests(Base):
         self.assertEqual(body.pieces, [b"data: ", b"ab\n"])
         body.reasons[0].trap(ResponseDone)
 
+    def test_whole_chunk_reads(self) -> None:
+        """One whole chunk per read (a stream's usual piece), and the cases that are not."""
+        response, _, _ = self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        body = self.read(response)
+        protocol = self.endpoints.endpoint.connections[-1][0]
+        protocol.dataReceived(b"A\r\ndata: a\r\nb\r\n")  # CRLF inside the payload
+        protocol.dataReceived(b"3;ext=1\r\nabc\r\n")  # an extension: the general path
+        protocol.dataReceived(b"1\r\nz\r\n0\r\n\r\n")  # a chunk and the end together
+        self.assertEqual(body.pieces, [b"data: a\r\nb", b"abc", b"z"])
+        body.reasons[0].trap(ResponseDone)
+
     def test_malformed_chunked_body_fails(self) -> None:
         for bad in (b"zz\r\n", b"0x5\r\nhello\r\n", b"5\r\nhelloXX", b"-1\r\n", b"5 5\r\n"):
             response, protocol, transport = self.respond(
@@ -999,6 +1010,9 @@ class RealSocketTests(TestCase):
             self.assertEqual(await readBody(response), b"hello n%d" % i)
         self.assertEqual(CountingSite.connections, 1)
         self.assertEqual(self.client.idle_connections(), 1)
+        # The endpoint's pass-through wrapper was taken out of the read path.
+        (connection,) = [c for idle in self.client._idle.values() for c in idle]
+        self.assertIs(cast(Any, connection.transport).protocol, connection)
 
     def test_keep_alive_reuse(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._keep_alive(self.site()))
