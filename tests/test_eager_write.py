@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.internet import main
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -123,6 +124,24 @@ class EagerWriteTests(TestCase):
         self.assertIn(server.transport, IReactorFDSet(reactor).getWriters())
         self.assertEqual(await client.wait_for(len(big) + 3), big + b"END")
 
+    async def test_read_outcomes_are_twisted_s(self) -> None:
+        server, client = await self.connect(lambda server, data: None)
+        transport: Any = server.transport
+        transport.stopReading()  # only this test reads the server side from here on
+        self.addCleanup(transport.abortConnection)
+        self.assertIsNone(transport.doRead())  # nothing to read (EWOULDBLOCK): nothing to do
+        sock = transport.socket
+        transport.socket = _Failing(OSError(104, "Connection reset by peer"))
+        self.assertIs(transport.doRead(), main.CONNECTION_LOST)
+        transport.socket = sock
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        await client.closed
+        outcome = transport.doRead()
+        while outcome is None:  # the FIN may take a turn to arrive
+            await _turn()
+            outcome = transport.doRead()
+        self.assertIs(outcome, main.CONNECTION_DONE)
+
     async def test_wrong_types_still_raise(self) -> None:
         server, _ = await self.connect(lambda server, data: None)
         self.assertRaises(TypeError, server.transport.write, "text")  # type: ignore[union-attr]
@@ -173,3 +192,13 @@ def _turn() -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(0, d.callback, None)
     return d
+
+
+class _Failing:
+    """A socket whose ``recv`` raises ``error``."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    def recv(self, size: int) -> bytes:
+        raise self.error

@@ -6,6 +6,7 @@ import socket
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.testing import MemoryReactor
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase
@@ -69,21 +70,38 @@ class LeanPollTests(SynchronousTestCase):
         self.assertNotIn(reader, self.reactor.getReaders())
 
     def test_an_escaping_error_is_logged_with_the_system(self) -> None:
-        def broken(selectable: Any, fd: int, event: int) -> None:
+        def broken(*args: Any) -> None:
             raise RuntimeError("escaped")
 
-        self.reactor._doReadOrWrite = broken  # type: ignore[method-assign]
+        self.reactor._disconnectSelectable = broken  # type: ignore[method-assign]
         lean_poll.install(self.reactor)
         reader = Reader(self.ends[0])
         self.reactor.addReader(reader)  # type: ignore[arg-type]
         seen: list[dict[str, Any]] = []
         log.addObserver(seen.append)
         self.addCleanup(log.removeObserver, seen.append)
-        self.ends[1].send(b"x")
+        self.ends[1].close()  # readable, and the read says the connection is done
+        reader.doRead = lambda: CONNECTION_DONE  # type: ignore[method-assign]
         self.reactor.doIteration(1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertIn("Reader,test", [e.get("system") for e in seen])
         self.reactor.removeReader(reader)  # type: ignore[arg-type]
+
+    def test_writable_and_closed_sockets_take_twisted_s_path(self) -> None:
+        lean_poll.install(self.reactor)
+        writer = Reader(self.ends[0])
+        wrote: list[bool] = []
+        writer.doWrite = lambda: wrote.append(True)  # type: ignore[attr-defined]
+        self.reactor.addWriter(writer)  # type: ignore[arg-type]
+        self.reactor.doIteration(1)
+        self.assertEqual(wrote, [True])
+        self.reactor.removeWriter(writer)  # type: ignore[arg-type]
+        gone = Reader(self.ends[0])
+        self.reactor.addReader(gone)  # type: ignore[arg-type]
+        gone.fileno = lambda: -1  # type: ignore[method-assign]
+        self.ends[1].send(b"x")
+        self.reactor.doIteration(1)
+        self.assertEqual((gone.read, len(gone.lost)), ([], 1))  # never read: disconnected
 
     def test_other_reactors_are_left_alone(self) -> None:
         self.assertFalse(lean_poll.install(MemoryReactor()))
