@@ -117,6 +117,7 @@ class Admission:
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._sequence = itertools.count()
         self._timer: IDelayedCall | None = None
+        self._handing_over = False
 
     @property
     def full(self) -> bool:
@@ -187,6 +188,17 @@ class Admission:
 
     def _slot_freed(self) -> None:
         self.active -= 1
+        if self._handing_over:
+            return  # released by a waiter being served: the loop below, up the stack, goes on
+        self._handing_over = True
+        try:
+            self._hand_over()
+        finally:
+            self._handing_over = False
+
+    def _hand_over(self) -> None:
+        """Serve waiters while slots are free (a loop, never a recursion: a waiter may release
+        its slot at once, e.g. when its backend's breaker has just opened)."""
         while self.waiting and self.active < self.max_concurrent:
             key_id, queue = next(iter(self._queues.items()))
             waiter = queue.popleft()

@@ -171,3 +171,33 @@ class ParkTests(SynchronousTestCase):
 
     def test_park_needs_a_clock(self) -> None:
         self.assertRaises(RuntimeError, Admission(1).park, Parked("a"), 10)
+
+
+class Releasing(Waiter):
+    """A waiter that gives its slot back as soon as it is served."""
+
+    __slots__ = ("index", "order")
+
+    def __init__(self, key_id: str, order: list[int], index: int) -> None:
+        super().__init__(key_id)
+        self.order = order
+        self.index = index
+
+    def granted(self, slot: Slot) -> None:
+        self.order.append(self.index)
+        slot.release()
+
+    def expired(self) -> None:
+        raise AssertionError("not expected")
+
+
+class HandOverTests(SynchronousTestCase):
+    def test_waiters_releasing_at_once_do_not_recurse(self) -> None:
+        admission = Admission(1, clock=Clock())
+        holder = self.successResultOf(admission.acquire("hog"))
+        order: list[int] = []
+        for i in range(5000):  # far deeper than the interpreter's recursion limit
+            admission.park(Releasing("k", order, i), 10)
+        holder.release()
+        self.assertEqual(order, list(range(5000)))
+        self.assertEqual((admission.active, admission.waiting), (0, 0))
