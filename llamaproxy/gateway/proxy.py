@@ -206,12 +206,7 @@ class ProxyExchanges:
             doc: dict[str, object] = match[0].as_json(created)
         else:
             doc = {"object": "list", "data": [e.as_json(created) for e in entries]}
-        payload = json.dumps(doc).encode()
-        request.setHeader(b"Content-Type", _JSON)
-        request.setHeader(b"Content-Length", str(len(payload)).encode())
-        if request.method != b"HEAD":
-            request.write(payload)
-        request.finish()
+        _answer_json(request, doc)
 
     def _route(self, exchange: Exchange) -> list[Member] | None:
         """The backends to try for ``exchange``, or None when it was answered already.
@@ -514,22 +509,14 @@ class ProxyExchanges:
             log.warn("Backend /v1/models answer is not a model list")
             request.send_error(errors.bad_gateway("Backend sent an invalid model list"))
             return
-        payload = json.dumps(entry).encode()
-        request.setHeader(b"Content-Type", _JSON)
-        request.setHeader(b"Content-Length", str(len(payload)).encode())
-        if request.method != b"HEAD":
-            request.write(payload)
-        request.finish()
+        _answer_json(request, entry)
 
     async def _relay_buffered(self, request: GatewayRequest, response: IResponse) -> None:
         body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
         request.setResponseCode(response.code, response.phrase)
         for name, values in forward.filter_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        request.setHeader(b"Content-Length", str(len(body)).encode())
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
+        _answer(request, body)
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
         request = exchange.request
@@ -583,6 +570,20 @@ class ProxyExchanges:
         if exchange.deadline is not None and exchange.deadline.active():
             exchange.deadline.cancel()
         exchange.deadline = None
+
+
+def _answer(request: GatewayRequest, body: bytes) -> None:
+    """Finish ``request`` with the whole ``body`` (its length set; no body for HEAD)."""
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def _answer_json(request: GatewayRequest, doc: object) -> None:
+    """Finish ``request`` with ``doc`` as its JSON body."""
+    request.setHeader(b"Content-Type", _JSON)
+    _answer(request, json.dumps(doc).encode())
 
 
 def _discard(response: IResponse) -> None:
