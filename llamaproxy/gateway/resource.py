@@ -144,6 +144,7 @@ class GatewayResource(ProxyExchanges, Resource):
         route = resolve(request.method, request.path, self.settings.extra_paths)
         if isinstance(route, GatewayError):
             return route
+        request.route = route  # render uses it: resolved once per request
         if route.kind == "metrics" and not self.settings.metrics_auth_enabled:
             return None
         if route.kind not in ("api", "model", "admin", "metrics"):
@@ -173,7 +174,7 @@ class GatewayResource(ProxyExchanges, Resource):
         request.apply_cors()
         if request.early_error is not None:
             return request.render_error(request.early_error)
-        route = resolve(request.method, request.path, self.settings.extra_paths)
+        route = request.route or resolve(request.method, request.path, self.settings.extra_paths)
         if isinstance(route, GatewayError):
             return request.render_error(route)
         if route.kind == "preflight":
