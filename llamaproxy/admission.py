@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -47,7 +48,7 @@ class Slot:
             self.admission._slot_freed()
 
 
-class Waiter:
+class Waiter(ABC):
     """A place in the queue. Subclasses say what happens when it is served or times out."""
 
     __slots__ = ("key_id", "queued")
@@ -57,13 +58,13 @@ class Waiter:
         #: True while in the queue (False once served, cancelled or expired).
         self.queued = False
 
+    @abstractmethod
     def granted(self, slot: Slot) -> None:
         """The waiter's turn: ``slot`` is now held on its behalf."""
-        raise NotImplementedError
 
+    @abstractmethod
     def expired(self) -> None:
         """The waiter's deadline passed before a slot was free; it has left the queue."""
-        raise NotImplementedError
 
 
 class _DeferredWaiter(Waiter):

@@ -9,7 +9,7 @@ yet), and relay the answer with backpressure. ``Exchange`` is one such request i
 from __future__ import annotations
 
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
@@ -184,13 +184,10 @@ class ProxyExchanges:
     metrics: GatewayMetrics | None
     started_at: float
 
-    def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` with the coroutine ``work`` (implemented by the resource)."""
-        raise NotImplementedError
-
-    def _exchange_done(self, result: object, exchange: Exchange) -> None:
-        """Clean up after ``exchange`` ended (implemented by the resource)."""
-        raise NotImplementedError
+    #: The resource's: drive an exchange with a coroutine until it ends.
+    _run: Callable[[Exchange, Coroutine[Any, Any, None]], None]
+    #: The resource's: clean up after an exchange ended.
+    _exchange_done: Callable[[object, Exchange], None]
 
     def _answer_model_list(self, request: GatewayRequest) -> None:
         """/v1/models and /v1/models/{id} from the router: the models this key may use."""
