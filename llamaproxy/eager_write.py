@@ -14,6 +14,9 @@ the gateway's CPU under 500 streams in that dance.
   with one ``send`` per connection: a response's headers and body, a request's head and body,
   leave together, as Twisted's buffered path would have sent them;
 - a write made at any other time (a timer, a thread's result) is sent at once;
+- ``EagerSender.write_through`` sends at once even inside a read callback, for a caller that
+  knows it writes only once per read (a stream relay: one backend read, one client write), so
+  there is nothing to gather and holding would only cost the wait;
 - whatever the kernel does not take (a full socket buffer), and every case that is not the plain
   one (data already queued in Twisted's buffer, a closing connection, a pull producer that must be
   resumed after each flush, TLS started on the connection), goes through Twisted's own buffered
@@ -34,23 +37,33 @@ _TCP = (tcp.Server, tcp.Client)
 log = Logger()
 
 
-class _Corked:
-    """The connections with writes held until the outermost read callback returns."""
+class _Cork:
+    """The connections with writes held until the outermost read callback returns.
 
-    depth = 0
-    pending: list[Callable[[], None]] = []
-    #: Work to do once the held writes are sent (``after_sending``).
-    after: list[Callable[[], None]] = []
+    One instance, not class attributes: assigning a class attribute (``depth``, twice per
+    read) invalidates the interpreter's attribute caches for that class.
+    """
+
+    __slots__ = ("after", "depth", "pending")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: list[Callable[[], None]] = []
+        #: Work to do once the held writes are sent (``after_sending``).
+        self.after: list[Callable[[], None]] = []
+
+
+_corked = _Cork()
 
 
 def _flush_pending() -> None:
-    while _Corked.pending or _Corked.after:
-        while _Corked.pending:
-            flushes, _Corked.pending = _Corked.pending, []
+    while _corked.pending or _corked.after:
+        while _corked.pending:
+            flushes, _corked.pending = _corked.pending, []
             for flush in flushes:
                 flush()
-        if _Corked.after:
-            work, _Corked.after = _Corked.after, []
+        if _corked.after:
+            work, _corked.after = _corked.after, []
             for callback in work:
                 try:
                     callback()
@@ -64,14 +77,15 @@ def after_sending(callback: Callable[[], None]) -> None:
     For bookkeeping that the client should not wait for (the access log line, metrics): inside
     a read callback of an eager connection it runs right after the flush; anywhere else, now.
     """
-    if _Corked.depth:
-        _Corked.after.append(callback)
+    if _corked.depth:
+        _corked.after.append(callback)
     else:
         callback()
 
 
-def send_eagerly(transport: object) -> bool:
-    """Make ``transport`` send without the reactor's write registration; False if not TCP.
+def send_eagerly(transport: object) -> EagerSender | None:
+    """Make ``transport`` send without the reactor's write registration; its sender, or None
+    when it is not TCP (it is left as it was).
 
     A TLS connection's protocol is a TLS wrapper whose own transport is the TCP connection:
     that one is changed, so the encrypted bytes go out the same way.
@@ -79,19 +93,19 @@ def send_eagerly(transport: object) -> bool:
     if type(transport) not in _TCP:
         transport = getattr(transport, "transport", None)
         if type(transport) not in _TCP:
-            return False
+            return None
     connection: tcp.Connection = transport  # type: ignore[assignment]
     if connection.TLS:
-        return False
-    sender = _EagerSender(connection)
+        return None
+    sender = EagerSender(connection)
     connection.write = sender.write  # type: ignore[method-assign]
     connection.writeSequence = sender.write_sequence  # type: ignore[method-assign]
     connection.doRead = sender.do_read  # type: ignore[method-assign, assignment]
     connection.connectionLost = sender.connection_lost  # type: ignore[method-assign]
-    return True
+    return sender
 
 
-class _EagerSender:
+class EagerSender:
     """One connection's eager write path (small: there is one per open connection)."""
 
     __slots__ = (
@@ -141,6 +155,17 @@ class _EagerSender:
         held.clear()
         self.send_now(data)
 
+    def write_through(self, data: bytes) -> None:
+        """Send ``data`` now, behind whatever this connection holds (then it waits with it).
+
+        For a writer that makes one write per read callback: holding it until the callback
+        returns would gather nothing.
+        """
+        if self.held:
+            self.held.append(data)
+        else:
+            self.send_now(data)
+
     def write(self, data: bytes) -> None:
         """The transport's ``write``."""
         if type(data) is not bytes or not data:
@@ -149,9 +174,9 @@ class _EagerSender:
             self.buffered_write(data)  # Twisted's type check, and nothing to do for b""
         elif self.held:
             self.held.append(data)
-        elif _Corked.depth:
+        elif _corked.depth:
             self.held.append(data)
-            _Corked.pending.append(self.flush)
+            _corked.pending.append(self.flush)
         else:
             self.send_now(data)
 
@@ -185,7 +210,7 @@ class _EagerSender:
         piece read): ``recv``, then the protocol's ``dataReceived``; EWOULDBLOCK is nothing to
         do, another error a lost connection, an empty read a closed one.
         """
-        _Corked.depth += 1
+        _corked.depth += 1
         try:
             connection = self.connection
             try:
@@ -197,6 +222,6 @@ class _EagerSender:
             connection.protocol.dataReceived(data)
             return None
         finally:
-            _Corked.depth -= 1
-            if not _Corked.depth and (_Corked.pending or _Corked.after):
+            _corked.depth -= 1
+            if not _corked.depth and (_corked.pending or _corked.after):
                 _flush_pending()

@@ -49,7 +49,7 @@ class Collector(Protocol):
 class Answering(Protocol):
     """Server side: made eager; on each request line, runs ``on_data`` in the read callback."""
 
-    eager = False
+    eager: Any = None
 
     def connectionMade(self) -> None:
         self.eager = send_eagerly(self.transport)
@@ -57,6 +57,16 @@ class Answering(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.factory.on_data(self, data)  # type: ignore[attr-defined]
+
+
+def _peek(client: Collector) -> bytes:
+    """What waits in the client's socket, unread (b"" for nothing)."""
+    try:
+        return client.transport.socket.recv(  # type: ignore[union-attr]
+            100, socket.MSG_PEEK | socket.MSG_DONTWAIT
+        )
+    except BlockingIOError:
+        return b""
 
 
 class EagerWriteTests(TestCase):
@@ -87,6 +97,31 @@ class EagerWriteTests(TestCase):
         client.transport.write(b"go")  # type: ignore[union-attr]
         self.assertEqual(await client.wait_for(14), b"head body tail")
         self.assertNotIn(server.transport, IReactorFDSet(reactor).getWriters())
+
+    async def test_write_through_in_a_read_callback_is_sent_at_once(self) -> None:
+        peeked: list[bytes] = []
+
+        def on_data(server: Answering, data: bytes) -> None:
+            server.eager.write_through(b"piece")  # type: ignore[union-attr]
+            peeked.append(_peek(client))  # already in the client's socket
+
+        _, client = await self.connect(on_data)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        self.assertEqual(await client.wait_for(5), b"piece")
+        self.assertEqual(peeked, [b"piece"])
+
+    async def test_write_through_waits_behind_held_writes(self) -> None:
+        peeked: list[bytes] = []
+
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"head ")  # type: ignore[union-attr]
+            server.eager.write_through(b"body")  # type: ignore[union-attr]
+            peeked.append(_peek(client))  # nothing yet: the head is held, so the body too
+
+        _, client = await self.connect(on_data)
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        self.assertEqual(await client.wait_for(9), b"head body")
+        self.assertEqual(peeked, [b""])
 
     async def test_a_write_outside_a_read_callback_is_sent_at_once(self) -> None:
         server, client = await self.connect(lambda server, data: None)

@@ -42,6 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from llamaproxy.gateway.site import GatewaySite
 from llamaproxy.tls import (
     CIPHERS,
     EXPIRY_WARNING_SECONDS,
@@ -544,6 +545,14 @@ class _Json(Resource):
         return json.dumps({"ok": True}).encode()
 
 
+class _Root(Resource):
+    """The tree's root; lets every request through when the site is a GatewaySite."""
+
+    @staticmethod
+    def early_check(request: Request) -> None:
+        """Nothing to refuse."""
+
+
 class _Events(Resource):
     """SSE: sends event 0 at once, then the rest slowly; ``hold`` waits for ``release()``."""
 
@@ -577,7 +586,9 @@ class _Events(Resource):
 
     def _emit(self, request: Request, n: int) -> None:
         del self._pending[request]
-        request.write(f"data: {n}\n\n".encode())
+        # The gateway's request relays pieces with write_piece: over TLS it must encrypt them.
+        write = getattr(request, "write_piece", request.write)
+        write(f"data: {n}\n\n".encode())
         if n + 1 < self.count:
             self._schedule(request, n + 1)
         else:
@@ -708,7 +719,7 @@ class _ServerTestCase(TestCase):
 
     async def start(self, settings: TLSSettings) -> ReloadingContextFactory:
         factory = ReloadingContextFactory(settings, reactor)
-        root = Resource()
+        root = _Root()
         root.putChild(b"json", _Json())
         self.sse = _Events()
         root.putChild(b"events", self.sse)
@@ -922,6 +933,20 @@ class ServerTests(_ServerTestCase):
         probe = await self.probe(request=_get("/json"))
         self.assertEqual(probe.serial, 1001)
         self.assertIn(b'{"ok": true}', await probe.closed)
+
+
+class GatewaySiteOverTLSTests(_ServerTestCase):
+    """The gateway's own site behind TLS: relayed pieces are encrypted like everything else."""
+
+    site_class = GatewaySite
+
+    async def test_stream_pieces_are_encrypted(self) -> None:
+        await self.start_default()
+        stream = await self.probe(request=_get("/events"))
+        body = await stream.closed
+        for n in range(4):
+            self.assertIn(f"data: {n}\n\n".encode(), body)
+        self.assertTrue(body.endswith(b"0\r\n\r\n"), body[-40:])
 
 
 class H2SiteTests(_ServerTestCase):

@@ -792,7 +792,11 @@ class _Connection:
                         if protocol is not None:
                             protocol.dataReceived(data[newline + 2:end])
                             return
+        # Otherwise the general loop. The data of every chunk in this read is delivered as one
+        # piece, once the read is parsed (or before the body ends or fails): the body protocol
+        # gets one call per read, as on a stream, and writes once (see StreamRelay).
         response = self.response
+        pieces: list[bytes] = []
         position = 0
         size = len(data)
         while position < size:
@@ -801,21 +805,14 @@ class _Connection:
                 remaining = self._remaining
                 end = position + remaining
                 if end <= size:
-                    piece = data[position:end] if position or end != size else data
+                    pieces.append(data[position:end] if position or end != size else data)
                     self._remaining = 0
                     self._chunk_state = _CHUNK_CRLF
                 else:
-                    piece = data[position:] if position else data
+                    pieces.append(data[position:] if position else data)
                     self._remaining = remaining - (size - position)
                     end = size
                 position = end
-                protocol = self._protocol
-                if protocol is not None:
-                    protocol.dataReceived(piece)
-                else:
-                    self._buffer(piece)
-                if self.response is not response or self._phase != _CHUNKED:
-                    return
                 continue
             if self._chunk_buffer:
                 data = self._chunk_buffer + data[position:]
@@ -828,9 +825,10 @@ class _Connection:
                     self._chunk_state = _CHUNK_SIZE
                 elif size - position < 2 and data[position:] in (b"", b"\r"):
                     self._chunk_buffer = data[position:]
-                    return
+                    break
                 else:
-                    self._body_error(ParseError("chunk data not followed by CRLF", b""))
+                    if self._deliver_pieces(pieces, response):
+                        self._body_error(ParseError("chunk data not followed by CRLF", b""))
                     return
                 continue
             newline = data.find(b"\r\n", position)
@@ -838,16 +836,18 @@ class _Connection:
                 partial = data[position:]
                 limit = _MAX_CHUNK_LINE if state == _CHUNK_SIZE else MAX_HEAD_SIZE
                 if len(partial) + self._trailer_size > limit:
-                    self._body_error(ParseError("chunk line too long", partial[:100]))
+                    if self._deliver_pieces(pieces, response):
+                        self._body_error(ParseError("chunk line too long", partial[:100]))
                     return
                 self._chunk_buffer = partial
-                return
+                break
             line = data[position:newline]
             position = newline + 2
             if state == _CHUNK_SIZE:
                 digits = line.partition(b";")[0].rstrip(b" \t")
                 if not digits or len(digits) > 16 or digits.strip(_HEX_DIGITS):
-                    self._body_error(ParseError("invalid chunk size", line[:100]))
+                    if self._deliver_pieces(pieces, response):
+                        self._body_error(ParseError("invalid chunk size", line[:100]))
                     return
                 chunk_size = int(digits, 16)
                 if chunk_size:
@@ -858,11 +858,22 @@ class _Connection:
             elif line:  # a trailer field: ignored, as Twisted does
                 self._trailer_size += len(line) + 2
                 if self._trailer_size > MAX_HEAD_SIZE:
-                    self._body_error(ParseError("trailer section too long", b""))
+                    if self._deliver_pieces(pieces, response):
+                        self._body_error(ParseError("trailer section too long", b""))
                     return
             else:
-                self._end_body(_done(), reusable=position == size)
+                if self._deliver_pieces(pieces, response):
+                    self._end_body(_done(), reusable=position == size)
                 return
+        self._deliver_pieces(pieces, response)
+
+    def _deliver_pieces(self, pieces: list[bytes], response: _Response | None) -> bool:
+        """Deliver the chunk data of one read as one piece; False if delivering it ended the
+        body (the body protocol stopped it), so the caller must not go on."""
+        if pieces:
+            self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            return self.response is response and self._phase == _CHUNKED
+        return True
 
     def _body_error(self, error: Exception) -> None:
         """A malformed body: fail it and abort the connection."""

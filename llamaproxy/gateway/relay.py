@@ -20,7 +20,7 @@ from twisted.web.http import _DataLoss
 from zope.interface import implementer
 
 from llamaproxy.gateway.request import GatewayRequest
-from llamaproxy.gateway.tokens import UsageCollector
+from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
 
 log = Logger()
 
@@ -68,11 +68,16 @@ class StreamRelay(Protocol):
         request = self.request
         if self.outcome is not None or request._disconnected or request.finished:
             return  # (request.gone, inline: this runs once per event of every stream)
-        if self.usage is not None:
-            data = self.usage.feed(data)
+        usage = self.usage
+        if usage is not None and (
+            usage.held or not usage.streaming or not data.endswith(b"\n\n") or USAGE_MARK in data
+        ):
+            data = usage.feed(data)  # (skipped for whole events without usage: most pieces)
         if data:
             self.bytes_sent += len(data)
-            request.write(data)
+            # One write per backend read (the backend connection joins a read's chunks): it
+            # can leave at once instead of when the read callback returns.
+            request.write_piece(data)
         # The idle timer is not reset per piece (that is most of a relay's timer work); it
         # checks this when it fires.
         self._last_data = self.clock.seconds()

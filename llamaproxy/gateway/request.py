@@ -265,6 +265,22 @@ class GatewayRequest(server.Request):
                     self.setHeader(b"X-Gateway-Overhead-Ms", b"%.2f" % (overhead * 1000))
         super().write(data)
 
+    def write_piece(self, data: bytes) -> None:
+        """Write one piece of a relayed body, sent at once rather than when the read ends.
+
+        For a relay that makes one write per backend read (see ``EagerSender.write_through``);
+        the same bytes as ``write``. Before the head is out, or on a connection without its
+        own eager sender (TLS), this is ``write``.
+        """
+        sender = getattr(self.channel, "sender", None)  # (None as well for a plain HTTPChannel)
+        if sender is None or not self.startedWriting or self.finished or self._disconnected:
+            self.write(data)
+        elif data:
+            self.sentLength += len(data)
+            if self.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            sender.write_through(data)
+
     def finish(self) -> None:
         super().finish()
         # The response leaves first; the access log, metrics and ledger follow.

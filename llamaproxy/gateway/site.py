@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from llamaproxy.cors import CorsPolicy
-from llamaproxy.eager_write import send_eagerly
+from llamaproxy.eager_write import EagerSender, send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
@@ -54,7 +54,9 @@ class GatewayChannel(http.HTTPChannel):
     # Slots for the gateway's own state: with them the channel stays under the 30 instance
     # attributes past which CPython gives an object a dict five times the size (see
     # GatewayRequest), and that is per open connection.
-    __slots__ = ("_arrival_timer", "_bad_request", "_header_lines", "_host", "cors", "limits")
+    __slots__ = (
+        "_arrival_timer", "_bad_request", "_header_lines", "_host", "cors", "limits", "sender"
+    )
 
     def __init__(self) -> None:
         self.limits = _DEFAULT_LIMITS
@@ -63,6 +65,8 @@ class GatewayChannel(http.HTTPChannel):
         self._bad_request = "Malformed request"
         self._header_lines = 0
         self._host: Any = None
+        #: The connection's eager sender (None when it is not plain TCP, e.g. TLS).
+        self.sender: EagerSender | None = None
         super().__init__()
 
     def connectionMade(self) -> None:
@@ -73,7 +77,10 @@ class GatewayChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_request_line + limits.max_headers * (
             limits.max_header_line + 2
         ) + 2
-        send_eagerly(self.transport)
+        sender = send_eagerly(self.transport)
+        # Under TLS the sender is the TCP connection's, below the encryption: never ours to
+        # write to.
+        self.sender = sender if sender is not None and sender.connection is self.transport else None
         super().connectionMade()
 
     def getHost(self) -> Any:

@@ -21,7 +21,8 @@ MAX_BODY_KEPT = 1 << 20
 #: Most bytes of one partial SSE event held back while filtering.
 MAX_EVENT_HELD = 1 << 20
 
-_USAGE = b'"usage"'
+#: What an event carrying usage contains; nothing without it is ever parsed.
+USAGE_MARK = b'"usage"'
 
 
 def ask_for_stream_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -44,12 +45,17 @@ class UsageCollector:
     def __init__(self, streaming: bool, remove_usage_event: bool = False) -> None:
         self.streaming = streaming
         self.remove_usage_event = remove_usage_event and streaming
-        self._pending = b""  # streaming: the unfinished event at the end of what we saw
+        #: Streaming: the unfinished event at the end of what went by (held back when filtering).
+        self.held = b""
         self._kept: list[bytes] = []  # non-streaming: the body, up to MAX_BODY_KEPT
         self._kept_size = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Bytes from the backend; returns what to send to the client now."""
+        """Bytes from the backend; returns what to send to the client now.
+
+        A streamed piece of whole events without ``USAGE_MARK``, when nothing is held, is
+        returned as it is and changes nothing: a hot path may skip the call for it.
+        """
         if not self.streaming:
             if self._kept_size < MAX_BODY_KEPT:
                 self._kept.append(data)
@@ -67,12 +73,12 @@ class UsageCollector:
                 self._read_usage(b"".join(self._kept))
             self._kept = []
             return b""
-        rest, self._pending = self._pending, b""
+        rest, self.held = self.held, b""
         if not self.remove_usage_event:
-            if _USAGE in rest:
+            if USAGE_MARK in rest:
                 self._is_usage_event(rest)
             return b""  # already sent as it arrived
-        if rest and _USAGE in rest and self._is_usage_event(rest):
+        if rest and USAGE_MARK in rest and self._is_usage_event(rest):
             return b""
         return rest
 
@@ -80,33 +86,33 @@ class UsageCollector:
 
     def _scan(self, data: bytes) -> None:
         """Not filtering: record usage from whole events; remember the unfinished tail."""
-        buffer = self._pending + data if self._pending else data
+        buffer = self.held + data if self.held else data
         events, separator, tail = buffer.rpartition(b"\n\n")
-        if separator and _USAGE in events:
+        if separator and USAGE_MARK in events:
             for event in events.split(b"\n\n"):
-                if _USAGE in event:
+                if USAGE_MARK in event:
                     self._is_usage_event(event)
-        self._pending = tail if len(tail) <= MAX_EVENT_HELD else b""
+        self.held = tail if len(tail) <= MAX_EVENT_HELD else b""
 
     def _filter(self, data: bytes) -> bytes:
         """Filtering: pass whole events through, drop the usage event, hold the partial tail."""
-        if not self._pending and data.endswith(b"\n\n") and _USAGE not in data:
+        if not self.held and data.endswith(b"\n\n") and USAGE_MARK not in data:
             return data  # whole events, none of them usage: the usual piece of a stream
-        buffer = self._pending + data
+        buffer = self.held + data
         complete, separator, tail = buffer.rpartition(b"\n\n")
         if len(tail) > MAX_EVENT_HELD:  # not SSE after all: stop holding anything back
             self.remove_usage_event = False
-            self._pending = b""
+            self.held = b""
             return buffer
-        self._pending = tail
+        self.held = tail
         if not separator:
             return b""
         complete += separator
-        if _USAGE not in complete:
+        if USAGE_MARK not in complete:
             return complete
         kept = [
             event for event in complete.split(b"\n\n")
-            if event and not (_USAGE in event and self._is_usage_event(event))
+            if event and not (USAGE_MARK in event and self._is_usage_event(event))
         ]
         return b"".join(event + b"\n\n" for event in kept)
 
@@ -128,7 +134,7 @@ class UsageCollector:
     # -- whole bodies ---------------------------------------------------------------------
 
     def _read_usage(self, body: bytes) -> None:
-        if _USAGE not in body:
+        if USAGE_MARK not in body:
             return
         try:
             doc = json.loads(body)

@@ -402,14 +402,29 @@ class ResponseTests(Base):
         self.assertEqual(self.client.idle_connections(), 1)
         self.assertFalse(transport.disconnecting)
 
-    def test_chunked_pieces_are_chunk_payloads(self) -> None:
+    def test_chunked_read_is_one_piece(self) -> None:
+        """The chunk data of one read reaches the body protocol as one piece, the framing
+        removed; a chunk split across reads goes on as its parts arrive."""
         response, _, _ = self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         body = self.read(response)
         protocol = self.endpoints.endpoint.connections[-1][0]
         protocol.dataReceived(b"6\r\ndata: \r\n3\r\nab\n\r\n")
-        protocol.dataReceived(b"0\r\n\r\n")
-        self.assertEqual(body.pieces, [b"data: ", b"ab\n"])
+        protocol.dataReceived(b"8\r\nlong")
+        protocol.dataReceived(b"er")
+        protocol.dataReceived(b"!!\r\n2\r")
+        protocol.dataReceived(b"\nxy\r\n0\r\n\r\n")
+        self.assertEqual(body.pieces, [b"data: ab\n", b"long", b"er", b"!!", b"xy"])
         body.reasons[0].trap(ResponseDone)
+
+    def test_chunk_data_before_a_framing_error_is_delivered_first(self) -> None:
+        response, _, transport = self.respond(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        body = self.read(response)
+        protocol = self.endpoints.endpoint.connections[-1][0]
+        protocol.dataReceived(b"2\r\nok\r\n3\r\nabc\r\nzz\r\n")
+        self.assertEqual(body.pieces, [b"okabc"])
+        body.reasons[0].trap(ResponseFailed)
+        self.assertTrue(transport.aborted)
 
     def test_whole_chunk_reads(self) -> None:
         """One whole chunk per read (a stream's usual piece), and the cases that are not."""
@@ -641,6 +656,26 @@ class BodyDeliveryTests(Base):
         self.assertTrue(transport.aborted)
         self.assertEqual(transport.producerState, "producing")  # never paused
         protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_body_stopped_while_its_read_is_delivered(self) -> None:
+        """The protocol stops the body on the one piece of a read that also held the last
+        chunk: the end of that read is not parsed on (no second ending, no pooling)."""
+        response, protocol, transport = self.respond(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        class StopOnData(Body):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                cast(Any, self.transport).stopProducing()
+
+        body = StopOnData()
+        response.deliverBody(body)
+        protocol.dataReceived(b"2\r\nok\r\n2\r\nab\r\n0\r\n\r\n")
+        self.assertEqual(body.pieces, [b"okab"])
+        self.assertTrue(transport.aborted)
+        protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(len(body.reasons), 1)
         self.assertEqual(self.client.idle_connections(), 0)
 
     def test_connection_broken_mid_body(self) -> None:

@@ -73,3 +73,18 @@ class TokensTests(SynchronousTestCase):
         big = b"x" * (2 << 20)
         self.assertEqual(collector.feed(big), big)
         self.assertEqual(collector.feed(b"more"), b"more")
+
+    @given(st.lists(st.integers(0, 10_000), max_size=8), st.booleans())
+    def test_the_skippable_piece_changes_nothing(self, cuts: list[int], remove: bool) -> None:
+        """What StreamRelay skips ``feed`` for (whole events without the usage mark, nothing
+        held) comes back unchanged and leaves the collector as it was, at any point of a
+        stream."""
+        collector = UsageCollector(streaming=True, remove_usage_event=remove)
+        piece = sse_chunk("Hel") + sse_chunk("lo")
+        for part in split_at(STREAM, cuts):
+            if not collector.held:
+                before = (collector.held, collector.prompt_tokens, collector.completion_tokens)
+                self.assertEqual(collector.feed(piece), piece)
+                after = (collector.held, collector.prompt_tokens, collector.completion_tokens)
+                self.assertEqual(after, before)
+            collector.feed(part)
