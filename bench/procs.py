@@ -142,12 +142,18 @@ def tree(pid: int) -> list[int]:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU seconds used so far by ``pids`` (utime + stime from /proc/<pid>/stat)."""
-    total = 0
+    return sum(cpu_user_system(pids))
+
+
+def cpu_user_system(pids: Sequence[int]) -> tuple[float, float]:
+    """User and system CPU seconds used so far by ``pids`` (utime, stime: fields 14 and 15)."""
+    user = system = 0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = _stat_fields(pid)
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / CLOCK_TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def memory_kib(pids: Sequence[int], field: str = "VmRSS") -> int:
