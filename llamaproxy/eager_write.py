@@ -120,11 +120,14 @@ class EagerSender:
         self.buffered_write_sequence = connection.writeSequence
         self.lost = connection.connectionLost
 
-    def send_now(self, data: bytes) -> None:
-        """``send`` what the kernel takes; Twisted's buffered path gets the rest."""
+    def send_now(self, data: bytes) -> bool:
+        """``send`` what the kernel takes; Twisted's buffered path gets the rest.
+
+        True when the kernel took all of it at once (nothing waits in Twisted's buffer).
+        """
         c = self.connection
         if c._aborting:
-            return  # abortConnection drops whatever was not sent yet, held writes included
+            return False  # abortConnection drops whatever was not sent yet, held writes too
         # Send directly only when nothing is queued in Twisted's buffer and nothing needs its
         # buffered path (closing, a pull producer to resume after each flush, TLS).
         if (
@@ -144,9 +147,10 @@ class EagerSender:
                 # next send and closes the connection the way it always does.
                 sent = 0
             if sent == len(data):
-                return
+                return True
             data = data[sent:]
         self.buffered_write(data)
+        return False
 
     def flush(self) -> None:
         """Send what was held during the read callback, as one piece."""
@@ -155,16 +159,16 @@ class EagerSender:
         held.clear()
         self.send_now(data)
 
-    def write_through(self, data: bytes) -> None:
+    def write_through(self, data: bytes) -> bool:
         """Send ``data`` now, behind whatever this connection holds (then it waits with it).
 
         For a writer that makes one write per read callback: holding it until the callback
-        returns would gather nothing.
+        returns would gather nothing. True when it all went to the kernel at once.
         """
         if self.held:
             self.held.append(data)
-        else:
-            self.send_now(data)
+            return False
+        return self.send_now(data)
 
     def write(self, data: bytes) -> None:
         """The transport's ``write``."""
@@ -210,17 +214,22 @@ class EagerSender:
         piece read): ``recv``, then the protocol's ``dataReceived``; EWOULDBLOCK is nothing to
         do, another error a lost connection, an empty read a closed one.
         """
+        connection = self.connection
+        try:
+            data = connection.socket.recv(connection.bufferSize)
+        except OSError as e:
+            return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.deliver(data)
+        return None
+
+    def deliver(self, data: bytes) -> None:
+        """Give ``data``, read from the socket, to the protocol as ``do_read`` does (writes made
+        meanwhile leave when it returns). For a read lane that read it and passes it on."""
         _corked.depth += 1
         try:
-            connection = self.connection
-            try:
-                data = connection.socket.recv(connection.bufferSize)
-            except OSError as e:
-                return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
-            if not data:
-                return main.CONNECTION_DONE
-            connection.protocol.dataReceived(data)
-            return None
+            self.connection.protocol.dataReceived(data)
         finally:
             _corked.depth -= 1
             if not _corked.depth and (_corked.pending or _corked.after):

@@ -113,3 +113,79 @@ class LeanPollTests(SynchronousTestCase):
         own = OwnLoop()
         self.addCleanup(own._poller.close)
         self.assertFalse(lean_poll.install(own))
+
+
+class Lane:
+    """A read lane that reads its socket itself, or says the connection is over."""
+
+    def __init__(self, sock: socket.socket, why: object = None) -> None:
+        self.sock = sock
+        self.why = why
+        self.read: list[bytes] = []
+
+    def do_read(self) -> object:
+        self.read.append(self.sock.recv(100))
+        return self.why
+
+
+class ReadLaneTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.ends = socket.socketpair()
+        for end in self.ends:
+            self.addCleanup(end.close)
+
+    def test_a_lane_reads_instead_of_do_read_until_removed(self) -> None:
+        lean_poll.install(self.reactor)
+        self.assertTrue(lean_poll.has_read_lanes(self.reactor))
+        reader, lane = Reader(self.ends[0]), Lane(self.ends[0])
+        self.reactor.addReader(reader)  # type: ignore[arg-type]
+        fd = lean_poll.add_read_lane(self.reactor, reader, lane)
+        self.assertEqual(fd, self.ends[0].fileno())
+        self.ends[1].send(b"one")
+        self.reactor.doIteration(1)
+        self.assertEqual((lane.read, reader.read), ([b"one"], []))
+        assert fd is not None
+        lean_poll.remove_read_lane(self.reactor, fd, Lane(self.ends[0]))  # not that one: stays
+        self.ends[1].send(b"two")
+        self.reactor.doIteration(1)
+        self.assertEqual(lane.read, [b"one", b"two"])
+        lean_poll.remove_read_lane(self.reactor, fd, lane)
+        self.ends[1].send(b"three")
+        self.reactor.doIteration(1)
+        self.assertEqual((lane.read, reader.read), ([b"one", b"two"], [b"three"]))
+        self.reactor.removeReader(reader)  # type: ignore[arg-type]
+
+    def test_what_a_lane_returns_ends_the_connection(self) -> None:
+        lean_poll.install(self.reactor)
+        reader = Reader(self.ends[0])
+        self.reactor.addReader(reader)  # type: ignore[arg-type]
+        lean_poll.add_read_lane(self.reactor, reader, Lane(self.ends[0], why=CONNECTION_DONE))
+        self.ends[1].send(b"last")
+        self.reactor.doIteration(1)
+        self.assertEqual(len(reader.lost), 1)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_a_lane_left_behind_never_reads_another_selectable(self) -> None:
+        """The number is the same, the selectable is not (a closed connection's fd reused)."""
+        lean_poll.install(self.reactor)
+        old, lane = Reader(self.ends[0]), Lane(self.ends[0])
+        self.reactor.addReader(old)  # type: ignore[arg-type]
+        lean_poll.add_read_lane(self.reactor, old, lane)
+        self.reactor.removeReader(old)  # type: ignore[arg-type]
+        new = Reader(self.ends[0])
+        self.reactor.addReader(new)  # type: ignore[arg-type]
+        self.ends[1].send(b"for the new one")
+        self.reactor.doIteration(1)
+        self.assertEqual((lane.read, new.read), ([], [b"for the new one"]))
+        self.reactor.removeReader(new)  # type: ignore[arg-type]
+
+    def test_no_lanes_without_the_lean_loop(self) -> None:
+        self.assertFalse(lean_poll.has_read_lanes(self.reactor))
+        reader = Reader(self.ends[0])
+        self.assertIsNone(lean_poll.add_read_lane(self.reactor, reader, Lane(self.ends[0])))
+        lean_poll.remove_read_lane(self.reactor, 3, Lane(self.ends[0]))  # nothing to do
+        lean_poll.install(self.reactor)
+        reader.fileno = lambda: -1  # type: ignore[method-assign]
+        self.assertIsNone(lean_poll.add_read_lane(self.reactor, reader, Lane(self.ends[0])))

@@ -72,7 +72,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from llamaproxy.eager_write import send_eagerly
+from llamaproxy.eager_write import EagerSender, send_eagerly
 
 __all__ = ["MAX_HEAD_SIZE", "BackendClient"]
 
@@ -201,6 +201,12 @@ class _BodyTransport:
 
     def __init__(self, connection: _Connection | None) -> None:
         self._connection = connection
+
+    @property
+    def connection(self) -> _Connection | None:
+        """The backend connection the body is read from (None once the body ended or was
+        stopped): what a read lane reads (``llamaproxy.gateway.stream_lane``)."""
+        return self._connection
 
     def pauseProducing(self) -> None:
         connection = self._connection
@@ -401,13 +407,15 @@ class _Connection:
         "_chunk_buffer", "_chunk_state", "_client", "_close_waiters", "_consumer_paused",
         "_got_bytes", "_head_buffer", "_keep_alive", "_meta", "_method", "_phase", "_protocol",
         "_remaining", "_trailer_size", "_unclaimed_call", "_waiting", "_writer", "idle_call",
-        "key", "response", "transport",
+        "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
         self._client = client
         self.key = key
         self.transport: ITransport | None = None
+        #: The TCP connection's eager sender (None for TLS).
+        self.sender: EagerSender | None = None
         self._phase = _IDLE
         self._waiting: Deferred[IResponse] | None = None
         self._writer: _BodyWriter | None = None
@@ -437,7 +445,10 @@ class _Connection:
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        if send_eagerly(transport):
+        sender = send_eagerly(transport)
+        # Under TLS the sender is the TCP connection's, below the encryption: not ours to use.
+        self.sender = sender if sender is not None and sender.connection is transport else None
+        if self.sender is not None:
             wrapper = getattr(transport, "protocol", None)
             if getattr(wrapper, "_wrappedProtocol", None) is self:
                 # The endpoint's wrapper only relays each call to us: take its place, one call
@@ -446,6 +457,17 @@ class _Connection:
 
     def logPrefix(self) -> str:
         return "BackendConnection"
+
+    def at_chunk_start(self, protocol: IProtocol) -> bool:
+        """True when this connection reads a chunked body for ``protocol`` and the next byte
+        is a chunk's size line: a read that is exactly one chunk is then one piece of it, with
+        nothing to change here (a read lane may pass it on itself)."""
+        return (
+            self._phase == _CHUNKED
+            and self._chunk_state == _CHUNK_SIZE
+            and not self._chunk_buffer
+            and self._protocol is protocol
+        )
 
     def dataReceived(self, data: bytes) -> None:
         try:

@@ -5,7 +5,10 @@ registered on the client's request: when the client's socket buffer fills, twist
 us and we pause the backend connection, so a slow client slows the backend read instead of
 growing the gateway's memory. When the client goes away, ``stopProducing`` closes the backend
 connection, which makes llama-server stop generating. A backend that breaks mid-body makes us
-abort the client connection: a truncated response must never look complete.
+abort the client connection: a truncated response must never look complete. Once the response
+head is out, the usual piece of a stream (one whole chunk of whole events) skips all of this
+through the relay's fast lane (``llamaproxy.gateway.stream_lane``), which the relay opens and
+closes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from twisted.web.http import _DataLoss
 from zope.interface import implementer
 
 from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.gateway.stream_lane import StreamLane
 from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
 
 log = Logger()
@@ -52,6 +56,10 @@ class StreamRelay(Protocol):
         self._idle_call: IDelayedCall | None = None
         self._registered = False
         self._last_data = 0.0
+        #: The fast lane while it is open (see llamaproxy.gateway.stream_lane); whether to
+        #: try one (until StreamLane.possible says this relay never can).
+        self._lane: StreamLane | None = None
+        self._try_lane = True
 
     # -- backend side (IProtocol) ----------------------------------------------------------
 
@@ -81,8 +89,14 @@ class StreamRelay(Protocol):
         # The idle timer is not reset per piece (that is most of a relay's timer work); it
         # checks this when it fires.
         self._last_data = self.clock.seconds()
+        if self._lane is None and self._try_lane and not self._paused and self.outcome is None:
+            # The head is out now: the usual pieces can take the fast lane.
+            self._lane = StreamLane.open(self, self.clock)
+            if self._lane is None and request.startedWriting:
+                self._try_lane = StreamLane.possible(self, self.clock)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
+        self._close_lane()
         self._cancel_idle_timer()
         if self.outcome is not None:
             self._unregister()
@@ -115,6 +129,7 @@ class StreamRelay(Protocol):
     # -- client side (IPushProducer) -------------------------------------------------------
 
     def pauseProducing(self) -> None:
+        self._close_lane()  # (it reopens with the next piece after resumeProducing)
         self._paused = True
         self._cancel_idle_timer()
         if self.transport is not None:
@@ -165,12 +180,16 @@ class StreamRelay(Protocol):
         self._idle_call = None
 
     def _idle_expired(self) -> None:
-        quiet = self.clock.seconds() - self._last_data
+        last = self._last_data
+        if self._lane is not None and self._lane.last_piece_at > last:
+            last = self._lane.last_piece_at
+        quiet = self.clock.seconds() - last
         if self.idle_timeout - quiet > 0.001:
             # Data came since the timer was armed: wait out the rest of the timeout.
             self._idle_call = self.clock.callLater(self.idle_timeout - quiet, self._idle_expired)
             return
         self._idle_call = None
+        self._close_lane()  # (its count first: the message says how much was sent)
         log.warn(
             "Backend sent nothing for {seconds}s after {bytes} bytes; aborting",
             seconds=self.idle_timeout,
@@ -185,7 +204,15 @@ class StreamRelay(Protocol):
         if self.request.channel is not None:
             self.request.unregisterProducer()
 
+    def _close_lane(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            if lane.last_piece_at > self._last_data:
+                self._last_data = lane.last_piece_at
+            lane.close()
+
     def _end(self, outcome: str) -> None:
+        self._close_lane()
         if self.outcome is None:
             self.outcome = outcome
             self.done.callback(outcome)

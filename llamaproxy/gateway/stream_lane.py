@@ -1,0 +1,151 @@
+"""A stream's fast lane: one backend read, one client send, nothing in between.
+
+Read after read, a streamed response is one whole chunk from the backend carrying whole SSE
+events, relayed as one chunk to the client. Through the layers (the backend connection's
+parser, the relay, the usage filter, the request, the client's sender) each such piece touches
+a dozen Python objects, and with hundreds of streams open every stream's objects are cold in the
+cache when its next event comes: the profile put ~8 µs of Python per event there, where a bare
+relay needs ~1 (docs/performance.md).
+
+``StreamLane`` is what the reactor's loop calls instead of the backend connection's ``doRead``
+(a read lane, ``llamaproxy.lean_poll``) while a relay streams. It reads, and when the read is
+the usual piece it sends it to the client's socket itself; any other read goes the usual way,
+as it would have without the lane. The usual piece is exactly one chunk, read at a chunk
+boundary of a chunked body delivered to this relay, whose data is whole events (ending in a
+blank line) without the usage mark while the usage filter holds nothing back, for a client on
+plain TCP whose response is chunked. For it the lane does what the usual path does: the same
+bytes out (the backend's framing when it is the gateway's own, lowercase hex without leading
+zeros; framed anew otherwise), counted the same (kept in the lane and added to the relay's and
+the request's counts when the lane closes), the time of the last piece kept for the idle timeout.
+Whatever the client's socket does not take goes to Twisted's buffer and the lane closes: the
+rest of the stream goes the usual way, with its backpressure.
+
+A relay opens its lane once its response head is out, and closes it when it pauses, stops or
+ends (``StreamRelay``); without the lean poll loop (tests with a ``Clock``, other reactors)
+there is no lane and nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import main
+from twisted.internet.tcp import EWOULDBLOCK
+
+from llamaproxy import lean_poll
+from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
+
+if TYPE_CHECKING:
+    from llamaproxy.eager_write import EagerSender
+    from llamaproxy.gateway.relay import StreamRelay
+
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+class StreamLane:
+    """One relay's fast lane (see the module docstring)."""
+
+    __slots__ = (
+        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor",
+        "_relay", "_seconds", "_socket", "_usage", "last_piece_at", "sent",
+    )
+
+    def __init__(
+        self,
+        relay: StreamRelay,
+        reactor: Any,
+        backend: Any,
+        backend_sender: EagerSender,
+        client_sender: EagerSender,
+        usage: UsageCollector | None,
+    ) -> None:
+        self._relay = relay
+        self._reactor = reactor
+        self._backend = backend
+        self._backend_sender = backend_sender
+        self._socket = backend_sender.connection.socket
+        self._client_sender = client_sender
+        self._usage = usage
+        self._seconds = reactor.seconds
+        self._fd: int | None = None
+        #: Body bytes the lane sent (chunk data, as ``Request.sentLength`` counts them).
+        self.sent = 0
+        #: When the lane last sent a piece (``reactor.seconds()``), 0.0 before.
+        self.last_piece_at = 0.0
+
+    @staticmethod
+    def possible(relay: StreamRelay, reactor: Any) -> bool:
+        """Whether this relay can ever have a lane: the lean poll loop, plain TCP on both
+        sides, a chunked response (asked once the response head is out)."""
+        request = relay.request
+        backend = getattr(relay.transport, "connection", None)
+        return (
+            lean_poll.has_read_lanes(reactor)
+            and bool(request.chunked)
+            and getattr(request.channel, "sender", None) is not None
+            and getattr(backend, "sender", None) is not None
+        )
+
+    @classmethod
+    def open(cls, relay: StreamRelay, reactor: Any) -> StreamLane | None:
+        """The relay's lane, reading its backend connection from now on, if ``possible`` and
+        the relay is between pieces now; None otherwise."""
+        request = relay.request
+        if not request.startedWriting or request.finished or not cls.possible(relay, reactor):
+            return None
+        backend = relay.transport.connection  # type: ignore[union-attr]
+        if not backend.at_chunk_start(relay):
+            return None
+        client_sender = request.channel.sender  # type: ignore[attr-defined]
+        lane = cls(relay, reactor, backend, backend.sender, client_sender, relay.usage)
+        lane._fd = lean_poll.add_read_lane(reactor, backend.sender.connection, lane)
+        return lane if lane._fd is not None else None
+
+    def close(self) -> None:
+        """Stop: the backend connection is read the usual way again; the counts go to the
+        relay and the request."""
+        if self._fd is not None:
+            lean_poll.remove_read_lane(self._reactor, self._fd, self)
+            self._fd = None
+        if self.sent:
+            self._relay.bytes_sent += self.sent
+            self._relay.request.sentLength += self.sent
+            self.sent = 0
+
+    @property
+    def is_open(self) -> bool:
+        """True until ``close``."""
+        return self._fd is not None
+
+    def do_read(self) -> object:
+        """The backend connection's ``doRead`` while the lane is open."""
+        try:
+            data = self._socket.recv(65536)
+        except OSError as e:
+            return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        newline = data.find(b"\r\n", 0, 18)
+        if newline > 0:
+            digits = data[:newline]
+            if not digits.strip(_HEX_DIGITS):
+                size = int(digits, 16)
+                end = newline + 2 + size
+                usage = self._usage
+                if (
+                    size
+                    and len(data) == end + 2
+                    and data.endswith(b"\n\n\r\n")
+                    and USAGE_MARK not in data
+                    and (usage is None or (usage.streaming and not usage.held))
+                    and self._backend.at_chunk_start(self._relay)
+                ):
+                    if digits != b"%x" % size:
+                        data = b"%x\r\n%b\r\n" % (size, data[newline + 2:end])
+                    self.sent += size
+                    self.last_piece_at = self._seconds()
+                    if not self._client_sender.write_through(data):
+                        self.close()  # the rest waits in Twisted's buffer: the usual way now
+                    return None
+        self._backend_sender.deliver(data)
+        return None
