@@ -46,7 +46,7 @@ class StreamLane:
     """One relay's fast lane (see the module docstring)."""
 
     __slots__ = (
-        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor",
+        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_ready",
         "_relay", "_seconds", "_socket", "_usage", "last_piece_at", "sent",
     )
 
@@ -68,6 +68,7 @@ class StreamLane:
         self._usage = usage
         self._seconds = reactor.seconds
         self._fd: int | None = None
+        self._ready = self._between_pieces()
         #: Body bytes the lane sent (chunk data, as ``Request.sentLength`` counts them).
         self.sent = 0
         #: When the lane last sent a piece (``reactor.seconds()``), 0.0 before.
@@ -94,10 +95,10 @@ class StreamLane:
         if not request.startedWriting or request.finished or not cls.possible(relay, reactor):
             return None
         backend = relay.transport.connection  # type: ignore[union-attr]
-        if not backend.at_chunk_start(relay):
-            return None
         client_sender = request.channel.sender  # type: ignore[attr-defined]
         lane = cls(relay, reactor, backend, backend.sender, client_sender, relay.usage)
+        if not lane._ready:
+            return None
         lane._fd = lean_poll.add_read_lane(reactor, backend.sender.connection, lane)
         return lane if lane._fd is not None else None
 
@@ -131,14 +132,12 @@ class StreamLane:
             if not digits.strip(_HEX_DIGITS):
                 size = int(digits, 16)
                 end = newline + 2 + size
-                usage = self._usage
                 if (
-                    size
+                    self._ready
+                    and size
                     and len(data) == end + 2
                     and data.endswith(b"\n\n\r\n")
                     and USAGE_MARK not in data
-                    and (usage is None or (usage.streaming and not usage.held))
-                    and self._backend.at_chunk_start(self._relay)
                 ):
                     if digits != b"%x" % size:
                         data = b"%x\r\n%b\r\n" % (size, data[newline + 2:end])
@@ -148,4 +147,14 @@ class StreamLane:
                         self.close()  # the rest waits in Twisted's buffer: the usual way now
                     return None
         self._backend_sender.deliver(data)
+        self._ready = self._between_pieces()
         return None
+
+    def _between_pieces(self) -> bool:
+        """The backend connection is at a chunk boundary of this relay's body and the usage
+        filter holds nothing back. Only a read that went the usual way can change either, so
+        this is asked at the start and after each of those, not for every piece."""
+        usage = self._usage
+        return (usage is None or (usage.streaming and not usage.held)) and bool(
+            self._backend.at_chunk_start(self._relay)
+        )
