@@ -9,7 +9,6 @@ when all of that is done, and twistd waits for it before exiting.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from twisted.logger import ILogObserver, Logger
 
 from llamaproxy.gateway.backend_client import BackendClient
 from llamaproxy.gateway.resource import GatewayResource
+from llamaproxy.gc_schedule import GcSchedule
 from llamaproxy.logs import install_observer
 
 log = Logger()
@@ -52,6 +52,7 @@ class GatewayService(MultiService):
         self.background = list(background)
         self.log_observer = log_observer
         self._stopping: Deferred[None] | None = None
+        self.gc_schedule = GcSchedule(clock)
         for child in self._in_start_order():
             child.setServiceParent(self)
 
@@ -70,15 +71,9 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         # MultiService starts children in the order they were added: exactly ours.
         super().startService()
-        # Everything built so far lives as long as the process: keep it out of the cyclic
-        # garbage collector's full collections (tens of ms each under load, in the profile).
-        # Generation 0 is collected every 5 000 net new container objects: each collection then
-        # pauses ~2 ms. (At 50 000, 500 streams starting made one 17-32 ms pause per round,
-        # which every stream saw as a late event: the p99 gap between events doubled.)
-        # Generation 1 rarely: what survives a young collection is mostly a live stream's state,
-        # freed by reference counting when the stream ends.
-        gc.freeze()
-        gc.set_threshold(5_000, 50, 100)
+        # Last: what start-up built is frozen out of the collector's sight
+        # (llamaproxy/gc_schedule.py: young collections on allocation, full ones on a timer).
+        self.gc_schedule.startService()
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
@@ -122,6 +117,7 @@ class GatewayService(MultiService):
             await _maybe(self.health_listener.stopService())
         for part in self.background:
             await _maybe(part.stopService())
+        self.gc_schedule.stopService()
         if clean and getattr(self.clock, "_exitSignal", None) is not None:
             # twistd re-raises the signal that stopped it (exit status 143 for SIGTERM). A drain
             # that lost nothing is a normal exit: status 0. A drain that cut requests keeps 143.
