@@ -68,7 +68,7 @@ class StreamLane:
         self._usage = usage
         self._seconds = reactor.seconds
         self._fd: int | None = None
-        self._ready = self._between_pieces()
+        self._ready = True  # (open checked)
         #: Body bytes the lane sent (chunk data, as ``Request.sentLength`` counts them).
         self.sent = 0
         #: When the lane last sent a piece (``reactor.seconds()``), 0.0 before.
@@ -95,10 +95,10 @@ class StreamLane:
         if not request.startedWriting or request.finished or not cls.possible(relay, reactor):
             return None
         backend = relay.transport.connection  # type: ignore[union-attr]
+        if not _between_pieces(backend, relay, relay.usage):
+            return None
         client_sender = request.channel.sender  # type: ignore[attr-defined]
         lane = cls(relay, reactor, backend, backend.sender, client_sender, relay.usage)
-        if not lane._ready:
-            return None
         lane._fd = lean_poll.add_read_lane(reactor, backend.sender.connection, lane)
         return lane if lane._fd is not None else None
 
@@ -147,14 +147,15 @@ class StreamLane:
                         self.close()  # the rest waits in Twisted's buffer: the usual way now
                     return None
         self._backend_sender.deliver(data)
-        self._ready = self._between_pieces()
+        # Only a read that went the usual way can move the backend connection off a chunk
+        # boundary or leave the usage filter holding something: ask again now, not per piece.
+        self._ready = _between_pieces(self._backend, self._relay, self._usage)
         return None
 
-    def _between_pieces(self) -> bool:
-        """The backend connection is at a chunk boundary of this relay's body and the usage
-        filter holds nothing back. Only a read that went the usual way can change either, so
-        this is asked at the start and after each of those, not for every piece."""
-        usage = self._usage
-        return (usage is None or (usage.streaming and not usage.held)) and bool(
-            self._backend.at_chunk_start(self._relay)
-        )
+
+def _between_pieces(backend: Any, relay: StreamRelay, usage: UsageCollector | None) -> bool:
+    """The backend connection is at a chunk boundary of this relay's body and the usage filter
+    holds nothing back: a whole chunk of whole events read now is the next piece, as it is."""
+    return (usage is None or (usage.streaming and not usage.held)) and bool(
+        backend.at_chunk_start(relay)
+    )

@@ -107,7 +107,8 @@ class StreamLaneTests(TestCase):
                 self.skipTest("the lean poll loop needs the epoll reactor")
             self.addCleanup(_uninstall_lean_poll)
 
-    async def start(self, usage: UsageCollector | None = None, idle_timeout: float = 30.0
+    async def start(self, usage: UsageCollector | None = None, idle_timeout: float = 30.0,
+                    request: bytes = b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n",
                     ) -> tuple[Relaying, Backend, Client]:
         backends = Factory.forProtocol(Backend)
         backends.connected = []  # type: ignore[attr-defined]
@@ -126,7 +127,7 @@ class StreamLaneTests(TestCase):
         await TCP4ClientEndpoint(reactor, "127.0.0.1", site_port.getHost().port).connect(
             Factory.forProtocol(lambda: user))
         self.addCleanup(_abort, user)
-        user.transport.write(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")  # type: ignore[union-attr]
+        user.transport.write(request)  # type: ignore[union-attr]
         while not backends.connected:  # type: ignore[attr-defined]
             await _turn()
         return resource, backends.connected[0], user  # type: ignore[attr-defined]
@@ -207,6 +208,30 @@ class StreamLaneTests(TestCase):
         self.assertEqual(lane.sent, len(last))  # and the usual piece after them is
         await self.send(backend, user, b"0\r\n\r\n", b"0\r\n\r\n")
         self.assertEqual(parse_response(user.received).body, first + two + partial + rest + last)
+
+    async def test_no_lane_for_a_body_that_is_not_chunked(self) -> None:
+        resource, backend, user = await self.start()
+        first, second = event("a"), event("b")
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Content-Length: %d\r\n\r\n" % (len(first) + len(second)))
+        await self.send(backend, user, head + first, chunk(first))
+        await self.send(backend, user, second, b"0\r\n\r\n")
+        relay = resource.relays[0]
+        self.assertIsNone(relay._lane)
+        self.assertEqual(parse_response(user.received).body, first + second)
+        self.assertEqual(relay.request.sentLength, len(first + second))
+
+    async def test_no_lane_for_a_response_that_is_not_chunked(self) -> None:
+        """An HTTP/1.0 client gets the body as it is, to the close: nothing for the lane."""
+        resource, backend, user = await self.start(request=b"GET / HTTP/1.0\r\n\r\n")
+        pieces = [event("a"), event("b"), event("c")]
+        await self.send(backend, user, HEAD + chunk(pieces[0]), pieces[0])
+        for piece in pieces[1:]:
+            await self.send(backend, user, chunk(piece), piece)
+        self.assertIsNone(resource.relays[0]._lane)
+        backend.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        await user.closed
+        self.assertTrue(user.received.endswith(b"\r\n\r\n" + b"".join(pieces)))
 
     async def test_a_client_that_does_not_keep_up_closes_the_lane(self) -> None:
         resource, backend, user = await self.start()
