@@ -38,7 +38,9 @@ class Reader:
         self.lost.append(reason)
 
 
-class LeanPollTests(SynchronousTestCase):
+class EpollCase(SynchronousTestCase):
+    """A fresh epoll reactor (not the global one) and a socket pair for each test."""
+
     def setUp(self) -> None:
         self.reactor = EPollReactor()
         self.addCleanup(self.reactor._poller.close)
@@ -46,6 +48,8 @@ class LeanPollTests(SynchronousTestCase):
         for end in self.ends:
             self.addCleanup(end.close)
 
+
+class LeanPollTests(EpollCase):
     def test_installed_loop_delivers_reads(self) -> None:
         self.assertTrue(lean_poll.install(self.reactor))
         self.assertFalse(lean_poll.install(self.reactor))  # once is enough
@@ -128,14 +132,7 @@ class Lane:
         return self.why
 
 
-class ReadLaneTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.reactor = EPollReactor()
-        self.addCleanup(self.reactor._poller.close)
-        self.ends = socket.socketpair()
-        for end in self.ends:
-            self.addCleanup(end.close)
-
+class ReadLaneTests(EpollCase):
     def test_a_lane_reads_instead_of_do_read_until_removed(self) -> None:
         lean_poll.install(self.reactor)
         self.assertTrue(lean_poll.has_read_lanes(self.reactor))
