@@ -46,8 +46,8 @@ class StreamLane:
     """One relay's fast lane (see the module docstring)."""
 
     __slots__ = (
-        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_ready",
-        "_relay", "_seconds", "_socket", "_usage", "last_piece_at", "sent",
+        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_read_size",
+        "_ready", "_relay", "_seconds", "_socket", "_usage", "last_piece_at", "sent",
     )
 
     def __init__(
@@ -64,6 +64,7 @@ class StreamLane:
         self._backend = backend
         self._backend_sender = backend_sender
         self._socket = backend_sender.connection.socket
+        self._read_size = backend_sender.connection.bufferSize
         self._client_sender = client_sender
         self._usage = usage
         self._seconds = reactor.seconds
@@ -121,7 +122,7 @@ class StreamLane:
     def do_read(self) -> object:
         """The backend connection's ``doRead`` while the lane is open."""
         try:
-            data = self._socket.recv(65536)
+            data = self._socket.recv(self._read_size)
         except OSError as e:
             return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
         if not data:
