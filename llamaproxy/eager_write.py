@@ -210,9 +210,9 @@ class EagerSender:
     def do_read(self) -> object:
         """The transport's ``doRead``: writes made while it runs leave when it returns.
 
-        Twisted's ``Connection.doRead`` and ``_dataReceived`` inlined (two calls less for every
-        piece read): ``recv``, then the protocol's ``dataReceived``; EWOULDBLOCK is nothing to
-        do, another error a lost connection, an empty read a closed one.
+        Twisted's ``Connection.doRead`` and ``_dataReceived`` in one method: ``recv``, then
+        ``deliver``; EWOULDBLOCK is nothing to do, another error a lost connection, an empty
+        read a closed one.
         """
         connection = self.connection
         try:
