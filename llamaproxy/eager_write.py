@@ -210,19 +210,24 @@ class EagerSender:
     def do_read(self) -> object:
         """The transport's ``doRead``: writes made while it runs leave when it returns.
 
-        Twisted's ``Connection.doRead`` and ``_dataReceived`` in one method: ``recv``, then
-        ``deliver``; EWOULDBLOCK is nothing to do, another error a lost connection, an empty
-        read a closed one.
+        Twisted's ``Connection.doRead`` and ``_dataReceived``: ``receive``, then ``deliver``.
         """
+        data = self.receive()
+        if not isinstance(data, bytes):
+            return data
+        self.deliver(data)
+        return None
+
+    def receive(self) -> bytes | object:
+        """``recv`` what is there, as Twisted's ``doRead`` does: the bytes read; or what
+        ``doRead`` returns when there are none (None: nothing to read now; else why the
+        connection is over: an error, or the peer closed it)."""
         connection = self.connection
         try:
             data = connection.socket.recv(connection.bufferSize)
         except OSError as e:
             return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self.deliver(data)
-        return None
+        return data if data else main.CONNECTION_DONE
 
     def deliver(self, data: bytes) -> None:
         """Give ``data``, read from the socket, to the protocol as ``do_read`` does (writes made

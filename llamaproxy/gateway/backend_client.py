@@ -158,6 +158,24 @@ def _content_length(values: list[bytes]) -> int:
     return lengths.pop()
 
 
+def whole_chunk(data: bytes) -> tuple[int, int] | None:
+    """Where the data of ``data`` is, as (start, end), when ``data`` is exactly one chunk of a
+    chunked body with data (a size line without extensions, the data, CRLF); else None.
+
+    A stream's usual read is one: the decoder (and a stream's read lane) pass it on without
+    their general path.
+    """
+    newline = data.find(b"\r\n", 0, 18)
+    if newline > 0:
+        digits = data[:newline]
+        if not digits.strip(_HEX_DIGITS):
+            start = newline + 2
+            end = start + int(digits, 16)
+            if end > start and len(data) == end + 2 and data.endswith(b"\r\n"):
+                return start, end
+    return None
+
+
 class _Target:
     """What depends only on a URI's scheme and authority, computed once per prefix."""
 
@@ -804,16 +822,12 @@ class _Connection:
         if self._chunk_state == _CHUNK_SIZE and not self._chunk_buffer:
             # The common case on a stream: ``data`` is exactly one whole chunk (size line, data,
             # CRLF). Deliver it without the general loop below.
-            newline = data.find(b"\r\n", 0, 18)
-            if newline > 0:
-                digits = data[:newline]
-                if not digits.strip(_HEX_DIGITS):
-                    end = newline + 2 + int(digits, 16)
-                    if end > newline + 2 and len(data) == end + 2 and data.endswith(b"\r\n"):
-                        protocol = self._protocol
-                        if protocol is not None:
-                            protocol.dataReceived(data[newline + 2:end])
-                            return
+            span = whole_chunk(data)
+            if span is not None:
+                protocol = self._protocol
+                if protocol is not None:
+                    protocol.dataReceived(data[span[0]:span[1]])
+                    return
         # Otherwise the general loop. The data of every chunk in this read is delivered as one
         # piece, once the read is parsed (or before the body ends or fails): the body protocol
         # gets one call per read, as on a stream, and writes once (see StreamRelay).

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.stream_lane import StreamLane
-from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
+from llamaproxy.gateway.tokens import UsageCollector
 
 log = Logger()
 
@@ -76,11 +76,8 @@ class StreamRelay(Protocol):
         request = self.request
         if self.outcome is not None or request._disconnected or request.finished:
             return  # (request.gone, inline: this runs once per event of every stream)
-        usage = self.usage
-        if usage is not None and (
-            usage.held or not usage.streaming or not data.endswith(b"\n\n") or USAGE_MARK in data
-        ):
-            data = usage.feed(data)  # (skipped for whole events without usage: most pieces)
+        if self.usage is not None:
+            data = self.usage.feed(data)
         if data:
             self.bytes_sent += len(data)
             # One write per backend read (the backend connection joins a read's chunks): it

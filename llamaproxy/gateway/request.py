@@ -251,10 +251,7 @@ class GatewayRequest(server.Request):
             # The head is out: a body piece goes to the transport in one write (twisted.web
             # would pass a chunk's size line, data and CRLF through three calls).
             if data:
-                self.sentLength += len(data)
-                if self.chunked:
-                    data = b"%x\r\n%b\r\n" % (len(data), data)
-                self.channel.transport.write(data)  # type: ignore[union-attr]
+                self.channel.transport.write(self._body_bytes(data))  # type: ignore[union-attr]
             return
         if self.first_byte_at is None and self._clock is not None:
             self.first_byte_at = self._clock.seconds()
@@ -276,10 +273,13 @@ class GatewayRequest(server.Request):
         if sender is None or not self.startedWriting or self.finished or self._disconnected:
             self.write(data)
         elif data:
-            self.sentLength += len(data)
-            if self.chunked:
-                data = b"%x\r\n%b\r\n" % (len(data), data)
-            sender.write_through(data)
+            sender.write_through(self._body_bytes(data))
+
+    def _body_bytes(self, data: bytes) -> bytes:
+        """A body piece as it goes on the wire once the head is out (counted, and framed as a
+        chunk when the response is chunked)."""
+        self.sentLength += len(data)
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
 
     def finish(self) -> None:
         super().finish()

@@ -29,25 +29,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import main
-from twisted.internet.tcp import EWOULDBLOCK
-
 from llamaproxy import lean_poll
+from llamaproxy.gateway.backend_client import whole_chunk
 from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
 
 if TYPE_CHECKING:
     from llamaproxy.eager_write import EagerSender
     from llamaproxy.gateway.relay import StreamRelay
 
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-
 class StreamLane:
     """One relay's fast lane (see the module docstring)."""
 
     __slots__ = (
-        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_read_size",
-        "_ready", "_relay", "_seconds", "_socket", "_usage", "last_piece_at", "sent",
+        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_ready", "_relay",
+        "_seconds", "_usage", "last_piece_at", "sent",
     )
 
     def __init__(
@@ -63,8 +58,6 @@ class StreamLane:
         self._reactor = reactor
         self._backend = backend
         self._backend_sender = backend_sender
-        self._socket = backend_sender.connection.socket
-        self._read_size = backend_sender.connection.bufferSize
         self._client_sender = client_sender
         self._usage = usage
         self._seconds = reactor.seconds
@@ -121,32 +114,25 @@ class StreamLane:
 
     def do_read(self) -> object:
         """The backend connection's ``doRead`` while the lane is open."""
-        try:
-            data = self._socket.recv(self._read_size)
-        except OSError as e:
-            return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        newline = data.find(b"\r\n", 0, 18)
-        if newline > 0:
-            digits = data[:newline]
-            if not digits.strip(_HEX_DIGITS):
-                size = int(digits, 16)
-                end = newline + 2 + size
-                if (
-                    self._ready
-                    and size
-                    and len(data) == end + 2
-                    and data.endswith(b"\n\n\r\n")
-                    and USAGE_MARK not in data
-                ):
-                    if digits != b"%x" % size:
-                        data = b"%x\r\n%b\r\n" % (size, data[newline + 2:end])
-                    self.sent += size
-                    self.last_piece_at = self._seconds()
-                    if not self._client_sender.write_through(data):
-                        self.close()  # the rest waits in Twisted's buffer: the usual way now
-                    return None
+        data = self._backend_sender.receive()
+        if not isinstance(data, bytes):
+            return data  # nothing to read, or the connection is over: as doRead says it
+        span = whole_chunk(data)
+        if (
+            span is not None
+            and self._ready
+            and data.endswith(b"\n\n\r\n")
+            and USAGE_MARK not in data
+        ):
+            start, end = span
+            size = end - start
+            if data[:start - 2] != b"%x" % size:  # not the gateway's own framing
+                data = b"%x\r\n%b\r\n" % (size, data[start:end])
+            self.sent += size
+            self.last_piece_at = self._seconds()
+            if not self._client_sender.write_through(data):
+                self.close()  # the rest waits in Twisted's buffer: the usual way now
+            return None
         self._backend_sender.deliver(data)
         # Only a read that went the usual way can move the backend connection off a chunk
         # boundary or leave the usage filter holding something: ask again now, not per piece.

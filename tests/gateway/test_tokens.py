@@ -76,7 +76,7 @@ class TokensTests(SynchronousTestCase):
 
     @given(st.lists(st.integers(0, 10_000), max_size=8), st.booleans())
     def test_the_skippable_piece_changes_nothing(self, cuts: list[int], remove: bool) -> None:
-        """What StreamRelay skips ``feed`` for (whole events without the usage mark, nothing
+        """What the stream lane skips ``feed`` for (whole events without the usage mark, nothing
         held) comes back unchanged and leaves the collector as it was, at any point of a
         stream."""
         collector = UsageCollector(streaming=True, remove_usage_event=remove)
