@@ -247,6 +247,18 @@ SETTINGS: tuple[Setting, ...] = (
             "content changed)."),
     Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
             "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
+    Setting("max_json_depth", "max-json-depth", ("MAX_JSON_DEPTH",), "64", _int_parser(1),
+            "Deepest nesting of arrays and objects in a JSON request body (400 invalid_json "
+            "beyond it)."),
+    Setting("max_json_values", "max-json-values", ("MAX_JSON_VALUES",), "200000",
+            _int_parser(1), "Most keys and values a JSON request body may hold (400 invalid_json "
+            "beyond it): bounds the memory and CPU one body can cost."),
+    Setting("max_queue_bytes", "max-queue-bytes", ("MAX_QUEUE_BYTES",), "268435456",
+            _int_parser(0), "Most request-body bytes held at once by requests in progress "
+            "(arriving, queued or being served); beyond it 503 queue_full. 0: no bound."),
+    Setting("max_queue_bytes_per_key", "max-queue-bytes-per-key", ("MAX_QUEUE_BYTES_PER_KEY",),
+            "67108864", _int_parser(0), "Most request-body bytes one key's requests in "
+            "progress may hold; beyond it 503 queue_full. 0: no bound."),
     Setting("max_concurrent_requests", "max-concurrent-requests", ("MAX_CONCURRENT_REQUESTS",),
             "0", _int_parser(0), "Requests proxied at once (0: the backend's --parallel slot "
             "count, or 4 when that is unknown)."),
@@ -359,6 +371,10 @@ class Config:
     admin_key_ids: tuple[str, ...]
     keys_reload_interval: float
     max_request_body_size: int
+    max_json_depth: int
+    max_json_values: int
+    max_queue_bytes: int
+    max_queue_bytes_per_key: int
     max_concurrent_requests: int
     max_queue_size: int
     max_queue_per_key: int

@@ -43,6 +43,7 @@ from llamaproxy.backends_file import (
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
+from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource
@@ -188,7 +189,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource))
-    site = GatewaySite(resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder)
+    site = GatewaySite(
+        resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
+        body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
+    )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
         metrics_site = Site(MetricsResource(metrics, include_per_key=True))
@@ -295,6 +299,8 @@ def _limits(config: Config) -> RequestLimits:
         max_headers=config.max_headers,
         max_body=config.max_request_body_size,
         client_timeout=config.client_header_timeout,
+        max_json_depth=config.max_json_depth,
+        max_json_values=config.max_json_values,
     )
 
 

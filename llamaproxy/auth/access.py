@@ -28,6 +28,10 @@ class Access:
     headers: tuple[tuple[str, str], ...] = ()
     #: Set when the request is refused (401, 403, 429).
     error: GatewayError | None = None
+    #: When the request limiter counted this request (None: it did not), for ``refund``.
+    charged_at: float | None = None
+    #: The key's request limit (for ``refund``'s new X-RateLimit-Remaining).
+    rate_limit: int | None = None
 
 
 def _now() -> datetime:
@@ -70,16 +74,26 @@ class AccessControl:
             refusal = errors.forbidden(f"Key '{key_id}' is not allowed to do this")
             return Access(key_id, error=refusal)
         headers: tuple[tuple[str, str], ...] = ()
+        charged_at: float | None = None
+        if self.token_limits is not None:
+            retry_after = self.token_limits.retry_after(key_id)
+            if retry_after is not None:
+                return Access(key_id, error=errors.token_rate_limited(retry_after))
         if self.limiter is not None:
             decision = self.limiter.check(key_id, result.rate_limit)
             if not decision.allowed:
                 return Access(key_id, error=errors.rate_limited(decision.headers()))
             headers = decision.headers()
-        if self.token_limits is not None:
-            retry_after = self.token_limits.retry_after(key_id)
-            if retry_after is not None:
-                return Access(key_id, error=errors.token_rate_limited(retry_after))
-        return Access(key_id, headers)
+            charged_at = self.limiter.now()
+        return Access(key_id, headers, charged_at=charged_at, rate_limit=result.rate_limit)
+
+    def refund(self, access: Access) -> int | None:
+        """Give back the request window charge of ``access`` (the gateway refused the request
+        before any backend had it); the key's X-RateLimit-Remaining after it, if it has one."""
+        if self.limiter is None or access.charged_at is None or access.key_id is None:
+            return None
+        self.limiter.refund(access.key_id, access.charged_at)
+        return self.limiter.remaining(access.key_id, access.rate_limit)
 
 
 @dataclass

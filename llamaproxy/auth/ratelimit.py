@@ -134,6 +134,10 @@ class SlidingWindowCounter:
         if not window > 0:
             raise ValueError("window must be positive")
 
+    def now(self) -> float:
+        """The limiter's clock, in seconds (what a charge is dated with)."""
+        return self._clock.seconds()
+
     def __len__(self) -> int:
         """The number of buckets held."""
         return len(self._buckets)
@@ -252,6 +256,30 @@ class RateLimiter(SlidingWindowCounter):
             reset=self._reset(start, previous, current, now),
             retry_after=None if allowed else self._retry_after(bucket, now, limit),
         )
+
+    def refund(self, key_id: str, charged_at: float) -> None:
+        """Give back one request counted at ``charged_at`` (the gateway refused it after the
+        check: refused requests cost nothing). Taken from the window that counted it, if the
+        key's counter still remembers that window."""
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            return
+        self._roll(bucket, self._clock.seconds())
+        if charged_at >= bucket.start:
+            bucket.current = max(0, bucket.current - 1)
+        elif charged_at >= bucket.start - self.window:
+            bucket.previous = max(0, bucket.previous - 1)
+
+    def remaining(self, key_id: str, limit: int | None = None) -> int:
+        """Further requests ``key_id`` may make right now (for X-RateLimit-Remaining)."""
+        if limit is None:
+            limit = self.default_limit
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            return limit
+        now = self._clock.seconds()
+        start, previous, current = self._rolled(bucket, now)
+        return self._remaining(start, previous, current, now, limit)
 
     def _remaining(self, start: float, previous: int, current: int, now: float, limit: int) -> int:
         """The smallest k >= 0 with E + k >= limit: how many more are allowed right now."""

@@ -174,15 +174,23 @@ def backend_unavailable(state: str, retry_after: int) -> GatewayError:
     )
 
 
-def queue_full(retry_after: int = 5) -> GatewayError:
+def queue_full(retry_after: int = 5, message: str = "Server busy, try again later") -> GatewayError:
     """503 when the wait queue is full (older gateway body and Retry-After: 5)."""
     return GatewayError(
         503,
-        "Server busy, try again later",
+        message,
         "server_error",
         "queue_full",
         headers=(("Retry-After", str(retry_after)),),
     )
+
+
+def body_budget_full(per_key: bool) -> GatewayError:
+    """503 ``queue_full`` when the request bodies held (in all, or by this key) are at their
+    bound (MAX_QUEUE_BYTES, MAX_QUEUE_BYTES_PER_KEY)."""
+    whose = "this key's requests" if per_key else "requests"
+    return queue_full(5, f"Server busy: the request bodies {whose} hold are at their limit, "
+                         "try again later")
 
 
 def gateway_timeout() -> GatewayError:

@@ -30,7 +30,8 @@ from llamaproxy.gateway import errors, forward
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
-from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
+from llamaproxy.gateway.request_body import with_model
+from llamaproxy.gateway.tokens import UsageCollector
 from llamaproxy.metrics import GatewayMetrics, RequestTimer
 from llamaproxy.probe import read_body_bounded
 from llamaproxy.routing import (
@@ -86,6 +87,9 @@ class Exchange:
     task: Deferred[None] | None = field(default=None, repr=False)
     #: Its place in a backend's queue while it waits there parked (no coroutine yet).
     parked: ParkedExchange | None = field(default=None, repr=False)
+    #: True once a backend may have the request (a send began and did not fail to connect or
+    #: send): from then on it is accounted, never refunded.
+    sent: bool = False
 
     def outcome(self) -> str:
         """How the exchange ended, in a word (for logs and metrics)."""
@@ -215,12 +219,7 @@ class ProxyExchanges:
         if self.local_model_list and request.path.startswith(b"/v1/models"):
             self._answer_model_list(request)
             return None
-        body = request.json_body
-        requested = body.get("model") if isinstance(body, dict) else None
-        if requested is not None and not isinstance(requested, str):
-            request.send_error(errors.bad_request(
-                "'model' must be a string", code="invalid_type", param="model"))
-            return None
+        requested = request.facts.model
         model = router.resolve_model(requested, request.key_id)
         try:
             if model is None:
@@ -390,25 +389,17 @@ class ProxyExchanges:
         return False
 
     def _request_body(self, exchange: Exchange, member: Member) -> bytes:
-        """The body for ``member``: usage asked for on streams, the upstream's model name."""
+        """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
-        parsed = request.json_body
-        if not isinstance(parsed, dict):
+        if request.path in _USAGE_ROUTES and exchange.usage is None:
+            exchange.usage = UsageCollector(request.facts.stream)
+        if not self.local_model_list or exchange.model is None or request.facts.model is None:
             return exchange.body
-        changed = dict(parsed)
-        if request.path in _USAGE_ROUTES:
-            if exchange.usage is None:
-                streaming = parsed.get("stream") is True
-                asked = streaming and ask_for_stream_usage(parsed)[1]
-                exchange.usage = UsageCollector(streaming, remove_usage_event=not asked)
-            if exchange.usage.remove_usage_event:
-                changed = ask_for_stream_usage(parsed)[0]
-        if self.local_model_list and exchange.model is not None and "model" in parsed:
-            # Several backends: each gets the name it knows the model by (aliases resolved).
-            changed["model"] = member.spec.upstream_model(exchange.model)
-        if changed == parsed:
+        # Several backends: each gets the name it knows the model by (aliases resolved).
+        upstream = member.spec.upstream_model(exchange.model)
+        if upstream == request.facts.model:
             return exchange.body
-        return json.dumps(changed).encode()
+        return with_model(exchange.body, upstream)
 
     async def _forward(
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
@@ -434,6 +425,7 @@ class ProxyExchanges:
                 )
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
+            exchange.sent = True
             sending = forward.send(
                 self.agent, url, status.api_key, method, request.requestHeaders, body
             )
@@ -453,6 +445,7 @@ class ProxyExchanges:
                 self._cancel_deadline(exchange)
                 return self._give_up(exchange, errors.gateway_timeout(), last)
             except Exception as e:
+                exchange.sent = False  # no response: not processed, as far as anyone can tell
                 log.warn("Backend {backend} request failed: {error}", backend=member.name,
                          error=_describe(e))
                 if not last and is_retryable(None, e, 0):
@@ -526,8 +519,7 @@ class ProxyExchanges:
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
             usage = exchange.usage = UsageCollector(streaming=False)
-        body_changes = usage is not None and usage.remove_usage_event
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD" and not body_changes:
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
             request.setHeader(b"Content-Length", str(response.length).encode())
         if is_stream:
             request.setHeader(b"X-Accel-Buffering", b"no")

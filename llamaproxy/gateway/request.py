@@ -22,9 +22,13 @@ from twisted.web.http import RESPONSES, datetimeToString
 
 from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
+from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.eager_write import after_sending
 from llamaproxy.gateway import errors
+from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.json_shape import JsonShape
+from llamaproxy.gateway.request_body import NO_FACTS, BodyFacts
 
 log = Logger()
 
@@ -47,17 +51,23 @@ class GatewayRequest(server.Request):
     # ~25 attributes, and an instance with 30 or more gets a dict five times the size (1.6 KiB
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
-        "_body_limit", "_body_seen", "_clock", "_closed_early", "_recorded", "_site",
-        "early_error", "error", "exchange", "first_byte_at", "json_body", "key_id", "on_lost",
-        "request_id", "route", "started_at",
+        "_body_limit", "_body_seen", "_budget", "_clock", "_closed_early", "_held", "_recorded",
+        "_site",
+        "early_error", "error", "exchange", "facts", "first_byte_at", "key_id", "on_lost",
+        "refund", "request_id", "route", "shape", "started_at",
     )
 
     #: Set by the early check: the caller's key id ("auth-disabled" without authentication).
     key_id: str | None
     #: An error decided before the body arrived, rendered by ``process`` instead of the resource.
     early_error: GatewayError | None
-    #: The parsed JSON body of an API request (set by the resource when it validates it).
-    json_body: Any
+    #: What the resource read from an API request's JSON body (``request_body.BodyFacts``).
+    facts: BodyFacts
+    #: Measures a JSON body's depth and size while it arrives (POSTs to JSON routes only).
+    shape: JsonShape | None
+    #: Gives back the rate-limit charge of this request if the gateway refuses it (set by the
+    #: early check when it charged one; see ``refuse``).
+    refund: Callable[[], None] | None
     #: The X-Request-ID of this request (the client's when valid, else a new one).
     request_id: str
     #: The proxied exchange serving this request, when it reached one (for the access log).
@@ -84,7 +94,9 @@ class GatewayRequest(server.Request):
         self.key_id = None
         self.route = None
         self.early_error = None
-        self.json_body = None
+        self.facts = NO_FACTS
+        self.shape = None
+        self.refund = None
         self.request_id = "-"
         self.exchange = None
         self.error = None
@@ -93,6 +105,8 @@ class GatewayRequest(server.Request):
         self._closed_early = False
         self._body_limit: int | None = None
         self._body_seen = 0
+        self._budget: BodyBudget | None = None
+        self._held = 0  # body bytes reserved in the site's BodyBudget
         self._site: Any = None
         self._recorded = False
         super().__init__(*args, **kwargs)
@@ -122,7 +136,15 @@ class GatewayRequest(server.Request):
             check: EarlyCheck | None = getattr(site, "early_check", None)
             if check is not None:
                 error = check(self)
+        if error is None and self.key_id is not None:
+            budget: BodyBudget | None = getattr(site, "body_budget", None)
+            if budget is not None:
+                self._budget = budget
+                error = self._hold(length or 0)
         if error is None:
+            if self.method == b"POST" and getattr(self.route, "kind", None) in ("api", "admin"):
+                limits = self.channel.limits  # type: ignore[attr-defined]
+                self.shape = JsonShape(limits.max_json_depth, limits.max_json_values)
             super().gotLength(length)
             return
         self.early_error = error
@@ -141,7 +163,28 @@ class GatewayRequest(server.Request):
         if self._body_limit is not None and self._body_seen > self._body_limit:
             self._reject_and_close(errors.payload_too_large(self._body_limit))
             return
+        if self._budget is not None and self._body_seen > self._held:
+            refusal = self._hold(self._body_seen - self._held)  # a chunked body: as it comes
+            if refusal is not None:
+                self._reject_and_close(refusal)
+                return
+        if self.shape is not None:
+            self.shape.feed(data)
         super().handleContentChunk(data)
+
+    def _hold(self, size: int) -> GatewayError | None:
+        """Reserve ``size`` more body bytes in the site's budget; the refusal when it is full."""
+        budget = self._budget
+        assert budget is not None
+        if budget.reserve(self._budget_key, size):
+            self._held += size
+            return None
+        return errors.body_budget_full(per_key=not budget.full_in_total(size))
+
+    @property
+    def _budget_key(self) -> str | None:
+        """Whose share body bytes count against (None without authentication: all share)."""
+        return None if self.key_id == AUTH_DISABLED else self.key_id
 
     def _reject_and_close(self, error: GatewayError) -> None:
         """Answer now, before the body, and close the connection once the answer is sent."""
@@ -159,9 +202,9 @@ class GatewayRequest(server.Request):
         if transport is None:  # the client is already gone: nobody to answer
             return
         extra = [*self.cors_headers(), (REQUEST_ID_HEADER, self.request_id.encode("ascii"))]
+        self.refuse(error)
         transport.write(raw_response(error, extra))
         self.channel.loseConnection()
-        self.error = error
         self.setResponseCode(error.status)
         self._record()
 
@@ -214,9 +257,17 @@ class GatewayRequest(server.Request):
         for name, value in self.cors_headers():
             self.setHeader(name, value)
 
+    def refuse(self, error: GatewayError) -> None:
+        """The gateway answers ``error``: remember it, and give back the request's rate-limit
+        charge unless a backend already had the request (refused requests cost nothing)."""
+        self.error = error
+        refund, self.refund = self.refund, None
+        if refund is not None and not getattr(self.exchange, "sent", False):
+            refund()
+
     def render_error(self, error: GatewayError) -> bytes:
         """Set status and headers for ``error`` and return its body (for ``render``)."""
-        self.error = error
+        self.refuse(error)
         self.setResponseCode(error.status)
         self.setHeader(b"Content-Type", b"application/json")
         for name, value in (*_HYGIENE_HEADERS, *error.headers):
@@ -298,6 +349,9 @@ class GatewayRequest(server.Request):
         if self._recorded:
             return
         self._recorded = True
+        if self._held and self._budget is not None:
+            self._budget.release(self._budget_key, self._held)
+            self._held = 0
         site = self._site if self._site is not None else getattr(self.channel, "site", None)
         recorder = getattr(site, "recorder", None)
         if recorder is not None:

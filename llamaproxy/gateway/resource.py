@@ -8,9 +8,11 @@ from the headers (``early_check``), before the body is read.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,7 +23,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llamaproxy.auth.access import AccessControl
+from llamaproxy.auth.access import Access, AccessControl
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.auth.store import KeyLoadError
 from llamaproxy.backend import Backend
@@ -34,6 +36,7 @@ from llamaproxy.gateway.proxy import (
     ProxyExchanges,
 )
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
+from llamaproxy.gateway.request_body import invalid_json, parse_object, read_facts
 from llamaproxy.metrics import GatewayMetrics, route_label
 from llamaproxy.routing import (
     Router,
@@ -158,11 +161,19 @@ class GatewayResource(ProxyExchanges, Resource):
         request.key_id = result.key_id
         if result.error is not None:
             return result.error
+        if result.charged_at is not None:
+            request.refund = partial(self._refund, request, result)
         if self.metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
             self.metrics.authenticated(result.key_id)  # type: ignore[arg-type]
         for name, value in result.headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return None
+
+    def _refund(self, request: GatewayRequest, access: Access) -> None:
+        """The gateway refused ``request`` itself: it costs no request from the key's window."""
+        remaining = self.access.refund(access)
+        if remaining is not None and not request.startedWriting:
+            request.setHeader(b"X-RateLimit-Remaining", str(remaining).encode())
 
     # -- rendering ------------------------------------------------------------------------
 
@@ -195,9 +206,12 @@ class GatewayResource(ProxyExchanges, Resource):
             # early_check did not run (it always does on a GatewaySite): fail closed.
             return request.render_error(errors.unauthorized("Missing Authorization header"))
         body = _body_of(request)
-        invalid = _validate_body(request, body)
-        if invalid is not None:
-            return request.render_error(invalid)
+        if request.method == b"POST":
+            facts = read_facts(request.path, body, request.shape)
+            request.shape = None
+            if isinstance(facts, GatewayError):
+                return request.render_error(facts)
+            request.facts = facts
         exchange = Exchange(request, self.clock.seconds(), body=body)
         request.exchange = exchange
         if self.metrics is not None:
@@ -260,11 +274,12 @@ class GatewayResource(ProxyExchanges, Resource):
 
     def _explain_route(self, request: GatewayRequest) -> bytes:
         """POST /v1/route (admin keys): which backend would serve this body, and why."""
-        try:
-            body = json.loads(_body_of(request) or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            return request.render_error(errors.bad_request(
-                "Request body is not valid JSON", code="invalid_json"))
+        shape = request.shape
+        if shape is not None and shape.error is not None:
+            return request.render_error(invalid_json(f"Request body refused: {shape.error}"))
+        body = parse_object(_body_of(request) or b"{}")
+        if isinstance(body, GatewayError):
+            return request.render_error(body)
         answer = self.router.explain(body, request.key_id)
         request.setResponseCode(_EXPLAIN_STATUS.get(str(answer.get("error")), 200))
         request.setHeader(b"Content-Type", _JSON)
@@ -359,45 +374,13 @@ class GatewayResource(ProxyExchanges, Resource):
                 exchange.task.cancel()
 
 
-#: What each OpenAI route needs in its JSON body (llama-server answers a 500 otherwise).
-_REQUIRED_FIELD = {
-    b"/v1/chat/completions": "messages",
-    b"/v1/completions": "prompt",
-    b"/v1/embeddings": "input",
-}
-
-
-
 def _body_of(request: GatewayRequest) -> bytes:
+    """The request's body, taken out of twisted.web's buffer (which is then released)."""
     content = request.content
     if content is None:
         return b""
     content.seek(0)
-    return content.read()
-
-
-def _validate_body(request: GatewayRequest, raw: bytes) -> GatewayError | None:
-    """400 for a POST body that is not a JSON object or lacks the route's required field."""
-    if request.method != b"POST":
-        return None
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return errors.bad_request(
-            "Request body is not valid JSON", code="invalid_json"
-        )
-    if not isinstance(body, dict):
-        return errors.bad_request("Request body must be a JSON object", code="invalid_json")
-    required = _REQUIRED_FIELD.get(request.path)
-    if required is not None and required not in body:
-        return errors.bad_request(
-            f"'{required}' is a required property", code="missing_required_parameter",
-            param=required,
-        )
-    if required == "messages" and not isinstance(body["messages"], list):
-        return errors.bad_request(
-            "'messages' must be an array", code="invalid_type", param="messages"
-        )
-    request.json_body = body
-    return None
-
+    body = content.read()
+    content.close()  # a body over 100 kB is in a temporary file: closing deletes it
+    request.content = io.BytesIO()
+    return body

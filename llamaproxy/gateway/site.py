@@ -23,6 +23,7 @@ from twisted.web import http, server
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.eager_write import EagerSender, send_eagerly
 from llamaproxy.gateway import errors
+from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, raw_response
@@ -42,6 +43,10 @@ class RequestLimits:
     max_headers: int = 64
     max_body: int = 10 * 1024 * 1024
     client_timeout: float = 30.0
+    #: Deepest nesting of ``[`` and ``{`` a JSON body may have.
+    max_json_depth: int = 64
+    #: Most keys and values a JSON body may hold (see ``gateway.json_shape``).
+    max_json_values: int = 200_000
 
 
 _DEFAULT_LIMITS = RequestLimits()
@@ -199,9 +204,12 @@ class GatewaySite(server.Site):
         cors: CorsPolicy | None = None,
         reactor: Any = None,
         recorder: RequestRecorder | None = None,
+        body_budget: BodyBudget | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         self.limits = limits or RequestLimits()
+        #: Bounds the request-body bytes held, in all and per key (None: unbounded).
+        self.body_budget = body_budget
         self.cors = cors or CorsPolicy()
         self.recorder = recorder
         self.early_check: EarlyCheck = resource.early_check

@@ -1,0 +1,117 @@
+"""The shape of a JSON body, measured as it arrives: nesting depth and number of items.
+
+A body that is valid JSON can still be a weapon: ten megabytes of ``[{},{},…]`` is 3.5 million
+objects once parsed (300 MB for one request), and ``[`` x 10 000 makes the parser recurse until
+it fails. ``JsonShape`` looks at each piece of a body as it is received, at C speed (regular
+expressions and ``bytes`` methods, no Python loop per character), and says when the body nests
+deeper than ``max_depth`` or holds more than ``max_items`` items, so the gateway refuses it before
+it builds anything from it.
+
+What it counts: strings are cut out first (a comma or a bracket inside a string is text, not
+structure); then every ``,``, ``:``, ``[`` and ``{`` left starts an item (a value, or an object's
+key), so the count is the number of keys and values, close to the number of objects a parser
+would make. The depth is that of ``[`` and ``{``. The scanner does not validate: ``json.loads``
+does that afterwards, on a body whose cost is now bounded. It keeps O(max_depth) bytes of state
+across pieces (the open brackets), whatever the body's size.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: A JSON string, quotes included, or one that runs to the end of the piece (group 1: closed).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:(")|\\?\Z)')
+#: The rest of a string that started earlier: up to (not including) its closing quote.
+_STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')
+#: Every byte but the four brackets (deleted to keep the structure alone).
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_CLOSERS = frozenset(b"]}")
+#: An innermost pair of brackets (one pass of ``sub`` removes exactly one level).
+_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+class JsonShape:
+    """Depth and item count of one JSON body, fed piece by piece (see the module docstring)."""
+
+    __slots__ = ("_escape", "_in_string", "_open", "error", "items", "max_depth", "max_items")
+
+    def __init__(self, max_depth: int, max_items: int) -> None:
+        self.max_depth = max_depth
+        self.max_items = max_items
+        #: Keys and values seen so far.
+        self.items = 0
+        #: Why the body is refused (it passed a limit), or None.
+        self.error: str | None = None
+        self._in_string = False
+        self._escape = False  # the last piece ended inside a string, on a backslash
+        self._open = b""  # the brackets open at the end of what was fed
+
+    def feed(self, data: bytes) -> None:
+        """One more piece of the body (pieces may split anything, even an escape)."""
+        if self.error is not None or not data:
+            return
+        start = 0
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+                start = 1  # the escaped byte
+            end = _STRING_BODY.match(data, start).end()  # type: ignore[union-attr]
+            if end >= len(data):
+                return  # still inside the string
+            if data[end] != 0x22:  # a backslash, the piece's last byte
+                self._escape = True
+                return
+            self._in_string = False
+            start = end + 1
+        rest = data[start:] if start else data
+        # Each string becomes ``S"``; one that runs past this piece becomes ``S`` (the match
+        # runs to the end rather than failing, so no position is scanned twice).
+        structure = _STRING.sub(b'S\\1', rest)
+        if structure.endswith(b"S"):
+            self._in_string = True
+            trailing = len(rest) - len(rest.rstrip(b"\\"))
+            self._escape = trailing % 2 == 1  # it stopped on a backslash that escapes nothing yet
+        self._count(structure)
+
+    def _count(self, structure: bytes) -> None:
+        self.items += (
+            structure.count(b",") + structure.count(b":")
+            + structure.count(b"[") + structure.count(b"{")
+        )
+        if self.items > self.max_items:
+            self.error = f"JSON body has more than {self.max_items} items (keys and values)"
+            return
+        brackets = structure.translate(None, _NOT_BRACKETS)
+        if not brackets:
+            return
+        # Pairs closed inside this piece vanish, innermost first, one level per pass.
+        left = self._open + brackets
+        passes = 0
+        while True:
+            reduced = _PAIR.sub(b"", left)
+            if len(reduced) == len(left):
+                break
+            left = reduced
+            passes += 1
+            if passes > self.max_depth:  # a closed group alone is deeper than the limit
+                self.error = f"JSON body nests deeper than {self.max_depth} levels"
+                return
+        if left and left[0] in _CLOSERS:
+            return  # unbalanced: not JSON, and json.loads will say so
+        if len(left) + passes > self.max_depth and _deepest(self._open + brackets) > self.max_depth:
+            self.error = f"JSON body nests deeper than {self.max_depth} levels"
+            return
+        self._open = left
+
+
+def _deepest(brackets: bytes) -> int:
+    """The greatest depth reached in a string of brackets (exact; used only near the limit)."""
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in _CLOSERS:
+            depth -= 1
+        else:
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+    return deepest

@@ -1,0 +1,94 @@
+"""What the gateway reads from an API request's JSON body, and the little it ever changes in it.
+
+The body is checked once, when it is complete: its shape first (``JsonShape`` measured it while it
+arrived: too deep or too many items is a 400 before anything is parsed), then ``json.loads``, then
+what the route needs (``messages``, ``prompt``, ``input``). What routing and accounting need is
+kept as ``BodyFacts`` (a few small fields); the parsed tree is dropped at once, so a request
+waiting in the queue holds its bytes and nothing bigger. The bytes go to the backend as they came,
+unless several backends know the model by different names: then ``with_model`` parses them again
+to put in the upstream's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.json_shape import JsonShape
+
+#: What each OpenAI route needs in its JSON body (llama-server answers a 500 otherwise).
+REQUIRED_FIELD = {
+    b"/v1/chat/completions": "messages",
+    b"/v1/completions": "prompt",
+    b"/v1/embeddings": "input",
+}
+
+#: Longest ``model`` string kept (a longer one cannot name a model: it is refused as unknown).
+MAX_MODEL_NAME = 256
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFacts:
+    """What the gateway needs from a request body, without the body's object tree."""
+
+    #: The ``model`` field as sent (None when absent); not yet resolved to a known model.
+    model: str | None = None
+    #: ``"stream": true``.
+    stream: bool = False
+
+
+#: Facts of a request without a JSON body (GET, HEAD).
+NO_FACTS = BodyFacts()
+
+
+def invalid_json(message: str) -> GatewayError:
+    """400 ``invalid_json`` (the older gateway's code for a body that is not usable JSON)."""
+    return errors.bad_request(message, code="invalid_json")
+
+
+def read_facts(path: bytes, raw: bytes, shape: JsonShape | None) -> BodyFacts | GatewayError:
+    """Check ``raw`` (a POST body for ``path``) and return its facts, or the 400 to answer."""
+    if shape is not None and shape.error is not None:
+        return invalid_json(f"Request body refused: {shape.error}")
+    body = parse_object(raw)
+    if isinstance(body, GatewayError):
+        return body
+    required = REQUIRED_FIELD.get(path)
+    if required is not None and required not in body:
+        return errors.bad_request(
+            f"'{required}' is a required property", code="missing_required_parameter",
+            param=required,
+        )
+    if required == "messages" and not isinstance(body["messages"], list):
+        return errors.bad_request(
+            "'messages' must be an array", code="invalid_type", param="messages"
+        )
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return errors.bad_request("'model' must be a string", code="invalid_type", param="model")
+    if model is not None and len(model) > MAX_MODEL_NAME:
+        model = model[:MAX_MODEL_NAME] + "…"
+    return BodyFacts(model=model, stream=body.get("stream") is True)
+
+
+def parse_object(raw: bytes) -> dict[str, Any] | GatewayError:
+    """``raw`` as a JSON object, or the 400 to answer (never an exception)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return invalid_json("Request body is not valid JSON")
+    except RecursionError:  # (JsonShape refuses such bodies first; this is the last guard)
+        return invalid_json("Request body refused: JSON nests too deeply")
+    if not isinstance(body, dict):
+        return invalid_json("Request body must be a JSON object")
+    return body
+
+
+def with_model(raw: bytes, model: str) -> bytes:
+    """``raw`` with its ``model`` set to ``model`` (the body was checked by ``read_facts``)."""
+    body = json.loads(raw)
+    body["model"] = model
+    return json.dumps(body).encode()
