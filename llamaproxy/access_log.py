@@ -80,6 +80,8 @@ class AccessEntry:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     outcome: str = "ok"
+    #: The token counts are the gateway's estimate (a stream cut before its counts came).
+    tokens_estimated: bool = False
 
 
 #: Longest string field written; longer values are cut and end in ``...``.
@@ -137,7 +139,8 @@ def format_access_text(
         f"ttfb={_ms(entry.ttfb_ms)}",
         f"bytes={int(entry.bytes)}",
         f"model={sanitize_field(entry.model)}",
-        f"tokens={_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
+        f"tokens={'~' if entry.tokens_estimated else ''}"
+        f"{_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
         sanitize_field(entry.outcome),
     ]
     tag = worker_tag(worker_type, instance_id)
@@ -170,6 +173,7 @@ def format_access_json(
         ',"model":', _json_text(entry.model),
         ',"prompt_tokens":', _json_value(entry.prompt_tokens),
         ',"completion_tokens":', _json_value(entry.completion_tokens),
+        ',"tokens_estimated":true' if entry.tokens_estimated else "",
         ',"outcome":', _json_text(entry.outcome),
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
@@ -199,8 +203,10 @@ def access_record(
         "model": _json_field(entry.model),
         "prompt_tokens": entry.prompt_tokens,
         "completion_tokens": entry.completion_tokens,
-        "outcome": _json_field(entry.outcome),
     }
+    if entry.tokens_estimated:
+        record["tokens_estimated"] = True
+    record["outcome"] = _json_field(entry.outcome)
     if worker_type:
         record["worker_type"] = worker_type
     if instance_id:

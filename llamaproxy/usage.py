@@ -40,7 +40,7 @@ LEDGER_FILE_NAME = "usage.sqlite3"
 #: What ``key_id`` / ``model`` are stored as when unknown (auth disabled, no model in the body).
 UNKNOWN = "-"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -50,22 +50,27 @@ CREATE TABLE IF NOT EXISTS usage (
     requests INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
+    partial INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, key_id, model)
 ) WITHOUT ROWID
 """
 
+#: Version 1 had no ``partial`` column.
+_MIGRATE_FROM_1 = "ALTER TABLE usage ADD COLUMN partial INTEGER NOT NULL DEFAULT 0"
+
 _UPSERT = """
-INSERT INTO usage (day, key_id, model, requests, prompt_tokens, completion_tokens)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO usage (day, key_id, model, requests, prompt_tokens, completion_tokens, partial)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, key_id, model) DO UPDATE SET
     requests = requests + excluded.requests,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-    completion_tokens = completion_tokens + excluded.completion_tokens
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    partial = partial + excluded.partial
 """
 
-#: (day, key_id, model) → [requests, prompt_tokens, completion_tokens]
+#: (day, key_id, model) → [requests, prompt_tokens, completion_tokens, partial]
 _Tally = dict[tuple[str, str, str], list[int]]
-_Batch = list[tuple[str, str, str, int, int, int]]
+_Batch = list[tuple[str, str, str, int, int, int, int]]
 
 
 def default_ledger_path(data_dir: str) -> str:
@@ -94,6 +99,8 @@ class UsageRow:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    #: Of ``requests``, those whose tokens the gateway estimated (a stream cut before its counts).
+    partial: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -122,7 +129,11 @@ def open_ledger(path: str) -> sqlite3.Connection:
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.execute(_SCHEMA)
         (version,) = connection.execute("PRAGMA user_version").fetchone()
-        if version == 0:
+        if version == 1:
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+            if "partial" not in columns:
+                connection.execute(_MIGRATE_FROM_1)
+        if version in (0, 1):
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -175,9 +186,11 @@ def query(
             params.append(until.isoformat())
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         try:
+            columns = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+            partial = "partial" if "partial" in columns else "0"  # (a version 1 ledger)
             rows = connection.execute(
-                "SELECT day, key_id, model, requests, prompt_tokens, completion_tokens "
-                f"FROM usage{where} ORDER BY day, key_id, model",
+                "SELECT day, key_id, model, requests, prompt_tokens, completion_tokens, "
+                f"{partial} FROM usage{where} ORDER BY day, key_id, model",
                 params,
             ).fetchall()
         except sqlite3.OperationalError as error:
@@ -258,18 +271,21 @@ class UsageLedger(Service):
         model: str | None,
         prompt_tokens: int | None,
         completion_tokens: int | None,
+        partial: bool = False,
     ) -> None:
-        """Count one request (tokens None = unknown = 0). O(1); written within flush_interval."""
+        """Count one request (tokens None = unknown = 0; ``partial``: the tokens are an
+        estimate). O(1); written within flush_interval."""
         if self._stopped:
             log.warn("Usage recorded after the ledger stopped: not counted", key_id=key_id)
             return
         slot = (self._today(), key_id or UNKNOWN, model or UNKNOWN)
         totals = self._pending.get(slot)
         if totals is None:
-            totals = self._pending[slot] = [0, 0, 0]
+            totals = self._pending[slot] = [0, 0, 0, 0]
         totals[0] += 1
         totals[1] += _tokens(prompt_tokens)
         totals[2] += _tokens(completion_tokens)
+        totals[3] += partial
         if self._timer is None and self._flushing is None:
             self._timer = self._clock.callLater(self.flush_interval, self._on_timer)
 
@@ -277,7 +293,7 @@ class UsageLedger(Service):
     def pending(self) -> list[UsageRow]:
         """What is counted but not written yet."""
         return [
-            UsageRow(day, key_id, model, totals[0], totals[1], totals[2])
+            UsageRow(day, key_id, model, *totals)
             for (day, key_id, model), totals in sorted(self._pending.items())
         ]
 
@@ -305,7 +321,7 @@ class UsageLedger(Service):
             return succeed(None)
         tally, self._pending = self._pending, {}
         batch: _Batch = [
-            (day, key_id, model, totals[0], totals[1], totals[2])
+            (day, key_id, model, totals[0], totals[1], totals[2], totals[3])
             for (day, key_id, model), totals in tally.items()
         ]
         flushing = deferToThreadPool(self._reactor, self._pool, self._write, batch)
@@ -332,7 +348,7 @@ class UsageLedger(Service):
 
     def _not_written(self, failure: Failure, tally: _Tally) -> None:
         for slot, totals in tally.items():  # keep the counts for the next try
-            mine = self._pending.setdefault(slot, [0, 0, 0])
+            mine = self._pending.setdefault(slot, [0, 0, 0, 0])
             for index, value in enumerate(totals):
                 mine[index] += value
         if not self._failing:
@@ -426,18 +442,20 @@ def totals_by_key(rows: Iterable[UsageRow]) -> dict[str, UsageRow]:
     """Sum ``rows`` per key_id (``day`` and ``model`` of a sum are ``*``)."""
     sums: dict[str, list[int]] = {}
     for row in rows:
-        acc = sums.setdefault(row.key_id, [0, 0, 0])
+        acc = sums.setdefault(row.key_id, [0, 0, 0, 0])
         acc[0] += row.requests
         acc[1] += row.prompt_tokens
         acc[2] += row.completion_tokens
+        acc[3] += row.partial
     return {key: UsageRow("*", key, "*", *acc) for key, acc in sorted(sums.items())}
 
 
 def grand_total(rows: Iterable[UsageRow]) -> UsageRow:
     """Sum of all ``rows``."""
-    requests = prompt = completion = 0
+    requests = prompt = completion = partial = 0
     for row in rows:
         requests += row.requests
         prompt += row.prompt_tokens
         completion += row.completion_tokens
-    return UsageRow("*", "*", "*", requests, prompt, completion)
+        partial += row.partial
+    return UsageRow("*", "*", "*", requests, prompt, completion, partial)

@@ -204,10 +204,10 @@ class QueryTests(SynchronousTestCase):
         self.path = os.path.join(os.path.abspath(self.mktemp()), "usage.sqlite3")
         connection = open_ledger(self.path)
         write_batch(connection, [
-            ("2026-05-30", "alice", "m1", 1, 10, 100),
-            ("2026-05-31", "alice", "m1", 2, 20, 200),
-            ("2026-05-31", "bob", "m2", 3, 30, 300),
-            ("2026-06-01", "alice", "m2", 4, 40, 400),
+            ("2026-05-30", "alice", "m1", 1, 10, 100, 0),
+            ("2026-05-31", "alice", "m1", 2, 20, 200, 1),
+            ("2026-05-31", "bob", "m2", 3, 30, 300, 0),
+            ("2026-06-01", "alice", "m2", 4, 40, 400, 0),
         ])
         connection.close()
 
@@ -225,9 +225,9 @@ class QueryTests(SynchronousTestCase):
     def test_totals(self) -> None:
         rows = query(self.path)
         by_key = totals_by_key(rows)
-        self.assertEqual(by_key["alice"], UsageRow("*", "alice", "*", 7, 70, 700))
+        self.assertEqual(by_key["alice"], UsageRow("*", "alice", "*", 7, 70, 700, 1))
         self.assertEqual(by_key["bob"].total_tokens, 330)
-        self.assertEqual(grand_total(rows), UsageRow("*", "*", "*", 10, 100, 1000))
+        self.assertEqual(grand_total(rows), UsageRow("*", "*", "*", 10, 100, 1000, 1))
 
     def test_missing_file_not_created(self) -> None:
         missing = self.path + ".missing"

@@ -9,6 +9,8 @@ the channel reports them with ``refused``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTime
 
 from llamaproxy.access_log import AccessEntry, AccessLog
@@ -16,6 +18,7 @@ from llamaproxy.auth.access import TokenLimits
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.gateway.tokens import estimate_prompt_tokens
 from llamaproxy.metrics import GatewayMetrics, rejection_reason
 from llamaproxy.usage import UsageLedger
 
@@ -51,10 +54,11 @@ class RequestRecorder:
         client_left = request.gone and not request.finished
         if client_left and not request.startedWriting and request.error is None:
             status, outcome = CLIENT_CLOSED, "client_gone"  # left before anything was sent
-        usage = exchange.usage if exchange is not None else None
-        prompt = usage.prompt_tokens if usage is not None else None
-        completion = usage.completion_tokens if usage is not None else None
-        model = (usage.model if usage is not None else None) or _requested_model(request)
+        # The model the router resolved (never the raw string a client sent: that would make
+        # a ledger row and a metrics label per made-up name).
+        model = exchange.model if exchange is not None else None
+        charge = _charge(request, exchange)
+        prompt, completion, estimated = charge if charge is not None else (None, None, False)
         key_id = request.key_id
         if self.access_log is not None:
             self.access_log.record(AccessEntry(
@@ -72,6 +76,7 @@ class RequestRecorder:
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 outcome=outcome,
+                tokens_estimated=estimated,
             ))
         if self.metrics is not None:
             timer = exchange.timer if exchange is not None else None
@@ -85,9 +90,9 @@ class RequestRecorder:
             elif request.error is not None:
                 reason = rejection_reason(request.error) or "other"
                 self.metrics.rejected(reason, key_id if key_id != AUTH_DISABLED else None)
-        if key_id is not None and (prompt or completion):
+        if key_id is not None and charge is not None:
             if self.ledger is not None:
-                self.ledger.record(key_id, model, prompt, completion)
+                self.ledger.record(key_id, model, prompt, completion, partial=estimated)
             if self.token_limits is not None:
                 self.token_limits.spend(key_id, (prompt or 0) + (completion or 0))
 
@@ -103,8 +108,20 @@ class RequestRecorder:
             self.metrics.rejected(rejection_reason(error) or "other")
 
 
-def _requested_model(request: GatewayRequest) -> str | None:
-    body = request.json_body
-    if isinstance(body, dict) and isinstance(body.get("model"), str):
-        return str(body["model"])[:200]
-    return None
+def _charge(request: GatewayRequest, exchange: Any) -> tuple[int | None, int | None, bool] | None:
+    """(prompt, completion, estimated) tokens to account for a request that reached a backend
+    on a route that uses tokens; None for any other request (it costs no tokens).
+
+    The response's own counts when it had them; otherwise, when the backend accepted the request
+    (no answer yet, or a status below 400) and the response did not end cleanly or said nothing,
+    the estimate of ``llamaproxy.gateway.tokens``: every event relayed, and the prompt from the
+    body's size. A backend error without counts is a request with 0 tokens.
+    """
+    if exchange is None or not exchange.sent or exchange.usage is None:
+        return None
+    usage = exchange.usage
+    if usage.reported:
+        return usage.prompt_tokens, usage.completion_tokens, False
+    if exchange.relay is not None and request.code >= 400:
+        return None, None, False
+    return estimate_prompt_tokens(exchange.body), usage.events, True

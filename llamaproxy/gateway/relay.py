@@ -77,12 +77,11 @@ class StreamRelay(Protocol):
         if self.outcome is not None or request._disconnected or request.finished:
             return  # (request.gone, inline: this runs once per event of every stream)
         if self.usage is not None:
-            data = self.usage.feed(data)
-        if data:
-            self.bytes_sent += len(data)
-            # One write per backend read (the backend connection joins a read's chunks): it
-            # can leave at once instead of when the read callback returns.
-            request.write_piece(data)
+            self.usage.feed(data)
+        self.bytes_sent += len(data)
+        # One write per backend read (the backend connection joins a read's chunks): it can
+        # leave at once instead of when the read callback returns.
+        request.write_piece(data)
         # The idle timer is not reset per piece (that is most of a relay's timer work); it
         # checks this when it fires.
         self._last_data = self.clock.seconds()
@@ -104,10 +103,7 @@ class StreamRelay(Protocol):
         # isinstance, not Failure.check: check() computes the class's qualified MRO names.
         if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             if self.usage is not None:
-                tail = self.usage.finish()
-                if tail:
-                    self.bytes_sent += len(tail)
-                    self.request.write(tail)
+                self.usage.finish()
             self._unregister()
             self.outcome = "complete"  # before finish(): the access log reads it
             self.request.finish()

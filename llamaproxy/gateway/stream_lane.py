@@ -2,7 +2,7 @@
 
 Read after read, a streamed response is one whole chunk from the backend carrying whole SSE
 events, relayed as one chunk to the client. Through the layers (the backend connection's
-parser, the relay, the usage filter, the request, the client's sender) each such piece touches
+parser, the relay, the usage collector, the request, the client's sender) each such piece touches
 a dozen Python objects, and with hundreds of streams open every stream's objects are cold in the
 cache when its next event comes: the profile put ~8 µs of Python per event there, where a bare
 relay needs ~1 (docs/performance.md).
@@ -12,11 +12,12 @@ relay needs ~1 (docs/performance.md).
 the usual piece it sends it to the client's socket itself; any other read goes the usual way,
 as it would have without the lane. The usual piece is exactly one chunk, read at a chunk
 boundary of a chunked body delivered to this relay, whose data is whole events (ending in a
-blank line) without the usage mark while the usage filter holds nothing back, for a client on
-plain TCP whose response is chunked. For it the lane does what the usual path does: the same
-bytes out (the backend's framing when it is the gateway's own, lowercase hex without leading
-zeros; framed anew otherwise), counted the same (kept in the lane and added to the relay's and
-the request's counts when the lane closes), the time of the last piece kept for the idle timeout.
+blank line) without the usage or timings marks while the usage collector holds nothing, for a
+client on plain TCP whose response is chunked. For it the lane does what the usual path does:
+the same bytes out (the backend's framing when it is the gateway's own, lowercase hex without
+leading zeros; framed anew otherwise), counted the same (kept in the lane and added to the
+relay's and the request's counts when the lane closes, its events to the usage collector's),
+the time of the last piece kept for the idle timeout.
 Whatever the client's socket does not take goes to Twisted's buffer and the lane closes: the
 rest of the stream goes the usual way, with its backpressure.
 
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamaproxy import lean_poll
 from llamaproxy.gateway.backend_client import whole_chunk
-from llamaproxy.gateway.tokens import USAGE_MARK, UsageCollector
+from llamaproxy.gateway.tokens import EVENT_END, TIMINGS_MARK, USAGE_MARK, UsageCollector
 
 if TYPE_CHECKING:
     from llamaproxy.eager_write import EagerSender
@@ -123,6 +124,7 @@ class StreamLane:
             and self._ready
             and data.endswith(b"\n\n\r\n")
             and USAGE_MARK not in data
+            and TIMINGS_MARK not in data
         ):
             start, end = span
             size = end - start
@@ -130,19 +132,21 @@ class StreamLane:
                 data = b"%x\r\n%b\r\n" % (size, data[start:end])
             self.sent += size
             self.last_piece_at = self._seconds()
+            if self._usage is not None:
+                self._usage.events += data.count(EVENT_END)  # what the collector would count
             if not self._client_sender.write_through(data):
                 self.close()  # the rest waits in Twisted's buffer: the usual way now
             return None
         self._backend_sender.deliver(data)
         # Only a read that went the usual way can move the backend connection off a chunk
-        # boundary or leave the usage filter holding something: ask again now, not per piece.
+        # boundary or leave the usage collector holding something: ask again now, not per piece.
         self._ready = _between_pieces(self._backend, self._relay, self._usage)
         return None
 
 
 def _between_pieces(backend: Any, relay: StreamRelay, usage: UsageCollector | None) -> bool:
-    """The backend connection is at a chunk boundary of this relay's body and the usage filter
-    holds nothing back: a whole chunk of whole events read now is the next piece, as it is."""
+    """The backend connection is at a chunk boundary of this relay's body and the usage collector
+    holds no partial event: a whole chunk of whole events read now is the next piece, as it is."""
     return (usage is None or (usage.streaming and not usage.held)) and bool(
         backend.at_chunk_start(relay)
     )

@@ -1,14 +1,21 @@
-"""Token usage from backend responses, streams included, without changing what clients see.
+"""Token usage read from backend responses as they go by, without changing a byte of them.
 
-Non-streamed responses carry ``usage`` in their JSON body. Streams carry it only when the request
-said ``stream_options: {"include_usage": true}``; the gateway then asks for it on the client's
-behalf (``ask_for_stream_usage``) and removes that extra event (``choices: []`` plus ``usage``)
-from the stream when the client had not asked, so clients see exactly what they would see without
-the gateway.
+The gateway never alters what llama-server sends: a stream that did not ask for usage ends, as
+it does without the gateway, with a chunk carrying ``timings`` (``prompt_n`` tokens evaluated,
+``cache_n`` taken from the prompt cache, ``predicted_n`` generated), and that is what the
+gateway counts; a stream that asked for usage (``stream_options.include_usage``) has its usage
+chunk, and a whole body has its ``usage``. Those are the reported counts.
 
-The collector is on the streaming hot path: it looks for the byte string ``"usage"`` before
-parsing anything, parses only the event that has it, and holds back at most one partial event
-(only while it must be able to remove the usage event).
+A stream cut before its end (the client left, a timeout, the backend broke) has no such chunk.
+What reached the client is counted instead: every whole SSE event relayed is one token
+(llama-server sends one token per event; the first event, the role, and the last, ``[DONE]``,
+are counted too), and the
+prompt is estimated from the request body's size (``estimate_prompt_tokens``). Such counts are
+``estimated`` (the ledger's ``partial``).
+
+The collector is on the streaming hot path: it counts events (their blank lines) with one
+``bytes.count`` per piece, looks for the byte strings ``"usage"`` and ``"timings"`` before parsing
+anything, and parses only the event that has one of them.
 """
 
 from __future__ import annotations
@@ -18,139 +25,126 @@ from typing import Any
 
 #: Most body bytes kept to read ``usage`` from a non-streamed response.
 MAX_BODY_KEPT = 1 << 20
-#: Most bytes of one partial SSE event held back while filtering.
+#: Most bytes of one partial SSE event kept to read it when its end comes.
 MAX_EVENT_HELD = 1 << 20
 
-#: What an event carrying usage contains; nothing without it is ever parsed.
+#: What an event carrying counts contains; nothing without one of these is ever parsed.
 USAGE_MARK = b'"usage"'
+TIMINGS_MARK = b'"timings"'
+#: What starts each SSE event llama-server sends, and what ends every SSE event.
+DATA_MARK = b"data:"
+EVENT_END = b"\n\n"
+
+#: Request body bytes per prompt token in the estimate for streams cut before their counts.
+BYTES_PER_PROMPT_TOKEN = 4
 
 
-def ask_for_stream_usage(body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The body to send for a streamed request, and whether the client asked for usage itself."""
-    options = body.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return body, True
-    merged = dict(options) if isinstance(options, dict) else {}
-    merged["include_usage"] = True
-    return {**body, "stream_options": merged}, False
+def estimate_prompt_tokens(body: bytes) -> int:
+    """Prompt tokens of a request whose response reported none: one per 4 body bytes.
+
+    English text is about 4 characters per token, and the JSON around the prompt is counted
+    too, so this errs on the side of charging more than the backend evaluated.
+    """
+    return -(-len(body) // BYTES_PER_PROMPT_TOKEN)
 
 
 class UsageCollector:
-    """Watches a response body go by and remembers its token usage."""
+    """Watches a response body go by and remembers its token counts (it never changes it)."""
 
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    model: str | None = None
+    __slots__ = ("_kept", "_kept_size", "completion_tokens", "events", "held", "model",
+                 "prompt_tokens", "streaming")
 
-    def __init__(self, streaming: bool, remove_usage_event: bool = False) -> None:
+    def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
-        self.remove_usage_event = remove_usage_event and streaming
-        #: Streaming: the unfinished event at the end of what went by (held back when filtering).
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.model: str | None = None
+        #: Streams: SSE events relayed so far (a fast path may add its own count here).
+        self.events = 0
+        #: Streams: the unfinished event at the end of what went by (kept to read it whole).
         self.held = b""
         self._kept: list[bytes] = []  # non-streaming: the body, up to MAX_BODY_KEPT
         self._kept_size = 0
 
-    def feed(self, data: bytes) -> bytes:
-        """Bytes from the backend; returns what to send to the client now.
+    @property
+    def reported(self) -> bool:
+        """True when the response itself said how many tokens it used."""
+        return self.prompt_tokens is not None or self.completion_tokens is not None
 
-        A streamed piece of whole events without ``USAGE_MARK``, when nothing is held, is
-        returned as it is and changes nothing: a hot path may skip the call for it.
+    def feed(self, data: bytes) -> None:
+        """Bytes relayed to the client.
+
+        A streamed piece of whole events without either mark, when nothing is held, only adds
+        its events to ``events``: a hot path may do just that instead of calling this.
         """
         if not self.streaming:
             if self._kept_size < MAX_BODY_KEPT:
                 self._kept.append(data)
                 self._kept_size += len(data)
-            return data
-        if not self.remove_usage_event:
-            self._scan(data)
-            return data
-        return self._filter(data)
-
-    def finish(self) -> bytes:
-        """The body ended cleanly; returns any bytes still held back."""
-        if not self.streaming:
-            if self._kept_size <= MAX_BODY_KEPT:
-                self._read_usage(b"".join(self._kept))
-            self._kept = []
-            return b""
-        rest, self.held = self.held, b""
-        if not self.remove_usage_event:
-            if USAGE_MARK in rest:
-                self._is_usage_event(rest)
-            return b""  # already sent as it arrived
-        if rest and USAGE_MARK in rest and self._is_usage_event(rest):
-            return b""
-        return rest
-
-    # -- streams -------------------------------------------------------------------------
-
-    def _scan(self, data: bytes) -> None:
-        """Not filtering: record usage from whole events; remember the unfinished tail."""
+            return
+        self.events += data.count(EVENT_END)
+        if self.held.endswith(b"\n") and data.startswith(b"\n"):
+            self.events += 1  # an event whose blank line was split between two pieces
+        if not self.held and USAGE_MARK not in data and TIMINGS_MARK not in data:
+            if not data.endswith(b"\n\n"):
+                self._hold(data.rpartition(b"\n\n")[2])
+            return
         buffer = self.held + data if self.held else data
         events, separator, tail = buffer.rpartition(b"\n\n")
-        if separator and USAGE_MARK in events:
+        if separator:
             for event in events.split(b"\n\n"):
-                if USAGE_MARK in event:
-                    self._is_usage_event(event)
+                if USAGE_MARK in event or TIMINGS_MARK in event:
+                    self._read_event(event)
+        self._hold(tail)
+
+    def finish(self) -> None:
+        """The body ended cleanly: read what is still held."""
+        if not self.streaming:
+            if self._kept_size <= MAX_BODY_KEPT:
+                self._read_body(b"".join(self._kept))
+            self._kept = []
+            return
+        rest, self.held = self.held, b""
+        if USAGE_MARK in rest or TIMINGS_MARK in rest:
+            self._read_event(rest)
+
+    def _hold(self, tail: bytes) -> None:
+        # Only the start of the last event is needed to find its marks once it ends; one that
+        # grows past MAX_EVENT_HELD is not SSE from llama-server: stop keeping it.
         self.held = tail if len(tail) <= MAX_EVENT_HELD else b""
 
-    def _filter(self, data: bytes) -> bytes:
-        """Filtering: pass whole events through, drop the usage event, hold the partial tail."""
-        if not self.held and data.endswith(b"\n\n") and USAGE_MARK not in data:
-            return data  # whole events, none of them usage: the usual piece of a stream
-        buffer = self.held + data
-        complete, separator, tail = buffer.rpartition(b"\n\n")
-        if len(tail) > MAX_EVENT_HELD:  # not SSE after all: stop holding anything back
-            self.remove_usage_event = False
-            self.held = b""
-            return buffer
-        self.held = tail
-        if not separator:
-            return b""
-        complete += separator
-        if USAGE_MARK not in complete:
-            return complete
-        kept = [
-            event for event in complete.split(b"\n\n")
-            if event and not (USAGE_MARK in event and self._is_usage_event(event))
-        ]
-        return b"".join(event + b"\n\n" for event in kept)
-
-    def _is_usage_event(self, event: bytes) -> bool:
-        """Record usage from an SSE event; True if it is the usage-only event (no choices)."""
+    def _read_event(self, event: bytes) -> None:
         for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                doc = json.loads(line[5:])
-            except ValueError:
-                return False
-            if not isinstance(doc, dict):
-                return False
-            self._record(doc)
-            return doc.get("choices") == [] and "usage" in doc
-        return False
+            if line.startswith(DATA_MARK):
+                self._read_body(line[len(DATA_MARK):])
+                return
 
-    # -- whole bodies ---------------------------------------------------------------------
-
-    def _read_usage(self, body: bytes) -> None:
-        if USAGE_MARK not in body:
+    def _read_body(self, body: bytes) -> None:
+        if USAGE_MARK not in body and TIMINGS_MARK not in body:
             return
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(doc, dict):
             self._record(doc)
 
     def _record(self, doc: dict[str, Any]) -> None:
-        usage = doc.get("usage")
         if isinstance(doc.get("model"), str):
             self.model = doc["model"]
-        if not isinstance(usage, dict):
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                self.prompt_tokens = prompt
+            if isinstance(completion, int):
+                self.completion_tokens = completion
             return
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
-            self.prompt_tokens = prompt
-        if isinstance(completion, int):
-            self.completion_tokens = completion
+        timings = doc.get("timings")
+        if isinstance(timings, dict) and not self.reported:
+            evaluated, cached = timings.get("prompt_n"), timings.get("cache_n", 0)
+            predicted = timings.get("predicted_n")
+            if isinstance(evaluated, int) and isinstance(cached, int):
+                self.prompt_tokens = evaluated + cached
+            if isinstance(predicted, int):
+                self.completion_tokens = predicted

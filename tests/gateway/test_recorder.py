@@ -15,6 +15,9 @@ from llamaproxy.metrics import GatewayMetrics
 from llamaproxy.testing import StreamingResponse, sse_chunk
 from tests.gateway.test_resource import AUTH, GatewayFixture
 
+#: The model the fixture's single backend serves (every request resolves to it).
+MODEL = "fake"
+
 
 class LedgerSpy:
     """Records what the recorder books."""
@@ -23,8 +26,8 @@ class LedgerSpy:
         self.rows: list[tuple[Any, ...]] = []
 
     def record(self, key_id: str, model: str | None, prompt: int | None,
-               completion: int | None) -> None:
-        self.rows.append((key_id, model, prompt, completion))
+               completion: int | None, partial: bool = False) -> None:
+        self.rows.append((key_id, model, prompt, completion, partial))
 
 
 class RecorderTests(SynchronousTestCase):
@@ -60,7 +63,8 @@ class RecorderTests(SynchronousTestCase):
                          (200, "alice", "/v1/chat/completions"))
         self.assertEqual((entry["prompt_tokens"], entry["completion_tokens"]), (4, 9))
         self.assertEqual(entry["request_id"], client.response().header("x-request-id"))
-        self.assertEqual(self.ledger.rows, [("alice", "fake", 4, 9)])
+        # The model the router resolved, not what the backend's body says.
+        self.assertEqual(self.ledger.rows, [("alice", MODEL, 4, 9, False)])
         self.assertEqual(self.tokens.limiter.used("alice"), 13)
         self.assertEqual(self.metrics.legacy_json()["gateway"]["requests_success"], 1)
 
@@ -81,3 +85,7 @@ class RecorderTests(SynchronousTestCase):
         client.disconnect()
         [entry] = self.entries()
         self.assertEqual((entry["status"], entry["outcome"]), (CLIENT_CLOSED, "client_gone"))
+        # The backend had it: the prompt is charged, estimated from the body's size.
+        body_tokens = -(-len(b'{"messages": [{"role": "user", "content": "hi"}]}') // 4)
+        self.assertEqual(self.ledger.rows, [("alice", MODEL, body_tokens, 0, True)])
+        self.assertEqual((entry["prompt_tokens"], entry["tokens_estimated"]), (body_tokens, True))

@@ -143,7 +143,7 @@ class StreamLaneTests(TestCase):
         self.fail(f"the client never got {expect!r}; it has {user.received[-200:]!r}")
 
     async def test_usual_pieces_take_the_lane_and_count_as_usual(self) -> None:
-        usage = UsageCollector(streaming=True, remove_usage_event=True)
+        usage = UsageCollector(streaming=True)
         resource, backend, user = await self.start(usage)
         first = event("a")
         await self.send(backend, user, HEAD + chunk(first), chunk(first))
@@ -158,8 +158,9 @@ class StreamLaneTests(TestCase):
         await _turn()
         response = parse_response(user.received)
         self.assertTrue(response.complete)
-        self.assertEqual(response.body, first + b"".join(pieces))  # usage event removed
+        self.assertEqual(response.body, first + b"".join(pieces) + USAGE)  # as sent
         self.assertEqual((usage.prompt_tokens, usage.completion_tokens), (3, 4))
+        self.assertEqual(usage.events, 7)  # the lane's pieces are counted too
         self.assertFalse(lane.is_open)
         self.assertEqual(relay.outcome, "complete")
         self.assertEqual(relay.bytes_sent, len(response.body))
@@ -183,7 +184,7 @@ class StreamLaneTests(TestCase):
         self.assertEqual(parse_response(user.received).body, first + upper + zeros)
 
     async def test_other_reads_go_the_usual_way(self) -> None:
-        usage = UsageCollector(streaming=True, remove_usage_event=True)
+        usage = UsageCollector(streaming=True)
         resource, backend, user = await self.start(usage)
         first = event("a")
         await self.send(backend, user, HEAD + chunk(first), chunk(first))
@@ -191,17 +192,14 @@ class StreamLaneTests(TestCase):
         assert lane is not None
         two = event("b") + event("c")
         await self.send(backend, user, chunk(event("b")) + chunk(event("c")), chunk(two))
-        # An event cut in two: the filter holds the first part back, so the second (a whole
-        # chunk ending an event) must not overtake it through the lane.
+        # An event cut in two: the collector keeps its first part to read the event whole, so
+        # the second (a whole chunk ending an event) must go the usual way, through it.
         partial = b'data: {"choices": [{"delta": {"content": "d"'
         rest = b"}}]}\n\n"
-        backend.transport.write(chunk(partial))  # type: ignore[union-attr]
-        for _ in range(100):
-            if usage.held:
-                break
-            await _turn()
+        await self.send(backend, user, chunk(partial), chunk(partial))
         self.assertEqual(usage.held, partial)
-        await self.send(backend, user, chunk(rest), chunk(partial + rest))
+        await self.send(backend, user, chunk(rest), chunk(rest))
+        self.assertEqual(usage.held, b"")
         self.assertEqual(lane.sent, 0)  # none of those was the lane's
         last = event("e")
         await self.send(backend, user, chunk(last), chunk(last))

@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.gateway.tokens: usage from bodies and streams, the usage event removed."""
+"""Tests for llamaproxy.gateway.tokens: counts read from bodies and streams (passed unchanged)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.gateway.tokens import UsageCollector, ask_for_stream_usage
+from llamaproxy.gateway.tokens import UsageCollector, estimate_prompt_tokens
 from llamaproxy.testing import sse_chunk
 
 USAGE_EVENT = b"data: " + json.dumps({
@@ -16,12 +16,18 @@ USAGE_EVENT = b"data: " + json.dumps({
                                              "total_tokens": 10}}).encode() + b"\n\n"
 STREAM = sse_chunk("Hel") + sse_chunk("lo") + sse_chunk("", finish_reason="length") \
     + USAGE_EVENT + b"data: [DONE]\n\n"
-WITHOUT_USAGE = STREAM.replace(USAGE_EVENT, b"")
+#: How llama-server ends a stream that did not ask for usage: its last chunk carries timings.
+TIMINGS_EVENT = b"data: " + json.dumps({
+    "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "model": "tiny",
+    "timings": {"cache_n": 2, "prompt_n": 5, "predicted_n": 3, "predicted_ms": 1.5}},
+).encode() + b"\n\n"
+TIMINGS_STREAM = sse_chunk("Hel") + sse_chunk("lo") + TIMINGS_EVENT + b"data: [DONE]\n\n"
 
 
-def run(collector: UsageCollector, pieces: list[bytes]) -> bytes:
-    out = b"".join(collector.feed(p) for p in pieces)
-    return out + collector.finish()
+def run(collector: UsageCollector, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        collector.feed(piece)
+    collector.finish()
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -30,61 +36,67 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 class TokensTests(SynchronousTestCase):
-    def test_ask_for_stream_usage(self) -> None:
-        body, asked = ask_for_stream_usage({"stream": True})
-        self.assertEqual((body["stream_options"], asked), ({"include_usage": True}, False))
-        body, asked = ask_for_stream_usage({"stream": True, "stream_options": {"x": 1}})
-        self.assertEqual(body["stream_options"], {"x": 1, "include_usage": True})
-        original = {"stream": True, "stream_options": {"include_usage": True}}
-        self.assertEqual(ask_for_stream_usage(original), (original, True))
-
     def test_non_streamed_body(self) -> None:
         collector = UsageCollector(streaming=False)
-        body = json.dumps({"model": "m", "usage": {"prompt_tokens": 4, "completion_tokens": 9}})
-        self.assertEqual(run(collector, [body[:10].encode(), body[10:].encode()]), body.encode())
+        body = json.dumps({"model": "m", "usage": {"prompt_tokens": 4, "completion_tokens": 9},
+                           "timings": {"prompt_n": 1, "predicted_n": 1}})
+        run(collector, [body[:10].encode(), body[10:].encode()])
         self.assertEqual((collector.prompt_tokens, collector.completion_tokens, collector.model),
                          (4, 9, "m"))
+        self.assertTrue(collector.reported)
 
-    def test_stream_the_client_asked_for_is_untouched(self) -> None:
-        collector = UsageCollector(streaming=True, remove_usage_event=False)
-        self.assertEqual(run(collector, [STREAM]), STREAM)
+    def test_stream_with_usage(self) -> None:
+        collector = UsageCollector(streaming=True)
+        run(collector, [STREAM])
         self.assertEqual((collector.prompt_tokens, collector.completion_tokens), (7, 3))
 
-    def test_usage_event_removed_when_the_gateway_asked(self) -> None:
-        collector = UsageCollector(streaming=True, remove_usage_event=True)
-        self.assertEqual(run(collector, [STREAM]), WITHOUT_USAGE)
+    def test_stream_with_timings_only(self) -> None:
+        """No usage asked for: llama-server's timings give the counts (cached prompt tokens
+        included: the prompt had cache_n + prompt_n tokens)."""
+        collector = UsageCollector(streaming=True)
+        run(collector, [TIMINGS_STREAM])
+        self.assertEqual((collector.prompt_tokens, collector.completion_tokens), (7, 3))
+
+    def test_usage_wins_over_timings(self) -> None:
+        collector = UsageCollector(streaming=True)
+        run(collector, [TIMINGS_EVENT, USAGE_EVENT.replace(b'"choices"', b'"timings": {}, "c"')])
         self.assertEqual((collector.prompt_tokens, collector.completion_tokens), (7, 3))
 
     @given(st.lists(st.integers(0, 10_000), max_size=8), st.booleans())
-    def test_any_split_gives_the_same_result(self, cuts: list[int], remove: bool) -> None:
-        collector = UsageCollector(streaming=True, remove_usage_event=remove)
-        out = run(collector, split_at(STREAM, cuts))
-        self.assertEqual(out, WITHOUT_USAGE if remove else STREAM)
+    def test_any_split_gives_the_same_result(self, cuts: list[int], timings: bool) -> None:
+        collector = UsageCollector(streaming=True)
+        stream = TIMINGS_STREAM if timings else STREAM
+        run(collector, split_at(stream, cuts))
         self.assertEqual((collector.prompt_tokens, collector.completion_tokens), (7, 3))
+        self.assertEqual(collector.events, stream.count(b"\n\n"))
 
-    def test_events_pass_as_soon_as_complete(self) -> None:
-        collector = UsageCollector(streaming=True, remove_usage_event=True)
-        first = sse_chunk("Hel")
-        self.assertEqual(collector.feed(first[:10]), b"")
-        self.assertEqual(collector.feed(first[10:]), first)
+    def test_a_cut_stream_counts_its_events(self) -> None:
+        collector = UsageCollector(streaming=True)
+        collector.feed(sse_chunk("a") + sse_chunk("b") + sse_chunk("c")[:12])
+        self.assertFalse(collector.reported)
+        self.assertEqual(collector.events, 2)  # whole events only
 
     def test_not_sse_is_not_held_forever(self) -> None:
-        collector = UsageCollector(streaming=True, remove_usage_event=True)
-        big = b"x" * (2 << 20)
-        self.assertEqual(collector.feed(big), big)
-        self.assertEqual(collector.feed(b"more"), b"more")
+        collector = UsageCollector(streaming=True)
+        collector.feed(b"x" * (2 << 20))
+        self.assertEqual(collector.held, b"")
 
     @given(st.lists(st.integers(0, 10_000), max_size=8), st.booleans())
-    def test_the_skippable_piece_changes_nothing(self, cuts: list[int], remove: bool) -> None:
-        """What the stream lane skips ``feed`` for (whole events without the usage mark, nothing
-        held) comes back unchanged and leaves the collector as it was, at any point of a
-        stream."""
-        collector = UsageCollector(streaming=True, remove_usage_event=remove)
+    def test_the_skippable_piece_only_counts_events(self, cuts: list[int], timings: bool) -> None:
+        """What the stream lane skips ``feed`` for (whole events without either mark, nothing
+        held) changes nothing but the event count, at any point of a stream."""
+        collector = UsageCollector(streaming=True)
         piece = sse_chunk("Hel") + sse_chunk("lo")
-        for part in split_at(STREAM, cuts):
+        for part in split_at(TIMINGS_STREAM if timings else STREAM, cuts):
             if not collector.held:
-                before = (collector.held, collector.prompt_tokens, collector.completion_tokens)
-                self.assertEqual(collector.feed(piece), piece)
-                after = (collector.held, collector.prompt_tokens, collector.completion_tokens)
+                before = (collector.held, collector.prompt_tokens, collector.completion_tokens,
+                          collector.events)
+                collector.feed(piece)
+                after = (collector.held, collector.prompt_tokens, collector.completion_tokens,
+                         collector.events - 2)
                 self.assertEqual(after, before)
             collector.feed(part)
+
+    def test_estimate_prompt_tokens(self) -> None:
+        self.assertEqual(estimate_prompt_tokens(b""), 0)
+        self.assertEqual(estimate_prompt_tokens(b"x" * 9), 3)
