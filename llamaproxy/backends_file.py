@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
+from llamaproxy.bounded_file import read_bounded
 from llamaproxy.breaker import BreakerSettings
 from llamaproxy.config import Config, ConfigError, sanitize_instance_id
 
@@ -394,8 +395,9 @@ def load_backends_file(
     the file's directory. Raises ``BackendsFileError`` naming the file, the table and the key.
     """
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_bounded(path).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BackendsFileError(f"{path}: not UTF-8 text") from None
     except OSError as e:
         raise BackendsFileError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:

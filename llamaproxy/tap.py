@@ -19,6 +19,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from llamaproxy import __version__, lean_poll
@@ -51,6 +52,7 @@ from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthSite, HealthState
 from llamaproxy.logs import observer_for_twistd, parse_log_format
 from llamaproxy.metrics import GatewayMetrics, MetricsResource
+from llamaproxy.off_thread import OffThread
 from llamaproxy.probe import ExternalBackendMonitor
 from llamaproxy.routing import Router, status_for
 from llamaproxy.service import GatewayService
@@ -188,7 +190,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     health.router = lambda: resource.router
     resource_holder.append(resource)
     if options.backends_file is not None:
-        on_sighup.append(lambda: _reload_backends(options, backends, resource))
+        on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
     site = GatewaySite(
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
@@ -222,7 +224,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 def _access_control(
     config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]]
 ) -> AccessControl:
-    keys = KeyStore(config.auth_keys_file)
+    keys = KeyStore(config.auth_keys_file, off_thread=OffThread.pool(reactor))
     if config.auth_enabled:
         # fail closed: no keys, every API request gets 401 until the file is fixed
         with contextlib.suppress(KeyLoadError):
@@ -246,8 +248,7 @@ def _access_control(
 
 
 def _reload_keys(keys: KeyStore) -> None:
-    with contextlib.suppress(KeyLoadError):
-        keys.load("SIGHUP")
+    keys.refresh("SIGHUP").addErrback(lambda f: f.trap(KeyLoadError) and None)
 
 
 def _recorder(
@@ -284,11 +285,11 @@ def _tls(
         config.tls_cert_file, config.tls_key_file, config.tls_chain_file, config.tls_min_version
     )
     try:
-        factory = ReloadingContextFactory(settings, reactor)
+        factory = ReloadingContextFactory(settings, reactor, OffThread.pool(reactor))
     except TLSConfigError as e:
         raise usage.UsageError(str(e)) from None
     background.append(CertificateWatcher(factory, reactor))
-    on_sighup.append(lambda: factory.reload("SIGHUP"))
+    on_sighup.append(lambda: factory.refresh("SIGHUP"))
     return factory
 
 
@@ -464,20 +465,29 @@ def _supervisor(
     )
 
 
-def _reload_backends(options: Options, backends: BackendSet, resource: GatewayResource) -> None:
-    """SIGHUP: re-read the backends file; a file that does not load keeps the current one."""
+def _reload_backends(
+    options: Options, backends: BackendSet, resource: GatewayResource, reactor: Any
+) -> Deferred[None]:
+    """SIGHUP: re-read the backends file (off the reactor thread); a file that does not load
+    keeps the current one."""
     assert options.backends_file is not None and options.config is not None
-    try:
-        table = load_backends_file(
-            options.backends_file, os.environ,
-            defaults=LocalDefaults.from_config(options.config),
-        )
+    path, defaults = options.backends_file, LocalDefaults.from_config(options.config)
+
+    def read() -> BackendsTable:
+        table = load_backends_file(path, os.environ, defaults=defaults)
         _check_remote_tls(table)
-    except ConfigError as e:
-        log.error("Backends file not reloaded, keeping the current one: {error}", error=str(e))
-        return
-    resource.router = backends.apply(table)
-    log.info("Backends file reloaded: {count} backends", count=len(table.backends))
+        return table
+
+    def apply(table: BackendsTable) -> None:
+        resource.router = backends.apply(table)
+        log.info("Backends file reloaded: {count} backends", count=len(table.backends))
+
+    def refused(failure: Failure) -> None:
+        failure.trap(ConfigError)
+        log.error("Backends file not reloaded, keeping the current one: {error}",
+                  error=failure.getErrorMessage())
+
+    return OffThread.pool(reactor)(read).addCallbacks(apply, refused)
 
 
 def _check_remote_tls(table: BackendsTable) -> None:

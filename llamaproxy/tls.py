@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
@@ -39,7 +40,11 @@ from twisted.internet.interfaces import (
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from llamaproxy.bounded_file import UnsafeFileError, read_bounded
+from llamaproxy.off_thread import OffThread
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols
@@ -143,8 +148,9 @@ class _Loaded:
 
 def _read(kind: str, path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_bounded(path)  # a regular file of at most 16 MiB: never a FIFO or a device
+    except UnsafeFileError as e:
+        raise TLSConfigError(f"TLS {kind} file {path}: cannot read it: {e}") from None
     except OSError as e:
         raise TLSConfigError(f"TLS {kind} file {path}: cannot read it: {e.strerror or e}") from None
 
@@ -300,12 +306,17 @@ class ReloadingContextFactory:
     """Creates server TLS connections from the current certificate; reloadable at any time.
 
     Construction loads and validates the files and raises TLSConfigError if they are unusable.
-    ``clock`` supplies the current time for validity and expiry.
+    ``clock`` supplies the current time for validity and expiry. ``refresh`` reloads with the
+    files read and checked by ``off_thread`` (the reactor's thread pool in twistd); ``reload``
+    and ``reload_if_changed`` are its synchronous forms.
     """
 
-    def __init__(self, settings: TLSSettings, clock: IReactorTime) -> None:
+    def __init__(
+        self, settings: TLSSettings, clock: IReactorTime, off_thread: OffThread | None = None
+    ) -> None:
         self.settings = settings
         self._clock = clock
+        self.off_thread = off_thread or OffThread.inline()
         snapshot = self._snapshot()
         self._current = _load(settings, clock.seconds())
         self._snapshot_seen = snapshot
@@ -374,22 +385,40 @@ class ReloadingContextFactory:
             return False
         return self._reload("files changed", snapshot)
 
+    def refresh(self, reason: str, only_if_changed: bool = False) -> Deferred[bool]:
+        """``reload`` (or ``reload_if_changed``) with the files read and parsed off the reactor
+        thread; fires with True when the new certificate is in use (never fails)."""
+        snapshot = self._snapshot()
+        if only_if_changed and snapshot == self._snapshot_seen:
+            return succeed(False)
+        self._snapshot_seen = snapshot
+        loading = self.off_thread(_load, self.settings, self._clock.seconds())
+        return loading.addBoth(self._swap, reason)
+
     def _reload(self, reason: str, snapshot: _Snapshot) -> bool:
         # A failed attempt is remembered too: a broken file is reported once, not at every poll.
         self._snapshot_seen = snapshot
         try:
             loaded = _load(self.settings, self._clock.seconds())
-        except TLSConfigError as e:
-            log.error(
-                "TLS reload ({reason}) failed, still serving serial {serial_hex}: {why}",
-                reason=reason, serial_hex=f"{self._current.serial:X}", why=str(e),
-            )
-            return False
         except Exception:
-            log.failure(
-                "TLS reload ({reason}) failed unexpectedly, still serving serial {serial_hex}",
-                reason=reason, serial_hex=f"{self._current.serial:X}",
-            )
+            return self._swap(Failure(), reason)
+        return self._swap(loaded, reason)
+
+    def _swap(self, loaded: _Loaded | Failure, reason: str) -> bool:
+        """Use ``loaded`` for new connections, or say why the reload failed (old one kept)."""
+        if isinstance(loaded, Failure):
+            if loaded.check(TLSConfigError):
+                log.error(
+                    "TLS reload ({reason}) failed, still serving serial {serial_hex}: {why}",
+                    reason=reason, serial_hex=f"{self._current.serial:X}",
+                    why=loaded.getErrorMessage(),
+                )
+            else:
+                log.failure(
+                    "TLS reload ({reason}) failed unexpectedly, still serving serial "
+                    "{serial_hex}", loaded, reason=reason,
+                    serial_hex=f"{self._current.serial:X}",
+                )
             return False
         self._current = loaded
         self._announce(loaded, reason)
@@ -447,13 +476,15 @@ class CertificateWatcher(Service):
             if loop.running:
                 loop.stop()
 
-    def _poll(self) -> None:
-        # A LoopingCall stops at the first exception: never let one escape.
+    def _poll(self) -> Deferred[bool] | None:
+        # A LoopingCall stops at the first exception: never let one escape. It waits for the
+        # Deferred (refresh never fails), so reloads never overlap.
         try:
-            self.factory.reload_if_changed()
+            return self.factory.refresh("files changed", only_if_changed=True)
         except Exception:
             log.failure("Error while checking the TLS files {paths}",
                         paths=self.factory.settings.paths)
+            return None
 
     def _check_expiry(self) -> None:
         try:

@@ -572,3 +572,21 @@ class DiffTests(SynchronousTestCase):
         self.assertEqual(diff(table, changed).changed, frozenset({"local-a"}))
         rekeyed = parse(EXAMPLE, {"REMOTE_KEY": "other"})
         self.assertEqual(diff(table, rekeyed).changed, frozenset({"remote"}))
+
+
+class UnsafeFileTests(SynchronousTestCase):
+    """Issue 15.6: the backends file is read as a bounded regular file (never a FIFO)."""
+
+    def test_fifo_is_refused_at_once(self) -> None:
+        path = self.mktemp()
+        os.mkfifo(path)
+        with self.assertRaises(backends_file.BackendsFileError) as caught:
+            backends_file.load_backends_file(path, {})
+        self.assertIn("not a regular file", str(caught.exception))
+
+    def test_dev_zero_is_refused(self) -> None:
+        path = self.mktemp()
+        os.symlink("/dev/zero", path)
+        with self.assertRaises(backends_file.BackendsFileError) as caught:
+            backends_file.load_backends_file(path, {})
+        self.assertIn("not a regular file", str(caught.exception))

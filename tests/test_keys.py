@@ -129,11 +129,11 @@ class WatcherTests(SynchronousTestCase):
         store = KeyStore(self.mktemp())
         calls: list[int] = []
 
-        def broken() -> bool:
+        def broken(reason: str, only_if_changed: bool = False) -> object:
             calls.append(1)
             raise RuntimeError("boom")
 
-        store.reload_if_changed = broken  # type: ignore[method-assign]
+        store.refresh = broken  # type: ignore[method-assign,assignment]
         clock = Clock()
         watcher = KeyFileWatcher(store, clock, 1)
         watcher.startService()
@@ -142,6 +142,67 @@ class WatcherTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         watcher.stopService()
+
+
+class UnsafeKeyFileTests(SynchronousTestCase):
+    """Issue 15.6: the key file pointing at /dev/zero (the gateway was OOM-killed) or at a FIFO
+    (the event loop blocked until someone wrote to it) keeps the old keys and never blocks."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        with open(self.path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        self.store = KeyStore(self.path)
+        self.store.load()
+
+    def point_at(self, target: str) -> None:
+        os.remove(self.path)
+        os.symlink(os.path.abspath(target), self.path)
+
+    def assert_refused(self, why: str) -> None:
+        with self.assertRaises(KeyLoadError) as caught:
+            self.store.load("test")
+        self.assertIn(why, str(caught.exception))
+        failure = self.failureResultOf(self.store.refresh("test"), KeyLoadError)
+        self.assertIn(why, failure.getErrorMessage())
+        self.assertFalse(self.store.reload_if_changed())
+        self.assertEqual(len(self.store.keys), 1)  # the old keys stay in force
+
+    def test_dev_zero(self) -> None:
+        self.point_at("/dev/zero")
+        self.assert_refused("not a regular file")
+
+    def test_fifo(self) -> None:
+        fifo = self.mktemp()
+        os.mkfifo(fifo)
+        self.point_at(fifo)
+        self.assert_refused("not a regular file")  # returns at once: nobody writes to it
+
+    def test_directory(self) -> None:
+        self.point_at(os.path.dirname(os.path.abspath(self.path)))
+        self.assert_refused("not a regular file")
+
+    def test_too_large(self) -> None:
+        from llamaproxy.bounded_file import MAX_CONFIG_FILE_SIZE
+
+        with open(self.path, "ab") as f:
+            f.truncate(MAX_CONFIG_FILE_SIZE + 1)
+        self.assert_refused("larger than")
+
+    def test_refresh_runs_off_thread(self) -> None:
+        """The read and the parse go to the store's OffThread (the reactor's pool in twistd)."""
+        from twisted.internet.defer import Deferred
+
+        ran: list[object] = []
+
+        class Recording:
+            def __call__(self, f: object, *args: object) -> Deferred[object]:
+                ran.append(f)
+                return Deferred()
+
+        store = KeyStore(self.path, off_thread=Recording())  # type: ignore[arg-type]
+        store.refresh("test")
+        self.assertEqual(ran, [store._read])
 
 
 class StoreTests(SynchronousTestCase):

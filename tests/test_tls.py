@@ -421,6 +421,30 @@ class ReloadTests(SynchronousTestCase):
         self.replace(make_server_cert(self.fx.ca, serial=2002, key_index=2))
         self.assertTrue(self.factory.reload_if_changed())
 
+    def test_refresh_reads_off_thread(self) -> None:
+        """The files are read and checked by the factory's OffThread (the reactor's pool)."""
+        ran: list[object] = []
+        inline = self.factory.off_thread
+
+        def recording(f: object, *args: object) -> object:
+            ran.append(f)
+            return inline(f, *args)  # type: ignore[arg-type]
+
+        self.factory.off_thread = recording  # type: ignore[assignment]
+        self.replace(make_server_cert(self.fx.ca, serial=2002, key_index=2))
+        self.assertTrue(self.successResultOf(self.factory.refresh("SIGHUP")))
+        self.assertEqual(self.factory.serial, 2002)
+        self.assertEqual(len(ran), 1)
+        self.assertFalse(self.successResultOf(
+            self.factory.refresh("files changed", only_if_changed=True)))
+
+    def test_refresh_refuses_a_fifo(self) -> None:
+        os.remove(self.settings.cert_file)
+        os.mkfifo(self.settings.cert_file)
+        self.assertFalse(self.successResultOf(self.factory.refresh("SIGHUP")))
+        self.assertEqual(self.factory.serial, 1001)
+        self.assertIn("not a regular file", _messages(self.events, LogLevel.error)[0])
+
     def test_watcher_polls(self) -> None:
         watcher = CertificateWatcher(self.factory, self.clock, interval=30)
         watcher.startService()
@@ -436,12 +460,12 @@ class ReloadTests(SynchronousTestCase):
     def test_watcher_survives_exceptions(self) -> None:
         calls: list[int] = []
 
-        def explode() -> bool:
+        def explode(*args: object, **kwargs: object) -> bool:
             calls.append(1)
             raise RuntimeError("boom")
 
-        self.factory.reload_if_changed = explode  # type: ignore[method-assign]
-        self.factory.check_expiry = explode  # type: ignore[method-assign]
+        self.factory.refresh = explode  # type: ignore[method-assign,assignment]
+        self.factory.check_expiry = explode  # type: ignore[method-assign,assignment]
         watcher = CertificateWatcher(
             self.factory, self.clock, interval=10, expiry_check_interval=15
         )

@@ -506,7 +506,7 @@ class ProxyExchanges:
         request.setResponseCode(response.code, response.phrase)
         for name, values in forward.filter_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        _answer(request, body)
+        answer_whole(request, body)
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
         request = exchange.request
@@ -561,7 +561,7 @@ class ProxyExchanges:
         exchange.deadline = None
 
 
-def _answer(request: GatewayRequest, body: bytes) -> None:
+def answer_whole(request: GatewayRequest, body: bytes) -> None:
     """Finish ``request`` with the whole ``body`` (its length set; no body for HEAD)."""
     request.setHeader(b"Content-Length", str(len(body)).encode())
     if request.method != b"HEAD":
@@ -572,7 +572,7 @@ def _answer(request: GatewayRequest, body: bytes) -> None:
 def _answer_json(request: GatewayRequest, doc: object) -> None:
     """Finish ``request`` with ``doc`` as its JSON body."""
     request.setHeader(b"Content-Type", _JSON)
-    _answer(request, json.dumps(doc).encode())
+    answer_whole(request, json.dumps(doc).encode())
 
 
 def _discard(response: IResponse) -> None:

@@ -34,6 +34,7 @@ from llamaproxy.gateway.proxy import (
     Exchange,
     GatewaySettings,
     ProxyExchanges,
+    answer_whole,
 )
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
 from llamaproxy.gateway.request_body import invalid_json, parse_object, read_facts
@@ -286,15 +287,27 @@ class GatewayResource(ProxyExchanges, Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps(answer).encode() + b"\n"
 
-    def _reload_keys(self, request: GatewayRequest) -> bytes:
-        """POST /reload: re-read the key file now (admin keys only)."""
-        try:
-            count = self.access.store.load(f"POST /reload by {request.key_id}")
-        except KeyLoadError as e:
-            return request.render_error(errors.reload_failed(str(e)))
-        request.setHeader(b"Content-Type", _JSON)
-        request.setHeader(b"Cache-Control", b"no-store")
-        return json.dumps({"status": "ok", "keys_loaded": count}).encode() + b"\n"
+    def _reload_keys(self, request: GatewayRequest) -> int:
+        """POST /reload: re-read the key file now (admin keys only), off the reactor thread."""
+        reloading = self.access.store.refresh(f"POST /reload by {request.key_id}")
+
+        def loaded(count: int | None) -> None:
+            if request.gone:
+                return
+            request.setHeader(b"Content-Type", _JSON)
+            request.setHeader(b"Cache-Control", b"no-store")
+            body = json.dumps({"status": "ok", "keys_loaded": count}).encode() + b"\n"
+            answer_whole(request, body)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(KeyLoadError):
+                request.send_error(errors.reload_failed(failure.getErrorMessage()))
+            else:
+                log.failure("POST /reload failed", failure)
+                request.send_error(errors.internal_error())
+
+        reloading.addCallbacks(loaded, failed)
+        return NOT_DONE_YET
 
     # -- the proxied exchange ------------------------------------------------------------------
 
