@@ -42,6 +42,7 @@ from llamaproxy.admin.sessions import (
     SessionStore,
 )
 from llamaproxy.admin.view import Dashboard
+from llamaproxy.gateway.request import SERVER_NAME
 
 log = Logger()
 
@@ -343,6 +344,7 @@ class AdminResource(Resource):
 
 
 def _security_headers(request: Any) -> None:
+    request.setHeader(b"Server", SERVER_NAME)
     request.setHeader(b"Content-Security-Policy", _CSP)
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"X-Frame-Options", b"DENY")
