@@ -20,6 +20,9 @@ from llamaproxy.access_log import AccessEntry
 #: Requests kept (about 0.3 KiB each: see docs/operations.md).
 DEFAULT_SIZE = 500
 
+#: Probes and scrapes, not activity: never kept.
+PUBLIC_PATHS = frozenset({"/ping", "/health", "/readyz", "/metrics"})
+
 
 @dataclass(frozen=True)
 class ActivityRow:
@@ -74,6 +77,8 @@ class ActivityRing:
 
     def observe(self, entry: AccessEntry, request: Any) -> None:
         """A request finished (a ``RequestRecorder`` observer): keep its entry."""
+        if entry.path in PUBLIC_PATHS:
+            return
         exchange = request.exchange
         timer = exchange.timer if exchange is not None else None
         wait = timer.queue_wait if timer is not None else None

@@ -29,7 +29,7 @@ SECTIONS = (
 DASH = "\u2013"
 
 CHART_SPAN = 900.0
-CHART_WIDTH = 600
+CHART_WIDTH = 560
 CHART_HEIGHT = 70
 
 
@@ -122,18 +122,27 @@ def chart_section(snapshot: Snapshot) -> Tag:
     return tags.div(*figures)
 
 
+def _span(points: list[Point], now: float) -> float:
+    """Seconds the charts cover: 15 minutes, or less when the gateway started more recently."""
+    if len(points) < 2:
+        return CHART_SPAN
+    return max(10.0, min(CHART_SPAN, now - points[0].at))
+
+
 def _chart(
     title: str, points: list[Point], values: list[float | None], digits: int, now: float
 ) -> Tag:
     known = [v for v in values if v is not None]
     top = max(known) if known else 0.0
     scale = top if top > 0 else 1.0
-    start = now - CHART_SPAN
+    span = _span(points, now)
+    start = now - span
+    covered = f"last {span / 60:.0f} min" if span >= 120 else f"last {span:.0f} s"
     coordinates = []
     for point, value in zip(points, values, strict=True):
         if value is None:
             continue
-        x = max(0.0, (point.at - start) / CHART_SPAN) * CHART_WIDTH
+        x = max(0.0, (point.at - start) / span) * CHART_WIDTH
         y = CHART_HEIGHT - (value / scale) * (CHART_HEIGHT - 4) - 2
         coordinates.append(f"{x:.1f},{y:.1f}")
     latest = known[-1] if known else None
@@ -145,14 +154,14 @@ def _chart(
         shapes.append(Tag("polyline")(points=" ".join(coordinates), fill="none",
                                     stroke="#0969da", **{"stroke-width": "2"}))
     svg = Tag("svg")(
-        Tag("title")(f"{title}, last 15 minutes"),
+        Tag("title")(f"{title}, {covered}"),
         *shapes,
         xmlns="http://www.w3.org/2000/svg", width=str(CHART_WIDTH), height=str(CHART_HEIGHT),
         viewBox=f"0 0 {CHART_WIDTH} {CHART_HEIGHT}", role="img",
-        **{"aria-label": f"{title}, last 15 minutes"},
+        **{"aria-label": f"{title}, {covered}"},
     )
     return tags.figure(
-        tags.figcaption(tags.strong(title), f" now {_num(latest, digits)}, "
+        tags.figcaption(tags.strong(title), f" ({covered}) now {_num(latest, digits)}, "
                         f"max {_num(top if known else None, digits)}"),
         svg,
         class_="chart",
@@ -187,6 +196,7 @@ def activity_section(snapshot: Snapshot) -> Tag:
             tags.td(_clock(a.ts)),
             tags.td(a.key_id),
             tags.td(a.model),
+            tags.td(a.path),
             tags.td(str(a.status), class_=f"status-{status_class}"),
             tags.td(_ms(a.queue_wait_ms)),
             tags.td(_ms(a.ttft_ms)),
@@ -196,7 +206,7 @@ def activity_section(snapshot: Snapshot) -> Tag:
         ))
     return tags.div(
         filters,
-        _table(("time (UTC)", "key", "model", "status", "queue wait", "TTFT",
+        _table(("time (UTC)", "key", "model", "path", "status", "queue wait", "TTFT",
                 "tokens in/out", "tokens/s", "client gone"), rows, "No requests yet."),
     )
 

@@ -20,7 +20,7 @@ from llamaproxy.admin.operations import BackendOperations
 from llamaproxy.admin.series import Point, Sampler
 
 #: Rows of the activity table and lines of each child's log on the page.
-ACTIVITY_ROWS = 100
+ACTIVITY_ROWS = 50
 LOG_LINES = 40
 
 

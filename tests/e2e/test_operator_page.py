@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -22,7 +23,8 @@ from tests.e2e.browser import chromium, screenshot
 from tests.e2e.harness import API_KEY, Gateway, free_port, wait_for
 
 ADMIN_KEY = "sk-admin-e2e-0123456789abcdef"
-KEYS = f"# e2e keys\ntester:{API_KEY}\nboss:{ADMIN_KEY}\n"
+TEAM_KEY = "sk-team-e2e-0123456789abcdef"
+KEYS = f"# e2e keys\ntester:{API_KEY}\nboss:{ADMIN_KEY}\nteam:{TEAM_KEY}:4\n"
 
 _gateway: Gateway | None = None
 
@@ -94,8 +96,17 @@ def open_stream(gateway: Gateway, max_tokens: int = 3500) -> socket.socket:
     return sock
 
 
+#: scripts/test.sh runs this module as its own slow group, after the main run.
+SLOW_GROUP = (
+    "runs in scripts/test.sh's browser slow group"
+    if os.environ.get("LLAMAPROXY_BROWSER_TESTS") == "slow-group" else None
+)
+
+
 class OperatorPageBrowserTests(SynchronousTestCase):
     """The page in headless Chromium."""
+
+    skip = SLOW_GROUP
 
     def setUp(self) -> None:
         self.gateway = page_gateway()
@@ -148,6 +159,38 @@ class OperatorPageBrowserTests(SynchronousTestCase):
         self.assertNotIn(ADMIN_KEY, self.driver.page_source)
         self.assertNotIn(self.gateway.backend_key(), self.driver.page_source)
         self.assertNotIn("Hello", text_of(self.driver, "frag-logs"))
+        screenshot(self.driver, "operator-page-after-stream")
+
+    def test_under_load_for_the_docs(self) -> None:
+        """Twenty seconds of traffic from two keys (one over its rate limit): the charts, the
+        activity and the keys fill in live. Its screenshot is docs/images/operator-page.png."""
+        log_in(self.driver, self.gateway, ADMIN_KEY)
+        wait_page(self.driver, lambda d: "Live (Server-Sent" in text_of(d, "live-status"), 20,
+                  "live updates over SSE")
+        statuses: list[int] = []
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=self.gateway.url, timeout=60) as client:
+            turn = 0
+            while time.monotonic() < deadline:
+                turn += 1
+                key = TEAM_KEY if turn % 3 == 0 else API_KEY
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
+                        "max_tokens": 48, "temperature": 0, "stream": turn % 2 == 0,
+                        "stream_options": {"include_usage": True}}
+                if not body["stream"]:
+                    del body["stream_options"]
+                response = client.post("/v1/chat/completions", json=body,
+                                        headers={"Authorization": f"Bearer {key}"})
+                statuses.append(response.status_code)
+                time.sleep(0.3)
+        self.assertIn(429, statuses)
+        self.assertIn(200, statuses)
+        wait_page(self.driver, lambda d: "team" in text_of(d, "frag-keys"), 20,
+                  "the rate-limited key in the keys table")
+        wait_page(self.driver, lambda d: len(d.find_element("css selector", "#frag-chart polyline")
+                                             .get_attribute("points").split()) >= 3, 20,
+                  "several points in the charts")
+        self.assertIn("429", text_of(self.driver, "frag-activity"))
         screenshot(self.driver, "operator-page")
 
     def test_polling_fallback(self) -> None:
@@ -235,6 +278,8 @@ class OperatorPageBrowserTests(SynchronousTestCase):
 
 class OperatorPageSessionTests(SynchronousTestCase):
     """Sessions and CSRF over plain HTTP."""
+
+    skip = SLOW_GROUP
 
     def setUp(self) -> None:
         self.gateway = page_gateway()
