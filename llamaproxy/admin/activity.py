@@ -17,7 +17,7 @@ from typing import Any
 
 from llamaproxy.access_log import AccessEntry
 
-#: Requests kept (about 0.3 KiB each: see docs/operations.md).
+#: Requests kept (about 0.6 KiB each: see docs/operations.md).
 DEFAULT_SIZE = 500
 
 #: Probes and scrapes, not activity: never kept.
