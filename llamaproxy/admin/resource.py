@@ -212,6 +212,13 @@ class AdminResource(Resource):
 
     def render(self, request: Any) -> bytes | int:
         _security_headers(request)
+        try:
+            return self._dispatch(request)
+        except Exception:
+            log.failure("Operator page error on {path}", path=request.path)
+            return _json_error(request, 500, "Internal error (see the gateway's log)")
+
+    def _dispatch(self, request: Any) -> bytes | int:
         path = request.path
         method = request.method
         if method == b"HEAD":

@@ -143,6 +143,17 @@ class PageTests(AdminResourceTestCase):
             self.assertEqual(response.header("Cache-Control"), "no-store")
             self.assertEqual(response.header("Server"), "llamaproxy")
 
+    def test_an_error_is_a_json_500_and_logged(self) -> None:
+        def broken(*args: object) -> None:
+            raise RuntimeError("boom")
+
+        self.world.dashboard.snapshot = broken  # type: ignore[method-assign]
+        response = self.call("GET", "/state.json")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(json.loads(response.body)["error"]["code"], 500)
+        self.assertNotIn("boom", response.text)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_static_files(self) -> None:
         script = self.call("GET", "/static/page.js")
         self.assertEqual(script.header("Content-Type"), "text/javascript; charset=utf-8")
