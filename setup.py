@@ -19,7 +19,10 @@ setup(
     python_requires=">=3.11",
     # twisted/plugins has no __init__.py on purpose (see docs/operations.md); list it explicitly.
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
-    package_data={"twisted.plugins": ["llamaproxy_plugin.py"]},
+    package_data={
+        "twisted.plugins": ["llamaproxy_plugin.py"],
+        "llamaproxy.admin": ["static/*.js", "static/*.css"],
+    },
     install_requires=[
         "twisted[tls]>=26.4",
         "klein>=23.12",
@@ -38,6 +41,8 @@ setup(
             "ruff>=0.6",
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17",
+            # browser tests of the operator page: drives Debian's chromium + chromium-driver
+            "selenium>=4.20",
         ],
     },
     entry_points={"console_scripts": ["llamaproxy=llamaproxy.cli:main"]},

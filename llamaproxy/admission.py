@@ -257,6 +257,10 @@ class Admission:
             self._deadlines = [entry for entry in self._deadlines if entry[2].queued]
             heapq.heapify(self._deadlines)
 
+    def waiting_by_key(self) -> dict[str, int]:
+        """How many requests each key has waiting right now (a copy, for the operator page)."""
+        return dict(self._counts)
+
     def status_json(self) -> dict[str, Any]:
         """The queue section of /health."""
         return {

@@ -104,6 +104,15 @@ def _optional_format(text: str) -> str:
     return _log_format(text) if text.strip() else ""
 
 
+def _endpoint(text: str) -> str:
+    """A twisted server endpoint string (tcp:, ssl:, unix:, ...) or empty (off)."""
+    value = text.strip()
+    if value and not re.fullmatch(r"[a-z][a-z0-9]*:\S+", value):
+        raise ValueError(f"expected an endpoint string such as tcp:8002:interface=127.0.0.1, "
+                         f"got {text!r}")
+    return value
+
+
 def _tls_version(text: str) -> str:
     value = text.strip()
     if value not in ("1.2", "1.3"):
@@ -241,7 +250,8 @@ SETTINGS: tuple[Setting, ...] = (
             "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
             "file gives the key its own limit (429 beyond it)."),
     Setting("admin_key_ids", "admin-key-ids", ("ADMIN_KEY_IDS",), "", _words,
-            "Key ids allowed to call POST /reload (comma/space separated)."),
+            "Key ids allowed to call POST /reload and to log in to the operator page "
+            "(ADMIN_LISTEN; comma/space separated)."),
     Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
             _seconds, "Seconds between checks of the key file for changes (reloaded when its "
             "content changed)."),
@@ -302,6 +312,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_listen", "metrics-listen", ("METRICS_LISTEN",), "", _text,
             "Extra endpoint serving Prometheus metrics with per-key series, e.g. "
             "tcp:9100:interface=127.0.0.1 (empty: none)."),
+    Setting("admin_listen", "admin-listen", ("ADMIN_LISTEN",), "", _endpoint,
+            "Endpoint of the operator's web page (backends, activity, keys, child logs, live), "
+            "e.g. tcp:8002:interface=127.0.0.1; login with a key listed in ADMIN_KEY_IDS "
+            "(empty: off). See docs/operations.md."),
+    Setting("admin_session_ttl", "admin-session-ttl", ("ADMIN_SESSION_TTL",), "3600", _seconds,
+            "Seconds an operator page login lasts (a removed or rotated key ends it sooner)."),
     Setting("tls_cert_file", "tls-cert-file", ("TLS_CERT_FILE",), None, _text,
             "PEM certificate: with TLS_KEY_FILE, the gateway listener on PORT speaks HTTPS."),
     Setting("tls_key_file", "tls-key-file", ("TLS_KEY_FILE",), None, _text,
@@ -391,6 +407,8 @@ class Config:
     key_tokens_per_minute: tuple[tuple[str, int], ...]
     metrics_auth_enabled: bool
     metrics_listen: str
+    admin_listen: str
+    admin_session_ttl: float
     tls_cert_file: str | None
     tls_key_file: str | None
     tls_chain_file: str | None
@@ -541,6 +559,16 @@ def load_config(
             raise ConfigError("PORT_BACKEND: a supervised llama-server needs a fixed port, not 0")
     if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
         raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+    if values["admin_listen"]:
+        if not values["auth_enabled"]:
+            raise ConfigError(
+                "ADMIN_LISTEN: the operator page needs AUTH_ENABLED=true (its login takes an "
+                "admin key)"
+            )
+        if not values["admin_key_ids"]:
+            raise ConfigError(
+                "ADMIN_LISTEN: set ADMIN_KEY_IDS too (only those keys may log in to the page)"
+            )
     if not values["access_log_format"]:
         values["access_log_format"] = values["log_format"]
     alias = values["model_alias"] or (

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -311,6 +312,11 @@ class RequestTimer:
         """The request's route label."""
         return self._series.route
 
+    @property
+    def queue_wait(self) -> float:
+        """Seconds the request waited for a slot or a ready backend (0 until it left the queue)."""
+        return self._wait
+
     def authenticated(self, key_id: str) -> None:
         """A key was verified for this request (not called when authentication is off)."""
         self.key_id = key_id
@@ -435,6 +441,21 @@ class RequestTimer:
 
 
 # --- the metrics ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricTotals:
+    """Cumulative figures a sampler differences over time (see ``GatewayMetrics.totals``)."""
+
+    #: Requests finished, every status.
+    requests: int
+    #: Completion tokens reported by backends.
+    completion_tokens: int
+    #: Requests waiting for a slot or a ready backend right now.
+    queue_depth: int
+    #: Time to first byte of chat and completion requests: (upper bound, cumulative count).
+    first_byte_buckets: tuple[tuple[float, float], ...]
+
 
 
 class GatewayMetrics:
@@ -618,6 +639,45 @@ class GatewayMetrics:
         self._key_requests = {k: v for k, v in self._key_requests.items() if k in live}
         self._key_tokens = {k: v for k, v in self._key_tokens.items() if k[0] in live}
         self._key_rejections = {k: v for k, v in self._key_rejections.items() if k[0] in live}
+
+    # -- totals for samplers (the operator page) -----------------------------------------
+
+    def totals(self) -> MetricTotals:
+        """Cumulative counts since start, read at call time (nothing is added per request)."""
+        requests = sum(
+            s.value for m in self._requests.collect() for s in m.samples
+            if s.name.endswith("_total")
+        )
+        tokens = sum(
+            s.value for m in self._tokens.collect() for s in m.samples
+            if s.name.endswith("_total") and s.labels.get("kind") == "completion"
+        )
+        buckets: dict[float, float] = {}
+        for m in self._first_byte.collect():
+            for s in m.samples:
+                if s.name.endswith("_bucket") and s.labels.get("route") in ("chat", "completions"):
+                    le = float(s.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + s.value
+        return MetricTotals(
+            requests=int(requests),
+            completion_tokens=int(tokens),
+            queue_depth=self._queue_depth,
+            first_byte_buckets=tuple(sorted(buckets.items())),
+        )
+
+    def key_totals(self) -> dict[str, tuple[int, int, int]]:
+        """Per key id: (requests, tokens, 429 refusals) since start (or the key's last prune)."""
+        totals: dict[str, tuple[int, int, int]] = {
+            key_id: (count, 0, 0) for key_id, count in self._key_requests.items()
+        }
+        for (key_id, _kind), count in self._key_tokens.items():
+            r, t, x = totals.get(key_id, (0, 0, 0))
+            totals[key_id] = (r, t + count, x)
+        for (key_id, reason), count in self._key_rejections.items():
+            if reason == "rate_limit":
+                r, t, x = totals.get(key_id, (0, 0, 0))
+                totals[key_id] = (r, t, x + count)
+        return totals
 
     # -- output ---------------------------------------------------------------------------
 

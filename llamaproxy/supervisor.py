@@ -222,6 +222,7 @@ class LlamaServerSupervisor(Service):
         self._kill_reason: str | None = None
         self._started_at: float | None = None
         self._ready_at: float | None = None
+        self._operator_restart = False
 
     # --- public state --------------------------------------------------------------------------
 
@@ -281,6 +282,38 @@ class LlamaServerSupervisor(Service):
             self._terminate()
         return waiter
 
+    def restart(self) -> bool:
+        """Restart the child now, at an operator's request (the operator page's button).
+
+        The running child gets SIGTERM (SIGKILL after ``stop_timeout``) and a new one is spawned
+        as soon as it has ended, without the crash backoff and without counting a crash; a child
+        waiting in backoff is started at once. Meanwhile the backend says STARTING, so requests
+        wait for it. Returns False (and does nothing) while the service is stopped or stopping.
+        """
+        if self._stopping or not self.running:
+            return False
+        log.info(
+            "Restarting llama-server (pid {pid}) at an operator's request",
+            pid=self.pid, backend=self.backend.name,
+        )
+        if self._process is None:
+            self._cancel_timers()
+            self._attempt = 0
+            self._spawn()
+            return True
+        self._operator_restart = True
+        self._stop_probing()
+        if self._ready_timeout_call is not None and self._ready_timeout_call.active():
+            self._ready_timeout_call.cancel()
+        self._ready_timeout_call = None
+        self._ready_at = None
+        self.backend.set_state(
+            BackendState.STARTING,
+            retry_at=self._reactor.seconds() + self.timings.not_ready_retry_after,
+        )
+        self._terminate()
+        return True
+
     # --- the child -----------------------------------------------------------------------------
 
     def _spawn(self) -> None:
@@ -297,6 +330,7 @@ class LlamaServerSupervisor(Service):
         self._ready_at = None
         self._started_at = now
         self._kill_reason = None
+        self._operator_restart = False
         try:
             program = self.executable
             if self.launcher is not None:
@@ -339,6 +373,14 @@ class LlamaServerSupervisor(Service):
                 backend=self.backend.name,
             )
             self._finish_stop()
+            return
+        if self._operator_restart:
+            log.info(
+                "llama-server (pid {pid}) ended for the operator's restart; starting a new one",
+                pid=pid, backend=self.backend.name,
+            )
+            self._attempt = 0
+            self._spawn()
             return
         description = format_exit(exit_code, signal)
         if self._kill_reason is not None:

@@ -191,6 +191,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
+    if config.admin_listen:
+        background.append(_operator_page(config, reactor, resource, backends, access, metrics,
+                                         recorder))
     site = GatewaySite(
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
@@ -208,10 +211,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     _on_sighup(reactor, on_sighup)
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
     log.info(
-        "llamaproxy {version}: gateway on {endpoints}, health on {health}, backends {backends}, "
-        "default model {model}, auth {auth}",
+        "llamaproxy {version}: gateway on {endpoints}, health on {health}, operator page on "
+        "{admin}, backends {backends}, default model {model}, auth {auth}",
         version=__version__, endpoints=", ".join(endpoints),
-        health=config.health_endpoint or "off",
+        health=config.health_endpoint or "off", admin=config.admin_listen or "off",
         backends=", ".join(f"{m.name} ({m.slots} slots)" for m in router.members.values()),
         model=table.default_model, auth="on" if config.auth_enabled else "off",
     )
@@ -244,6 +247,33 @@ def _access_control(
         auth_enabled=config.auth_enabled,
         admin_key_ids=frozenset(config.admin_key_ids),
         token_limits=token_limits,
+    )
+
+
+def _operator_page(
+    config: Config,
+    reactor: Any,
+    resource: GatewayResource,
+    backends: BackendSet,
+    access: AccessControl,
+    metrics: GatewayMetrics,
+    recorder: RequestRecorder,
+) -> IService:
+    """ADMIN_LISTEN: the operator's web page (llamaproxy/admin/)."""
+    from twisted.logger import globalLogPublisher
+
+    from llamaproxy.admin.service import operator_page
+
+    return operator_page(
+        config.admin_listen, reactor,
+        router=lambda: resource.router,
+        services=lambda: backends.by_name,
+        keys=access.store,
+        admin_key_ids=frozenset(config.admin_key_ids),
+        session_ttl=config.admin_session_ttl,
+        metrics=metrics,
+        recorder=recorder,
+        log_publisher=globalLogPublisher,
     )
 
 

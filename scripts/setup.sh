@@ -23,6 +23,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# The operator page's browser tests (tests/e2e/test_operator_page.py) drive Debian's chromium
+# through chromium-driver (never a browser downloaded at run time). Installed when missing and we
+# are root; otherwise those tests are skipped, which LLAMAPROXY_REQUIRE_E2E=1 (CI) turns into a
+# failure.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing chromium and chromium-driver (browser tests of the operator page)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver >/dev/null; } \
+      || echo "Could not install chromium/chromium-driver: the browser tests will not run" >&2
+  else
+    echo "chromium and chromium-driver are missing and this is not root: the operator page's" \
+      "browser tests will be skipped (sudo apt-get install chromium chromium-driver)" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating virtualenv $VENV" >&2
   "$PYTHON" -m venv "$VENV"

@@ -16,7 +16,9 @@ mypy
 echo "== trial (under coverage)" >&2
 rm -f .coverage .coverage.*
 set +e
-coverage run -m twisted.trial "${@:-tests}" 2>&1 | tee .trial-output.log
+# The operator page's browser tests run below as their own slow group (full runs only).
+LLAMAPROXY_BROWSER_TESTS="${LLAMAPROXY_BROWSER_TESTS:-slow-group}" \
+  coverage run -m twisted.trial "${@:-tests}" 2>&1 | tee .trial-output.log
 status=${PIPESTATUS[0]}
 set -e
 summary="$(grep -E '^(PASSED|FAILED) \(' .trial-output.log | tail -n1 || true)"
@@ -30,6 +32,29 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "== coverage" >&2
 coverage report --fail-under=85
+if [ $# -eq 0 ]; then
+  # Headless Debian Chromium against the real twistd + llama-server (tests/e2e/browser.py);
+  # without chromium it is a failure under LLAMAPROXY_REQUIRE_E2E=1, else a skip.
+  echo "== browser (slow group)" >&2
+  started=$(date +%s)
+  set +e
+  LLAMAPROXY_BROWSER_TESTS=1 python -m twisted.trial tests.e2e.test_operator_page 2>&1 \
+    | tee .trial-output.log
+  browser_status=${PIPESTATUS[0]}
+  set -e
+  echo "browser (slow group): $(( $(date +%s) - started )) s wall time" >&2
+  browser="$(grep -E '^(PASSED|FAILED) \(' .trial-output.log | tail -n1 || true)"
+  rm -f .trial-output.log
+  browser_passed=$(echo "$browser" | grep -oE 'successes=[0-9]+' | cut -d= -f2 || true)
+  browser_skipped=$(echo "$browser" | grep -oE 'skips=[0-9]+' | cut -d= -f2 || true)
+  # The main run skipped these tests (they run here): count each once, as it ended here.
+  passed=$(( ${passed:-0} + ${browser_passed:-0} ))
+  skipped=$(( ${skipped:-0} - ${browser_passed:-0} ))
+  if [ "$browser_status" -ne 0 ]; then
+    echo "${passed} passed, browser tests failed, ${skipped} skipped"
+    exit "$browser_status"
+  fi
+fi
 echo "== benchmark smoke (numbers for the log; no thresholds)" >&2
 python -m bench.overhead --smoke 2>&1 | tail -n 40 || echo "benchmark smoke did not run" >&2
 echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped"

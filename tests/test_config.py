@@ -168,3 +168,39 @@ class ConfigTests(SynchronousTestCase):
         ]
         self.assertEqual(missing, [])
         self.assertEqual(len({s.flag for s in SETTINGS}), len(SETTINGS))
+
+
+class AdminPageConfigTests(SynchronousTestCase):
+    """ADMIN_LISTEN and ADMIN_SESSION_TTL: off by default, strict, and only with admin keys."""
+
+    def setUp(self) -> None:
+        self.model = self.mktemp() + ".gguf"
+        Path(self.model).write_bytes(b"GGUF")
+
+    def load(self, env: dict[str, str]):  # type: ignore[no-untyped-def]
+        return load_config({}, {"MODEL_PATH": self.model, **env}, path_exists=lambda p: False,
+                           hostname=lambda: "h")
+
+    def test_off_by_default(self) -> None:
+        config = self.load({})
+        self.assertEqual(config.admin_listen, "")
+        self.assertEqual(config.admin_session_ttl, 3600.0)
+
+    def test_on_with_admin_keys(self) -> None:
+        config = self.load({"ADMIN_LISTEN": "tcp:8002:interface=127.0.0.1",
+                            "ADMIN_KEY_IDS": "boss", "ADMIN_SESSION_TTL": "900"})
+        self.assertEqual(config.admin_listen, "tcp:8002:interface=127.0.0.1")
+        self.assertEqual(config.admin_session_ttl, 900.0)
+
+    def test_refusals(self) -> None:
+        for env, words in [
+            ({"ADMIN_LISTEN": "8002", "ADMIN_KEY_IDS": "boss"}, "ADMIN_LISTEN"),
+            ({"ADMIN_LISTEN": "tcp:8002"}, "ADMIN_KEY_IDS"),
+            ({"ADMIN_LISTEN": "tcp:8002", "ADMIN_KEY_IDS": "boss", "AUTH_ENABLED": "false"},
+             "AUTH_ENABLED"),
+            ({"ADMIN_SESSION_TTL": "0"}, "ADMIN_SESSION_TTL"),
+            ({"ADMIN_SESSION_TTL": "soon"}, "ADMIN_SESSION_TTL"),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                self.load(env)
+            self.assertIn(words, str(raised.exception), env)

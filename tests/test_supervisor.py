@@ -573,3 +573,70 @@ class TimingsTests(SynchronousTestCase):
                 health_timeout=1.5,
             ),
         )
+
+
+class OperatorRestartTests(SupervisorTestCase):
+    """``restart()``: the operator page's button. TERM, then a new child at once, no crash."""
+
+    def test_restart_ready_child(self) -> None:
+        self.start_ready()
+        first = self.process
+        self.assertTrue(self.supervisor.restart())
+        self.assertIs(self.backend.state, BackendState.STARTING)
+        self.assertEqual(first.signals, ["TERM"])
+        self.assertEqual(len(self.reactor.spawned), 1)  # not before the old one has ended
+        first.exit(0)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertIsNot(self.process, first)
+        self.assertIs(self.backend.state, BackendState.STARTING)
+        self.assertEqual(self.backend.restarts, 0)  # not a crash
+        self.assertIsNone(self.backend.last_exit)
+        self.reactor.advance(TIMINGS.startup_probe_interval)
+        self.assertIs(self.backend.state, BackendState.READY)
+        self.assertIn("Restarting llama-server (pid 4242) at an operator's request",
+                      self.messages())
+
+    def test_restart_kills_a_child_ignoring_term(self) -> None:
+        self.start_ready()
+        first = self.process
+        self.supervisor.restart()
+        self.reactor.advance(TIMINGS.stop_timeout)
+        self.assertEqual(first.signals, ["TERM", "KILL"])
+        first.kill_by_signal(9)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.backend.restarts, 0)
+
+    def test_restart_twice_sends_one_term(self) -> None:
+        self.start_ready()
+        self.supervisor.restart()
+        self.supervisor.restart()
+        self.assertEqual(self.process.signals, ["TERM"])
+
+    def test_restart_during_backoff_starts_now(self) -> None:
+        self.supervisor.startService()
+        self.process.exit(1)
+        self.assertIs(self.backend.state, BackendState.BACKOFF)
+        self.assertTrue(self.supervisor.restart())
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertIs(self.backend.state, BackendState.STARTING)
+        self.reactor.advance(TIMINGS.backoff_max)  # the backoff timer was cancelled
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_no_restart_when_stopped_or_stopping(self) -> None:
+        self.assertFalse(self.supervisor.restart())
+        self.start_ready()
+        d = self.supervisor.stopService()
+        self.assertFalse(self.supervisor.restart())
+        self.process.exit(0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertIs(self.backend.state, BackendState.STOPPED)
+
+    def test_stop_during_restart_wins(self) -> None:
+        self.start_ready()
+        self.supervisor.restart()
+        d = self.supervisor.stopService()
+        self.process.exit(0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertIs(self.backend.state, BackendState.STOPPED)

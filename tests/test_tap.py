@@ -79,6 +79,42 @@ class MakeServiceTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
 
 
+    def test_operator_page_listens_and_stops(self) -> None:
+        from llamaproxy.admin.service import OperatorPageService
+
+        keys = self.mktemp()
+        Path(keys).write_text("boss:sk-bbbbbbbbbbbbbbbb\n")
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_KEYS_FILE": keys,
+                                   "PORT": "8123", "PORT_HEALTH": "0", "HOST": "127.0.0.1",
+                                   "USAGE_LEDGER": "off", "ACCESS_LOG": "off",
+                                   "ADMIN_LISTEN": "tcp:8126:interface=127.0.0.1",
+                                   "ADMIN_KEY_IDS": "boss"})
+        options = Options()
+        options.parseOptions([])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor=reactor)
+        assert isinstance(service, GatewayService)
+        [page] = [s for s in service.background if isinstance(s, OperatorPageService)]
+        service.startService()
+        self.assertIn((8126, "127.0.0.1"),
+                      [(port, interface) for port, _, _, interface in reactor.tcpServers])
+        self.assertTrue(page.sampler._loop.running)
+        self.successResultOf(service.stopService())
+        self.assertFalse(page.sampler._loop.running)
+
+    def test_no_operator_page_by_default(self) -> None:
+        from llamaproxy.admin.service import OperatorPageService
+
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "no",
+                                   "PORT_HEALTH": "0", "USAGE_LEDGER": "off",
+                                   "ACCESS_LOG": "off"})
+        options = Options()
+        options.parseOptions([])
+        service = makeService(options, reactor=MemoryReactorClock())
+        assert isinstance(service, GatewayService)
+        self.assertFalse([s for s in service.background if isinstance(s, OperatorPageService)])
+
+
 class PluginTests(SynchronousTestCase):
     def test_plugin_is_found(self) -> None:
         makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "llamaproxy"]

@@ -9,6 +9,7 @@ the channel reports them with ``refused``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +25,10 @@ from llamaproxy.usage import UsageLedger
 
 #: Status recorded for a request whose client left before any response byte (nginx's 499).
 CLIENT_CLOSED = 499
+
+#: Called with each finished request's access entry (built once, shared with the access log)
+#: and its request, e.g. the operator page's activity ring (llamaproxy.admin.activity).
+RequestObserver = Callable[[AccessEntry, GatewayRequest], None]
 
 
 class RequestRecorder:
@@ -42,6 +47,8 @@ class RequestRecorder:
         self.metrics = metrics
         self.ledger = ledger
         self.token_limits = token_limits
+        #: Extra consumers of each request's access entry (empty unless the operator page is on).
+        self.observers: list[RequestObserver] = []
 
     def request_done(self, request: GatewayRequest) -> None:
         """Record one request that ended, whichever way."""
@@ -60,8 +67,8 @@ class RequestRecorder:
         charge = _charge(request, exchange)
         prompt, completion, estimated = charge if charge is not None else (None, None, False)
         key_id = request.key_id
-        if self.access_log is not None:
-            self.access_log.record(AccessEntry(
+        if self.access_log is not None or self.observers:
+            entry = AccessEntry(
                 ts=request.started_at,
                 request_id=request.request_id,
                 key_id=key_id,
@@ -77,7 +84,11 @@ class RequestRecorder:
                 completion_tokens=completion,
                 outcome=outcome,
                 tokens_estimated=estimated,
-            ))
+            )
+            if self.access_log is not None:
+                self.access_log.record(entry)
+            for observer in self.observers:
+                observer(entry, request)
         if self.metrics is not None:
             timer = exchange.timer if exchange is not None else None
             if timer is not None:

@@ -89,3 +89,47 @@ class RecorderTests(SynchronousTestCase):
         body_tokens = -(-len(b'{"messages": [{"role": "user", "content": "hi"}]}') // 4)
         self.assertEqual(self.ledger.rows, [("alice", MODEL, body_tokens, 0, True)])
         self.assertEqual((entry["prompt_tokens"], entry["tokens_estimated"]), (body_tokens, True))
+
+
+class ObserverTests(SynchronousTestCase):
+    """``RequestRecorder.observers``: the operator page's activity ring gets each request's
+    access entry (the same object the access log writes), with its queue wait and stream flag."""
+
+    def setUp(self) -> None:
+        from llamaproxy.admin.activity import ActivityRing
+
+        self.gw = GatewayFixture()
+        self.metrics = GatewayMetrics(self.gw.clock)
+        self.gw.resource.metrics = self.metrics
+        self.ring = ActivityRing()
+        self.recorder = RequestRecorder(self.gw.clock, None, self.metrics)
+        self.recorder.observers.append(self.ring.observe)
+        self.gw.site.recorder = self.recorder
+
+    def test_without_an_access_log(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.clock.advance(0.5)
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(b'data: {"choices": [], "model": "fake", "usage": {"prompt_tokens": 4, '
+                     b'"completion_tokens": 9}}\n\ndata: [DONE]\n\n')
+        backend.finish()
+        self.assertTrue(client.response().complete)
+        client = self.gw.client()
+        client.request("GET", "/v1/models")  # 401, no key
+        [refused, row] = self.ring.rows()
+        self.assertEqual((row.key_id, row.status, row.completion_tokens), ("alice", 200, 9))
+        self.assertEqual(row.queue_wait_ms, 0.0)
+        self.assertFalse(row.client_gone)
+        self.assertEqual((refused.key_id, refused.status), ("-", 401))
+
+    def test_the_access_log_and_the_observers_share_one_entry(self) -> None:
+        seen: list[Any] = []
+        access_log = AccessLog(self.mktemp(), "json", self.gw.clock)
+        recorded: list[Any] = []
+        access_log.record = recorded.append  # type: ignore[method-assign]
+        self.recorder.access_log = access_log
+        self.recorder.observers.append(lambda entry, request: seen.append(entry))
+        self.gw.client().request("GET", "/v1/models")
+        self.assertEqual(len(seen), 1)
+        self.assertIs(seen[0], recorded[0])
