@@ -300,3 +300,42 @@ class PropertyTests(SynchronousTestCase):
                 self.assertTrue(allowed_after(clock, limiter, "k", retry))
                 if retry > 1:
                     self.assertFalse(allowed_after(clock, limiter, "k", retry - 1))
+
+
+class RefundTests(SynchronousTestCase):
+    """Refused requests cost nothing (issue 15.4): a charge can be given back."""
+
+    def test_refund_in_the_same_window(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, 3)
+        for _ in range(3):
+            self.assertTrue(limiter.check("a").allowed)
+        self.assertFalse(limiter.check("a").allowed)
+        limiter.refund("a", 0.0)
+        self.assertEqual(limiter.remaining("a"), 1)
+        self.assertTrue(limiter.check("a").allowed)
+        self.assertEqual(limiter.remaining("a"), 0)
+
+    def test_refund_after_the_window_rolled(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, 2)
+        limiter.check("a")
+        limiter.check("a")
+        charged = clock.seconds()
+        clock.advance(61)  # those two are now the previous window's
+        estimate_before = limiter.remaining("a")
+        limiter.refund("a", charged)
+        self.assertGreater(limiter.remaining("a"), estimate_before)
+        clock.advance(120)
+        limiter.refund("a", charged)  # forgotten already: nothing to give back, nothing breaks
+        self.assertEqual(limiter.remaining("a"), 2)
+
+    def test_refund_never_goes_negative_or_touches_others(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, 2)
+        limiter.refund("nobody", 0.0)
+        limiter.check("a")
+        limiter.refund("a", 0.0)
+        limiter.refund("a", 0.0)
+        self.assertEqual(limiter.remaining("a"), 2)
+        self.assertEqual(len(limiter), 1)

@@ -322,3 +322,34 @@ class TokenRateLimiterTests(SynchronousTestCase):
                     earlier_clock.advance(retry - 1)
                     self.assertIsNotNone(earlier.check("k", limit))
             limiter.spend("k", tokens)
+
+
+class SchemaTests(SynchronousTestCase):
+    """The ``partial`` column (issue 15.2): a version 1 ledger gains it when opened."""
+
+    def test_version_1_ledger_is_migrated(self) -> None:
+        path = self.mktemp()
+        old = sqlite3.connect(path)
+        old.execute(
+            "CREATE TABLE usage (day TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, "
+            "requests INTEGER NOT NULL DEFAULT 0, prompt_tokens INTEGER NOT NULL DEFAULT 0, "
+            "completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key_id, model)) "
+            "WITHOUT ROWID")
+        old.execute("INSERT INTO usage VALUES ('2026-06-01', 'a', 'm', 2, 20, 200)")
+        old.execute("PRAGMA user_version=1")
+        old.commit()
+        old.close()
+        self.assertEqual(query(path), [UsageRow("2026-06-01", "a", "m", 2, 20, 200, 0)])
+        connection = open_ledger(path)
+        write_batch(connection, [("2026-06-01", "a", "m", 1, 5, 7, 1)])
+        self.assertEqual(connection.execute("PRAGMA user_version").fetchone()[0], 2)
+        connection.close()
+        self.assertEqual(query(path), [UsageRow("2026-06-01", "a", "m", 3, 25, 207, 1)])
+
+    def test_partial_is_counted(self) -> None:
+        clock = Clock()
+        clock.advance(NOON)
+        ledger = UsageLedger(self.mktemp(), clock, reactor)
+        ledger.record("a", "m", 10, 5, partial=True)
+        ledger.record("a", "m", 1, 1)
+        self.assertEqual(ledger.pending, [UsageRow("2026-06-01", "a", "m", 2, 11, 6, 1)])

@@ -22,8 +22,9 @@ from llamaproxy.backend import Backend, BackendState, ProbeResult
 from llamaproxy.backends_file import BackendsTable, ModelSpec, RemoteBackendSpec
 from llamaproxy.breaker import BreakerSettings
 from llamaproxy.cors import CorsPolicy
+from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.proxy import Exchange, GatewaySettings
-from llamaproxy.gateway.resource import GatewayResource, resolve
+from llamaproxy.gateway.resource import LARGE_BODY, GatewayResource, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.health import HealthState
 from llamaproxy.routing import Router
@@ -871,3 +872,81 @@ class BodyLimitTests(SynchronousTestCase):
         gw.chat()
         self.assertEqual(len(gw.agent.requests), 1)
 
+
+
+class BodyIsolationTests(SynchronousTestCase):
+    """Issue 15: JSON limits, the request-body byte budget, large bodies one per reactor turn,
+    refused requests giving back their rate-limit charge."""
+
+    def test_large_bodies_are_parsed_one_per_turn(self) -> None:
+        gw = GatewayFixture(body_limit=4 << 20, concurrency=4)
+        pad = "x" * (LARGE_BODY + 10)
+        body = json.dumps({"messages": [{"role": "user", "content": pad}]}).encode()
+        for _ in range(3):
+            gw.chat(body)
+        self.assertEqual(len(gw.agent.requests), 0)  # none parsed inside the read callback
+        for sent in (1, 2, 3):
+            # One turn: the call due now (Clock.advance would also run those it schedules).
+            [call] = self.parse_turns(gw)
+            gw.clock.calls.remove(call)  # type: ignore[arg-type]
+            call.func(*call.args, **call.kw)  # type: ignore[attr-defined]
+            self.assertEqual(len(gw.agent.requests), sent)
+        self.assertEqual(self.parse_turns(gw), [])
+
+    def parse_turns(self, gw: GatewayFixture) -> list[Any]:
+        return [c for c in gw.clock.getDelayedCalls()
+                if c.func == gw.resource._next_large_body]  # type: ignore[attr-defined]
+
+    def test_a_large_body_whose_client_left_is_dropped(self) -> None:
+        gw = GatewayFixture(body_limit=4 << 20)
+        body = json.dumps({"messages": [], "x": "y" * (LARGE_BODY + 1)}).encode()
+        gw.chat(body).disconnect()
+        gw.clock.advance(0)
+        self.assertEqual(gw.agent.requests, [])
+
+    def test_json_limits_are_a_400_naming_the_limit(self) -> None:
+        gw = GatewayFixture(body_limit=1 << 20, limits={"max_json_depth": 8,
+                                                         "max_json_values": 100})
+        deep = b'{"messages": ' + b"[" * 9 + b"]" * 9 + b"}"
+        wide = b'{"messages": [], "x": [' + b",".join([b"1"] * 101) + b"]}"
+        for body, words in ((deep, "deeper than 8 levels"), (wide, "more than 100 items")):
+            response = gw.chat(body).response()
+            self.assertEqual(response.status, 400)
+            error = response.json()["error"]
+            self.assertEqual(error["code"], "invalid_json")
+            self.assertIn(words, error["message"])
+        self.assertEqual(len(gw.agent.requests), 0)
+        gw.chat(b'{"messages": ' + b"[" * 7 + b"]" * 7 + b"}")  # within the limits: sent
+        self.assertEqual(len(gw.agent.requests), 1)
+
+    def test_body_budget_refuses_before_the_body(self) -> None:
+        gw = GatewayFixture(body_limit=1 << 20)
+        gw.site.body_budget = BodyBudget(max_total=3000, max_per_key=2000)
+        # alice announces more than her share: 503 before a body byte is read.
+        client = gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 2500\r\n\r\n")
+        response = client.response()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["code"], "queue_full")
+        self.assertIn("this key's requests", response.json()["error"]["message"])
+        self.assertEqual(response.header("retry-after"), "5")
+        # A request held while it waits counts until it ends, then is given back.
+        held = gw.chat()
+        self.assertEqual(gw.site.body_budget.per_key, {"alice": len(CHAT)})
+        gw.agent.requests[-1].respond(200, b'{"choices": []}')
+        self.assertTrue(held.response().complete)
+        self.assertEqual((gw.site.body_budget.held, gw.site.body_budget.per_key), (0, {}))
+
+    def test_refused_requests_give_back_their_charge(self) -> None:
+        clock = Clock()
+        gw = GatewayFixture(limiter=RateLimiter(clock, 2), clock=clock)
+        for _ in range(3):
+            response = gw.chat(b"{not json").response()
+            self.assertEqual(response.status, 400)
+            self.assertEqual(response.header("x-ratelimit-remaining"), "2")
+        for remaining in ("1", "0"):
+            client = gw.chat()
+            gw.agent.requests[-1].respond(200, b'{"choices": []}')
+            self.assertEqual(client.response().header("x-ratelimit-remaining"), remaining)
+        self.assertEqual(gw.chat().response().status, 429)

@@ -1,0 +1,87 @@
+"""Tests for llamaproxy.gateway.json_shape: depth and item count, however the body is split."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from llamaproxy.gateway.json_shape import JsonShape
+
+#: Strings that look like structure, and escapes that look like string ends.
+TRICKY_TEXT = st.sampled_from(["", "x", '[{,:"', "\\", '\\"', "a\\\\", "}]", "\u00e9\u20ac"])
+DOCS = st.recursive(
+    st.none() | st.booleans() | st.integers() | TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TRICKY_TEXT, inner, max_size=4),
+    max_leaves=40,
+)
+
+
+def depth(doc: Any) -> int:
+    if isinstance(doc, list):
+        return 1 + max((depth(v) for v in doc), default=0)
+    if isinstance(doc, dict):
+        return 1 + max((depth(v) for v in doc.values()), default=0)
+    return 0
+
+
+def items(doc: Any) -> int:
+    """Keys and values inside containers (what JsonShape counts, give or take empty ones)."""
+    if isinstance(doc, list):
+        return len(doc) + sum(items(v) for v in doc)
+    if isinstance(doc, dict):
+        return 2 * len(doc) + sum(items(v) for v in doc.values())
+    return 0
+
+
+def shape_of(raw: bytes, cuts: list[int], max_depth: int, max_items: int = 10**9) -> JsonShape:
+    shape = JsonShape(max_depth, max_items)
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    for start, end in zip([0, *points], [*points, len(raw)], strict=True):
+        shape.feed(raw[start:end])
+    return shape
+
+
+class JsonShapeTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(DOCS, st.lists(st.integers(0, 10_000), max_size=6), st.booleans())
+    def test_depth_exact_at_any_split(self, doc: Any, cuts: list[int], ascii_only: bool) -> None:
+        raw = json.dumps(doc, ensure_ascii=ascii_only).encode()
+        real = depth(doc)
+        self.assertIsNone(shape_of(raw, cuts, max(real, 1)).error)
+        if real > 1:
+            error = shape_of(raw, cuts, real - 1).error
+            self.assertEqual(error, f"JSON body nests deeper than {real - 1} levels")
+
+    @settings(max_examples=200)
+    @given(DOCS, st.lists(st.integers(0, 10_000), max_size=6))
+    def test_items_bound(self, doc: Any, cuts: list[int]) -> None:
+        raw = json.dumps(doc).encode()
+        counted = shape_of(raw, cuts, 1000).items
+        # Each container is one item more than its members; separators are never miscounted
+        # inside strings.
+        self.assertGreaterEqual(counted, items(doc))
+        self.assertLessEqual(counted, items(doc) + raw.count(b"[") + raw.count(b"{"))
+
+    def test_limit_on_items(self) -> None:
+        raw = b"[" + b",".join([b"{}"] * 1000) + b"]"
+        self.assertIn("more than 500 items", str(shape_of(raw, [100, 700], 64, 500).error))
+        self.assertIsNone(shape_of(raw, [], 64, 5000).error)
+
+    def test_deep_body_of_the_observation(self) -> None:
+        raw = b'{"messages":' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+        self.assertEqual(shape_of(raw, list(range(0, len(raw), 4096)), 64).error,
+                         "JSON body nests deeper than 64 levels")
+
+    def test_escape_split_at_a_piece_boundary(self) -> None:
+        raw = b'{"a": "x\\\\", "b": "y\\"[[[[[[[[[[[[", "c": [[1]]}'
+        for cut in range(len(raw) + 1):
+            self.assertIsNone(shape_of(raw, [cut], 3).error, cut)
+            self.assertIsNotNone(shape_of(raw, [cut], 2).error, cut)
+
+    def test_not_json_is_left_to_the_parser(self) -> None:
+        for raw in (b"]]]][[", b'"unterminated', b"{[}]"):
+            self.assertIsNone(shape_of(raw, [2], 64).error)
