@@ -28,6 +28,8 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _CLOSERS = frozenset(b"]}")
 #: An innermost pair of brackets (one pass of ``sub`` removes exactly one level).
 _PAIR = re.compile(rb"\[\]|\{\}")
+#: Reduction passes tried before walking a piece's brackets one by one instead.
+_PASSES = 8
 
 
 class JsonShape:
@@ -84,34 +86,44 @@ class JsonShape:
         brackets = structure.translate(None, _NOT_BRACKETS)
         if not brackets:
             return
-        # Pairs closed inside this piece vanish, innermost first, one level per pass.
+        # Pairs closed inside this piece vanish, innermost first, one level per pass (at C
+        # speed: a shallow structure, however wide, takes a few passes).
         left = self._open + brackets
         passes = 0
-        while True:
+        while passes <= _PASSES:
             reduced = _PAIR.sub(b"", left)
             if len(reduced) == len(left):
                 break
             left = reduced
             passes += 1
-            if passes > self.max_depth:  # a closed group alone is deeper than the limit
+        else:
+            # Deep structure in this piece: one walk, which stops where it passes the limit.
+            walked = _walk(self._open + brackets, self.max_depth)
+            if walked is None:
                 self.error = f"JSON body nests deeper than {self.max_depth} levels"
                 return
+            left = walked
         if left and left[0] in _CLOSERS:
             return  # unbalanced: not JSON, and json.loads will say so
-        if len(left) + passes > self.max_depth and _deepest(self._open + brackets) > self.max_depth:
+        if len(left) + passes > self.max_depth and _walk(self._open + brackets,
+                                                         self.max_depth) is None:
             self.error = f"JSON body nests deeper than {self.max_depth} levels"
             return
         self._open = left
 
 
-def _deepest(brackets: bytes) -> int:
-    """The greatest depth reached in a string of brackets (exact; used only near the limit)."""
-    depth = deepest = 0
+def _walk(brackets: bytes, max_depth: int) -> bytes | None:
+    """The brackets still open after ``brackets``, or None as soon as the depth passes
+    ``max_depth`` (exact; a Python loop, so only for deep structure)."""
+    stack = bytearray()
     for byte in brackets:
         if byte in _CLOSERS:
-            depth -= 1
+            if stack:
+                stack.pop()
+            else:
+                return bytes([byte])  # a closer with nothing open: not JSON (the parser says so)
         else:
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-    return deepest
+            stack.append(byte)
+            if len(stack) > max_depth:
+                return None
+    return bytes(stack)
