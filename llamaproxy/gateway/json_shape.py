@@ -68,7 +68,7 @@ class JsonShape:
         rest = data[start:] if start else data
         # Each string becomes ``S"``; one that runs past this piece becomes ``S`` (the match
         # runs to the end rather than failing, so no position is scanned twice).
-        structure = _STRING.sub(b'S\\1', rest)
+        structure = _STRING.sub(_as_marker, rest)
         if structure.endswith(b"S"):
             self._in_string = True
             trailing = len(rest) - len(rest.rstrip(b"\\"))
@@ -110,6 +110,15 @@ class JsonShape:
             self.error = f"JSON body nests deeper than {self.max_depth} levels"
             return
         self._open = left
+
+
+def _as_marker(match: re.Match[bytes]) -> bytes:
+    """A string's stand-in: ``S"`` when it closed in this piece, ``S`` when it runs on (a
+    function is faster here than a template with a group reference)."""
+    return _CLOSED if match.group(1) is not None else _RUNS_ON
+
+
+_CLOSED, _RUNS_ON = b'S"', b"S"
 
 
 def _walk(brackets: bytes, max_depth: int) -> bytes | None:
