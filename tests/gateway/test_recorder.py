@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaproxy.access_log import AccessLog
@@ -89,6 +90,40 @@ class RecorderTests(SynchronousTestCase):
         body_tokens = -(-len(b'{"messages": [{"role": "user", "content": "hi"}]}') // 4)
         self.assertEqual(self.ledger.rows, [("alice", MODEL, body_tokens, 0, True)])
         self.assertEqual((entry["prompt_tokens"], entry["tokens_estimated"]), (body_tokens, True))
+
+
+class CutStreamTests(SynchronousTestCase):
+    """Issue 15.2: a stream cut by a backend crash or a timeout is charged for what it relayed."""
+
+    def setUp(self) -> None:
+        self.gw = GatewayFixture(stream_idle_timeout=5.0)
+        self.ledger = LedgerSpy()
+        self.tokens = TokenLimits(TokenRateLimiter(self.gw.clock), default=1000)
+        self.gw.site.recorder = RequestRecorder(
+            self.gw.clock, None, None, self.ledger, self.tokens)  # type: ignore[arg-type]
+
+    def stream_three_events(self) -> StreamingResponse:
+        self.client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("a") + sse_chunk("b") + sse_chunk("c"))
+        return backend
+
+    def assert_charged(self) -> None:
+        self.assertTrue(self.client.closed)  # the gateway cut the client: the socket closes
+        self.client.disconnect()
+        prompt = -(-len(b'{"messages": [{"role": "user", "content": "hi"}], "stream": true}') // 4)
+        self.assertEqual(self.ledger.rows, [("alice", MODEL, prompt, 3, True)])
+        self.assertEqual(self.tokens.limiter.used("alice"), prompt + 3)
+
+    def test_backend_crash(self) -> None:
+        self.stream_three_events().fail(ConnectionLost())
+        self.assert_charged()
+
+    def test_idle_timeout(self) -> None:
+        self.stream_three_events()
+        self.gw.clock.advance(6)
+        self.assert_charged()
 
 
 class ObserverTests(SynchronousTestCase):

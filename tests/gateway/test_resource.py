@@ -950,3 +950,12 @@ class BodyIsolationTests(SynchronousTestCase):
             gw.agent.requests[-1].respond(200, b'{"choices": []}')
             self.assertEqual(client.response().header("x-ratelimit-remaining"), remaining)
         self.assertEqual(gw.chat().response().status, 429)
+
+    def test_queue_full_gives_back_its_charge(self) -> None:
+        clock = Clock()
+        gw = GatewayFixture(limiter=RateLimiter(clock, 10), clock=clock, concurrency=1, queue=1)
+        gw.chat()  # served
+        gw.chat()  # waits
+        response = gw.chat().response()
+        self.assertEqual((response.status, response.json()["error"]["code"]), (503, "queue_full"))
+        self.assertEqual(response.header("x-ratelimit-remaining"), "8")  # the two others count
