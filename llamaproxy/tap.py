@@ -47,7 +47,7 @@ from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
-from llamaproxy.health import HealthSite, HealthState
+from llamaproxy.health import HealthState, health_port_site
 from llamaproxy.logs import observer_for_twistd, parse_log_format
 from llamaproxy.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.probe import ExternalBackendMonitor
@@ -196,8 +196,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listeners.append(strports.service(config.metrics_listen, metrics_site, reactor=reactor))
     health_listener = None
     if config.health_endpoint is not None:
-        health_site = Site(HealthSite(health).app.resource())
-        health_site.log = lambda request: None  # type: ignore[method-assign]
+        health_site = health_port_site(health, _limits(config), reactor)
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints

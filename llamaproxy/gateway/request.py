@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, cast
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import datetimeToString
 
 from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
@@ -169,24 +170,49 @@ class GatewayRequest(server.Request):
         """Serve the request unless it was already answered before its body.
 
         twisted.web's ``process`` minus what the gateway never uses on its hot path: resource
-        traversal (the site has one leaf resource) and a Date string formatted per request
-        (once per second here). ``OPTIONS *`` keeps twisted.web's handling.
+        traversal (the gateway site has one leaf resource) and a Date string formatted per
+        request (once per second here); and never twisted.web's ``Server: TwistedWeb`` banner
+        (``OPTIONS *`` included).
         """
         if self._closed_early:
             return
         site = self.channel.site  # type: ignore[attr-defined]
         resource = getattr(site, "resource", None)
-        if self.path == b"*" or not getattr(resource, "isLeaf", False):
-            super().process()
-            return
         self.site = site
+        # twisted.web's own process would also send "Server: TwistedWeb/<version>".
+        self.setHeader(b"Server", SERVER_NAME)
         self.setHeader(b"Date", _http_date(int(time.time())))
         self.prepath = []
-        self.postpath = []
+        if self.path == b"*":
+            self._answer_star()
+            return
         try:
+            if getattr(site, "single_leaf", False):
+                self.postpath = []
+            else:  # another resource (the health site's Klein app): twisted.web's traversal
+                if self.early_error is not None:  # such a tree knows nothing of early errors
+                    self.send_error(self.early_error)
+                    return
+                self.postpath = [unquote(p) for p in self.path[1:].split(b"/")]
+                resource = site.getResourceFor(self)
             self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _answer_star(self) -> None:
+        """``OPTIONS *`` (RFC 9110 9.3.7): an empty 200; any other method on ``*`` is 405."""
+        if self.method == b"OPTIONS":
+            self.setResponseCode(200)
+            self.setHeader(b"Content-Length", b"0")
+            self.finish()
+        else:
+            self.send_error(errors.method_not_allowed(
+                self.method.decode("latin-1", "replace")[:20], ("OPTIONS",)))
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """Set the status; the reason phrase is always RFC 9110's (never "Unknown Status")."""
+        phrase = errors.REASON_PHRASES.get(code)
+        super().setResponseCode(code, phrase if phrase is not None else message or b"Status")
 
     def processingFailed(self, reason: Failure) -> None:
         """A bug in a render method: log it, answer a JSON 500 (never an HTML traceback page)."""
@@ -331,7 +357,7 @@ def raw_response(
     was read, or before a request was even complete).
     """
     body = error.body()
-    reason = RESPONSES.get(error.status, b"Error").decode("latin-1")
+    reason = errors.reason_phrase(error.status).decode("latin-1")
     lines = [f"HTTP/1.1 {error.status} {reason}"]
     headers = [
         ("Server", SERVER_NAME.decode()),
