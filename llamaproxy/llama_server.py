@@ -14,7 +14,7 @@ import signal as signal_module
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.logger import Logger, LogLevel
 
@@ -117,17 +117,42 @@ def build_args(config: Config, key_file: str) -> list[str]:
     return args
 
 
-def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The parent's environment without the variables that would change or open llama-server.
+def child_environment(
+    environ: Mapping[str, str], extra: Iterable[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """The child's environment: the allowlisted part of ours, plus what the operator added.
 
-    llama-server reads most flags from ``LLAMA_ARG_*`` and extra API keys from ``LLAMA_API_KEY``
-    (both keys then work, even with --api-key-file), so an inherited one must not reach it.
+    A child gets what a GPU program needs (``CHILD_ENV_NAMES``, ``CHILD_ENV_PREFIXES``: PATH,
+    HOME, locale, the loader path, CUDA/ROCm/Vulkan/OpenMP/BLAS and ggml settings) and the
+    backends file's ``child_env``; nothing else, so the gateway's secrets (upstream keys named
+    by ``api_key_env``, cloud credentials, ...) never reach it. ``LLAMA_ARG_*`` and
+    ``LLAMA_API_KEY`` are never passed: llama-server reads them as flags and extra keys.
     """
-    return {
-        name: value
-        for name, value in environ.items()
-        if name != STRIPPED_VARIABLE and not name.startswith(STRIPPED_PREFIX)
+    env = {
+        name: value for name, value in environ.items()
+        if _allowed_in_child(name)
     }
+    env.update(extra)
+    return env
+
+
+#: Variables a child inherits by name.
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "TZ", "LANG", "LANGUAGE", "LD_LIBRARY_PATH",
+    "XDG_CACHE_HOME",
+})
+
+#: Variables a child inherits by prefix: locale, GPU runtimes, threading and BLAS libraries.
+CHILD_ENV_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "ROCR_", "ROCM_", "HIP_", "HSA_", "GPU_", "VK_", "VULKAN_",
+    "MESA_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "GGML_", "ZES_", "ONEAPI_",
+)
+
+
+def _allowed_in_child(name: str) -> bool:
+    if name == STRIPPED_VARIABLE or name.startswith(STRIPPED_PREFIX):
+        return False
+    return name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
 
 
 def describe_exit(exit_code: int | None, signal: int | None) -> str:

@@ -386,7 +386,8 @@ class BackendSet(MultiService):
             # Without a backends file the one child keeps today's names (its key file is
             # backend-INSTANCE_ID.key); with one, each child's instance id gets its name.
             child = config if self.options.backends_file is None else spec.child_config(config)
-            service: Service = _supervisor(child, self.options, status, self.reactor, self.agent)
+            service: Service = _supervisor(
+                child, self.options, status, self.reactor, self.agent, spec.child_env)
         else:
             service = ExternalBackendMonitor(
                 status, self.agent, self.reactor, config.probe_interval, config.health_timeout,
@@ -432,7 +433,8 @@ class BackendSet(MultiService):
 
 
 def _supervisor(
-    config: Config, options: Options, backend: Backend, reactor: Any, agent: Any
+    config: Config, options: Options, backend: Backend, reactor: Any, agent: Any,
+    child_env: tuple[tuple[str, str], ...] = (),
 ) -> Service:
     from llamaproxy.llama_server import (
         BackendKeyFile,
@@ -448,7 +450,7 @@ def _supervisor(
         backend=backend,
         executable=options.llama_server_path,
         args=build_args(config, key_file.path),
-        env=child_environment(os.environ),
+        env=child_environment(os.environ, child_env),
         key_file=key_file,
         reactor=reactor,
         agent=agent,

@@ -9,7 +9,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaproxy import LLAMA_CPP_VERSION
 from llamaproxy.config import Config, ConfigError, load_config
@@ -24,6 +25,7 @@ from llamaproxy.llama_server import (
     describe_exit,
     find_llama_server,
     format_exit,
+    spawn_command,
 )
 
 
@@ -193,27 +195,40 @@ class BuildArgsTests(SynchronousTestCase):
 
 
 class ChildEnvironmentTests(SynchronousTestCase):
-    """child_environment strips LLAMA_API_KEY and LLAMA_ARG_*."""
+    """child_environment passes an allowlist plus the operator's child_env, nothing else."""
 
-    def test_strips(self) -> None:
+    def test_allowlist(self) -> None:
         env = child_environment(
             {
                 "PATH": "/bin",
+                "HOME": "/home/llama",
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
                 "CUDA_VISIBLE_DEVICES": "0",
+                "HIP_VISIBLE_DEVICES": "1",
+                "OMP_NUM_THREADS": "4",
+                "GGML_VK_VISIBLE_DEVICES": "0",
                 "LLAMA_API_KEY": "secret",
                 "LLAMA_ARG_PORT": "9999",
                 "LLAMA_ARG_HOST": "0.0.0.0",
-                "LLAMA_ARGUMENT": "kept",
-                "MY_LLAMA_API_KEY": "kept",
-            }
+                "OPENAI_API_KEY": "sk-upstream",
+                "AWS_SECRET_ACCESS_KEY": "cloud",
+                "UPSTREAM_KEY": "named-by-api_key_env",
+            },
+            [("HF_HOME", "/models")],
         )
         self.assertEqual(
             env,
             {
                 "PATH": "/bin",
+                "HOME": "/home/llama",
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
                 "CUDA_VISIBLE_DEVICES": "0",
-                "LLAMA_ARGUMENT": "kept",
-                "MY_LLAMA_API_KEY": "kept",
+                "HIP_VISIBLE_DEVICES": "1",
+                "OMP_NUM_THREADS": "4",
+                "GGML_VK_VISIBLE_DEVICES": "0",
+                "HF_HOME": "/models",
             },
         )
 
@@ -222,6 +237,30 @@ class ChildEnvironmentTests(SynchronousTestCase):
         env = child_environment(source)
         env["X"] = "1"
         self.assertEqual(source, {"PATH": "/bin"})
+
+
+class ChildEnvironmentOnARealChildTests(TestCase):
+    """What a real child spawned through the supervisor's launcher sees in its environment."""
+
+    def test_upstream_secret_never_reaches_the_child(self) -> Deferred[None]:
+        from twisted.internet import reactor
+        from twisted.internet.utils import getProcessOutput
+
+        parent = {**os.environ, "UPSTREAM_SECRET": "sk-must-not-leak",
+                  "LLAMA_API_KEY": "also-not"}
+        env = child_environment(parent, [("HF_HOME", "/models")])
+        program, argv = spawn_command("/usr/bin/env", ["/usr/bin/env"])
+        output = getProcessOutput(program, argv[1:], env=env, reactor=reactor)
+
+        def check(out: bytes) -> None:
+            seen = dict(line.split("=", 1) for line in out.decode().splitlines() if "=" in line)
+            self.assertNotIn("UPSTREAM_SECRET", seen)
+            self.assertNotIn("sk-must-not-leak", out.decode())
+            self.assertNotIn("LLAMA_API_KEY", seen)
+            self.assertEqual(seen["HF_HOME"], "/models")
+            self.assertEqual(seen["PATH"], os.environ["PATH"])
+
+        return output.addCallback(check)
 
 
 class BackendKeyFileTests(SynchronousTestCase):

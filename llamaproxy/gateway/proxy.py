@@ -423,6 +423,8 @@ class ProxyExchanges:
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
         url = upstream_url_bytes(member.spec.base_url, target)
+        local = member.spec.kind == "local"
+        resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
             if not await self._member_ready(member, wait_until):
                 ticket.release()
@@ -451,16 +453,24 @@ class ProxyExchanges:
                          backend=member.name, timeout=self.settings.first_byte_timeout)
                 report(ticket, None, e)
                 self._cancel_deadline(exchange)
-                return self._give_up(exchange, errors.gateway_timeout(), last)
+                # The backend may still be working on it: only a repeatable request moves on.
+                return self._give_up(exchange, errors.gateway_timeout(),
+                                     last or not forward.may_resend(method, e, resend_any))
             except Exception as e:
                 log.warn("Backend {backend} request failed: {error}", backend=member.name,
                          error=_describe(e))
-                if not last and is_retryable(None, e, 0):
+                # Sent again (to this backend or the next) only if it certainly did not run,
+                # or it is idempotent, or the backend said repeats are harmless; a request
+                # that reached a local child is sent again only if that child crashed.
+                resend = forward.may_resend(method, e, resend_any) or (
+                    local and attempt == 1 and await self._backend_went_down(status)
+                )
+                if resend and not last and is_retryable(None, e, 0):
                     report(ticket, None, e)
                     self._cancel_deadline(exchange)
                     exchange.failure = errors.bad_gateway()
                     return False
-                if attempt == 1 and await self._backend_went_down(status):
+                if resend and attempt == 1 and await self._backend_went_down(status):
                     # The backend crashed under us: wait for the restart (that wait belongs to
                     # the queue budget, not to REQUEST_TIMEOUT), then send again.
                     self._cancel_deadline(exchange)
