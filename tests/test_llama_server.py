@@ -23,6 +23,7 @@ from llamaproxy.llama_server import (
     child_environment,
     default_key_dir,
     describe_exit,
+    error_line,
     find_llama_server,
     format_exit,
     spawn_command,
@@ -277,7 +278,9 @@ class BackendKeyFileTests(SynchronousTestCase):
         self.assertTrue(key_file.key.startswith("gateway-"))
         self.assertEqual(key_file.prefix, key_file.key[:8])
         self.assertNotEqual(key_file.key, BackendKeyFile(self.directory, "box").key)
-        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-box.key"))
+        self.assertEqual(os.path.dirname(key_file.path), self.directory)
+        self.assertRegex(os.path.basename(key_file.path),
+                         rf"^backend-box\.[0-9a-f]{{8}}\.{os.getpid()}\.[0-9a-f]{{12}}\.key$")
         self.assertFalse(key_file.written)
 
     def test_repr_hides_key(self) -> None:
@@ -293,14 +296,52 @@ class BackendKeyFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(key_file.path).st_mode), 0o600)
         with open(key_file.path) as f:
             self.assertEqual(f.read(), key_file.key + "\n")
-        self.assertEqual(os.listdir(self.directory), ["backend-box.key"])  # no temp file left
+        # no temp file left
+        self.assertEqual(os.listdir(self.directory), [os.path.basename(key_file.path)])
 
-    def test_write_replaces(self) -> None:
-        BackendKeyFile(self.directory, "box").write()
-        second = BackendKeyFile(self.directory, "box")
+    def test_two_gateways_with_one_instance_id_keep_their_own_files(self) -> None:
+        first = BackendKeyFile(self.directory, "vm")
+        first.write()
+        second = BackendKeyFile(self.directory, "vm")
         second.write()
-        with open(second.path) as f:
-            self.assertEqual(f.read().strip(), second.key)
+        self.assertNotEqual(first.path, second.path)
+        second.delete()  # the second gateway stops
+        with open(first.path) as f:
+            self.assertEqual(f.read().strip(), first.key)
+
+    def test_rewritten_after_being_removed(self) -> None:
+        key_file = BackendKeyFile(self.directory, "vm")
+        key_file.write()
+        os.unlink(key_file.path)
+        self.assertFalse(key_file.exists())
+        key_file.write()
+        with open(key_file.path) as f:
+            self.assertEqual(f.read().strip(), key_file.key)
+
+    def test_files_of_gateways_that_are_gone_are_removed(self) -> None:
+        boot = "0123abcd"
+        dead, living = 4_000_001, 4_000_002
+
+        def alive(pid: int) -> bool:
+            return pid == living
+
+        def make(name: str) -> str:
+            path = os.path.join(self.directory, name)
+            with open(path, "w") as f:
+                f.write("gateway-old\n")
+            return path
+
+        os.makedirs(self.directory, 0o700)
+        stale = [make(f"backend-vm.{boot}.{dead}.aaaaaaaaaaaa.key"),
+                 make(f"backend-vm.99999999.{living}.bbbbbbbbbbbb.key"),  # an earlier boot
+                 make(f".backend-vm.{boot}.{dead}.cccccccccccc.key.dddddddddddd.tmp")]
+        kept = [make(f"backend-vm.{boot}.{living}.eeeeeeeeeeee.key"),
+                make("backend-vm.key"), make("notes.txt")]
+        key_file = BackendKeyFile(self.directory, "vm", boot=boot, alive=alive)
+        key_file.write()
+        self.assertEqual(sorted(os.listdir(self.directory)), sorted(
+            [os.path.basename(p) for p in kept] + [os.path.basename(key_file.path)]))
+        self.assertTrue(all(not os.path.exists(p) for p in stale))
 
     def test_instance_id_sanitised(self) -> None:
         key_file = BackendKeyFile(self.directory, "../evil/x")
@@ -343,7 +384,7 @@ class BackendKeyFileTests(SynchronousTestCase):
 
     def test_from_config(self) -> None:
         key_file = BackendKeyFile.from_config(make_config(key_dir=self.directory, instance_id="i"))
-        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-i.key"))
+        self.assertTrue(os.path.basename(key_file.path).startswith("backend-i."))
 
     def test_default_directory(self) -> None:
         self.assertEqual(default_key_dir(self.tmp), os.path.join(self.tmp, "llama-keys"))
@@ -355,7 +396,19 @@ class BackendKeyFileTests(SynchronousTestCase):
 
 
 class DescribeExitTests(SynchronousTestCase):
-    """describe_exit and format_exit."""
+    """describe_exit, format_exit and error_line."""
+
+    def test_error_line(self) -> None:
+        self.assertEqual(
+            error_line("0.00.006.760 E llama_model_load: error loading model: failed to load"),
+            "llama_model_load: error loading model: failed to load")
+        self.assertIsNone(error_line("0.00.006.760 I srv  load_model: loading model"))
+        self.assertIsNone(error_line("0.00.006.760 W a warning that mentions an error"))
+        self.assertEqual(error_line("error: failed to open file '/x'"),
+                         "error: failed to open file '/x'")
+        self.assertIsNone(error_line("usage:"))
+        self.assertEqual(format_exit(1, None, "error: failed to open file '/x'"),
+                         "exit code 1: error: failed to open file '/x'")
 
     def test_table(self) -> None:
         cases = [
