@@ -493,6 +493,9 @@ class ProxyExchanges:
         if model_id is not None:
             await self._answer_model(request, response, model_id)
             return True
+        if response.code >= 400 and request.method != b"HEAD" and not _json_or_stream(response):
+            await _answer_plain_error(request, response)
+            return True
         await self._relay(exchange, response)
         return True
 
@@ -591,6 +594,32 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
     """Finish ``request`` with ``doc`` as its JSON body."""
     request.setHeader(b"Content-Type", _JSON)
     _answer(request, json.dumps(doc).encode())
+
+
+#: Most of a backend's non-JSON error body read to put in the JSON error's message.
+_PLAIN_ERROR_LIMIT = 64 * 1024
+
+
+def _json_or_stream(response: IResponse) -> bool:
+    """True when the body is JSON or an event stream (relayed as it is)."""
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
+    return b"json" in content_type or content_type.startswith(b"text/event-stream")
+
+
+async def _answer_plain_error(request: GatewayRequest, response: IResponse) -> None:
+    """A backend error whose body is not JSON (llama-server's bare "413 Payload Too Large"
+    text, an HTML page from a proxy): an OpenAI-shaped JSON error with the backend's status."""
+    try:
+        raw = await read_body_bounded(response, _PLAIN_ERROR_LIMIT)
+    except Exception:
+        raw = b""
+    text = " ".join(raw.decode("utf-8", "replace").split())[:500]
+    phrase = errors.reason_phrase(response.code).decode("ascii")
+    message = f"Backend answered {response.code} {phrase}" + (f": {text}" if text else "")
+    kind = "server_error" if response.code >= 500 else "invalid_request_error"
+    for name, values in forward.filter_response_headers(response.headers):
+        request.responseHeaders.setRawHeaders(name, values)
+    request.send_error(GatewayError(response.code, message, kind, "backend_error"))
 
 
 def _discard(response: IResponse) -> None:
