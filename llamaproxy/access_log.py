@@ -80,6 +80,8 @@ class AccessEntry:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     outcome: str = "ok"
+    #: The client's address (the TCP peer, or whom a trusted proxy forwarded for).
+    client: str | None = None
 
 
 #: Longest string field written; longer values are cut and end in ``...``.
@@ -126,7 +128,7 @@ def format_access_text(
 ) -> str:
     """One text line (with newline): ``ts | request_id | key_id | METHOD path | status |
     duration | ttfb=… | bytes=… | model=… | tokens=prompt/completion | outcome`` (plus
-    ``| worker@instance`` when configured); ``-`` marks a missing value."""
+    client=… (plus ``| worker@instance`` when configured); ``-`` marks a missing value."""
     parts = [
         iso_timestamp(entry.ts),
         sanitize_field(entry.request_id),
@@ -139,6 +141,7 @@ def format_access_text(
         f"model={sanitize_field(entry.model)}",
         f"tokens={_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
         sanitize_field(entry.outcome),
+        f"client={sanitize_field(entry.client)}",
     ]
     tag = worker_tag(worker_type, instance_id)
     if tag:
@@ -171,6 +174,7 @@ def format_access_json(
         ',"prompt_tokens":', _json_value(entry.prompt_tokens),
         ',"completion_tokens":', _json_value(entry.completion_tokens),
         ',"outcome":', _json_text(entry.outcome),
+        ',"client":', _json_text(entry.client),
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
@@ -200,6 +204,7 @@ def access_record(
         "prompt_tokens": entry.prompt_tokens,
         "completion_tokens": entry.completion_tokens,
         "outcome": _json_field(entry.outcome),
+        "client": _json_field(entry.client),
     }
     if worker_type:
         record["worker_type"] = worker_type

@@ -43,6 +43,7 @@ from llamaproxy.backends_file import (
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
+from llamaproxy.gateway.client_address import TrustedProxies, parse_trusted_proxies
 from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource
@@ -188,7 +189,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource))
-    site = GatewaySite(resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder)
+    site = GatewaySite(
+        resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
+        trusted_proxies=TrustedProxies(parse_trusted_proxies(config.trusted_proxies)),
+    )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
         metrics_site = Site(MetricsResource(metrics, include_per_key=True))

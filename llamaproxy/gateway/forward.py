@@ -29,6 +29,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from llamaproxy.gateway.backend_client import BackendClient
+from llamaproxy.gateway.client_address import FORWARDING_HEADERS
 
 log = Logger()
 
@@ -44,8 +45,9 @@ HOP_BY_HOP = frozenset(
 )
 
 #: Request headers the backend never sees: the client's credentials, framing the client redoes,
-#: cookies, and encodings that would stop a stream from passing through untouched.
-_REQUEST_DROP = HOP_BY_HOP | {
+#: cookies, encodings that would stop a stream from passing through untouched, and the
+#: client's own forwarding headers (the gateway sends the ones it built, see client_address).
+_REQUEST_DROP = HOP_BY_HOP | FORWARDING_HEADERS | {
     b"host", b"content-length", b"authorization", b"x-api-key", b"expect", b"cookie",
     b"accept-encoding",
 }

@@ -437,7 +437,8 @@ class ProxyExchanges:
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
             sending = forward.send(
-                self.agent, url, status.api_key, method, request.requestHeaders, body
+                self.agent, url, status.api_key, method, request.requestHeaders, body,
+                request.client_identity.forwarding_headers(),
             )
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:

@@ -25,9 +25,12 @@ from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
 from llamaproxy.eager_write import after_sending
 from llamaproxy.gateway import errors
+from llamaproxy.gateway.client_address import ClientIdentity, TrustedProxies
 from llamaproxy.gateway.errors import GatewayError
 
 log = Logger()
+
+_NO_PROXIES = TrustedProxies()
 
 #: What the gateway says it is (no version banner).
 SERVER_NAME = b"llamaproxy"
@@ -48,7 +51,7 @@ class GatewayRequest(server.Request):
     # ~25 attributes, and an instance with 30 or more gets a dict five times the size (1.6 KiB
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
-        "_body_limit", "_body_seen", "_clock", "_closed_early", "_recorded", "_site",
+        "_body_limit", "_body_seen", "_client", "_clock", "_closed_early", "_recorded", "_site",
         "early_error", "error", "exchange", "first_byte_at", "json_body", "key_id", "on_lost",
         "request_id", "route", "started_at",
     )
@@ -96,6 +99,7 @@ class GatewayRequest(server.Request):
         self._body_seen = 0
         self._site: Any = None
         self._recorded = False
+        self._client: ClientIdentity | None = None
         super().__init__(*args, **kwargs)
         site = getattr(self.channel, "site", None)
         self._clock = getattr(site, "reactor", None)
@@ -218,6 +222,25 @@ class GatewayRequest(server.Request):
         """A bug in a render method: log it, answer a JSON 500 (never an HTML traceback page)."""
         log.failure("Error while rendering {path}", reason, path=self.path.decode("latin-1")[:200])
         self.send_error(errors.internal_error())
+
+    @property
+    def client_identity(self) -> ClientIdentity:
+        """Who sent this request: the peer, or whom a trusted proxy says it forwards for."""
+        if self._client is None:
+            site = self._site if self._site is not None else getattr(self.channel, "site", None)
+            trusted: TrustedProxies = getattr(site, "trusted_proxies", None) or _NO_PROXIES
+            peer = getattr(self.getClientAddress(), "host", "") or ""
+            headers = self.requestHeaders
+            if trusted.networks:
+                self._client = trusted.identify(
+                    peer, self.isSecure(),
+                    headers.getRawHeaders(b"x-forwarded-for", []),
+                    headers.getRawHeaders(b"forwarded", []),
+                    headers.getRawHeaders(b"x-forwarded-proto", []),
+                )
+            else:
+                self._client = trusted.identify(peer, self.isSecure(), [], [], [])
+        return self._client
 
     # -- CORS and errors --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.eager_write import EagerSender, send_eagerly
 from llamaproxy.gateway import errors
+from llamaproxy.gateway.client_address import TrustedProxies
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, raw_response
@@ -300,7 +301,7 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.write(raw_response(error, self.cors.response_headers(None)))
         recorder = getattr(getattr(self, "site", None), "recorder", None)
         if recorder is not None:
-            recorder.refused(error)
+            recorder.refused(error, getattr(self.transport.getPeer(), "host", None))
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
         self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
@@ -324,8 +325,11 @@ class GatewaySite(server.Site):
         reactor: Any = None,
         recorder: RequestRecorder | None = None,
         early_check: EarlyCheck | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
+        #: Whose X-Forwarded-For is believed (GatewayRequest.client).
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
         self.cors = cors or CorsPolicy()
         self.recorder = recorder
