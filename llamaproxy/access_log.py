@@ -82,6 +82,8 @@ class AccessEntry:
     outcome: str = "ok"
     #: The token counts are the gateway's estimate (a stream cut before its counts came).
     tokens_estimated: bool = False
+    #: The client's address (the TCP peer, or whom a trusted proxy forwarded for).
+    client: str | None = None
 
 
 #: Longest string field written; longer values are cut and end in ``...``.
@@ -128,7 +130,7 @@ def format_access_text(
 ) -> str:
     """One text line (with newline): ``ts | request_id | key_id | METHOD path | status |
     duration | ttfb=… | bytes=… | model=… | tokens=prompt/completion | outcome`` (plus
-    ``| worker@instance`` when configured); ``-`` marks a missing value."""
+    client=… (plus ``| worker@instance`` when configured); ``-`` marks a missing value."""
     parts = [
         iso_timestamp(entry.ts),
         sanitize_field(entry.request_id),
@@ -142,6 +144,7 @@ def format_access_text(
         f"tokens={'~' if entry.tokens_estimated else ''}"
         f"{_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
         sanitize_field(entry.outcome),
+        f"client={sanitize_field(entry.client)}",
     ]
     tag = worker_tag(worker_type, instance_id)
     if tag:
@@ -175,6 +178,7 @@ def format_access_json(
         ',"completion_tokens":', _json_value(entry.completion_tokens),
         ',"tokens_estimated":true' if entry.tokens_estimated else "",
         ',"outcome":', _json_text(entry.outcome),
+        ',"client":', _json_text(entry.client),
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
@@ -207,6 +211,7 @@ def access_record(
     if entry.tokens_estimated:
         record["tokens_estimated"] = True
     record["outcome"] = _json_field(entry.outcome)
+    record["client"] = _json_field(entry.client)
     if worker_type:
         record["worker_type"] = worker_type
     if instance_id:

@@ -89,6 +89,14 @@ class Backend:
             self.state is BackendState.READY and not self.ready
         )
 
+    @property
+    def condition(self) -> str:
+        """The state in a word that agrees with ``ready``: "unresponsive" for a READY backend
+        whose last health probe failed (e.g. a stopped process), else the state's value."""
+        if self.state is BackendState.READY and not self.ready:
+            return "unresponsive"
+        return self.state.value
+
     def set_state(self, state: BackendState, retry_at: float | None = None) -> None:
         """Move to a new state and tell whoever listens."""
         changed = state is not self.state

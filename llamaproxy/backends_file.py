@@ -134,6 +134,9 @@ class LocalBackendSpec(_BackendCommon):
     threads: int = 0
     parallel: int = 0
     extra_args: tuple[str, ...] = ()
+    #: Environment variables the operator gives the child on top of the allowlisted ones
+    #: (``llama_server.child_environment``), as (name, value) pairs.
+    child_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -186,6 +189,9 @@ class RemoteBackendSpec(_BackendCommon):
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     verify_tls: bool = True
+    #: Send a request again after a failure even when it may have run (a POST written whole
+    #: that got no answer). Off: an upstream that bills per request would bill twice.
+    retry_non_idempotent: bool = False
 
     @property
     def max_concurrent(self) -> int:
@@ -297,9 +303,10 @@ def diff(old: BackendsTable, new: BackendsTable) -> TableDiff:
 def needs_restart(old: BackendSpec, new: BackendSpec) -> bool:
     """True when a changed backend's child process or upstream must be replaced.
 
-    Local: model_path, port, ctx, ngl, threads, parallel, extra_args or the canonical model (its
-    ``--alias``). Remote: base_url, the key or verify_tls. Anything else (models, priority,
-    weight, slots, timeouts, breaker, upstream_models) is applied without a restart.
+    Local: model_path, port, ctx, ngl, threads, parallel, extra_args, child_env or the canonical
+    model (its ``--alias``). Remote: base_url, the key or verify_tls. Anything else (models,
+    priority, weight, slots, timeouts, breaker, upstream_models, retry_non_idempotent) is
+    applied without a restart.
     """
     return _launch_identity(old) != _launch_identity(new)
 
@@ -307,7 +314,7 @@ def needs_restart(old: BackendSpec, new: BackendSpec) -> bool:
 def _launch_identity(spec: BackendSpec) -> tuple[object, ...]:
     if isinstance(spec, LocalBackendSpec):
         return ("local", spec.model_path, spec.port, spec.ctx, spec.ngl, spec.threads,
-                spec.parallel, spec.extra_args, spec.canonical_model)
+                spec.parallel, spec.extra_args, spec.canonical_model, spec.child_env)
     return ("remote", spec.base_url, spec.api_key, spec.verify_tls)
 
 
@@ -432,8 +439,9 @@ _COMMON_KEYS = (
     "name", "models", "priority", "weight", "slots", "breaker", "connect_timeout",
     "first_byte_timeout", "request_timeout", "upstream_models",
 )
-_LOCAL_KEYS = ("model_path", "port", "ctx", "ngl", "threads", "parallel", "extra_args")
-_REMOTE_KEYS = ("base_url", "api_key_env", "verify_tls")
+_LOCAL_KEYS = ("model_path", "port", "ctx", "ngl", "threads", "parallel", "extra_args",
+               "child_env")
+_REMOTE_KEYS = ("base_url", "api_key_env", "verify_tls", "retry_non_idempotent")
 _BREAKER_KEYS = ("failure_threshold", "reset_timeout", "success_threshold", "half_open_max",
                  "enabled")
 _MODEL_KEYS = ("strategy", "aliases", "default")
@@ -716,9 +724,30 @@ def _parse_backend(
         threads=_default(table.integer("threads", 0), local.threads),
         parallel=_default(table.integer("parallel", 0), local.parallel),
         extra_args=extra_args,
+        child_env=_child_env(table),
         **common,
     )
     return _ParsedBackend(spec, port is not None)
+
+
+def _child_env(table: _Table) -> tuple[tuple[str, str], ...]:
+    """``child_env = { NAME = "value", … }``: variables the operator gives the child."""
+    env = table.table("child_env")
+    if env is None:
+        return ()
+    pairs: list[tuple[str, str]] = []
+    for name, value in env.data.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise env.error(name, f"{name!r} is not an environment variable name")
+        if name == "LLAMA_API_KEY" or name.startswith("LLAMA_ARG_"):
+            raise env.error(name, "llama-server settings belong in extra_args; a child never "
+                            "gets LLAMA_API_KEY or LLAMA_ARG_* variables")
+        if not isinstance(value, str):
+            raise env.error(name, f"expected a string, got {_type_name(value)}")
+        if "\0" in value:
+            raise env.error(name, "must not contain a NUL character")
+        pairs.append((name, value))
+    return tuple(pairs)
 
 
 def _parse_remote(
@@ -742,6 +771,7 @@ def _parse_remote(
         api_key_env=api_key_env,
         api_key=api_key,
         verify_tls=_default(table.boolean("verify_tls"), True),
+        retry_non_idempotent=_default(table.boolean("retry_non_idempotent"), False),
         **common,
     )
 

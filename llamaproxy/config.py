@@ -79,6 +79,19 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(item for item in re.split(r"[\s,]+", text.strip()) if item)
 
 
+def _networks(text: str) -> tuple[str, ...]:
+    """A list of CIDRs or addresses (each checked), as given."""
+    import ipaddress
+
+    items = _words(text)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+    return items
+
+
 def _shell_words(text: str) -> tuple[str, ...]:
     try:
         return tuple(shlex.split(text))
@@ -246,6 +259,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cors_origins", "cors-origins", ("CORS_ORIGINS",), "", _words,
             "Origins browsers may call from (comma separated, exact match, trailing / ignored), "
             "or * for any; empty disables CORS."),
+    Setting("trusted_proxies", "trusted-proxies", ("TRUSTED_PROXIES",), "", _networks,
+            "Proxies in front of the gateway whose X-Forwarded-For / Forwarded headers are "
+            "believed (CIDRs or addresses, comma separated); empty: the TCP peer is the client. "
+            "See docs/security.md."),
     Setting("max_requests_per_minute", "max-requests-per-minute", ("MAX_REQUESTS_PER_MINUTE",),
             "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
             "file gives the key its own limit (429 beyond it)."),
@@ -383,6 +400,7 @@ class Config:
     max_header_line_size: int
     max_headers: int
     cors_origins: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
     max_requests_per_minute: int
     admin_key_ids: tuple[str, ...]
     keys_reload_interval: float

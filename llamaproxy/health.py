@@ -3,11 +3,16 @@
 The health site (PORT_HEALTH) answers 200 to any GET without touching a backend, so a platform's
 liveness check never wakes or loads a model. ``/readyz`` on either site is the readiness signal:
 200 only when a backend is ready and the gateway is not draining.
+
+The health port is served by the gateway's own channel and request (``health_port_site``): the
+same request-line, header and arrival-time limits, JSON errors, no ``TwistedWeb`` banner, and no
+request body at all (a body is refused with 413 before it is read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from klein import Klein
@@ -17,6 +22,10 @@ from twisted.web.iweb import IRequest
 from llamaproxy import __version__
 from llamaproxy.admission import Admission
 from llamaproxy.backend import Backend
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.gateway.site import GatewaySite, RequestLimits
 
 
 class HealthState:
@@ -88,3 +97,26 @@ class HealthSite:
         request.setHeader(b"Content-Type", b"text/plain")
         request.setHeader(b"Content-Length", b"0")
         return b""
+
+
+#: The only methods the health port answers.
+_READ_METHODS = (b"GET", b"HEAD")
+
+
+def _reads_only(request: GatewayRequest) -> GatewayError | None:
+    """The health port's early check: GET and HEAD only, refused before any body is read."""
+    if request.method in _READ_METHODS:
+        return None
+    return errors.method_not_allowed(request.method.decode("latin-1", "replace")[:20],
+                                     ("GET", "HEAD"))
+
+
+def health_port_site(state: HealthState, limits: RequestLimits, reactor: Any) -> GatewaySite:
+    """The PORT_HEALTH site: the health app behind the gateway's channel, limits and errors.
+
+    ``limits`` are the gateway's; the body limit is 0 here since no health request has a body.
+    """
+    return GatewaySite(
+        HealthSite(state).app.resource(), replace(limits, max_body=0), reactor=reactor,
+        early_check=_reads_only,
+    )

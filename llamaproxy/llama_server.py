@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal as signal_module
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from twisted.logger import Logger, LogLevel
 
@@ -117,17 +118,42 @@ def build_args(config: Config, key_file: str) -> list[str]:
     return args
 
 
-def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The parent's environment without the variables that would change or open llama-server.
+def child_environment(
+    environ: Mapping[str, str], extra: Iterable[tuple[str, str]] = ()
+) -> dict[str, str]:
+    """The child's environment: the allowlisted part of ours, plus what the operator added.
 
-    llama-server reads most flags from ``LLAMA_ARG_*`` and extra API keys from ``LLAMA_API_KEY``
-    (both keys then work, even with --api-key-file), so an inherited one must not reach it.
+    A child gets what a GPU program needs (``CHILD_ENV_NAMES``, ``CHILD_ENV_PREFIXES``: PATH,
+    HOME, locale, the loader path, CUDA/ROCm/Vulkan/OpenMP/BLAS and ggml settings) and the
+    backends file's ``child_env``; nothing else, so the gateway's secrets (upstream keys named
+    by ``api_key_env``, cloud credentials, ...) never reach it. ``LLAMA_ARG_*`` and
+    ``LLAMA_API_KEY`` are never passed: llama-server reads them as flags and extra keys.
     """
-    return {
-        name: value
-        for name, value in environ.items()
-        if name != STRIPPED_VARIABLE and not name.startswith(STRIPPED_PREFIX)
+    env = {
+        name: value for name, value in environ.items()
+        if _allowed_in_child(name)
     }
+    env.update(extra)
+    return env
+
+
+#: Variables a child inherits by name.
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "TZ", "LANG", "LANGUAGE", "LD_LIBRARY_PATH",
+    "XDG_CACHE_HOME",
+})
+
+#: Variables a child inherits by prefix: locale, GPU runtimes, threading and BLAS libraries.
+CHILD_ENV_PREFIXES = (
+    "LC_", "CUDA_", "NVIDIA_", "ROCR_", "ROCM_", "HIP_", "HSA_", "GPU_", "VK_", "VULKAN_",
+    "MESA_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "GGML_", "ZES_", "ONEAPI_",
+)
+
+
+def _allowed_in_child(name: str) -> bool:
+    if name == STRIPPED_VARIABLE or name.startswith(STRIPPED_PREFIX):
+        return False
+    return name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)
 
 
 def describe_exit(exit_code: int | None, signal: int | None) -> str:
@@ -173,15 +199,36 @@ def spawn_command(
     return python, [python, "-I", "-S", "-c", _TRAMPOLINE, str(parent), executable, *argv[1:]]
 
 
-def format_exit(exit_code: int | None, signal: int | None) -> str:
-    """The exit status and its meaning, e.g. ``exit code 1: bad model file, …``."""
+def format_exit(exit_code: int | None, signal: int | None, said: str | None = None) -> str:
+    """The exit status and why: what the child ``said`` (its first error line) when it said
+    something, else the usual meaning of the status, e.g. ``exit code 1: bad model file, …``."""
     if signal is not None:
         status = f"signal {signal}{_signal_name(signal)}"
     elif exit_code is not None:
         status = f"exit code {exit_code}"
     else:
-        return describe_exit(None, None)
-    return f"{status}: {describe_exit(exit_code, signal)}"
+        return said or describe_exit(None, None)
+    return f"{status}: {said or describe_exit(exit_code, signal)}"
+
+
+#: A line of llama-server's output that reports an error (its "E" log level, or the words).
+_ERROR_WORDS = re.compile(r"\berror\b|\bfailed\b|\bcannot\b|\bunable\b|\bnot found\b",
+                          re.IGNORECASE)
+#: llama-server's log prefix: elapsed time and level letter ("0.00.006.760 E ").
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([EWIDT]) ")
+
+
+def error_line(line: str) -> str | None:
+    """``line`` without llama-server's log prefix if it reports an error, else None."""
+    prefix = _LOG_PREFIX.match(line)
+    if prefix is not None:
+        if prefix.group(1) != "E":
+            return None
+        line = line[prefix.end():]
+    elif not _ERROR_WORDS.search(line):
+        return None
+    line = line.strip()
+    return line[:300] or None
 
 
 _EXIT_MEANINGS: dict[int, str] = {
@@ -234,8 +281,39 @@ def ensure_private_directory(path: str) -> None:
             )
 
 
+#: A backend key file's name: instance id, boot, pid of the gateway that owns it, random token.
+_KEY_FILE_NAME = re.compile(
+    r"\.?backend-(?P<instance>[A-Za-z0-9._-]+)\.(?P<boot>[0-9a-f]{8})\.(?P<pid>[0-9]+)"
+    r"\.(?P<token>[0-9a-f]{12})\.key(?:\.[0-9a-f]{12}\.tmp)?"
+)
+
+
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """8 hex digits naming this boot of the machine ("00000000" where the kernel does not say)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip().replace("-", "")[:8].lower() or "00000000"
+    except OSError:
+        return "00000000"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists (another user's): not ours to judge
+    return True
+
+
 class BackendKeyFile:
     """The per-boot key of a supervised llama-server, in a 0600 file only we can read.
+
+    The file's name is this process's own (``backend-INSTANCE.BOOT.PID.TOKEN.key``, the token
+    random): two gateways on one host, even with the same INSTANCE_ID, never write, overwrite or
+    delete each other's file. Files left by gateways that died (their pid is gone, or they are
+    from an earlier boot) are wiped and removed when a new one is written.
 
     The key is generated when the object is made (so the gateway can use it before the file is
     written); ``write()`` creates the file atomically and ``delete()`` wipes and removes it.
@@ -247,9 +325,18 @@ class BackendKeyFile:
         directory: str | None = None,
         instance_id: str = "default",
         key: str | None = None,
+        *,
+        pid: int | None = None,
+        boot: str | None = None,
+        alive: Callable[[int], bool] = _process_alive,
     ) -> None:
         self.directory = directory or default_key_dir()
-        self.path = os.path.join(self.directory, f"backend-{sanitize_instance_id(instance_id)}.key")
+        self.pid = os.getpid() if pid is None else pid
+        self.boot = boot_id() if boot is None else boot
+        self._alive = alive
+        name = (f"backend-{sanitize_instance_id(instance_id)}.{self.boot}.{self.pid}"
+                f".{secrets.token_hex(6)}.key")
+        self.path = os.path.join(self.directory, name)
         self.key = key if key is not None else KEY_PREFIX + secrets.token_urlsafe(32)
         self.written = False
 
@@ -266,12 +353,19 @@ class BackendKeyFile:
     def __repr__(self) -> str:
         return f"<BackendKeyFile path={self.path!r} prefix={self.prefix!r}>"
 
+    def exists(self) -> bool:
+        """True while the file is in place (something outside may have removed it)."""
+        return os.path.lexists(self.path)
+
     def write(self) -> None:
-        """Create the directory (0700) and the key file (0600), atomically, and check the mode."""
+        """Create the directory (0700) and the key file (0600), atomically, and check the mode.
+
+        The file is linked into place, never renamed over an existing name: nothing that is
+        not this object's own file can be replaced.
+        """
         ensure_private_directory(self.directory)
-        temporary = os.path.join(
-            self.directory, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp"
-        )
+        self.remove_stale()
+        temporary = f"{self.path}.{secrets.token_hex(6)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(temporary, flags, 0o600)
         try:
@@ -281,10 +375,12 @@ class BackendKeyFile:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temporary, self.path)
-        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                if self.written or self.exists():  # our own, rewritten (e.g. removed by hand)
+                    _wipe(self.path)
+            os.link(temporary, self.path)
+        finally:
             _unlink_quietly(temporary)
-            raise
         _fsync_directory(self.directory)
         info = os.lstat(self.path)
         if not stat.S_ISREG(info.st_mode) or stat.S_IMODE(info.st_mode) != 0o600:
@@ -299,26 +395,64 @@ class BackendKeyFile:
             key_prefix=self.prefix,
         )
 
+    def remove_stale(self) -> list[str]:
+        """Wipe and remove key files of gateways that are gone; returns their paths.
+
+        Only our uid's regular files with a key file's name, whose gateway ran in an earlier
+        boot or whose pid no longer exists in this boot. A live pid keeps its file, whoever it is.
+        """
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return removed
+        for name in names:
+            match = _KEY_FILE_NAME.fullmatch(name)
+            path = os.path.join(self.directory, name)
+            if match is None or path == self.path:
+                continue
+            pid = int(match["pid"])
+            if match["boot"] == self.boot and (pid == self.pid or self._alive(pid)):
+                continue
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            with contextlib.suppress(OSError):
+                _wipe(path)
+                removed.append(path)
+        if removed:
+            log.info("Removed {count} backend key file(s) of gateways that are gone: {paths}",
+                     count=len(removed), paths=", ".join(removed))
+        return removed
+
     def delete(self) -> None:
         """Overwrite the file with zeros and remove it; a missing file is not an error."""
         self.written = False
+        _wipe(self.path)
+
+
+def _wipe(path: str) -> None:
+    """Overwrite ``path`` with zeros and remove it (a symlink is only removed)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # e.g. a symlink put in its place: just remove the name
+    else:
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
+            size = os.fstat(fd).st_size
+            _write_all(fd, b"\0" * size)
+            os.fsync(fd)
         except OSError:
-            pass  # e.g. a symlink put in its place: just remove the name
-        else:
-            try:
-                size = os.fstat(fd).st_size
-                _write_all(fd, b"\0" * size)
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            pass
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from llamaproxy.backend import Backend, BackendState, ProbeResult
 from llamaproxy.config import Config
-from llamaproxy.llama_server import BackendKeyFile, format_exit
+from llamaproxy.llama_server import BackendKeyFile, error_line, format_exit
 from llamaproxy.probe import DelayedCall, HTTPAgent, ProbeLoop, TimeSource, probe_health
 
 log = Logger()
@@ -152,6 +152,9 @@ class LlamaServerProcessProtocol(ProcessProtocol):
         self._log = child_log
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self.pid: int | None = None
+        #: The first error line the child printed since it started (or since it was ready):
+        #: why it ended, in its own words, for the logs and /health.
+        self.first_error: str | None = None
 
     def connectionMade(self) -> None:
         self.pid = cast(Any, self.transport).pid
@@ -171,6 +174,8 @@ class LlamaServerProcessProtocol(ProcessProtocol):
 
     def _emit(self, stream: str, lines: list[str]) -> None:
         for line in lines:
+            if self.first_error is None:
+                self.first_error = error_line(line)
             self._log.info("{line}", line=line, stream=stream, pid=self.pid)
 
 
@@ -317,6 +322,14 @@ class LlamaServerSupervisor(Service):
     # --- the child -----------------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        if self.key_file is not None and self.key_file.written and not self.key_file.exists():
+            # Removed behind our back (e.g. /dev/shm cleaned at logout): the child would fail.
+            log.warn("Backend key file {path} disappeared; writing it again",
+                     path=self.key_file.path)
+            try:
+                self.key_file.write()
+            except OSError as e:
+                log.error("Could not write the backend key file again: {error}", error=str(e))
         now = self._reactor.seconds()
         protocol = LlamaServerProcessProtocol(self._process_ended, self._child_log)
         argv = [self.executable, *self.args]
@@ -382,7 +395,7 @@ class LlamaServerSupervisor(Service):
             self._attempt = 0
             self._spawn()
             return
-        description = format_exit(exit_code, signal)
+        description = format_exit(exit_code, signal, protocol.first_error)
         if self._kill_reason is not None:
             description = f"{self._kill_reason}; {description}"
         self._crashed(description, pid=pid, exit_code=exit_code, signal=signal)
@@ -518,6 +531,8 @@ class LlamaServerSupervisor(Service):
                 self._ready_timeout_call.cancel()
             self._ready_timeout_call = None
             started = self._started_at if self._started_at is not None else now
+            if self._protocol is not None:
+                self._protocol.first_error = None  # a later end gets its own reason
             self.backend.set_state(BackendState.READY)
             log.info(
                 "llama-server ready after {seconds:.1f} s (pid {pid})",

@@ -45,11 +45,12 @@ from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.gateway import forward
 from llamaproxy.gateway.body_budget import BodyBudget
+from llamaproxy.gateway.client_address import TrustedProxies, parse_trusted_proxies
 from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
-from llamaproxy.health import HealthSite, HealthState
+from llamaproxy.health import HealthState, health_port_site
 from llamaproxy.logs import observer_for_twistd, parse_log_format
 from llamaproxy.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.off_thread import OffThread
@@ -197,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     site = GatewaySite(
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
+        trusted_proxies=TrustedProxies(parse_trusted_proxies(config.trusted_proxies)),
     )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
@@ -205,8 +207,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listeners.append(strports.service(config.metrics_listen, metrics_site, reactor=reactor))
     health_listener = None
     if config.health_endpoint is not None:
-        health_site = Site(HealthSite(health).app.resource())
-        health_site.log = lambda request: None  # type: ignore[method-assign]
+        health_site = health_port_site(health, _limits(config), reactor)
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
@@ -424,7 +425,8 @@ class BackendSet(MultiService):
             # Without a backends file the one child keeps today's names (its key file is
             # backend-INSTANCE_ID.key); with one, each child's instance id gets its name.
             child = config if self.options.backends_file is None else spec.child_config(config)
-            service: Service = _supervisor(child, self.options, status, self.reactor, self.agent)
+            service: Service = _supervisor(
+                child, self.options, status, self.reactor, self.agent, spec.child_env)
         else:
             service = ExternalBackendMonitor(
                 status, self.agent, self.reactor, config.probe_interval, config.health_timeout,
@@ -470,7 +472,8 @@ class BackendSet(MultiService):
 
 
 def _supervisor(
-    config: Config, options: Options, backend: Backend, reactor: Any, agent: Any
+    config: Config, options: Options, backend: Backend, reactor: Any, agent: Any,
+    child_env: tuple[tuple[str, str], ...] = (),
 ) -> Service:
     from llamaproxy.llama_server import (
         BackendKeyFile,
@@ -486,7 +489,7 @@ def _supervisor(
         backend=backend,
         executable=options.llama_server_path,
         args=build_args(config, key_file.path),
-        env=child_environment(os.environ),
+        env=child_environment(os.environ, child_env),
         key_file=key_file,
         reactor=reactor,
         agent=agent,

@@ -9,7 +9,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaproxy import LLAMA_CPP_VERSION
 from llamaproxy.config import Config, ConfigError, load_config
@@ -22,8 +23,10 @@ from llamaproxy.llama_server import (
     child_environment,
     default_key_dir,
     describe_exit,
+    error_line,
     find_llama_server,
     format_exit,
+    spawn_command,
 )
 
 
@@ -193,27 +196,40 @@ class BuildArgsTests(SynchronousTestCase):
 
 
 class ChildEnvironmentTests(SynchronousTestCase):
-    """child_environment strips LLAMA_API_KEY and LLAMA_ARG_*."""
+    """child_environment passes an allowlist plus the operator's child_env, nothing else."""
 
-    def test_strips(self) -> None:
+    def test_allowlist(self) -> None:
         env = child_environment(
             {
                 "PATH": "/bin",
+                "HOME": "/home/llama",
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
                 "CUDA_VISIBLE_DEVICES": "0",
+                "HIP_VISIBLE_DEVICES": "1",
+                "OMP_NUM_THREADS": "4",
+                "GGML_VK_VISIBLE_DEVICES": "0",
                 "LLAMA_API_KEY": "secret",
                 "LLAMA_ARG_PORT": "9999",
                 "LLAMA_ARG_HOST": "0.0.0.0",
-                "LLAMA_ARGUMENT": "kept",
-                "MY_LLAMA_API_KEY": "kept",
-            }
+                "OPENAI_API_KEY": "sk-upstream",
+                "AWS_SECRET_ACCESS_KEY": "cloud",
+                "UPSTREAM_KEY": "named-by-api_key_env",
+            },
+            [("HF_HOME", "/models")],
         )
         self.assertEqual(
             env,
             {
                 "PATH": "/bin",
+                "HOME": "/home/llama",
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
                 "CUDA_VISIBLE_DEVICES": "0",
-                "LLAMA_ARGUMENT": "kept",
-                "MY_LLAMA_API_KEY": "kept",
+                "HIP_VISIBLE_DEVICES": "1",
+                "OMP_NUM_THREADS": "4",
+                "GGML_VK_VISIBLE_DEVICES": "0",
+                "HF_HOME": "/models",
             },
         )
 
@@ -222,6 +238,30 @@ class ChildEnvironmentTests(SynchronousTestCase):
         env = child_environment(source)
         env["X"] = "1"
         self.assertEqual(source, {"PATH": "/bin"})
+
+
+class ChildEnvironmentOnARealChildTests(TestCase):
+    """What a real child spawned through the supervisor's launcher sees in its environment."""
+
+    def test_upstream_secret_never_reaches_the_child(self) -> Deferred[None]:
+        from twisted.internet import reactor
+        from twisted.internet.utils import getProcessOutput
+
+        parent = {**os.environ, "UPSTREAM_SECRET": "sk-must-not-leak",
+                  "LLAMA_API_KEY": "also-not"}
+        env = child_environment(parent, [("HF_HOME", "/models")])
+        program, argv = spawn_command("/usr/bin/env", ["/usr/bin/env"])
+        output = getProcessOutput(program, argv[1:], env=env, reactor=reactor)
+
+        def check(out: bytes) -> None:
+            seen = dict(line.split("=", 1) for line in out.decode().splitlines() if "=" in line)
+            self.assertNotIn("UPSTREAM_SECRET", seen)
+            self.assertNotIn("sk-must-not-leak", out.decode())
+            self.assertNotIn("LLAMA_API_KEY", seen)
+            self.assertEqual(seen["HF_HOME"], "/models")
+            self.assertEqual(seen["PATH"], os.environ["PATH"])
+
+        return output.addCallback(check)
 
 
 class BackendKeyFileTests(SynchronousTestCase):
@@ -238,7 +278,9 @@ class BackendKeyFileTests(SynchronousTestCase):
         self.assertTrue(key_file.key.startswith("gateway-"))
         self.assertEqual(key_file.prefix, key_file.key[:8])
         self.assertNotEqual(key_file.key, BackendKeyFile(self.directory, "box").key)
-        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-box.key"))
+        self.assertEqual(os.path.dirname(key_file.path), self.directory)
+        self.assertRegex(os.path.basename(key_file.path),
+                         rf"^backend-box\.[0-9a-f]{{8}}\.{os.getpid()}\.[0-9a-f]{{12}}\.key$")
         self.assertFalse(key_file.written)
 
     def test_repr_hides_key(self) -> None:
@@ -254,14 +296,52 @@ class BackendKeyFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(key_file.path).st_mode), 0o600)
         with open(key_file.path) as f:
             self.assertEqual(f.read(), key_file.key + "\n")
-        self.assertEqual(os.listdir(self.directory), ["backend-box.key"])  # no temp file left
+        # no temp file left
+        self.assertEqual(os.listdir(self.directory), [os.path.basename(key_file.path)])
 
-    def test_write_replaces(self) -> None:
-        BackendKeyFile(self.directory, "box").write()
-        second = BackendKeyFile(self.directory, "box")
+    def test_two_gateways_with_one_instance_id_keep_their_own_files(self) -> None:
+        first = BackendKeyFile(self.directory, "vm")
+        first.write()
+        second = BackendKeyFile(self.directory, "vm")
         second.write()
-        with open(second.path) as f:
-            self.assertEqual(f.read().strip(), second.key)
+        self.assertNotEqual(first.path, second.path)
+        second.delete()  # the second gateway stops
+        with open(first.path) as f:
+            self.assertEqual(f.read().strip(), first.key)
+
+    def test_rewritten_after_being_removed(self) -> None:
+        key_file = BackendKeyFile(self.directory, "vm")
+        key_file.write()
+        os.unlink(key_file.path)
+        self.assertFalse(key_file.exists())
+        key_file.write()
+        with open(key_file.path) as f:
+            self.assertEqual(f.read().strip(), key_file.key)
+
+    def test_files_of_gateways_that_are_gone_are_removed(self) -> None:
+        boot = "0123abcd"
+        dead, living = 4_000_001, 4_000_002
+
+        def alive(pid: int) -> bool:
+            return pid == living
+
+        def make(name: str) -> str:
+            path = os.path.join(self.directory, name)
+            with open(path, "w") as f:
+                f.write("gateway-old\n")
+            return path
+
+        os.makedirs(self.directory, 0o700)
+        stale = [make(f"backend-vm.{boot}.{dead}.aaaaaaaaaaaa.key"),
+                 make(f"backend-vm.99999999.{living}.bbbbbbbbbbbb.key"),  # an earlier boot
+                 make(f".backend-vm.{boot}.{dead}.cccccccccccc.key.dddddddddddd.tmp")]
+        kept = [make(f"backend-vm.{boot}.{living}.eeeeeeeeeeee.key"),
+                make("backend-vm.key"), make("notes.txt")]
+        key_file = BackendKeyFile(self.directory, "vm", boot=boot, alive=alive)
+        key_file.write()
+        self.assertEqual(sorted(os.listdir(self.directory)), sorted(
+            [os.path.basename(p) for p in kept] + [os.path.basename(key_file.path)]))
+        self.assertTrue(all(not os.path.exists(p) for p in stale))
 
     def test_instance_id_sanitised(self) -> None:
         key_file = BackendKeyFile(self.directory, "../evil/x")
@@ -304,7 +384,7 @@ class BackendKeyFileTests(SynchronousTestCase):
 
     def test_from_config(self) -> None:
         key_file = BackendKeyFile.from_config(make_config(key_dir=self.directory, instance_id="i"))
-        self.assertEqual(key_file.path, os.path.join(self.directory, "backend-i.key"))
+        self.assertTrue(os.path.basename(key_file.path).startswith("backend-i."))
 
     def test_default_directory(self) -> None:
         self.assertEqual(default_key_dir(self.tmp), os.path.join(self.tmp, "llama-keys"))
@@ -316,7 +396,19 @@ class BackendKeyFileTests(SynchronousTestCase):
 
 
 class DescribeExitTests(SynchronousTestCase):
-    """describe_exit and format_exit."""
+    """describe_exit, format_exit and error_line."""
+
+    def test_error_line(self) -> None:
+        self.assertEqual(
+            error_line("0.00.006.760 E llama_model_load: error loading model: failed to load"),
+            "llama_model_load: error loading model: failed to load")
+        self.assertIsNone(error_line("0.00.006.760 I srv  load_model: loading model"))
+        self.assertIsNone(error_line("0.00.006.760 W a warning that mentions an error"))
+        self.assertEqual(error_line("error: failed to open file '/x'"),
+                         "error: failed to open file '/x'")
+        self.assertIsNone(error_line("usage:"))
+        self.assertEqual(format_exit(1, None, "error: failed to open file '/x'"),
+                         "exit code 1: error: failed to open file '/x'")
 
     def test_table(self) -> None:
         cases = [

@@ -330,9 +330,10 @@ class TwistdTests(SynchronousTestCase):
 class AccessFormatTests(SynchronousTestCase):
     def test_text_line(self) -> None:
         self.assertEqual(
-            format_access_text(entry()),
+            format_access_text(entry(client="203.0.113.9")),
             "2026-05-28T20:26:40.250Z | abc123 | alice | POST /v1/chat/completions | 200 | "
-            "1234.6ms | ttfb=210.0ms | bytes=5120 | model=qwen | tokens=12/345 | ok\n",
+            "1234.6ms | ttfb=210.0ms | bytes=5120 | model=qwen | tokens=12/345 | ok | "
+            "client=203.0.113.9\n",
         )
 
     def test_text_missing_values_and_tag(self) -> None:
@@ -344,7 +345,8 @@ class AccessFormatTests(SynchronousTestCase):
         self.assertEqual(
             line,
             "2026-05-28T20:26:40.250Z | abc123 | - | POST /v1/chat/completions | 401 | "
-            "1234.6ms | ttfb=- | bytes=5120 | model=- | tokens=-/- | rejected | gw@i1\n",
+            "1234.6ms | ttfb=- | bytes=5120 | model=- | tokens=-/- | rejected | client=- | "
+            "gw@i1\n",
         )
 
     def test_text_sanitised(self) -> None:
@@ -358,7 +360,7 @@ class AccessFormatTests(SynchronousTestCase):
             {"ts": "2026-05-28T20:26:40.250Z", "request_id": "abc123", "key_id": None,
              "method": "POST", "path": "/a\nb|", "status": 200, "duration_ms": 1234.6,
              "ttfb_ms": 210.0, "bytes": 5120, "model": "qwen", "prompt_tokens": 12,
-             "completion_tokens": 345, "outcome": "ok", "worker_type": "gw",
+             "completion_tokens": 345, "outcome": "ok", "client": None, "worker_type": "gw",
              "instance_id": "i1"},
         )
 
@@ -382,7 +384,7 @@ class AccessFormatTests(SynchronousTestCase):
         )
         self.assertTrue(line.endswith("\n"))
         self.assertEqual(len(line.splitlines()), 1)
-        self.assertEqual(len(line.rstrip("\n").split("|")), 12)
+        self.assertEqual(len(line.rstrip("\n").split("|")), 13)
         line.encode("utf-8")
 
     @given(st.text(), st.one_of(st.none(), st.text(max_size=100)))

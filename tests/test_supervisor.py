@@ -300,6 +300,37 @@ class CrashTests(SupervisorTestCase):
         self.assertEqual(error["delay"], 1.0)
         self.assertIn("bad model file", error["exit"])
 
+    def test_last_exit_says_what_the_child_said(self) -> None:
+        self.supervisor.startService()
+        self.process.write_stderr(
+            b"0.00.001.000 I srv    main: starting\n"
+            b'error while handling argument "--api-key-file": error: failed to open file '
+            b"'/dev/shm/llama-keys/backend-vm.key'\n\nusage:\n")
+        self.process.exit(1)
+        self.assertEqual(
+            self.backend.last_exit,
+            'exit code 1: error while handling argument "--api-key-file": error: failed to open '
+            "file '/dev/shm/llama-keys/backend-vm.key'",
+        )
+        self.assertEqual(self.backend.status_json()["last_exit"], self.backend.last_exit)
+
+    def test_error_lines_before_ready_do_not_explain_a_later_crash(self) -> None:
+        self.supervisor.startService()
+        self.process.write_stderr(b"0.00.001.000 E load: a warning-ish error while loading\n")
+        self.health = 200
+        self.reactor.advance(TIMINGS.startup_probe_interval)
+        self.assertEqual(self.backend.state, BackendState.READY)
+        self.process.kill_by_signal(11)
+        self.assertEqual(self.backend.last_exit, "signal 11 (SIGSEGV): segmentation fault")
+
+    def test_key_file_removed_behind_its_back_is_written_again(self) -> None:
+        self.supervisor.startService()
+        os.unlink(self.key_file.path)
+        self.process.exit(1)
+        self.reactor.advance(1)  # the restart
+        with open(self.key_file.path) as f:
+            self.assertEqual(f.read().strip(), self.key_file.key)
+
     def test_segfault(self) -> None:
         self.supervisor.startService()
         self.process.kill_by_signal(11)

@@ -14,7 +14,7 @@ OpenAI-compatible upstreams) with a few Python calls per request and per body ch
   the protocol given to ``IResponse.deliverBody``.
 
 It behaves like Agent where the gateway relies on it: the same exception types for connection,
-transmission and response failures (so ``forward._stale_connection`` and
+transmission and response failures (so ``forward.not_processed`` and
 ``routing.is_retryable`` classify them the same way), ``ResponseDone`` / ``PotentialDataLoss`` /
 ``ResponseFailed`` endings for the body protocol, push-producer backpressure through the body
 transport, and cancellation of a request that has no response yet (which aborts its connection).
@@ -24,10 +24,12 @@ Differences from Agent are listed in ``BackendClient``'s docstring.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, cast
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import (
     IAddress,
@@ -1014,6 +1016,20 @@ class _Connection:
 
     # -- the pool ----------------------------------------------------------------------------
 
+    def peer_closed(self) -> bool:
+        """True when this idle connection is unusable: closed or reset by the backend, or with
+        bytes nobody asked for waiting (asked of the socket without reading, plain TCP only)."""
+        if not isinstance(self.transport, tcp.Connection):  # (TLS: the bytes are records)
+            return False
+        sock = self.transport.getHandle()
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: still open
+        except OSError:
+            return True
+        return True  # end of stream, or stray bytes on an idle connection
+
     def idle_expired(self) -> None:
         """The idle timer fired: close this pooled connection."""
         self.idle_call = None
@@ -1173,12 +1189,18 @@ class BackendClient:
         meta = (method, uri, path, headers if headers is not None else Headers())
 
         idle = self._idle.get(target.key)
-        if idle:
+        while idle:
             connection = idle.pop()
             call = connection.idle_call
             connection.idle_call = None
             if call is not None and call.active():
                 call.cancel()
+            if connection.peer_closed():
+                # The backend closed it (its keep-alive ran out) and the reactor has not seen
+                # that yet: a request written there would be lost, and then nobody could know
+                # whether it ran. Drop it, never write to it.
+                connection.close()
+                continue
             waiting: Deferred[IResponse] = Deferred(connection.cancel)
             connection.send(waiting, method, head, bodyProducer, keep_alive, meta)
             return waiting

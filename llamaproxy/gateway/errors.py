@@ -8,6 +8,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from http import HTTPStatus
+
+#: RFC 9110's reason phrases where Python's table still has the older RFC 7231/2616 wording.
+_RFC_9110_PHRASES = {
+    413: "Content Too Large",
+    414: "URI Too Long",
+    416: "Range Not Satisfiable",
+    422: "Unprocessable Content",
+}
+
+#: The reason phrase of every status code the gateway may send, as status-line bytes.
+REASON_PHRASES: dict[int, bytes] = {
+    status.value: _RFC_9110_PHRASES.get(status.value, status.phrase).encode("ascii")
+    for status in HTTPStatus
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    """The RFC 9110 reason phrase for ``status`` (a bare "Status" for a code nobody named)."""
+    return REASON_PHRASES.get(status, b"Status")
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,17 @@ def method_not_allowed(method: str, allowed: tuple[str, ...]) -> GatewayError:
         "invalid_request_error",
         "method_not_allowed",
         headers=(("Allow", ", ".join(allowed)),),
+    )
+
+
+def unsupported_transfer_encoding(coding: str) -> GatewayError:
+    """501 for a transfer coding other than chunked (RFC 9112 6.1)."""
+    shown = coding[:100]
+    return GatewayError(
+        501,
+        f"Unsupported Transfer-Encoding {shown!r}: only a single 'chunked' is accepted",
+        "invalid_request_error",
+        "unsupported_transfer_encoding",
     )
 
 

@@ -1,9 +1,9 @@
 """Sending a client's request to a backend: header filtering, the client and its pool, retries.
 
 ``BackendClient`` (llamaproxy/gateway/backend_client.py) speaks HTTP/1.1 with keep-alive. Its
-pool's idle timeout stays below llama-server's 5 s keep-alive, and a request that fails because a
-pooled connection was closed under it (the backend never saw it) is sent once more on a fresh
-connection.
+pool's idle timeout stays below llama-server's 5 s keep-alive, and it never writes a request on a
+pooled connection the backend has already closed. A request is sent again only when it certainly
+did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``send``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from llamaproxy.gateway.backend_client import BackendClient
+from llamaproxy.gateway.client_address import FORWARDING_HEADERS
 
 log = Logger()
 
@@ -44,8 +45,9 @@ HOP_BY_HOP = frozenset(
 )
 
 #: Request headers the backend never sees: the client's credentials, framing the client redoes,
-#: cookies, and encodings that would stop a stream from passing through untouched.
-_REQUEST_DROP = HOP_BY_HOP | {
+#: cookies, encodings that would stop a stream from passing through untouched, and the
+#: client's own forwarding headers (the gateway sends the ones it built, see client_address).
+_REQUEST_DROP = HOP_BY_HOP | FORWARDING_HEADERS | {
     b"host", b"content-length", b"authorization", b"x-api-key", b"expect", b"cookie",
     b"accept-encoding",
 }
@@ -158,18 +160,44 @@ def make_client(reactor: Any, max_idle_per_host: int, connect_timeout: float) ->
     )
 
 
-def _stale_connection(failure_value: BaseException) -> bool:
-    """True when a pooled connection died before the backend read our request."""
+#: Methods whose repetition changes nothing (RFC 9110 9.2.2) and that the gateway sends bodiless.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+def not_processed(failure_value: BaseException) -> bool:
+    """True when the backend certainly did not process the request: it never got all of it.
+
+    The connection was never made (refused, no route, name not found, connect timeout), the
+    request was not written at all (``RequestNotSent``), or its writing failed part-way
+    (``RequestTransmissionFailed``: a backend cannot act on half a request). A request that was
+    written whole and then got no answer (``ResponseNeverReceived``) may have run: a backend
+    can read the whole POST, generate, and die (or close) before answering.
+    """
+    from twisted.internet.error import ConnectError, DNSLookupError
     from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
+
+    return isinstance(
+        failure_value, (ConnectError, DNSLookupError, RequestNotSent, RequestTransmissionFailed)
+    )
+
+
+def may_resend(method: bytes, failure_value: BaseException, any_request: bool = False) -> bool:
+    """May a request that failed with ``failure_value`` be sent again (here or elsewhere)?
+
+    Yes when it was certainly not processed, when it is idempotent, or when the backend's
+    operator said repeats are harmless (``retry_non_idempotent = true``: ``any_request``).
+    """
+    return any_request or method in IDEMPOTENT_METHODS or not_processed(failure_value)
+
+
+def _lost_before_answer(failure_value: BaseException) -> bool:
+    """True when a connection closed after the request was written, before any answer."""
+    from twisted.internet.error import ConnectionDone, ConnectionLost
     from twisted.web.client import ResponseNeverReceived
 
-    if isinstance(failure_value, (RequestNotSent, RequestTransmissionFailed)):
-        return True
-    if isinstance(failure_value, ResponseNeverReceived):
-        from twisted.internet.error import ConnectionDone, ConnectionLost
-
-        return all(r.check(ConnectionDone, ConnectionLost) for r in failure_value.reasons)
-    return False
+    return isinstance(failure_value, ResponseNeverReceived) and all(
+        r.check(ConnectionDone, ConnectionLost) for r in failure_value.reasons
+    )
 
 
 def send(
@@ -179,20 +207,41 @@ def send(
     method: bytes,
     client_headers: Headers,
     body: bytes,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> Deferred[IResponse]:
-    """Send one request to ``url``; retry once if a stale pooled connection swallowed it.
+    """Send one request to ``url``; send it once more only if it certainly did not run.
+
+    ``BackendClient`` already never writes a request on a pooled connection the backend has
+    closed (it checks before writing). What is left to retry here: a request that was not, or
+    not completely, written (``RequestNotSent``, ``RequestTransmissionFailed``), and an
+    idempotent bodiless request (GET, HEAD) whose connection closed before an answer, as
+    Twisted's own pool does. A POST that was written whole is never sent twice by this.
 
     A Deferred, not a coroutine: this is on every request's path, and cancelling it cancels
     whichever attempt is in flight.
     """
     headers = filter_request_headers(client_headers, backend_key)
+    for name, value in extra_headers:
+        headers.setRawHeaders(name, [value])
     with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
 
     def retry(failure: Failure) -> Deferred[IResponse]:
-        if failure.value is None or not _stale_connection(failure.value):
+        if not _send_again(failure.value, method, with_body):
             return fail(failure)
-        log.debug("Retrying {method} {url} on a fresh connection", method=method, url=url)
+        log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
         return agent.request(method, url, headers, BytesBody(body) if with_body else None)
 
     sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
     return sending.addErrback(retry)
+
+
+def _send_again(failure_value: BaseException | None, method: bytes, with_body: bool) -> bool:
+    """The request went (partly) unwritten, or an idempotent one lost its connection."""
+    from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
+
+    if isinstance(failure_value, (RequestNotSent, RequestTransmissionFailed)):
+        return True
+    return (
+        failure_value is not None and not with_body and method in IDEMPOTENT_METHODS
+        and _lost_before_answer(failure_value)
+    )

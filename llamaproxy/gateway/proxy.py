@@ -414,6 +414,8 @@ class ProxyExchanges:
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
         url = upstream_url_bytes(member.spec.base_url, target)
+        local = member.spec.kind == "local"
+        resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
             if not await self._member_ready(member, wait_until):
                 ticket.release()
@@ -427,7 +429,8 @@ class ProxyExchanges:
                 exchange.timer.backend_sent()
             exchange.sent = True
             sending = forward.send(
-                self.agent, url, status.api_key, method, request.requestHeaders, body
+                self.agent, url, status.api_key, method, request.requestHeaders, body,
+                request.client_identity.forwarding_headers(),
             )
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
@@ -443,17 +446,27 @@ class ProxyExchanges:
                          backend=member.name, timeout=self.settings.first_byte_timeout)
                 report(ticket, None, e)
                 self._cancel_deadline(exchange)
-                return self._give_up(exchange, errors.gateway_timeout(), last)
+                # The backend may still be working on it: only a repeatable request moves on.
+                return self._give_up(exchange, errors.gateway_timeout(),
+                                     last or not forward.may_resend(method, e, resend_any))
             except Exception as e:
-                exchange.sent = False  # no response: not processed, as far as anyone can tell
+                # Accounted only if the backend may have run it (a request that certainly did
+                # not reach it costs nothing: the rate-limit charge is given back).
+                exchange.sent = not forward.not_processed(e)
                 log.warn("Backend {backend} request failed: {error}", backend=member.name,
                          error=_describe(e))
-                if not last and is_retryable(None, e, 0):
+                # Sent again (to this backend or the next) only if it certainly did not run,
+                # or it is idempotent, or the backend said repeats are harmless; a request
+                # that reached a local child is sent again only if that child crashed.
+                resend = forward.may_resend(method, e, resend_any) or (
+                    local and attempt == 1 and await self._backend_went_down(status)
+                )
+                if resend and not last and is_retryable(None, e, 0):
                     report(ticket, None, e)
                     self._cancel_deadline(exchange)
                     exchange.failure = errors.bad_gateway()
                     return False
-                if attempt == 1 and await self._backend_went_down(status):
+                if resend and attempt == 1 and await self._backend_went_down(status):
                     # The backend crashed under us: wait for the restart (that wait belongs to
                     # the queue budget, not to REQUEST_TIMEOUT), then send again.
                     self._cancel_deadline(exchange)
@@ -475,6 +488,9 @@ class ProxyExchanges:
             return True
         if model_id is not None:
             await self._answer_model(request, response, model_id)
+            return True
+        if response.code >= 400 and request.method != b"HEAD" and not _json_or_stream(response):
+            await _answer_plain_error(request, response)
             return True
         await self._relay(exchange, response)
         return True
@@ -573,6 +589,32 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
     """Finish ``request`` with ``doc`` as its JSON body."""
     request.setHeader(b"Content-Type", _JSON)
     answer_whole(request, json.dumps(doc).encode())
+
+
+#: Most of a backend's non-JSON error body read to put in the JSON error's message.
+_PLAIN_ERROR_LIMIT = 64 * 1024
+
+
+def _json_or_stream(response: IResponse) -> bool:
+    """True when the body is JSON or an event stream (relayed as it is)."""
+    content_type = response.headers.getRawHeaders(b"content-type", [b""])[0].lower()
+    return b"json" in content_type or content_type.startswith(b"text/event-stream")
+
+
+async def _answer_plain_error(request: GatewayRequest, response: IResponse) -> None:
+    """A backend error whose body is not JSON (llama-server's bare "413 Payload Too Large"
+    text, an HTML page from a proxy): an OpenAI-shaped JSON error with the backend's status."""
+    try:
+        raw = await read_body_bounded(response, _PLAIN_ERROR_LIMIT)
+    except Exception:
+        raw = b""
+    text = " ".join(raw.decode("utf-8", "replace").split())[:500]
+    phrase = errors.reason_phrase(response.code).decode("ascii")
+    message = f"Backend answered {response.code} {phrase}" + (f": {text}" if text else "")
+    kind = "server_error" if response.code >= 500 else "invalid_request_error"
+    for name, values in forward.filter_response_headers(response.headers):
+        request.responseHeaders.setRawHeaders(name, values)
+    request.send_error(GatewayError(response.code, message, kind, "backend_error"))
 
 
 def _discard(response: IResponse) -> None:

@@ -84,6 +84,7 @@ class RequestRecorder:
                 completion_tokens=completion,
                 outcome=outcome,
                 tokens_estimated=estimated,
+                client=request.client_identity.address,
             )
             if self.access_log is not None:
                 self.access_log.record(entry)
@@ -107,13 +108,14 @@ class RequestRecorder:
             if self.token_limits is not None:
                 self.token_limits.spend(key_id, (prompt or 0) + (completion or 0))
 
-    def refused(self, error: GatewayError) -> None:
-        """A request refused before it was complete (no Request exists): 408, 414, 431, 400."""
+    def refused(self, error: GatewayError, peer: str | None = None) -> None:
+        """A request refused before it was complete (no Request exists): 408, 414, 431, 400;
+        ``peer`` is the connection's peer address (no forwarding header was read yet)."""
         now = self.clock.seconds()
         if self.access_log is not None:
             self.access_log.record(AccessEntry(
                 ts=now, request_id="-", key_id=None, method="-", path="-", status=error.status,
-                duration_ms=0.0, outcome="rejected",
+                duration_ms=0.0, outcome="rejected", client=peer,
             ))
         if self.metrics is not None:
             self.metrics.rejected(rejection_reason(error) or "other")

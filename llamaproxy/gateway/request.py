@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, cast
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import RESPONSES, datetimeToString
+from twisted.web.http import datetimeToString
 
 from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
@@ -26,11 +27,14 @@ from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.eager_write import after_sending
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
+from llamaproxy.gateway.client_address import ClientIdentity, TrustedProxies
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.json_shape import JsonShape
 from llamaproxy.gateway.request_body import NO_FACTS, BodyFacts
 
 log = Logger()
+
+_NO_PROXIES = TrustedProxies()
 
 #: What the gateway says it is (no version banner).
 SERVER_NAME = b"llamaproxy"
@@ -51,8 +55,8 @@ class GatewayRequest(server.Request):
     # ~25 attributes, and an instance with 30 or more gets a dict five times the size (1.6 KiB
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
-        "_body_limit", "_body_seen", "_budget", "_clock", "_closed_early", "_held", "_recorded",
-        "_site",
+        "_body_limit", "_body_seen", "_budget", "_client", "_clock", "_closed_early", "_held",
+        "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id", "on_lost",
         "refund", "request_id", "route", "shape", "started_at",
     )
@@ -109,6 +113,7 @@ class GatewayRequest(server.Request):
         self._held = 0  # body bytes reserved in the site's BodyBudget
         self._site: Any = None
         self._recorded = False
+        self._client: ClientIdentity | None = None
         super().__init__(*args, **kwargs)
         site = getattr(self.channel, "site", None)
         self._clock = getattr(site, "reactor", None)
@@ -212,29 +217,73 @@ class GatewayRequest(server.Request):
         """Serve the request unless it was already answered before its body.
 
         twisted.web's ``process`` minus what the gateway never uses on its hot path: resource
-        traversal (the site has one leaf resource) and a Date string formatted per request
-        (once per second here). ``OPTIONS *`` keeps twisted.web's handling.
+        traversal (the gateway site has one leaf resource) and a Date string formatted per
+        request (once per second here); and never twisted.web's ``Server: TwistedWeb`` banner
+        (``OPTIONS *`` included).
         """
         if self._closed_early:
             return
         site = self.channel.site  # type: ignore[attr-defined]
         resource = getattr(site, "resource", None)
-        if self.path == b"*" or not getattr(resource, "isLeaf", False):
-            super().process()
-            return
         self.site = site
+        # twisted.web's own process would also send "Server: TwistedWeb/<version>".
+        self.setHeader(b"Server", SERVER_NAME)
         self.setHeader(b"Date", _http_date(int(time.time())))
         self.prepath = []
-        self.postpath = []
+        if self.path == b"*":
+            self._answer_star()
+            return
         try:
+            if getattr(site, "single_leaf", False):
+                self.postpath = []
+            else:  # another resource (the health site's Klein app): twisted.web's traversal
+                if self.early_error is not None:  # such a tree knows nothing of early errors
+                    self.send_error(self.early_error)
+                    return
+                self.postpath = [unquote(p) for p in self.path[1:].split(b"/")]
+                resource = site.getResourceFor(self)
             self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _answer_star(self) -> None:
+        """``OPTIONS *`` (RFC 9110 9.3.7): an empty 200; any other method on ``*`` is 405."""
+        if self.method == b"OPTIONS":
+            self.setResponseCode(200)
+            self.setHeader(b"Content-Length", b"0")
+            self.finish()
+        else:
+            self.send_error(errors.method_not_allowed(
+                self.method.decode("latin-1", "replace")[:20], ("OPTIONS",)))
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """Set the status; the reason phrase is always RFC 9110's (never "Unknown Status")."""
+        phrase = errors.REASON_PHRASES.get(code)
+        super().setResponseCode(code, phrase if phrase is not None else message or b"Status")
 
     def processingFailed(self, reason: Failure) -> None:
         """A bug in a render method: log it, answer a JSON 500 (never an HTML traceback page)."""
         log.failure("Error while rendering {path}", reason, path=self.path.decode("latin-1")[:200])
         self.send_error(errors.internal_error())
+
+    @property
+    def client_identity(self) -> ClientIdentity:
+        """Who sent this request: the peer, or whom a trusted proxy says it forwards for."""
+        if self._client is None:
+            site = self._site if self._site is not None else getattr(self.channel, "site", None)
+            trusted: TrustedProxies = getattr(site, "trusted_proxies", None) or _NO_PROXIES
+            peer = getattr(self.getClientAddress(), "host", "") or ""
+            headers = self.requestHeaders
+            if trusted.networks:
+                self._client = trusted.identify(
+                    peer, self.isSecure(),
+                    headers.getRawHeaders(b"x-forwarded-for", []),
+                    headers.getRawHeaders(b"forwarded", []),
+                    headers.getRawHeaders(b"x-forwarded-proto", []),
+                )
+            else:
+                self._client = trusted.identify(peer, self.isSecure(), [], [], [])
+        return self._client
 
     # -- CORS and errors --------------------------------------------------------------------
 
@@ -385,7 +434,7 @@ def raw_response(
     was read, or before a request was even complete).
     """
     body = error.body()
-    reason = RESPONSES.get(error.status, b"Error").decode("latin-1")
+    reason = errors.reason_phrase(error.status).decode("latin-1")
     lines = [f"HTTP/1.1 {error.status} {reason}"]
     headers = [
         ("Server", SERVER_NAME.decode()),

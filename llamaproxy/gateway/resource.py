@@ -280,7 +280,7 @@ class GatewayResource(ProxyExchanges, Resource):
             )
         request.setHeader(b"Content-Type", _JSON)
         request.setHeader(b"Cache-Control", b"no-store")
-        return json.dumps({"ready": ready, "backend": self.backend.state.value}).encode() + b"\n"
+        return json.dumps({"ready": ready, "backend": self.backend.condition}).encode() + b"\n"
 
     @property
     def backend(self) -> Backend:

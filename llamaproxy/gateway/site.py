@@ -11,6 +11,7 @@ byte a second could otherwise hold a connection for hours.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.resource import Resource
 
 from llamaproxy.cors import CorsPolicy
 from llamaproxy.eager_write import EagerSender, send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
+from llamaproxy.gateway.client_address import TrustedProxies
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, raw_response
@@ -32,6 +35,67 @@ from llamaproxy.gateway.resource import GatewayResource
 log = Logger()
 
 _CONNECTION_DONE = Failure(ConnectionDone())
+
+#: Bits of GatewayChannel._framing: which body-framing header the current request had.
+_CONTENT_LENGTH = 1
+_TRANSFER_ENCODING = 2
+
+_BOTH_FRAMINGS = errors.bad_request(
+    "Content-Length and Transfer-Encoding together: a request may have only one of them"
+)
+
+
+def _shown(value: bytes) -> str:
+    """A header value for an error message: quoted, at most 100 characters."""
+    return repr(value[:100].decode("latin-1"))
+
+
+class LimitedChunkedDecoder(http._ChunkedTransferDecoder):
+    """Twisted's chunked decoder, refusing a body over the limit as soon as a chunk *says* so.
+
+    Twisted's decoder waits for a chunk's bytes however large its declared size (a size of
+    ``ffffffffffffffff`` held the connection until the arrival timeout); this one answers 413
+    when the size line arrives, and says what was malformed instead of a generic 400.
+    """
+
+    def __init__(
+        self,
+        data_callback: Callable[[bytes], None],
+        finish_callback: Callable[[bytes], None],
+        limit: int,
+        refuse: Callable[[GatewayError], None],
+    ) -> None:
+        super().__init__(data_callback, finish_callback)
+        self.limit = limit
+        self.declared = 0
+        self._refuse = refuse
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        try:
+            complete = bool(super()._dataReceived_CHUNK_LENGTH())
+        except http._MalformedChunkedDataError as e:
+            self._refuse(errors.bad_request(f"Malformed chunk size line: {e}"))
+            raise
+        if complete:
+            self.declared += self.length
+            if self.declared > self.limit:
+                self._refuse(errors.payload_too_large(self.limit))
+                raise http._MalformedChunkedDataError("chunk over the body limit")
+        return complete
+
+    def _dataReceived_CRLF(self) -> bool:
+        try:
+            return bool(super()._dataReceived_CRLF())
+        except http._MalformedChunkedDataError as e:
+            self._refuse(errors.bad_request(f"Malformed chunked body: {e}"))
+            raise
+
+    def _dataReceived_TRAILER(self) -> bool:
+        try:
+            return bool(super()._dataReceived_TRAILER())
+        except http._MalformedChunkedDataError as e:
+            self._refuse(errors.bad_request(f"Malformed chunked body: {e}"))
+            raise
 
 
 @dataclass(frozen=True)
@@ -60,14 +124,18 @@ class GatewayChannel(http.HTTPChannel):
     # attributes past which CPython gives an object a dict five times the size (see
     # GatewayRequest), and that is per open connection.
     __slots__ = (
-        "_arrival_timer", "_bad_request", "_header_lines", "_host", "cors", "limits", "sender"
+        "_arrival_timer", "_framing", "_framing_error", "_header_lines", "_host", "cors",
+        "limits", "sender",
     )
 
     def __init__(self) -> None:
         self.limits = _DEFAULT_LIMITS
         self.cors = _NO_CORS
         self._arrival_timer: IDelayedCall | None = None
-        self._bad_request = "Malformed request"
+        #: Which framing headers the current request had (_CONTENT_LENGTH, _TRANSFER_ENCODING).
+        self._framing = 0
+        #: The error to answer when Twisted's parser refuses the request (None: a generic 400).
+        self._framing_error: GatewayError | None = None
         self._header_lines = 0
         self._host: Any = None
         #: The connection's eager sender (None when it is not plain TCP, e.g. TLS).
@@ -107,6 +175,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._cancel_arrival_timer()
+        self._framing = 0
         self._header_lines = 0
         super().allContentReceived()
 
@@ -149,31 +218,86 @@ class GatewayChannel(http.HTTPChannel):
             self._reject(errors.headers_too_large())
 
     def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
-        # Remember why Twisted may refuse this header, for our 400's message.
+        """Accept exactly one body framing: one Content-Length, or one ``chunked`` coding.
+
+        Anything else could be read differently by a proxy in front or behind (request
+        smuggling), so it is refused once the headers are in (``allHeadersReceived``) and the
+        connection closed: both headers together whatever the coding (400), a repeated or
+        malformed Content-Length, a repeated Transfer-Encoding header, a list of codings (400),
+        or a single coding other than chunked (501, RFC 9112 6.1).
+        """
         if header == b"Content-Length":
-            self._bad_request = (
-                "Malformed Content-Length header" if not data.isdigit()
-                else "Conflicting Content-Length and Transfer-Encoding headers"
+            seen = self._framing
+            self._framing |= _CONTENT_LENGTH
+            if seen & _TRANSFER_ENCODING:
+                self._framing_error = _BOTH_FRAMINGS
+            elif not data.isdigit():
+                self._note(errors.bad_request(
+                    f"Malformed Content-Length header {_shown(data)}: it must be digits only"))
+            elif seen & _CONTENT_LENGTH:
+                self._note(errors.bad_request("Repeated Content-Length header: a request has one"))
+            elif self._framing_error is None:
+                return bool(super()._maybeChooseTransferDecoder(header, data))
+            return True
+        if header != b"Transfer-Encoding":
+            return True
+        seen = self._framing
+        self._framing |= _TRANSFER_ENCODING
+        coding = data.lower()
+        if seen & _CONTENT_LENGTH:
+            self._framing_error = _BOTH_FRAMINGS
+        elif seen & _TRANSFER_ENCODING:
+            self._note(errors.bad_request(
+                "Repeated Transfer-Encoding header: only a single 'chunked' is accepted"))
+        elif not coding.strip(b" \t,"):
+            self._note(errors.bad_request("Empty Transfer-Encoding header"))
+        elif b"," in coding:
+            self._note(errors.bad_request(
+                f"Transfer-Encoding {_shown(data)} lists several codings: only a single "
+                "'chunked' is accepted"))
+        elif coding != b"chunked":
+            self._note(errors.unsupported_transfer_encoding(data.decode("latin-1")))
+        elif self._framing_error is None:
+            self.length = None
+            self._transferDecoder = LimitedChunkedDecoder(
+                self.requests[-1].handleContentChunk, self._finishRequestBody,
+                self.limits.max_body, self._refuse_body,
             )
-        elif header == b"Transfer-Encoding":
-            self._bad_request = (
-                "Conflicting Content-Length and Transfer-Encoding headers"
-                if data.lower() in (b"chunked", b"identity")
-                else "Unsupported Transfer-Encoding"
-            )
-        return bool(super()._maybeChooseTransferDecoder(header, data))
+        return True
+
+    def _note(self, error: GatewayError) -> None:
+        """Remember the first framing problem of the request being parsed."""
+        if self._framing_error is None:
+            self._framing_error = error
+
+    def allHeadersReceived(self) -> None:
+        error = self._framing_error
+        if error is None:
+            super().allHeadersReceived()
+            return
+        # Refused: no Request ever sees it, and nothing after it on this connection is read.
+        self._framing_error = None
+        self.length = None
+        self._reject(error)
+
+    def _refuse_body(self, error: GatewayError) -> None:
+        """The chunked decoder found the body malformed or too large (it raises next)."""
+        self._framing_error = error
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        """Twisted found the request malformed: answer with our JSON 400, not a bare one."""
-        self._reject(errors.bad_request(self._bad_request))
+        """Twisted found the request malformed: answer with our JSON error, not a bare 400."""
+        error, self._framing_error = self._framing_error, None
+        if self.line_mode:  # still in the head: a pending framing note is not why
+            error = None
+        self._reject(error or errors.bad_request("Malformed request"))
 
     # -- answering without a request -------------------------------------------------------
 
     def _reject(self, error: GatewayError) -> None:
         """Write ``error`` as the whole response, stop parsing, and close once it is sent."""
         self._cancel_arrival_timer()
-        if self.transport is None:
-            return
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return  # already answered (e.g. refused before its body) and closing
         log.info(
             "Refused a request from {peer}: {status} {message}",
             peer=str(self.transport.getPeer()), status=error.status, message=error.message,
@@ -182,9 +306,10 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.write(raw_response(error, self.cors.response_headers(None)))
         recorder = getattr(getattr(self, "site", None), "recorder", None)
         if recorder is not None:
-            recorder.refused(error)
+            recorder.refused(error, getattr(self.transport.getPeer(), "host", None))
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
+        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
         self.loseConnection()
 
 
@@ -199,20 +324,29 @@ class GatewaySite(server.Site):
 
     def __init__(
         self,
-        resource: GatewayResource,
+        resource: GatewayResource | Resource,
         limits: RequestLimits | None = None,
         cors: CorsPolicy | None = None,
         reactor: Any = None,
         recorder: RequestRecorder | None = None,
         body_budget: BodyBudget | None = None,
+        early_check: EarlyCheck | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
+        #: Whose X-Forwarded-For is believed (GatewayRequest.client).
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
         #: Bounds the request-body bytes held, in all and per key (None: unbounded).
         self.body_budget = body_budget
         self.cors = cors or CorsPolicy()
         self.recorder = recorder
-        self.early_check: EarlyCheck = resource.early_check
+        #: True when the resource is the gateway's (one leaf, no traversal needed).
+        self.single_leaf = isinstance(resource, GatewayResource)
+        #: Decides from the head alone whether a request may go on (the resource's by default).
+        self.early_check: EarlyCheck | None = (
+            early_check if early_check is not None else getattr(resource, "early_check", None)
+        )
 
     @property
     def max_request_body_size(self) -> int:

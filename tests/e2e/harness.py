@@ -166,8 +166,13 @@ class Gateway:
     def backend_url(self) -> str:
         return f"http://127.0.0.1:{self.backend_port}"
 
+    def key_files(self) -> list[Path]:
+        """This gateway's backend key files (``backend-INSTANCE_ID.BOOT.PID.TOKEN.key``)."""
+        return sorted((self.root / "keys").glob(f"backend-{self.instance_id}.*.key"))
+
     def backend_key(self) -> str:
-        return (self.root / "keys" / f"backend-{self.instance_id}.key").read_text().strip()
+        [path] = self.key_files()
+        return path.read_text().strip()
 
     def start(self, wait_ready: bool = True) -> Gateway:
         self.process = subprocess.Popen(

@@ -186,7 +186,7 @@ class SupervisionTests(SynchronousTestCase):
         gateway = Gateway().start()
         self.addCleanup(gateway.stop)
         child = gateway.child_pid()
-        key_file = gateway.root / "keys" / f"backend-{gateway.instance_id}.key"
+        [key_file] = gateway.key_files()
         self.assertTrue(key_file.exists())
         self.assertEqual(key_file.stat().st_mode & 0o777, 0o600)
         started = time.monotonic()

@@ -4,6 +4,7 @@ errors and cancellation (in memory), the keep-alive pool, and a few exchanges ov
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -734,7 +735,8 @@ class ErrorTests(Base):
             protocol.connectionLost(Failure(reason))
             failure = self.failureResultOf(d, ResponseNeverReceived)
             self.assertTrue(failure.value.reasons[0].check(type(reason)))
-            self.assertTrue(forward._stale_connection(failure.value))
+            # Written whole, then no answer: it may have run, so it is not sent again.
+            self.assertFalse(forward.not_processed(failure.value))
             self.assertTrue(is_retryable(None, failure.value, 0))
 
     def test_closed_after_part_of_the_head_is_a_response_failure(self) -> None:
@@ -743,7 +745,7 @@ class ErrorTests(Base):
         protocol.connectionLost(Failure(ConnectionDone()))
         failure = self.failureResultOf(d, ResponseFailed)
         self.assertNotIsInstance(failure.value, ResponseNeverReceived)
-        self.assertFalse(forward._stale_connection(failure.value))
+        self.assertFalse(forward.not_processed(failure.value))
 
     def test_connection_errors_pass_through(self) -> None:
         self.endpoints.endpoint.auto = False
@@ -908,16 +910,24 @@ class PoolTests(Base):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.client.idle_connections(), 0)
 
-    def test_stale_pooled_connection_is_retried_by_forward_send(self) -> None:
+    def test_post_lost_after_writing_is_not_sent_again_by_forward_send(self) -> None:
         d, protocol, _ = self.send()
         self.finish(protocol)
         self.read(self.successResultOf(d))
         sending = forward.send(self.client, URL, "k", b"POST", Headers(), b"{}")
         self.assertEqual(self.connections(), 1)
-        protocol.connectionLost(Failure(ConnectionDone()))  # closed by the server meanwhile
+        protocol.connectionLost(Failure(ConnectionDone()))  # closed after reading the POST
+        self.assertEqual(self.connections(), 1)
+        self.failureResultOf(sending, ResponseNeverReceived)
+
+    def test_idempotent_get_lost_after_writing_is_sent_again(self) -> None:
+        d, protocol, _ = self.send()
+        self.finish(protocol)
+        self.read(self.successResultOf(d))
+        sending = forward.send(self.client, URL, "k", b"GET", Headers(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.connections(), 2)
-        fresh, transport = self.endpoints.endpoint.connections[1]
-        self.assertTrue(transport.value().endswith(b"Content-Length: 2\r\n\r\n{}"))
+        fresh, _ = self.endpoints.endpoint.connections[1]
         fresh.dataReceived(HEAD_200 + b"hello")
         self.assertEqual(self.successResultOf(sending).code, 200)
 
@@ -1105,7 +1115,7 @@ class RealSocketTests(TestCase):
         # The server never answers a second request on a connection; it closes instead.
         with self.assertRaises(ResponseNeverReceived) as caught:
             await self.client.request(b"GET", url)
-        self.assertTrue(forward._stale_connection(caught.exception))
+        self.assertFalse(forward.not_processed(caught.exception))
 
     def test_stale_pooled_connection_is_never_received(self) -> Deferred[None]:
         port = self.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", close_after=None,
@@ -1121,3 +1131,101 @@ class RealSocketTests(TestCase):
 
     def test_connection_refused_passes_through(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._refused())
+
+
+class ThreadedBackend:
+    """A backend on its own thread (so the gateway's reactor cannot see its closes early): it
+    reads each request whole (head and Content-Length body), records it, then either answers
+    with keep-alive and closes at once (``answer_then_close``) or closes without answering."""
+
+    def __init__(self, answer_then_close: bool) -> None:
+        import socket
+        import threading
+
+        self.answer = answer_then_close
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, body)
+        self.closed = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(10)
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for number in range(2):
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    data += piece
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), b"0"))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests.append((number, body))
+                if self.answer:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                 b"Connection: keep-alive\r\n\r\nok")
+            self.closed.set()
+
+    def stop(self) -> None:
+        import socket
+
+        if self.thread.is_alive():  # wake a pending accept
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                pass
+        self.thread.join(10)
+        self.server.close()
+
+
+class ResendOnRealSocketsTests(TestCase):
+    """A POST reaches the backend once, and a pooled connection it closed is never written to."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.client = BackendClient(
+            reactor, forward.CachedEndpoints(reactor, 5), 4)  # type: ignore[arg-type]
+        self.addCleanup(self.client.closeCachedConnections)
+
+    def backend(self, answer_then_close: bool) -> ThreadedBackend:
+        backend = ThreadedBackend(answer_then_close)
+        self.addCleanup(backend.stop)
+        return backend
+
+    async def _read_then_close(self) -> None:
+        backend = self.backend(answer_then_close=False)
+        url = b"http://127.0.0.1:%d/v1/chat/completions" % backend.port
+        with self.assertRaises(ResponseNeverReceived):
+            await forward.send(self.client, url, "k", b"POST", Headers(), b'{"n": 1}')
+        self.assertEqual(backend.requests, [(0, b'{"n": 1}')])
+
+    def test_post_read_whole_then_closed_reaches_the_backend_once(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._read_then_close())
+
+    async def _closed_while_idle(self) -> None:
+        import time
+
+        backend = self.backend(answer_then_close=True)
+        url = b"http://127.0.0.1:%d/v1/chat/completions" % backend.port
+        response = await forward.send(self.client, url, "k", b"POST", Headers(), b'{"n": 1}')
+        self.assertEqual(await readBody(response), b"ok")
+        self.assertEqual(self.client.idle_connections(), 1)
+        # Block the reactor until the backend closed its end: the pooled connection's close is
+        # then in the socket but not yet seen by the reactor (the race a keep-alive expiry makes).
+        self.assertTrue(backend.closed.wait(10))
+        time.sleep(0.05)
+        response = await forward.send(self.client, url, "k", b"POST", Headers(), b'{"n": 2}')
+        self.assertEqual(await readBody(response), b"ok")
+        self.assertEqual(backend.requests, [(0, b'{"n": 1}'), (1, b'{"n": 2}')])
+
+    def test_pooled_connection_closed_by_the_backend_is_not_written_to(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._closed_while_idle())

@@ -82,23 +82,53 @@ class SendTests(SynchronousTestCase):
         record.respond(200, b"ok")
         self.assertEqual(self.successResultOf(result).code, 200)
 
-    def test_retries_once_on_a_stale_connection(self) -> None:
+    def test_a_post_written_whole_is_never_sent_again(self) -> None:
         result = self.send()
         self.agent.requests[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.agent.requests), 1)
+        self.failureResultOf(result, ResponseNeverReceived)
+
+    def test_an_unwritten_request_is_sent_again_once(self) -> None:
+        from twisted.web._newclient import RequestNotSent
+
+        for first in (RequestNotSent(), RequestTransmissionFailed([Failure(ConnectionDone())])):
+            self.agent.requests.clear()
+            result = self.send()
+            self.agent.requests[0].fail(first)
+            self.assertEqual(len(self.agent.requests), 2)
+            self.agent.requests[1].fail(RequestTransmissionFailed([Failure(ConnectionDone())]))
+            self.assertEqual(len(self.agent.requests), 2)
+            self.failureResultOf(result, RequestTransmissionFailed)
+
+    def test_an_idempotent_get_is_sent_again_once(self) -> None:
+        url = self.backend.base_url.encode() + b"/v1/models"
+        result = forward.send(self.agent, url, "k", b"GET", Headers(), b"")
+        self.agent.requests[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
         self.assertEqual(len(self.agent.requests), 2)
-        self.agent.requests[1].fail(RequestTransmissionFailed([Failure(ConnectionDone())]))
-        self.assertEqual(len(self.agent.requests), 2)
-        self.failureResultOf(result, RequestTransmissionFailed)
+        self.assertIsNone(self.agent.requests[1].body_producer)
+        self.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(self.successResultOf(result).code, 200)
+
+    def test_may_resend(self) -> None:
+        from twisted.web._newclient import RequestNotSent
+
+        lost = ResponseNeverReceived([Failure(ConnectionDone())])
+        self.assertFalse(forward.may_resend(b"POST", lost))
+        self.assertTrue(forward.may_resend(b"POST", lost, any_request=True))
+        self.assertTrue(forward.may_resend(b"GET", lost))
+        self.assertTrue(forward.may_resend(b"POST", ConnectionRefusedError()))
+        self.assertTrue(forward.may_resend(b"POST", RequestNotSent()))
 
     def test_cancelling_cancels_the_attempt_in_flight(self) -> None:
         from twisted.internet.defer import CancelledError
+        from twisted.web._newclient import RequestNotSent
 
         first = self.send()
         first.cancel()
         self.assertTrue(self.agent.requests[0].cancelled)
         self.failureResultOf(first, CancelledError)
         retried = self.send()
-        self.agent.requests[1].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.agent.requests[1].fail(RequestNotSent())
         retried.cancel()
         self.assertTrue(self.agent.requests[2].cancelled)
         self.assertEqual(len(self.agent.requests), 3)

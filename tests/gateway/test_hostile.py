@@ -59,7 +59,7 @@ CASES = [
          + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400,
          "bad_request", True),
     Case("unsupported transfer-encoding", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-         + AUTH + b"Transfer-Encoding: gzip\r\n\r\n", 400, "bad_request", True),
+         + AUTH + b"Transfer-Encoding: gzip\r\n\r\n", 501, "unsupported_transfer_encoding", True),
     Case("garbage request line", b"HELLO\r\n\r\n", 400, "bad_request", True),
     Case("header without colon", b"GET /ping HTTP/1.1\r\nNoColonHere\r\n\r\n", 400, "bad_request",
          True),
