@@ -317,6 +317,7 @@ class LlamaServerSupervisor(Service):
         )
         loop = ProbeLoop(self._probe, self._on_probe, self._probe_interval, self._reactor)
         self._probe_loop = loop
+        self.backend.on_send_failure = self._send_failed
         loop.start(now=False)
 
     def _process_ended(
@@ -449,6 +450,16 @@ class LlamaServerSupervisor(Service):
         loop, self._probe_loop = self._probe_loop, None
         if loop is not None:
             loop.stop()
+
+    def _send_failed(self, detail: str) -> None:
+        """A request could not reach the child: count it as a failed probe, and probe now.
+
+        The child is expected back (it is restarted if it died), so requests wait for it.
+        """
+        if self._process is None or self._stopping or self._probe_loop is None:
+            return
+        self._on_probe(ProbeResult(self._reactor.seconds(), "down", detail))
+        self._probe_loop.probe_now()
 
     def _probe(self) -> Coroutine[Any, Any, ProbeResult]:
         return probe_health(

@@ -233,9 +233,12 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.assertIs(self.backend.state, BackendState.STARTING)
         self.assertEqual(self.last().uri, b"http://gpu-box:8080/health")
         self.last().fail(ConnectionRefusedError())
-        self.assertIs(self.backend.state, BackendState.STARTING)
+        # Refused: not expected back by itself, so unreachable (requests fail fast), probed
+        # again every second.
+        self.assertIs(self.backend.state, BackendState.UNREACHABLE)
+        self.assertFalse(self.backend.recovering)
         self.assertEqual(self.backend.last_probe.detail, "connection refused")  # type: ignore[union-attr]
-        self.assertEqual(self.backend.retry_after(self.clock.seconds()), 5)
+        self.assertEqual(self.backend.retry_after(self.clock.seconds()), 1)
 
         self.clock.advance(1.0)
         self.last().respond(503, LOADING_BODY)
@@ -255,7 +258,7 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.agent.requests), count + 1)
         self.last().respond(500)
-        self.assertIs(self.backend.state, BackendState.STARTING)
+        self.assertIs(self.backend.state, BackendState.UNREACHABLE)
         self.assertFalse(self.backend.ready)
 
         # Not ready again: probed fast.

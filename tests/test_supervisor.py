@@ -573,3 +573,26 @@ class TimingsTests(SynchronousTestCase):
                 health_timeout=1.5,
             ),
         )
+
+
+class SendFailureTests(SupervisorTestCase):
+    """A request that could not reach the child (issue 24.1): down at once, probed now."""
+
+    def test_refused_send_marks_down_probes_now_and_requests_wait(self) -> None:
+        self.start_ready()
+        probes = len(self.agent.requests)
+        self.health = "hang"  # the immediate probe stays in flight
+        self.backend.send_failed("connection refused")
+        self.assertFalse(self.backend.ready)
+        self.assertTrue(self.backend.recovering)  # a local child is expected back: hold
+        self.assertEqual(self.backend.last_probe.detail, "connection refused")  # type: ignore[union-attr]
+        self.assertEqual(len(self.agent.requests), probes + 1)  # no wait for the schedule
+        self.agent.requests[-1].respond(200, b'{"status":"ok"}')  # began after: it counts
+        self.assertTrue(self.backend.ready)
+
+    def test_ignored_once_stopped(self) -> None:
+        self.start_ready()
+        self.supervisor.stopService()
+        probes = len(self.agent.requests)
+        self.backend.send_failed("connection refused")
+        self.assertEqual(len(self.agent.requests), probes)
