@@ -17,6 +17,7 @@ from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.metrics import GatewayMetrics, rejection_reason
+from llamaproxy.rejection_log import RejectionLog
 from llamaproxy.usage import UsageLedger
 
 #: Status recorded for a request whose client left before any response byte (nginx's 499).
@@ -33,8 +34,11 @@ class RequestRecorder:
         metrics: GatewayMetrics | None = None,
         ledger: UsageLedger | None = None,
         token_limits: TokenLimits | None = None,
+        rejection_log: RejectionLog | None = None,
     ) -> None:
         self.clock = clock
+        #: The gateway log's rate-limited account of rejections (never a line per request).
+        self.rejection_log = rejection_log or RejectionLog(clock)
         self.access_log = access_log
         self.metrics = metrics
         self.ledger = ledger
@@ -73,6 +77,10 @@ class RequestRecorder:
                 completion_tokens=completion,
                 outcome=outcome,
             ))
+        if request.error is not None:
+            reason = rejection_reason(request.error)
+            if reason is not None:
+                self.rejection_log.rejected(request.error.status, reason)
         if self.metrics is not None:
             timer = exchange.timer if exchange is not None else None
             if timer is not None:
@@ -94,10 +102,12 @@ class RequestRecorder:
     def refused(self, error: GatewayError) -> None:
         """A request refused before it was complete (no Request exists): 408, 414, 431, 400."""
         now = self.clock.seconds()
+        self.rejection_log.rejected(error.status, rejection_reason(error) or "other")
         if self.access_log is not None:
+            # Answered the moment it was refused: its first byte went out at once.
             self.access_log.record(AccessEntry(
                 ts=now, request_id="-", key_id=None, method="-", path="-", status=error.status,
-                duration_ms=0.0, outcome="rejected",
+                duration_ms=0.0, ttfb_ms=0.0, bytes=len(error.body()), outcome="rejected",
             ))
         if self.metrics is not None:
             self.metrics.rejected(rejection_reason(error) or "other")

@@ -169,10 +169,6 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_arrival_timer()
         if self.transport is None:
             return
-        log.info(
-            "Refused a request from {peer}: {status} {message}",
-            peer=str(self.transport.getPeer()), status=error.status, message=error.message,
-        )
         # The Origin is not known yet (or not trusted): CORS headers only in wildcard mode.
         self.transport.write(raw_response(error, self.cors.response_headers(None)))
         recorder = getattr(getattr(self, "site", None), "recorder", None)
