@@ -244,7 +244,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Key ids allowed to call POST /reload (comma/space separated)."),
     Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
             _seconds, "Seconds between checks of the key file for changes (reloaded when its "
-            "content changed)."),
+            "content changed); on Linux inotify sees changes at once, this is the fallback."),
     Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
             "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
     Setting("max_concurrent_requests", "max-concurrent-requests", ("MAX_CONCURRENT_REQUESTS",),

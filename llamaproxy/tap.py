@@ -224,7 +224,8 @@ def _access_control(
         with contextlib.suppress(KeyLoadError):
             keys.load()
         on_sighup.append(lambda: _reload_keys(keys))
-        background.append(KeyFileWatcher(keys, reactor, config.keys_reload_interval))
+        background.append(
+            KeyFileWatcher(keys, reactor, config.keys_reload_interval, notify_reactor=reactor))
     else:
         log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
     token_limits = None
