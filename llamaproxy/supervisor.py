@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import shlex
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,18 @@ CHILD_LOG_NAMESPACE = "llamaproxy.llama_server"
 
 #: Longest child output line logged; the rest of a longer line is dropped.
 MAX_LINE_BYTES = 4096
+
+#: llama-server's lines about one request (its access line, slot work, timings, the task queue):
+#: logged at ``CHILD_REQUEST_LOG_LEVEL`` (debug by default), the rest at info.
+_REQUEST_LINE = re.compile(
+    r"(slot |que |srv +(log_server_r|params_from_|update_slots|cancel_tasks|operator\(\))"
+    r"|\s*(prompt eval time|eval time|total time) *=|request: )"
+)
+
+
+def is_request_line(line: str) -> bool:
+    """True for llama-server's per-request output (not startup, warnings or errors)."""
+    return _REQUEST_LINE.match(line) is not None
 
 
 class ProcessReactor(TimeSource, Protocol):
@@ -147,9 +160,11 @@ class LlamaServerProcessProtocol(ProcessProtocol):
         on_ended: Callable[[LlamaServerProcessProtocol, int | None, int | None], None],
         child_log: Logger,
         max_line: int = MAX_LINE_BYTES,
+        request_level: LogLevel = LogLevel.debug,
     ) -> None:
         self._on_ended = on_ended
         self._log = child_log
+        self._request_level = request_level
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self.pid: int | None = None
 
@@ -171,7 +186,8 @@ class LlamaServerProcessProtocol(ProcessProtocol):
 
     def _emit(self, stream: str, lines: list[str]) -> None:
         for line in lines:
-            self._log.info("{line}", line=line, stream=stream, pid=self.pid)
+            level = self._request_level if is_request_line(line) else LogLevel.info
+            self._log.emit(level, "{line}", line=line, stream=stream, pid=self.pid)
 
 
 class LlamaServerSupervisor(Service):
@@ -195,8 +211,11 @@ class LlamaServerSupervisor(Service):
         timings: SupervisorTimings | None = None,
         jitter: Callable[[], float] = random.random,
         launcher: Callable[[str, list[str]], tuple[str, list[str]]] | None = None,
+        request_log_level: LogLevel = LogLevel.debug,
     ) -> None:
         self.backend = backend
+        #: The level of the child's per-request output lines (CHILD_REQUEST_LOG_LEVEL).
+        self.request_log_level = request_log_level
         self.executable = executable
         #: Turns (executable, argv) into what is spawned; e.g. llama_server.spawn_command.
         self.launcher = launcher
@@ -285,7 +304,8 @@ class LlamaServerSupervisor(Service):
 
     def _spawn(self) -> None:
         now = self._reactor.seconds()
-        protocol = LlamaServerProcessProtocol(self._process_ended, self._child_log)
+        protocol = LlamaServerProcessProtocol(
+            self._process_ended, self._child_log, request_level=self.request_log_level)
         argv = [self.executable, *self.args]
         log.info(
             "Starting llama-server: {command}",

@@ -17,7 +17,7 @@ from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -134,7 +134,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     worker = config.worker_type or None
     observer = observer_for_twistd(
         parse_log_format(config.log_format), getattr(options, "parent", None), worker,
-        config.instance_id,
+        config.instance_id, config.log_level,
     )
     for warning in config.warnings:
         log.warn("Configuration: {warning}", warning=warning)
@@ -456,6 +456,7 @@ def _supervisor(
         agent=agent,
         timings=SupervisorTimings.from_config(config),
         launcher=spawn_command,
+        request_log_level=LogLevel.levelWithName(config.child_request_log_level),
     )
 
 
