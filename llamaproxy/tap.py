@@ -185,6 +185,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource.local_model_list = options.backends_file is not None
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
+    if not config.metrics_auth_enabled:  # /health is public: the counters only if /metrics is
+        health.legacy_metrics = lambda: metrics.legacy_json()["gateway"]
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource))

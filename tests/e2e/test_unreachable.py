@@ -95,6 +95,8 @@ class UnreachableBackendTests(TestCase):
         warned = gw.log_text().count("request failed (refused)")
         self.assertGreaterEqual(warned, 1)
         self.assertEqual(int(float(counted.group(1))), warned)
+        # The older gateway's /health fields (16.11): its counters under gateway.metrics.
+        self.assertIn("requests_total", gw.health()["gateway"]["metrics"])  # type: ignore[index]
 
         backend = fake_backend(port)
         wait_for(lambda: self.backend_state(gw) == "ready", 10, "the backend to be ready again")
