@@ -238,6 +238,7 @@ class ProbeLoop:
     def stop(self) -> None:
         """Stop probing; cancel the timer and the probe in flight."""
         self.running = False
+        self._again = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None

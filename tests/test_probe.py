@@ -293,3 +293,44 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.monitor.startService()
         self.monitor.stopService()
         self.assertEqual(states, [BackendState.STARTING, BackendState.READY, BackendState.STOPPED])
+
+
+class ProbeNowTests(SynchronousTestCase):
+    """ProbeLoop.probe_now (issue 24.1): at once, and a probe begun before is not trusted."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.results: list[str] = []
+        self.pending: list[Deferred[str]] = []
+
+        async def probe() -> ProbeResult:
+            d: Deferred[str] = Deferred()
+            self.pending.append(d)
+            return ProbeResult(self.clock.seconds(), await d)
+
+        self.loop = ProbeLoop(probe, lambda r: self.results.append(r.outcome), lambda: 5.0,
+                              self.clock)
+
+    def test_idle_loop_probes_at_once(self) -> None:
+        self.loop.start()
+        self.pending[0].callback("ready")
+        self.loop.probe_now()
+        self.assertEqual(len(self.pending), 2)  # without waiting the 5 s
+        self.pending[1].callback("down")
+        self.assertEqual(self.results, ["ready", "down"])
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.pending), 3)  # the schedule goes on
+
+    def test_result_of_a_probe_in_flight_is_dropped_and_a_new_one_runs(self) -> None:
+        self.loop.start()
+        self.loop.probe_now()
+        self.pending[0].callback("ready")  # began before the failure: not delivered
+        self.assertEqual(self.results, [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.pending), 2)
+        self.pending[1].callback("down")
+        self.assertEqual(self.results, ["down"])
+
+    def test_not_running(self) -> None:
+        self.loop.probe_now()
+        self.assertEqual(self.pending, [])
