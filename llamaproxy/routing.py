@@ -582,12 +582,15 @@ def failure_reason(status: int | None, exception: BaseException | None) -> str:
     """Why an attempt failed, in a word, for ``llamaproxy_backend_attempts_total{reason}``.
 
     ``refused``, ``reset`` (the connection closed or broke), ``timeout`` (connecting, or no
-    first byte in time), ``connect_error`` (no route, DNS, TLS), ``5xx``, ``429``, ``other``.
+    first byte in time), ``connect_error`` (no route, DNS, TLS), ``5xx``, ``429``, ``other``;
+    ``cancelled`` when the attempt was cancelled (never a failure of the backend).
     """
     if exception is None:
         if status is not None and status >= 500:
             return "5xx"
         return "429" if status == 429 else "other"
+    if _cancelled(exception):
+        return "cancelled"  # the client left, or our own timeout: nothing about the backend
     failures = [r.value for r in exception.reasons] if isinstance(exception, _WRAPPERS) else [
         exception]
     for value in failures:
