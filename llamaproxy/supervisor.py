@@ -45,7 +45,9 @@ MAX_LINE_BYTES = 4096
 
 #: llama-server's lines about one request (its access line, slot work, timings, the task queue):
 #: logged at ``CHILD_REQUEST_LOG_LEVEL`` (debug by default), the rest at info.
+#: Lines may start with llama.cpp's log prefix: uptime and a level letter ("0.00.533.018 I ").
 _REQUEST_LINE = re.compile(
+    r"(\d+\.\d+\.\d+\.\d+ [A-Z] )?"
     r"(slot |que |srv +(log_server_r|params_from_|update_slots|cancel_tasks|operator\(\))"
     r"|\s*(prompt eval time|eval time|total time) *=|request: )"
 )

@@ -538,12 +538,18 @@ class RequestLineLevelTests(SupervisorTestCase):
         "      total time =      25.31 ms /    18 tokens",
         "srv  update_slots: all slots are idle",
         "que    start_loop: processing new tasks",
+        # b11434 prefixes its lines with its uptime and a level letter
+        "0.00.533.018 I slot get_availabl: id  0 | task -1 | selected slot by LRU, t_last = -1",
+        "0.00.533.955 I slot print_timing: id  0 | task 1 | prompt eval time =       0.62 ms",
+        "0.00.533.967 I slot      release: id  0 | task 1 | stop processing: n_tokens = 19",
     ]
     OTHER_LINES = [
         "main: server is listening on http://127.0.0.1:8080 - starting the main loop",
         "srv    load_model: loading model '/models/tiny.gguf'",
         "llama_model_load: error loading model: tensor 'x' not found",
         "build: 11434 (abc) with cc for x86_64-linux-gnu",
+        "0.00.079.692 I srv  llama_server: listening on http://127.0.0.1:37569",
+        "0.00.061.421 I srv    load_model: loading model '/tmp/tiny.gguf'",
     ]
 
     def levels(self) -> dict[str, LogLevel]:
