@@ -19,6 +19,8 @@ def child_lines(gw: Gateway) -> list[str]:
 class ChildLogTests(TestCase):
     def run_one(self, env: dict[str, str]) -> list[str]:
         gw = Gateway(env=env)
+        if not env:
+            del gw.env["CHILD_REQUEST_LOG_LEVEL"]  # the harness's; the default is what we test
         self.addCleanup(gw.stop)
         gw.start()
         response = httpx.post(f"{gw.url}/v1/chat/completions", json=CHAT, timeout=60,
