@@ -22,6 +22,9 @@ class BackendState(enum.Enum):
     BACKOFF = "backoff"  # crashed; waiting before the next start
     STOPPING = "stopping"
     STOPPED = "stopped"
+    #: An external backend that does not answer (connection refused, reset, probe timed out):
+    #: not expected back by itself, so requests fail fast instead of waiting for it.
+    UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class Backend:
     #: When the current not-ready period is expected to end (clock seconds), for Retry-After.
     retry_at: float | None = None
     listeners: list[Callable[[Backend], None]] = field(default_factory=list, repr=False)
+    #: Its owner's reaction to a request that could not reach it (``send_failed``): mark it
+    #: down and probe it at once. None: nobody probes it (tests, a static record).
+    on_send_failure: Callable[[str], None] | None = field(default=None, repr=False)
     _last_probe: ProbeResult | None = field(default=None, repr=False)
     _ready_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
 
@@ -106,6 +112,15 @@ class Backend:
             for listener in list(self.listeners):
                 listener(self)
         self._wake_waiters()
+
+    def send_failed(self, detail: str) -> None:
+        """A request could not reach the backend (``detail``: "connection refused", ...).
+
+        Its owner marks it down at once and probes it now, so the next requests, /health and
+        /readyz agree with what this request saw, wherever the probe cycle was.
+        """
+        if self.on_send_failure is not None:
+            self.on_send_failure(detail)
 
     def wait_ready(self) -> Deferred[None]:
         """A Deferred that fires when the backend is ready (cancel it to stop waiting)."""

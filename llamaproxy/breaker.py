@@ -93,8 +93,10 @@ class Ticket:
         """The backend answered well (any non-5xx, non-429 response)."""
         self._report(True)
 
-    def record_failure(self) -> None:
-        """The backend failed (connection error, timeout, 5xx or 429)."""
+    def record_failure(self, reason: str = "other") -> None:
+        """The backend failed (connection error, timeout, 5xx or 429), counted by ``reason``."""
+        if not self.done:
+            self.breaker.failure_reasons[reason] = self.breaker.failure_reasons.get(reason, 0) + 1
         self._report(False)
 
     def release(self) -> None:
@@ -128,6 +130,8 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         #: Totals since the breaker was made.
         self.failures = 0
+        #: ``failures`` by reason (refused, reset, timeout, 5xx, ...): they add up to it.
+        self.failure_reasons: dict[str, int] = {}
         self.successes = 0
         self.opens = 0
         self.rejections = 0

@@ -113,6 +113,18 @@ def _log_format(text: str) -> str:
     return value
 
 
+#: Log levels, lowest first (``twisted.logger.LogLevel`` names).
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().lower()
+    value = "warn" if value == "warning" else value
+    if value not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return value
+
+
 def _optional_format(text: str) -> str:
     return _log_format(text) if text.strip() else ""
 
@@ -271,7 +283,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(ADMIN_LISTEN; comma/space separated)."),
     Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
             _seconds, "Seconds between checks of the key file for changes (reloaded when its "
-            "content changed)."),
+            "content changed); on Linux inotify sees changes at once, this is the fallback."),
     Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
             "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
     Setting("max_json_depth", "max-json-depth", ("MAX_JSON_DEPTH",), "64", _int_parser(1),
@@ -308,6 +320,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "log-format", ("LOG_FORMAT",), "text", _log_format,
             "Log format on twistd's log output: text, or json (one object per line: ts, level, "
             "msg, fields)."),
+    Setting("log_level", "log-level", ("LOG_LEVEL",), "info", _log_level,
+            "Lowest level written to the log: debug, info, warn, error or critical."),
+    Setting("child_request_log_level", "child-request-log-level",
+            ("CHILD_REQUEST_LOG_LEVEL",), "debug", _log_level,
+            "Level of llama-server's per-request output lines (request:, slot …, timings); its "
+            "other lines are info. At debug they are written only with LOG_LEVEL=debug."),
     Setting("worker_type", "worker-type", ("WORKER_TYPE",), "", _text,
             "A name for this worker's role, added to every log record (optional)."),
     Setting("access_log", "access-log", ("ACCESS_LOG",), "", _text,
@@ -417,6 +435,8 @@ class Config:
     client_header_timeout: float
     proxy_extra_paths: tuple[str, ...]
     log_format: str
+    log_level: str
+    child_request_log_level: str
     worker_type: str
     access_log: str
     access_log_format: str

@@ -47,21 +47,36 @@ class HealthState:
         self.started_at = clock.seconds()
         #: The live Router, when there are several backends (their states and breakers).
         self.router: Callable[[], Any] | None = None
+        #: The older gateway's 11 counters (``/metrics`` JSON), for ``gateway.metrics``; None
+        #: when /metrics needs a key (then /health does not show them either).
+        self.legacy_metrics: Callable[[], dict[str, Any]] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
         return self.backend.ready and not self.draining()
 
     def document(self) -> dict[str, object]:
-        """The /health JSON: no key ids, no key counts."""
-        if self.draining():
+        """The /health JSON: no key ids, no key counts.
+
+        ``code`` (the backend's last /health status) and ``gateway`` ({status, metrics}) are
+        the older gateway's fields, kept for the monitors that read them.
+        """
+        draining = self.draining()
+        if draining:
             status = "draining"
         elif self.backend.ready:
             status = "ok"
         else:
             status = "unavailable"
+        probe = self.backend.last_probe
+        gateway: dict[str, object] = {"status": "draining" if draining else "ok"}
+        if self.legacy_metrics is not None:
+            gateway["metrics"] = self.legacy_metrics()
         return {
             "status": status,
+            **({"code": probe.status_code}
+               if probe is not None and probe.status_code is not None else {}),
+            "gateway": gateway,
             "backend": self.backend.status_json(),
             "model": self.backend.model,
             "queue": self.admission.status_json(),

@@ -26,11 +26,13 @@ from typing import IO, Any, Literal
 
 from twisted.logger import (
     FileLogObserver,
+    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     Logger,
     LoggingFile,
     LogLevel,
+    LogLevelFilterPredicate,
     eventAsText,
     formatEvent,
 )
@@ -259,11 +261,20 @@ def make_observer(
     return text_log_observer(stream, worker_type, instance_id)
 
 
+def at_least(observer: ILogObserver, level: str) -> ILogObserver:
+    """``observer`` seeing only events at ``level`` (``LOG_LEVEL``: debug, info, ...) or above."""
+    if level == "debug":
+        return observer
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    return FilteringLogObserver(observer, [predicate])
+
+
 def observer_for_twistd(
     log_format: LogFormat,
     server_options: Mapping[str, Any] | None,
     worker_type: str | None = None,
     instance_id: str | None = None,
+    min_level: str = "info",
 ) -> ILogObserver | None:
     """The observer to install for this twistd run, honouring twistd's own options, or None.
 
@@ -280,9 +291,9 @@ def observer_for_twistd(
     logfile_name = options.get("logfile") or ""
     nodaemon = bool(options.get("nodaemon", True))
     if logfile_name == "-" or (nodaemon and not logfile_name):
-        return make_observer(log_format, sys.stdout, worker_type, instance_id)
+        return at_least(make_observer(log_format, sys.stdout, worker_type, instance_id), min_level)
     log_file: Any = LogFile.fromFullPath(logfile_name or "twistd.log")
-    return make_observer(log_format, log_file, worker_type, instance_id)
+    return at_least(make_observer(log_format, log_file, worker_type, instance_id), min_level)
 
 
 def install_observer(application: object, observer: ILogObserver) -> bool:

@@ -775,9 +775,11 @@ class GatewayMetrics:
         state = GaugeMetricFamily("llamaproxy_breaker_state",
                                   "1 for the backend's circuit-breaker state, 0 for the others.",
                                   labels=["backend", "state"])
-        attempts = CounterMetricFamily("llamaproxy_backend_attempts",
-                                       "Attempts on a backend by outcome (failover included).",
-                                       labels=["backend", "outcome"])
+        attempts = CounterMetricFamily(
+            "llamaproxy_backend_attempts",
+            "Attempts on a backend by outcome and, for failures, reason (refused, reset, "
+            "timeout, connect_error, 5xx, 429, other); failover included.",
+            labels=["backend", "outcome", "reason"])
         opens = CounterMetricFamily("llamaproxy_breaker_opens",
                                     "Times the backend's breaker opened.", labels=["backend"])
         skipped = CounterMetricFamily("llamaproxy_breaker_rejections",
@@ -797,8 +799,9 @@ class GatewayMetrics:
             breaker = member.breaker
             for value in ("closed", "open", "half_open"):
                 state.add_metric([name, value], 1.0 if breaker.state.value == value else 0.0)
-            attempts.add_metric([name, "success"], breaker.successes)
-            attempts.add_metric([name, "failure"], breaker.failures)
+            attempts.add_metric([name, "success", ""], breaker.successes)
+            for reason, count in sorted(breaker.failure_reasons.items()):
+                attempts.add_metric([name, "failure", reason], count)
             opens.add_metric([name], breaker.opens)
             skipped.add_metric([name], breaker.rejections)
             slots.add_metric([name], member.slots)

@@ -201,7 +201,9 @@ class ProbeLoop:
     ``interval`` is asked after every probe, so the owner can probe fast while a backend loads
     and slowly once it is ready. Exceptions from the probe or from ``on_result`` are logged and
     the loop goes on (unlike a ``LoopingCall``, which would die silently). ``stop()`` cancels the
-    pending timer and any probe in flight; no result is delivered after it.
+    pending timer and any probe in flight; no result is delivered after it. ``probe_now()``
+    probes at once (a request just failed to reach the backend): a probe already in flight
+    began before that failure, so its result is dropped and a fresh probe follows it.
     """
 
     def __init__(
@@ -217,6 +219,9 @@ class ProbeLoop:
         self._clock = clock
         self._call: DelayedCall | None = None
         self._in_flight: Deferred[None] | None = None
+        #: Bumped by ``probe_now``: results of probes begun under an older value are dropped.
+        self._generation = 0
+        self._again = False
         self.running = False
         self.probes = 0
 
@@ -233,6 +238,7 @@ class ProbeLoop:
     def stop(self) -> None:
         """Stop probing; cancel the timer and the probe in flight."""
         self.running = False
+        self._again = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -240,14 +246,31 @@ class ProbeLoop:
         if in_flight is not None:
             in_flight.cancel()
 
+    def probe_now(self) -> None:
+        """Probe at once, whatever the schedule; results of probes begun before are dropped."""
+        if not self.running:
+            return
+        self._generation += 1
+        if self._in_flight is not None:
+            self._again = True  # after the stale probe in flight ends
+            return
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._tick()
+
     def _schedule(self) -> None:
         if not self.running:
             return
-        try:
-            delay = max(0.0, float(self._interval()))
-        except Exception:  # the loop must survive
-            log.failure("Probe interval could not be computed; using 1 s")
-            delay = 1.0
+        if self._again:
+            self._again = False
+            delay = 0.0
+        else:
+            try:
+                delay = max(0.0, float(self._interval()))
+            except Exception:  # the loop must survive
+                log.failure("Probe interval could not be computed; using 1 s")
+                delay = 1.0
         self._call = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
@@ -262,8 +285,9 @@ class ProbeLoop:
             self._in_flight = attempt
 
     async def _probe_once(self) -> None:
+        generation = self._generation
         result = await self._probe()
-        if self.running:
+        if self.running and generation == self._generation:
             self._on_result(result)
 
     def _probe_failed(self, failure: Failure) -> None:
@@ -280,7 +304,10 @@ class ExternalBackendMonitor(Service):
     """Keeps a ``Backend`` for an already running llama-server (``BACKEND_URL``) up to date.
 
     Probes at once, then every ``not_ready_interval`` seconds until ready and every
-    ``probe_interval`` seconds after that. down → STARTING, loading → LOADING, ready → READY.
+    ``probe_interval`` seconds after that. loading → LOADING, ready → READY, down (refused,
+    reset, timed out, an HTTP error) → UNREACHABLE: an external server is not expected back by
+    itself, so requests fail fast (502) instead of waiting QUEUE_TIMEOUT for it. A request that
+    cannot reach it (``Backend.send_failed``) makes it UNREACHABLE at once and probes it now.
     """
 
     def __init__(
@@ -317,11 +344,13 @@ class ExternalBackendMonitor(Service):
             backend=self.backend.name,
             url=self.backend.base_url,
         )
+        self.backend.on_send_failure = self._send_failed
         self._loop.start(now=True)
 
     def stopService(self) -> Deferred[None]:
         """Stop probing and mark the backend STOPPED."""
         Service.stopService(self)
+        self.backend.on_send_failure = None
         self._loop.stop()
         self.backend.set_state(BackendState.STOPPED)
         done: Deferred[None] = Deferred()
@@ -336,6 +365,13 @@ class ExternalBackendMonitor(Service):
     def _probe(self) -> Coroutine[Any, Any, ProbeResult]:
         return probe_health(self._agent, self.backend.base_url, self._clock, self._health_timeout)
 
+    def _send_failed(self, detail: str) -> None:
+        """A request could not reach the backend: unreachable now, and probe it at once."""
+        if not self.running:
+            return
+        self._on_result(ProbeResult(self._clock.seconds(), "down", detail))
+        self._loop.probe_now()
+
     def _on_result(self, result: ProbeResult) -> None:
         if self.no_health_is_ready and result.outcome == "down" and result.status_code == 404:
             result = ProbeResult(result.at, "ready", "no /health endpoint", 404)
@@ -347,8 +383,13 @@ class ExternalBackendMonitor(Service):
             if changed:
                 log.info("External backend {backend} is ready", backend=self.backend.name)
             return
-        state = BackendState.LOADING if result.outcome == "loading" else BackendState.STARTING
-        self.backend.set_state(state, retry_at=result.at + self._retry_after)
+        if result.outcome == "loading":
+            self.backend.set_state(BackendState.LOADING, retry_at=result.at + self._retry_after)
+        else:
+            # Probed again every not_ready_interval: clients may retry after about that long.
+            self.backend.set_state(
+                BackendState.UNREACHABLE, retry_at=result.at + self._not_ready_interval
+            )
         if changed:
             log.emit(
                 LogLevel.warn,

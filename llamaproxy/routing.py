@@ -12,8 +12,10 @@ backends of a model by the model's strategy:
 Whatever the strategy, backends whose breaker refuses requests and backends that are down for good
 (stopped, stopping) are skipped; ready backends come first, and backends that are recovering by
 themselves (starting, loading, backing off) come last, by priority, so a request can wait for one
-when nothing is ready. The failover helpers (``is_retryable``, ``within_budget``,
-``breaker_outcome``) are pure functions of what happened to one attempt. No I/O here.
+when nothing is ready. External backends found unreachable come after those (only so that a
+request none can serve is answered with the reason at once). The failover helpers
+(``is_retryable``, ``within_budget``, ``breaker_outcome``, ``failure_reason``) are pure
+functions of what happened to one attempt. No I/O here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
-from llamaproxy.backend import Backend
+from llamaproxy.backend import Backend, BackendState
 from llamaproxy.backends_file import (
     BackendsFileError,
     BackendSpec,
@@ -51,9 +53,11 @@ from llamaproxy.backends_file import (
 from llamaproxy.breaker import BreakerState, CircuitBreaker, SecondsClock, Ticket
 
 __all__ = [
-    "BackendSpec", "BackendsFileError", "BackendsTable", "LoadGauge", "Member", "ModelEntry",
+    "UNREACHABLE_REASONS", "BackendSpec", "BackendsFileError", "BackendsTable", "LoadGauge",
+    "Member", "ModelEntry",
     "ModelNotAllowedError", "Outcome", "Router", "Strategy", "TableDiff", "UnknownModelError",
-    "breaker_outcome", "diff", "is_retryable", "needs_restart", "report", "should_fail_over",
+    "breaker_outcome", "describe_reason", "diff", "failure_reason",
+    "is_retryable", "needs_restart", "report", "should_fail_over",
     "single_backend_table", "status_for", "upstream_url", "upstream_url_bytes", "within_budget",
 ]
 
@@ -287,6 +291,7 @@ class Router:
         plan = _Plan()
         ready: list[Member] = []
         recovering: list[Member] = []
+        unreachable: list[Member] = []
         for spec in self.table.backends_for(model.name):
             member = self.members[spec.name]
             breaker = member.breaker
@@ -296,12 +301,16 @@ class Router:
                 ready.append(member)
             elif member.status.recovering:
                 recovering.append(member)
+            elif member.status.state is BackendState.UNREACHABLE:
+                unreachable.append(member)
             else:
                 plan.skipped.append((member, f"backend is {member.status.state.value}"))
         if len(ready) > 1:
             ready.sort(key=self._priority_key)
         if len(recovering) > 1:
             recovering.sort(key=self._priority_key)
+        if len(unreachable) > 1:
+            unreachable.sort(key=self._priority_key)
         if model.strategy is Strategy.ROUND_ROBIN and ready:
             pick = self._round_robin_pick(model.name, ready, commit)
             ready.remove(pick)
@@ -309,7 +318,7 @@ class Router:
         elif model.strategy is Strategy.LEAST_BUSY and len(ready) > 1:
             ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
         if not why:
-            plan.candidates = [(m, "") for m in ready + recovering]
+            plan.candidates = [(m, "") for m in ready + recovering + unreachable]
             return plan
         trial = " (breaker half-open: trial request)"
         note = {m.name: trial if m.breaker.state is BreakerState.HALF_OPEN else "" for m in ready}
@@ -332,6 +341,9 @@ class Router:
         plan.candidates += [
             (m, f"not ready ({m.status.state.value}): a request may wait for it")
             for m in recovering
+        ]
+        plan.candidates += [
+            (m, "unreachable: a request gets 502 at once, without waiting") for m in unreachable
         ]
         return plan
 
@@ -554,13 +566,67 @@ def breaker_outcome(status: int | None, exception: BaseException | None) -> Outc
     return Outcome.FAILURE if status >= 500 or status == 429 else Outcome.SUCCESS
 
 
+#: ``failure_reason`` values meaning the backend could not be reached at all (no response
+#: byte): its owner marks it down and probes it at once (``Backend.send_failed``).
+UNREACHABLE_REASONS = frozenset({"refused", "reset", "timeout", "connect_error"})
+
+_REASON_DETAILS = {
+    "refused": "connection refused",
+    "reset": "connection closed without a response",
+    "timeout": "connect timed out",
+    "connect_error": "could not connect",
+}
+
+
+def failure_reason(status: int | None, exception: BaseException | None) -> str:
+    """Why an attempt failed, in a word, for ``llamaproxy_backend_attempts_total{reason}``.
+
+    ``refused``, ``reset`` (the connection closed or broke), ``timeout`` (connecting, or no
+    first byte in time), ``connect_error`` (no route, DNS, TLS), ``5xx``, ``429``, ``other``;
+    ``cancelled`` when the attempt was cancelled (never a failure of the backend).
+    """
+    if exception is None:
+        if status is not None and status >= 500:
+            return "5xx"
+        return "429" if status == 429 else "other"
+    if _cancelled(exception):
+        return "cancelled"  # the client left, or our own timeout: nothing about the backend
+    failures = [r.value for r in exception.reasons] if isinstance(exception, _WRAPPERS) else [
+        exception]
+    for value in failures:
+        refused = internet_error.ConnectionRefusedError | builtins.ConnectionRefusedError
+        if isinstance(value, refused):
+            return "refused"
+    for value in failures:
+        if isinstance(value, defer.TimeoutError | builtins.TimeoutError
+                      | internet_error.TimeoutError | internet_error.TCPTimedOutError):
+            return "timeout"
+    for value in failures:
+        if isinstance(value, internet_error.ConnectionClosed | builtins.ConnectionError
+                      | RequestNotSent):
+            return "reset"
+    if isinstance(exception, _WRAPPERS):
+        return "reset"  # the exchange broke for a reason of its own (e.g. a TLS alert)
+    if isinstance(exception, internet_error.ConnectError | internet_error.DNSLookupError):
+        return "connect_error"
+    return "other"
+
+
+def describe_reason(reason: str) -> str:
+    """A few words on an unreachable backend for /health and error messages."""
+    return _REASON_DETAILS.get(reason, reason)
+
+
 def report(ticket: Ticket, status: int | None, exception: BaseException | None) -> Outcome:
-    """Settle ``ticket`` with ``breaker_outcome(status, exception)``; returns the outcome."""
+    """Settle ``ticket`` with ``breaker_outcome(status, exception)``; returns the outcome.
+
+    A failure is counted with its ``failure_reason``.
+    """
     outcome = breaker_outcome(status, exception)
     if outcome is Outcome.SUCCESS:
         ticket.record_success()
     elif outcome is Outcome.FAILURE:
-        ticket.record_failure()
+        ticket.record_failure(failure_reason(status, exception))
     else:
         ticket.release()
     return outcome

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import shlex
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,20 @@ CHILD_LOG_NAMESPACE = "llamaproxy.llama_server"
 
 #: Longest child output line logged; the rest of a longer line is dropped.
 MAX_LINE_BYTES = 4096
+
+#: llama-server's lines about one request (its access line, slot work, timings, the task queue):
+#: logged at ``CHILD_REQUEST_LOG_LEVEL`` (debug by default), the rest at info.
+#: Lines may start with llama.cpp's log prefix: uptime and a level letter ("0.00.533.018 I ").
+_REQUEST_LINE = re.compile(
+    r"(\d+\.\d+\.\d+\.\d+ [A-Z] )?"
+    r"(slot |que |srv +(log_server_r|params_from_|update_slots|cancel_tasks|operator\(\))"
+    r"|\s*(prompt eval time|eval time|total time) *=|request: )"
+)
+
+
+def is_request_line(line: str) -> bool:
+    """True for llama-server's per-request output (not startup, warnings or errors)."""
+    return _REQUEST_LINE.match(line) is not None
 
 
 class ProcessReactor(TimeSource, Protocol):
@@ -147,9 +162,11 @@ class LlamaServerProcessProtocol(ProcessProtocol):
         on_ended: Callable[[LlamaServerProcessProtocol, int | None, int | None], None],
         child_log: Logger,
         max_line: int = MAX_LINE_BYTES,
+        request_level: LogLevel = LogLevel.debug,
     ) -> None:
         self._on_ended = on_ended
         self._log = child_log
+        self._request_level = request_level
         self._splitters = {"stdout": LineSplitter(max_line), "stderr": LineSplitter(max_line)}
         self.pid: int | None = None
         #: The first error line the child printed since it started (or since it was ready):
@@ -176,7 +193,8 @@ class LlamaServerProcessProtocol(ProcessProtocol):
         for line in lines:
             if self.first_error is None:
                 self.first_error = error_line(line)
-            self._log.info("{line}", line=line, stream=stream, pid=self.pid)
+            level = self._request_level if is_request_line(line) else LogLevel.info
+            self._log.emit(level, "{line}", line=line, stream=stream, pid=self.pid)
 
 
 class LlamaServerSupervisor(Service):
@@ -200,8 +218,11 @@ class LlamaServerSupervisor(Service):
         timings: SupervisorTimings | None = None,
         jitter: Callable[[], float] = random.random,
         launcher: Callable[[str, list[str]], tuple[str, list[str]]] | None = None,
+        request_log_level: LogLevel = LogLevel.debug,
     ) -> None:
         self.backend = backend
+        #: The level of the child's per-request output lines (CHILD_REQUEST_LOG_LEVEL).
+        self.request_log_level = request_log_level
         self.executable = executable
         #: Turns (executable, argv) into what is spawned; e.g. llama_server.spawn_command.
         self.launcher = launcher
@@ -331,7 +352,8 @@ class LlamaServerSupervisor(Service):
             except OSError as e:
                 log.error("Could not write the backend key file again: {error}", error=str(e))
         now = self._reactor.seconds()
-        protocol = LlamaServerProcessProtocol(self._process_ended, self._child_log)
+        protocol = LlamaServerProcessProtocol(
+            self._process_ended, self._child_log, request_level=self.request_log_level)
         argv = [self.executable, *self.args]
         log.info(
             "Starting llama-server: {command}",
@@ -364,6 +386,7 @@ class LlamaServerSupervisor(Service):
         )
         loop = ProbeLoop(self._probe, self._on_probe, self._probe_interval, self._reactor)
         self._probe_loop = loop
+        self.backend.on_send_failure = self._send_failed
         loop.start(now=False)
 
     def _process_ended(
@@ -504,6 +527,16 @@ class LlamaServerSupervisor(Service):
         loop, self._probe_loop = self._probe_loop, None
         if loop is not None:
             loop.stop()
+
+    def _send_failed(self, detail: str) -> None:
+        """A request could not reach the child: count it as a failed probe, and probe now.
+
+        The child is expected back (it is restarted if it died), so requests wait for it.
+        """
+        if self._process is None or self._stopping or self._probe_loop is None:
+            return
+        self._on_probe(ProbeResult(self._reactor.seconds(), "down", detail))
+        self._probe_loop.probe_now()
 
     def _probe(self) -> Coroutine[Any, Any, ProbeResult]:
         return probe_health(

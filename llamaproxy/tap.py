@@ -17,7 +17,7 @@ from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -138,7 +138,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     worker = config.worker_type or None
     observer = observer_for_twistd(
         parse_log_format(config.log_format), getattr(options, "parent", None), worker,
-        config.instance_id,
+        config.instance_id, config.log_level,
     )
     for warning in config.warnings:
         log.warn("Configuration: {warning}", warning=warning)
@@ -189,6 +189,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource.local_model_list = options.backends_file is not None
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
+    if not config.metrics_auth_enabled:  # /health is public: the counters only if /metrics is
+        health.legacy_metrics = lambda: metrics.legacy_json()["gateway"]
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
@@ -234,7 +236,8 @@ def _access_control(
         with contextlib.suppress(KeyLoadError):
             keys.load()
         on_sighup.append(lambda: _reload_keys(keys))
-        background.append(KeyFileWatcher(keys, reactor, config.keys_reload_interval))
+        background.append(
+            KeyFileWatcher(keys, reactor, config.keys_reload_interval, notify_reactor=reactor))
     else:
         log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
     token_limits = None
@@ -495,6 +498,7 @@ def _supervisor(
         agent=agent,
         timings=SupervisorTimings.from_config(config),
         launcher=spawn_command,
+        request_log_level=LogLevel.levelWithName(config.child_request_log_level),
     )
 
 

@@ -7,7 +7,9 @@ there is something to write) the pending totals go to SQLite in one transaction,
 thread, through one connection that no other thread uses. A crash loses at most the last
 ``flush_interval`` seconds; a failed write keeps the batch in memory for the next try. The
 database is in WAL mode, so ``llamaproxy usage`` (:func:`query`) reads it while the gateway
-writes.
+writes. The WAL is checkpointed (and truncated) on the pool thread ``checkpoint_interval``
+seconds after a write, and at once after a write that left it over ``wal_limit`` bytes, so it
+stays small however long the gateway runs.
 
 :class:`TokenRateLimiter` is the sliding-window counter of :mod:`llamaproxy.auth.ratelimit`
 counting tokens instead of requests: ``check`` before a request, ``spend`` after it.
@@ -41,6 +43,12 @@ LEDGER_FILE_NAME = "usage.sqlite3"
 UNKNOWN = "-"
 
 SCHEMA_VERSION = 2
+
+#: Seconds after a write before the WAL is checkpointed into the database and truncated.
+CHECKPOINT_INTERVAL = 60.0
+
+#: A write that leaves the WAL at least this big checkpoints it at once (bytes).
+WAL_LIMIT = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
@@ -118,8 +126,12 @@ def _tokens(value: int | None) -> int:
         return 0
 
 
-def open_ledger(path: str) -> sqlite3.Connection:
-    """Open (creating file 0640, directory and table if needed) the ledger for writing, WAL mode."""
+def open_ledger(path: str, wal_limit: int = WAL_LIMIT) -> sqlite3.Connection:
+    """Open (creating file 0640, directory and table if needed) the ledger for writing, WAL mode.
+
+    ``wal_limit`` also becomes SQLite's ``journal_size_limit``: what a checkpoint leaves of the
+    WAL file when it cannot truncate it (a reader was using it).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o750, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o640))
@@ -127,6 +139,7 @@ def open_ledger(path: str) -> sqlite3.Connection:
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute(f"PRAGMA journal_size_limit={int(wal_limit)}")
         connection.execute(_SCHEMA)
         (version,) = connection.execute("PRAGMA user_version").fetchone()
         if version == 1:
@@ -233,9 +246,18 @@ class UsageLedger(Service):
         reactor: IReactorFromThreads,
         threadpool: ThreadPool | None = None,
         flush_interval: float = 2.0,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        wal_limit: int = WAL_LIMIT,
     ) -> None:
         self.path = path
         self.flush_interval = flush_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.wal_limit = wal_limit
+        #: WAL checkpoints done (scheduled and size-triggered).
+        self.checkpoints = 0
+        self._checkpoint_timer: IDelayedCall | None = None
+        #: The scheduled checkpoint running on the pool thread, if any.
+        self.checkpointing: Deferred[None] | None = None
         self._clock = clock
         self._reactor = reactor
         self._own_pool = threadpool is None
@@ -342,6 +364,9 @@ class UsageLedger(Service):
         return result
 
     def _written(self, _: None) -> None:
+        if self._checkpoint_timer is None and not self._stopped:
+            self._checkpoint_timer = self._clock.callLater(
+                self.checkpoint_interval, self._checkpoint_due)
         if self._failing:
             self._failing = False
             log.info("Usage ledger {path} writable again", path=self.path)
@@ -357,6 +382,22 @@ class UsageLedger(Service):
                 "Cannot write the usage ledger {path}: {error}; keeping the counts in memory",
                 path=self.path, error=failure.getErrorMessage(),
             )
+
+    def _checkpoint_due(self) -> None:
+        """The schedule: checkpoint the WAL on the pool thread (never on the reactor's)."""
+        self._checkpoint_timer = None
+        if self._stopped:
+            return
+        running = deferToThreadPool(self._reactor, self._pool, self._checkpoint)
+
+        def done(_: object) -> None:
+            self.checkpointing = None
+
+        running.addErrback(lambda f: log.warn(
+            "Usage ledger {path}: WAL checkpoint failed: {error}", path=self.path,
+            error=f.getErrorMessage()))
+        running.addBoth(done)
+        self.checkpointing = running
 
     def startService(self) -> None:
         super().startService()
@@ -392,6 +433,9 @@ class UsageLedger(Service):
         if self._timer is not None and self._timer.active():  # a retry after a failed write
             self._timer.cancel()
         self._timer = None
+        if self._checkpoint_timer is not None and self._checkpoint_timer.active():
+            self._checkpoint_timer.cancel()  # closing the last connection checkpoints anyway
+        self._checkpoint_timer = None
         if self._pending:
             rows = self.pending
             log.error(
@@ -416,7 +460,7 @@ class UsageLedger(Service):
     def _ensure_open(self) -> sqlite3.Connection:
         with self._db_lock:
             if self._connection is None:
-                self._connection = open_ledger(self.path)
+                self._connection = open_ledger(self.path, self.wal_limit)
             return self._connection
 
     def _write(self, batch: _Batch) -> None:
@@ -424,12 +468,31 @@ class UsageLedger(Service):
         with self._db_lock:
             try:
                 write_batch(connection, batch)
+                if self.wal_size() >= self.wal_limit:
+                    self._checkpoint_locked(connection)
             except sqlite3.Error:
                 # a broken connection (file deleted, disk replaced): reopen on the next try
                 self._connection = None
                 with contextlib.suppress(sqlite3.Error):
                     connection.close()
                 raise
+
+    def wal_size(self) -> int:
+        """Bytes in the ledger's WAL file now (0 when there is none)."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def _checkpoint(self) -> None:
+        with self._db_lock:
+            if self._connection is not None:
+                self._checkpoint_locked(self._connection)
+
+    def _checkpoint_locked(self, connection: sqlite3.Connection) -> None:
+        """Copy the WAL into the database and truncate it (a reader in the way: next time)."""
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        self.checkpoints += 1
 
     def _close(self) -> None:
         with self._db_lock:

@@ -45,5 +45,9 @@ or with the openai client:
 
   $PY -c "import openai; c = openai.OpenAI(base_url='http://localhost:$port/v1', api_key='${key:-<your key>}'); print(c.chat.completions.create(model='${MODEL_ALIAS:-default}', messages=[{'role': 'user', 'content': 'Hi'}]).choices[0].message.content)"
 
+Tokens used per key (the ledger is $DATA_DIR/usage.sqlite3):
+
+  DATA_DIR=$DATA_DIR $VENV/bin/llamaproxy usage
+
 MSG
 exec "$VENV/bin/twistd" -n --pidfile= llamaproxy "$@"

@@ -55,6 +55,6 @@ if [ $# -eq 0 ]; then
     exit "$browser_status"
   fi
 fi
-echo "== benchmark smoke (numbers for the log; no thresholds)" >&2
+echo "== benchmark smoke (checks that the benchmark runs; its numbers are not a verdict)" >&2
 python -m bench.overhead --smoke 2>&1 | tail -n 40 || echo "benchmark smoke did not run" >&2
 echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped"

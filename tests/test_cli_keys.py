@@ -217,6 +217,40 @@ class ExpiresTests(CliTestCase):
             self.assertTrue(before + delta <= expires <= after + delta)
         self.assert_parses_cleanly()
 
+    def older_list(self) -> list[tuple[str, str]]:
+        """What the older ``key_mgmt.py list`` does with each expiration: ``fromisoformat`` and a
+        comparison with the naive local ``datetime.now()`` (a TypeError on an offset)."""
+        rows = []
+        for line in self.key_lines():
+            fields = line.split(":", 3)
+            if len(fields) > 3 and fields[3]:
+                expired = datetime.fromisoformat(fields[3]) < datetime.now()
+                rows.append((fields[0], "expired" if expired else "active"))
+        return rows
+
+    def test_older_format_file_gets_older_timestamps(self) -> None:
+        """Issue 16.11: `--expires` wrote +00:00, which the older key_mgmt.py list crashed on."""
+        Path(self.path).write_text("# API keys (key_mgmt.py)\n"
+                                   "old:sk-olderkey0000000000000000000:10:2030-01-01T00:00:00\n")
+        self.generate("new", "--expires", "30d")
+        self.generate("typed", "--expires", "2031-01-01T02:00:00+02:00")
+        self.keys("-q", "rotate", "--name", "old", "--expires", "24h")
+        for line in self.key_lines():
+            written = line.split(":", 3)[3]
+            self.assertRegex(written, r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
+        self.assertEqual(self.key_lines()[-1].split(":", 3)[3], "2031-01-01T00:00:00")
+        self.assertEqual(sorted(self.older_list()),
+                         [("new", "active"), ("old", "active"), ("typed", "active")])
+        self.assert_parses_cleanly()
+
+    def test_llamaproxy_files_keep_offsets(self) -> None:
+        self.generate("first")  # creates the file with llamaproxy's header
+        self.generate("new", "--expires", "30d")
+        self.assertTrue(self.key_lines()[-1].endswith("+00:00"))
+        self.assertFalse(keys_cli.older_format(["# llamaproxy API keys", "a:sk-x"]))
+        self.assertFalse(keys_cli.older_format(["a:sk-x:1:2030-01-01T00:00:00Z"]))
+        self.assertTrue(keys_cli.older_format(["# keys", "a:sk-x:1:2030-01-01T00:00:00"]))
+
     def test_past_expiry_warns(self) -> None:
         code, _, err = self.keys("generate", "--name", "old", "--expires", "2020-01-01T00:00:00")
         self.assertEqual(code, 0)

@@ -133,6 +133,28 @@ class UsageCliTests(SynchronousTestCase):
             "/workspace/usage.sqlite3",
         )
 
+    def test_the_quick_start_ledger_without_arguments(self) -> None:
+        """Issue 16.12: after the quick start, `llamaproxy usage` looked in /data and failed."""
+        workdir = os.path.dirname(self.path)
+        os.makedirs(os.path.join(workdir, "data"))
+        os.rename(self.path, os.path.join(workdir, "data", "usage.sqlite3"))
+        for name in ("-wal", "-shm"):
+            if os.path.exists(self.path + name):
+                os.rename(self.path + name, os.path.join(workdir, "data", "usage.sqlite3" + name))
+        here = os.getcwd()
+        os.chdir(workdir)
+        self.addCleanup(os.chdir, here)
+        for name in ("USAGE_LEDGER", "DATA_DIR"):
+            if name in os.environ:
+                self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != name})
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(usage_cli, "default_ledger_file", lambda: "/nonexistent/usage.sqlite3")
+        code = main(["usage"], stdout=out, stderr=err)
+        self.assertEqual(code, 0, err.getvalue())
+        self.assertIn("the quick start's ledger", err.getvalue())
+        self.assertIn("alice", out.getvalue())
+        self.assertEqual(usage_cli.quick_start_ledger({"DATA_DIR": "/srv"}), None)
+
     def test_listed_in_help(self) -> None:
         out, err = io.StringIO(), io.StringIO()
         self.assertEqual(main(["--help"], stdout=out, stderr=err), 0)

@@ -125,6 +125,16 @@ class ConfigTests(SynchronousTestCase):
             self.load({"KEY_TOKENS_PER_MINUTE": "alice"})
         self.assertIn("KEY_TOKENS_PER_MINUTE", str(raised.exception))
 
+    def test_log_levels(self) -> None:
+        config = self.load({})
+        self.assertEqual((config.log_level, config.child_request_log_level), ("info", "debug"))
+        config = self.load({"LOG_LEVEL": "Warning", "CHILD_REQUEST_LOG_LEVEL": "info"})
+        self.assertEqual((config.log_level, config.child_request_log_level), ("warn", "info"))
+        for name in ("LOG_LEVEL", "CHILD_REQUEST_LOG_LEVEL"):
+            with self.assertRaises(ConfigError) as raised:
+                self.load({name: "verbose"})
+            self.assertIn(name, str(raised.exception))
+
     def test_extra_args_warn_and_split(self) -> None:
         config = self.load({"EXTRA_ARGS": "--embeddings --pooling 'mean'"})
         self.assertEqual(config.extra_args, ("--embeddings", "--pooling", "mean"))

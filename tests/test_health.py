@@ -44,6 +44,19 @@ class HealthTests(SynchronousTestCase):
         self.draining = True
         self.assertEqual(self.state.document()["status"], "draining")
 
+    def test_the_older_gateways_fields(self) -> None:
+        """Issue 16.11: monitors of the older gateway read `code` and `gateway`."""
+        doc = self.state.document()
+        self.assertNotIn("code", doc)  # no probe yet: no backend status to report
+        self.assertEqual(doc["gateway"], {"status": "ok"})
+        self.backend.last_probe = ProbeResult(1000.0, "loading", "Loading model", 503)
+        self.state.legacy_metrics = lambda: {"requests_total": 7}
+        doc = self.state.document()
+        self.assertEqual(doc["code"], 503)
+        self.assertEqual(doc["gateway"], {"status": "ok", "metrics": {"requests_total": 7}})
+        self.draining = True
+        self.assertEqual(self.state.document()["gateway"]["status"], "draining")  # type: ignore[index]
+
     def test_liveness_on_any_path(self) -> None:
         for path in ("/", "/anything", "/deep/path"):
             code, body, headers = self.get(path)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from llamaproxy.auth.keys import authenticate, parse_expiration, parse_keys, presented_key
 from llamaproxy.auth.store import KeyLoadError, KeyStore
@@ -218,3 +218,36 @@ class StoreTests(SynchronousTestCase):
         with open(path, "w") as f:
             f.write("# nothing\n")
         self.assertEqual(store.load(), 0)
+
+
+class InotifyWatchTests(TestCase):
+    """The key file watched through inotify with the real reactor (issue 16.12)."""
+
+    async def test_a_rename_over_the_file_is_seen_without_polling(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import Clock, deferLater
+
+        from llamaproxy.auth.store import KeyFileWatcher
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "api_keys.txt")
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        store = KeyStore(path)
+        store.load()
+        polls = Clock()  # never advanced: only inotify can see the change
+        watcher = KeyFileWatcher(store, polls, 5, notify_reactor=reactor)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        if not watcher.notified:
+            raise SkipTest("no inotify on this platform")
+        temporary = path + ".tmp"
+        with open(temporary, "w") as f:  # what `llamaproxy keys` does: write, then rename
+            f.write(f"a:{KEY}\nb:sk-bbbbbbbbbbbbbbbb\n")
+        os.rename(temporary, path)
+        for _ in range(100):
+            if store.keys.lookup("sk-bbbbbbbbbbbbbbbb") is not None:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertIsNotNone(store.keys.lookup("sk-bbbbbbbbbbbbbbbb"))

@@ -221,10 +221,27 @@ class InstallTests(SynchronousTestCase):
     def test_observer_for_twistd_options(self) -> None:
         self.assertIsNone(observer_for_twistd("json", {"logger": "x.y", "nodaemon": True}))
         self.assertIsNone(observer_for_twistd("json", {"syslog": True, "nodaemon": True}))
-        out = observer_for_twistd("json", {"nodaemon": True, "logfile": ""})
+        out = observer_for_twistd("json", {"nodaemon": True, "logfile": ""}, min_level="debug")
         self.assertIsInstance(out, JSONLogObserver)
-        self.assertIsInstance(observer_for_twistd("json", {"logfile": "-"}), JSONLogObserver)
+        self.assertIsInstance(observer_for_twistd("json", {"logfile": "-"}, min_level="debug"),
+                              JSONLogObserver)
         self.assertIsNotNone(observer_for_twistd("text", None))
+
+    def test_log_level_filters(self) -> None:
+        """LOG_LEVEL=info (the default) keeps debug events, e.g. llama-server's per-request
+        lines, out of the log; LOG_LEVEL=debug lets them through."""
+        path = os.path.abspath(self.mktemp())
+        observer = observer_for_twistd("json", {"nodaemon": True, "logfile": path})
+        assert observer is not None
+        Logger(observer=observer).debug("hidden")
+        Logger(observer=observer).info("shown")
+        self.assertEqual([r["msg"] for r in json_lines(Path(path).read_text())], ["shown"])
+        path = os.path.abspath(self.mktemp())
+        observer = observer_for_twistd("json", {"nodaemon": True, "logfile": path},
+                                       min_level="debug")
+        assert observer is not None
+        Logger(observer=observer).debug("now shown")
+        self.assertEqual([r["msg"] for r in json_lines(Path(path).read_text())], ["now shown"])
 
     def test_observer_for_twistd_logfile(self) -> None:
         path = os.path.abspath(self.mktemp())

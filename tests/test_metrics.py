@@ -615,15 +615,18 @@ class BreakerMetricsTests(SynchronousTestCase):
         self.assertTrue(held.called)
         self.assertFalse(queued.called)
         member.breaker.acquire().record_success()  # type: ignore[union-attr]
+        member.breaker.acquire().record_failure("refused")  # type: ignore[union-attr]
         member.breaker.acquire().record_failure()  # type: ignore[union-attr]
         metrics = GatewayMetrics(clock)
         metrics.watch_router(lambda: router)
         body, _ = metrics.render("text/plain", include_per_key=False)
         self.assertIn(b'llamaproxy_breaker_state{backend="b1",state="closed"} 1.0', body)
-        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="success"} 1.0',
-                      body)
-        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="failure"} 1.0',
-                      body)
+        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="success",reason=""}'
+                      b' 1.0', body)
+        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="failure",'
+                      b'reason="refused"} 1.0', body)
+        self.assertIn(b'llamaproxy_backend_attempts_total{backend="b1",outcome="failure",'
+                      b'reason="other"} 1.0', body)
         self.assertIn(b'llamaproxy_backend_slots_active{backend="b1"} 1.0', body)
         self.assertIn(b'llamaproxy_backend_queue_waiting{backend="b1"} 1.0', body)
         self.assertIn(b'llamaproxy_backend_slots{backend="b1"} 1.0', body)

@@ -233,9 +233,12 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.assertIs(self.backend.state, BackendState.STARTING)
         self.assertEqual(self.last().uri, b"http://gpu-box:8080/health")
         self.last().fail(ConnectionRefusedError())
-        self.assertIs(self.backend.state, BackendState.STARTING)
+        # Refused: not expected back by itself, so unreachable (requests fail fast), probed
+        # again every second.
+        self.assertIs(self.backend.state, BackendState.UNREACHABLE)
+        self.assertFalse(self.backend.recovering)
         self.assertEqual(self.backend.last_probe.detail, "connection refused")  # type: ignore[union-attr]
-        self.assertEqual(self.backend.retry_after(self.clock.seconds()), 5)
+        self.assertEqual(self.backend.retry_after(self.clock.seconds()), 1)
 
         self.clock.advance(1.0)
         self.last().respond(503, LOADING_BODY)
@@ -255,7 +258,7 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.agent.requests), count + 1)
         self.last().respond(500)
-        self.assertIs(self.backend.state, BackendState.STARTING)
+        self.assertIs(self.backend.state, BackendState.UNREACHABLE)
         self.assertFalse(self.backend.ready)
 
         # Not ready again: probed fast.
@@ -290,3 +293,44 @@ class ExternalBackendMonitorTests(SynchronousTestCase):
         self.monitor.startService()
         self.monitor.stopService()
         self.assertEqual(states, [BackendState.STARTING, BackendState.READY, BackendState.STOPPED])
+
+
+class ProbeNowTests(SynchronousTestCase):
+    """ProbeLoop.probe_now (issue 24.1): at once, and a probe begun before is not trusted."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.results: list[str] = []
+        self.pending: list[Deferred[str]] = []
+
+        async def probe() -> ProbeResult:
+            d: Deferred[str] = Deferred()
+            self.pending.append(d)
+            return ProbeResult(self.clock.seconds(), await d)
+
+        self.loop = ProbeLoop(probe, lambda r: self.results.append(r.outcome), lambda: 5.0,
+                              self.clock)
+
+    def test_idle_loop_probes_at_once(self) -> None:
+        self.loop.start()
+        self.pending[0].callback("ready")
+        self.loop.probe_now()
+        self.assertEqual(len(self.pending), 2)  # without waiting the 5 s
+        self.pending[1].callback("down")
+        self.assertEqual(self.results, ["ready", "down"])
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.pending), 3)  # the schedule goes on
+
+    def test_result_of_a_probe_in_flight_is_dropped_and_a_new_one_runs(self) -> None:
+        self.loop.start()
+        self.loop.probe_now()
+        self.pending[0].callback("ready")  # began before the failure: not delivered
+        self.assertEqual(self.results, [])
+        self.clock.advance(0)
+        self.assertEqual(len(self.pending), 2)
+        self.pending[1].callback("down")
+        self.assertEqual(self.results, ["down"])
+
+    def test_not_running(self) -> None:
+        self.loop.probe_now()
+        self.assertEqual(self.pending, [])

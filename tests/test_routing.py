@@ -478,3 +478,34 @@ class FailoverTests(SynchronousTestCase):
             self.assertEqual(report(ticket, status, exception), expected)
             self.assertTrue(ticket.done)
         self.assertEqual((breaker.successes, breaker.failures), (2, 4))
+
+
+class FailureReasonTests(SynchronousTestCase):
+    """routing.failure_reason: the reason label of llamaproxy_backend_attempts_total (24.5)."""
+
+    def test_reasons(self) -> None:
+        from twisted.internet import defer
+        from twisted.internet import error as internet_error
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        from llamaproxy.routing import UNREACHABLE_REASONS, failure_reason
+
+        cases = [
+            (None, internet_error.ConnectionRefusedError(), "refused"),
+            (None, ResponseNeverReceived([Failure(internet_error.ConnectionRefusedError())]),
+             "refused"),
+            (None, ResponseNeverReceived([Failure(internet_error.ConnectionLost())]), "reset"),
+            (None, ConnectionResetError(), "reset"),
+            (None, defer.TimeoutError(), "timeout"),
+            (None, internet_error.TCPTimedOutError(), "timeout"),
+            (None, internet_error.DNSLookupError(), "connect_error"),
+            (None, ResponseNeverReceived([Failure(defer.CancelledError())]), "cancelled"),
+            (None, defer.CancelledError(), "cancelled"),
+            (502, None, "5xx"),
+            (429, None, "429"),
+            (None, ValueError("ours"), "other"),
+        ]
+        for status, exception, expected in cases:
+            self.assertEqual(failure_reason(status, exception), expected, (status, exception))
+        self.assertNotIn("cancelled", UNREACHABLE_REASONS)

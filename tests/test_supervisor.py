@@ -555,6 +555,53 @@ class OutputTests(SupervisorTestCase):
         self.assertEqual(formatEvent(event), '{"tokens": 3}')
 
 
+class RequestLineLevelTests(SupervisorTestCase):
+    """Issue 16.12: llama-server's per-request lines at CHILD_REQUEST_LOG_LEVEL (debug)."""
+
+    REQUEST_LINES = [
+        "srv  log_server_r: request: POST /v1/chat/completions 127.0.0.1 200",
+        "srv  params_from_: Chat format: Content-only",
+        "slot launch_slot_: id  0 | task 0 | processing task",
+        "slot update_slots: id  0 | task 0 | new prompt, n_ctx_slot = 4096, n_keep = 0",
+        "slot      release: id  0 | task 0 | stop processing: n_past = 17, truncated = 0",
+        "prompt eval time =       5.01 ms /    10 tokens (    0.50 ms per token)",
+        "       eval time =      20.30 ms /     8 tokens (    2.54 ms per token)",
+        "      total time =      25.31 ms /    18 tokens",
+        "srv  update_slots: all slots are idle",
+        "que    start_loop: processing new tasks",
+        # b11434 prefixes its lines with its uptime and a level letter
+        "0.00.533.018 I slot get_availabl: id  0 | task -1 | selected slot by LRU, t_last = -1",
+        "0.00.533.955 I slot print_timing: id  0 | task 1 | prompt eval time =       0.62 ms",
+        "0.00.533.967 I slot      release: id  0 | task 1 | stop processing: n_tokens = 19",
+    ]
+    OTHER_LINES = [
+        "main: server is listening on http://127.0.0.1:8080 - starting the main loop",
+        "srv    load_model: loading model '/models/tiny.gguf'",
+        "llama_model_load: error loading model: tensor 'x' not found",
+        "build: 11434 (abc) with cc for x86_64-linux-gnu",
+        "0.00.079.692 I srv  llama_server: listening on http://127.0.0.1:37569",
+        "0.00.061.421 I srv    load_model: loading model '/tmp/tiny.gguf'",
+    ]
+
+    def levels(self) -> dict[str, LogLevel]:
+        return {e["line"]: e["log_level"] for e in self.events
+                if e["log_namespace"] == CHILD_LOG_NAMESPACE}
+
+    def test_request_lines_at_debug_the_rest_at_info(self) -> None:
+        self.supervisor.startService()
+        for line in self.REQUEST_LINES + self.OTHER_LINES:
+            self.process.write_stderr(line.encode() + b"\n")
+        levels = self.levels()
+        self.assertEqual({levels[line] for line in self.REQUEST_LINES}, {LogLevel.debug})
+        self.assertEqual({levels[line] for line in self.OTHER_LINES}, {LogLevel.info})
+
+    def test_level_configurable(self) -> None:
+        self.supervisor.request_log_level = LogLevel.info
+        self.supervisor.startService()
+        self.process.write_stderr(self.REQUEST_LINES[0].encode() + b"\n")
+        self.assertEqual(self.levels()[self.REQUEST_LINES[0]], LogLevel.info)
+
+
 class LineSplitterTests(SynchronousTestCase):
     """LineSplitter: partial lines, invalid UTF-8, the length cap."""
 
@@ -671,3 +718,24 @@ class OperatorRestartTests(SupervisorTestCase):
         self.successResultOf(d)
         self.assertEqual(len(self.reactor.spawned), 1)
         self.assertIs(self.backend.state, BackendState.STOPPED)
+class SendFailureTests(SupervisorTestCase):
+    """A request that could not reach the child (issue 24.1): down at once, probed now."""
+
+    def test_refused_send_marks_down_probes_now_and_requests_wait(self) -> None:
+        self.start_ready()
+        probes = len(self.agent.requests)
+        self.health = "hang"  # the immediate probe stays in flight
+        self.backend.send_failed("connection refused")
+        self.assertFalse(self.backend.ready)
+        self.assertTrue(self.backend.recovering)  # a local child is expected back: hold
+        self.assertEqual(self.backend.last_probe.detail, "connection refused")  # type: ignore[union-attr]
+        self.assertEqual(len(self.agent.requests), probes + 1)  # no wait for the schedule
+        self.agent.requests[-1].respond(200, b'{"status":"ok"}')  # began after: it counts
+        self.assertTrue(self.backend.ready)
+
+    def test_ignored_once_stopped(self) -> None:
+        self.start_ready()
+        self.supervisor.stopService()
+        probes = len(self.agent.requests)
+        self.backend.send_failed("connection refused")
+        self.assertEqual(len(self.agent.requests), probes)

@@ -80,7 +80,41 @@ class LedgerTests(TestCase):
         self.assertEqual(ledger.pending, [])  # handed to the pool thread
         await ledger.flush()  # waits for the timer's write
         self.assertEqual(query(self.path)[0].requests, 1)
-        self.assertFalse(self.clock.getDelayedCalls())
+        # Only the WAL checkpoint is scheduled (issue 24.2); no flush wake-ups.
+        [checkpoint] = self.clock.getDelayedCalls()
+        self.assertEqual(checkpoint.getTime(), self.clock.seconds() + ledger.checkpoint_interval)
+        await ledger.stop()
+
+    async def test_wal_stays_bounded_under_sustained_writes(self) -> None:
+        """Issue 24.2: without checkpoints the WAL grew by every write (7 MB an hour)."""
+        limit = 64 * 1024
+        ledger = self.ledger(wal_limit=limit)
+        largest = 0
+        for flush in range(400):
+            for key in range(20):
+                ledger.record(f"key-{flush % 50}-{key}", "m", 10, 20)
+            await ledger.flush()
+            largest = max(largest, ledger.wal_size())
+        # At most the limit plus one transaction's pages (a few KiB here).
+        self.assertLess(largest, limit + 32 * 1024)
+        self.assertGreater(ledger.checkpoints, 0)
+        rows = query(self.path)
+        self.assertEqual(sum(r.requests for r in rows), 400 * 20)
+        await ledger.stop()
+
+    async def test_wal_checkpointed_on_a_schedule(self) -> None:
+        ledger = self.ledger(checkpoint_interval=60.0)
+        ledger.record("alice", "m", 1, 1)
+        await ledger.flush()
+        self.assertGreater(ledger.wal_size(), 0)
+        self.assertEqual(ledger.checkpoints, 0)
+        self.clock.advance(60.0)
+        assert ledger.checkpointing is not None
+        await ledger.checkpointing
+        self.assertEqual(ledger.checkpoints, 1)
+        self.assertEqual(ledger.wal_size(), 0)  # truncated
+        self.assertFalse(self.clock.getDelayedCalls())  # idle again: no wake-ups
+        self.assertEqual(query(self.path)[0].requests, 1)
         await ledger.stop()
 
     async def test_records_during_a_flush_are_written_next(self) -> None:

@@ -1,10 +1,11 @@
 """The live key set: loaded from the key file, replaced whole on reload, kept when a reload fails.
 
 Reloads happen on SIGHUP, on ``POST /reload``, and by themselves when the file's content changes
-(``KeyFileWatcher`` polls it). A reload swaps the whole KeySet at once, so a request sees either
-the old keys or the new ones; requests already admitted (streams included) are not touched. A file
-that cannot be read (or is not a regular file, or is over 16 MiB) keeps the previous keys in force
-and says why; the read and the parse run off the reactor thread.
+(``KeyFileWatcher``: at once through inotify where the platform has it, else by polling). A
+reload swaps the whole KeySet at once, so a request sees either the old keys or the new ones;
+requests already admitted (streams included) are not touched. A file that cannot be read (or is
+not a regular file, or is over 16 MiB) keeps the previous keys in force and says why; the read
+and the parse run off the reactor thread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -174,23 +176,74 @@ class KeyStore:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-class KeyFileWatcher(Service):
-    """Polls the key file and reloads it when its content changes."""
+#: inotify events on the key file's directory that may mean its content changed (an editor's
+#: write, ``llamaproxy keys``' rename over it, a delete, a ``chmod``).
+_WATCHED = ("IN_CLOSE_WRITE", "IN_MOVED_TO", "IN_CREATE", "IN_DELETE", "IN_MOVED_FROM",
+            "IN_ATTRIB")
 
-    def __init__(self, store: KeyStore, clock: IReactorTime, interval: float) -> None:
+
+class KeyFileWatcher(Service):
+    """Reloads the key file when its content changes: at once on inotify, else by polling.
+
+    With ``notify_reactor`` (a real reactor) on Linux, ``twisted.internet.inotify`` watches the
+    file's directory (so a file replaced by a rename is seen too), and a change is picked up
+    before the next request: the README's "generate a key, then curl with it" works back to
+    back. Polling every ``interval`` seconds goes on as well, as the fallback (no inotify,
+    network filesystems, a directory created later).
+    """
+
+    def __init__(
+        self, store: KeyStore, clock: IReactorTime, interval: float, notify_reactor: Any = None
+    ) -> None:
         self.store = store
         self.interval = interval
         self._loop = LoopingCall(self._poll)
         self._loop.clock = clock
+        self._notify_reactor = notify_reactor
+        self._notifier: Any = None
+
+    @property
+    def notified(self) -> bool:
+        """True when inotify watches the file (else only polling does)."""
+        return self._notifier is not None
 
     def startService(self) -> None:
         super().startService()
         self._loop.start(self.interval, now=False)
+        if self._notify_reactor is not None:
+            self._notifier = self._watch(self._notify_reactor)
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            notifier.loseConnection()
+
+    def _watch(self, reactor: Any) -> Any:
+        """An ``INotify`` on the file's directory, or None (not available: polling only)."""
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+
+            notifier = inotify.INotify(reactor)
+            mask = 0
+            for name in _WATCHED:
+                mask |= getattr(inotify, name)
+            directory = os.path.dirname(os.path.abspath(self.store.path))
+            notifier.watch(FilePath(directory), mask, callbacks=[self._changed])
+        except Exception as e:  # no inotify here, or the directory does not exist (yet)
+            log.info("Watching the API key file {path} by polling every {interval:g} s ({why})",
+                     path=self.store.path, interval=self.interval, why=e)
+            return None
+        notifier.startReading()
+        return notifier
+
+    def _changed(self, _: Any, path: Any, mask: int) -> None:
+        if os.fsdecode(path.basename()) != os.path.basename(self.store.path):
+            return  # another file in the same directory (e.g. a temporary one)
+        self._poll()
 
     def _poll(self) -> Deferred[None]:
         # A LoopingCall dies on the first failure: never let one escape. It waits for this

@@ -38,9 +38,43 @@ def default_key_file(
     )
 
 
-def resolve_expires(text: str, now: datetime) -> str:
+def older_format(lines: list[str]) -> bool:
+    """True for a key file in the older gateway's format (written by its ``key_mgmt.py`` or by
+    hand): it does not start with a llamaproxy header and no expiration in it has a UTC offset.
+
+    The older ``key_mgmt.py list`` (and the older gateway) compare expirations with a naive
+    ``datetime.now()`` and crash on a timestamp with an offset, so such a file must not get one.
+    """
+    first = next((line.strip() for line in lines if line.strip()), "")
+    if first.startswith("# llamaproxy"):
+        return False
+    for line in lines:
+        if line.lstrip().startswith("#"):
+            continue
+        fields = keyfile.split_fields(line)
+        if len(fields) > 3 and fields[3] and _has_offset(fields[3]):
+            return False
+    return True
+
+
+def _has_offset(text: str) -> bool:
+    """True for an ISO 8601 timestamp with a UTC offset (``Z`` included); False otherwise."""
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        return True
+    try:
+        return datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def resolve_expires(text: str, now: datetime, older: bool = False) -> str:
     """The expiration to write for ``--expires``: ``<N>d|h|m`` from ``now`` as an ISO 8601
-    timestamp with a UTC offset, or an ISO 8601 timestamp the gateway accepts, kept as typed."""
+    timestamp with a UTC offset, or an ISO 8601 timestamp the gateway accepts, kept as typed.
+
+    ``older`` (the file is in the older format, see ``older_format``): the older format instead,
+    a naive ISO timestamp (in UTC, which is how llamaproxy reads a naive one).
+    """
     value = text.strip()
     relative = _RELATIVE.fullmatch(value)
     if relative is not None:
@@ -51,7 +85,7 @@ def resolve_expires(text: str, now: datetime) -> str:
             when = now.astimezone(UTC).replace(microsecond=0) + timedelta(**{unit: amount})
         except (OverflowError, ValueError):
             raise KeyCommandError(f"--expires {text!r}: too far in the future") from None
-        return when.isoformat()
+        return when.replace(tzinfo=None).isoformat() if older else when.isoformat()
     try:
         parse_expiration(value)
     except ValueError:
@@ -59,6 +93,8 @@ def resolve_expires(text: str, now: datetime) -> str:
             f"--expires {text!r} is not valid: use <N>d, <N>h, <N>m (e.g. 30d) or an ISO 8601 "
             "timestamp such as 2026-12-31T23:59:59+00:00 (no offset means UTC)"
         ) from None
+    if older and _has_offset(value):
+        return parse_expiration(value).astimezone(UTC).replace(tzinfo=None).isoformat()
     return value
 
 
@@ -117,6 +153,8 @@ def generate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with keyfile.locked(path):
         existed = os.path.exists(path)
         lines = keyfile.read_lines(path) if existed else list(keyfile.HEADER)
+        if args.expires is not None and existed and older_format(lines):
+            expires = resolve_expires(args.expires, _now(), older=True)
         if keyfile.find_lines(lines, key_id):
             raise KeyCommandError(
                 f"key_id '{key_id}' already exists in {path}; use `llamaproxy keys rotate "
@@ -187,6 +225,8 @@ def rotate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     _require_file(path)
     with keyfile.locked(path):
         lines, found = _lines_of(path, key_id)
+        if args.expires is not None and older_format(lines):
+            new_expires = resolve_expires(args.expires, _now(), older=True)
         fields = keyfile.split_fields(lines[found[0]])
         old_limit = fields[2] if len(fields) > 2 else ""
         try:

@@ -38,6 +38,24 @@ def default_ledger_file(
     )
 
 
+#: Where scripts/quickstart.sh keeps its data (DATA_DIR=$PWD/data), relative to the directory
+#: it was started from.
+QUICK_START_DATA_DIR = "data"
+
+
+def quick_start_ledger(environ: Mapping[str, str] | None = None) -> str | None:
+    """``./data/usage.sqlite3`` when nothing says where the ledger is and that file exists.
+
+    The quick start runs the gateway with ``DATA_DIR=$PWD/data``; a shell without that variable
+    would otherwise look in ``/data``.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("USAGE_LEDGER", "").strip() or env.get("DATA_DIR", "").strip():
+        return None
+    candidate = os.path.join(QUICK_START_DATA_DIR, LEDGER_FILE_NAME)
+    return candidate if os.path.isfile(candidate) else None
+
+
 def parse_day(text: str, today: date, option: str) -> date:
     """A day for --since/--until: ``YYYY-MM-DD``, ``today``, ``yesterday`` or ``<N>d`` (the
     last N UTC days, today included: ``1d`` is today, ``7d`` six days ago)."""
@@ -111,6 +129,12 @@ _NUMBER_HEADERS = ("REQUESTS", "PROMPT", "COMPLETION", "TOTAL")
 def show_usage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Print the ledger's totals per day, key_id and model, then per key_id and overall."""
     path: str = args.file or default_ledger_file()
+    if not args.file and not os.path.exists(path):
+        quick_start = quick_start_ledger()
+        if quick_start is not None:
+            print(f"(reading {quick_start}, the quick start's ledger: DATA_DIR is not set)",
+                  file=err)
+            path = quick_start
     today = _today()
     since = None if args.since is None else parse_day(args.since, today, "--since")
     until = None if args.until is None else parse_day(args.until, today, "--until")

@@ -186,6 +186,17 @@ def bad_gateway(detail: str = "Backend unavailable") -> GatewayError:
     return GatewayError(502, detail, "server_error", "bad_gateway")
 
 
+def backend_unreachable(detail: str, retry_after: int) -> GatewayError:
+    """502 at once: an external backend does not answer (it is not expected back by itself)."""
+    return GatewayError(
+        502,
+        f"Could not reach the backend: {detail or 'it does not answer'}",
+        "server_error",
+        "backend_unreachable",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
 def backend_unavailable(state: str, retry_after: int) -> GatewayError:
     """503 while the backend loads its model, restarts, or is stopping."""
     messages = {

@@ -23,7 +23,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from llamaproxy.admission import Admission, QueueFullError, Slot, Waiter
 from llamaproxy.auth.keys import AUTH_DISABLED
-from llamaproxy.backend import Backend
+from llamaproxy.backend import Backend, BackendState
 from llamaproxy.backends_file import upstream_url_bytes
 from llamaproxy.breaker import BreakerState, Ticket
 from llamaproxy.gateway import errors, forward
@@ -35,10 +35,13 @@ from llamaproxy.gateway.tokens import UsageCollector
 from llamaproxy.metrics import GatewayMetrics, RequestTimer
 from llamaproxy.probe import read_body_bounded
 from llamaproxy.routing import (
+    UNREACHABLE_REASONS,
     Member,
     ModelNotAllowedError,
     Router,
     UnknownModelError,
+    describe_reason,
+    failure_reason,
     is_retryable,
     report,
 )
@@ -346,8 +349,7 @@ class ProxyExchanges:
         if not status.ready and timer is not None:
             timer.queued()
         if not await self._member_ready(member, wait_until):
-            state = "stopping" if self.draining else status.state.value
-            return errors.backend_unavailable(state, status.retry_after(self.clock.seconds()))
+            return self._not_ready(status)
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return None  # the model list uses no inference slot: it never waits behind one
         try:
@@ -388,6 +390,16 @@ class ProxyExchanges:
                 pass
         return False
 
+    def _not_ready(self, status: Backend) -> GatewayError:
+        """The answer for a backend that cannot take the request now (502 or 503)."""
+        retry_after = status.retry_after(self.clock.seconds())
+        if self.draining:
+            return errors.backend_unavailable("stopping", retry_after)
+        if status.state is BackendState.UNREACHABLE:
+            probe = status.last_probe
+            return errors.backend_unreachable(probe.detail if probe else "", retry_after)
+        return errors.backend_unavailable(status.state.value, retry_after)
+
     def _request_body(self, exchange: Exchange, member: Member) -> bytes:
         """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
@@ -419,8 +431,7 @@ class ProxyExchanges:
         for attempt in (1, 2):
             if not await self._member_ready(member, wait_until):
                 ticket.release()
-                return self._give_up(exchange, errors.backend_unavailable(
-                    status.state.value, status.retry_after(self.clock.seconds())), last)
+                return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:
                 exchange.deadline = self.clock.callLater(
                     self.settings.request_timeout, self._deadline_passed, exchange
@@ -453,8 +464,12 @@ class ProxyExchanges:
                 # Accounted only if the backend may have run it (a request that certainly did
                 # not reach it costs nothing: the rate-limit charge is given back).
                 exchange.sent = not forward.not_processed(e)
-                log.warn("Backend {backend} request failed: {error}", backend=member.name,
-                         error=_describe(e))
+                reason = failure_reason(None, e)
+                log.warn("Backend {backend} request failed ({reason}): {error}",
+                         backend=member.name, reason=reason, error=_describe(e))
+                if reason in UNREACHABLE_REASONS:
+                    # Not one request's bad luck: the backend is down until a probe says not.
+                    status.send_failed(describe_reason(reason))
                 # Sent again (to this backend or the next) only if it certainly did not run,
                 # or it is idempotent, or the backend said repeats are harmless; a request
                 # that reached a local child is sent again only if that child crashed.
@@ -472,9 +487,8 @@ class ProxyExchanges:
                     self._cancel_deadline(exchange)
                     continue
                 report(ticket, None, e)
-                unavailable = None if status.ready else errors.backend_unavailable(
-                    status.state.value, status.retry_after(self.clock.seconds()))
-                request.send_error(unavailable or errors.bad_gateway())
+                request.send_error(
+                    errors.bad_gateway() if status.ready else self._not_ready(status))
                 return True
         if not last and (response.code >= 500 or response.code == 429) and not request.gone:
             report(ticket, response.code, None)

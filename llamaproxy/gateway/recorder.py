@@ -21,6 +21,7 @@ from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.tokens import estimate_prompt_tokens
 from llamaproxy.metrics import GatewayMetrics, rejection_reason
+from llamaproxy.rejection_log import RejectionLog
 from llamaproxy.usage import UsageLedger
 
 #: Status recorded for a request whose client left before any response byte (nginx's 499).
@@ -41,8 +42,11 @@ class RequestRecorder:
         metrics: GatewayMetrics | None = None,
         ledger: UsageLedger | None = None,
         token_limits: TokenLimits | None = None,
+        rejection_log: RejectionLog | None = None,
     ) -> None:
         self.clock = clock
+        #: The gateway log's rate-limited account of rejections (never a line per request).
+        self.rejection_log = rejection_log or RejectionLog(clock)
         self.access_log = access_log
         self.metrics = metrics
         self.ledger = ledger
@@ -90,6 +94,10 @@ class RequestRecorder:
                 self.access_log.record(entry)
             for observer in self.observers:
                 observer(entry, request)
+        if request.error is not None:
+            reason = rejection_reason(request.error)
+            if reason is not None:
+                self.rejection_log.rejected(request.error.status, reason)
         if self.metrics is not None:
             timer = exchange.timer if exchange is not None else None
             if timer is not None:
@@ -112,10 +120,13 @@ class RequestRecorder:
         """A request refused before it was complete (no Request exists): 408, 414, 431, 400;
         ``peer`` is the connection's peer address (no forwarding header was read yet)."""
         now = self.clock.seconds()
+        self.rejection_log.rejected(error.status, rejection_reason(error) or "other")
         if self.access_log is not None:
+            # Answered the moment it was refused: its first byte went out at once.
             self.access_log.record(AccessEntry(
                 ts=now, request_id="-", key_id=None, method="-", path="-", status=error.status,
-                duration_ms=0.0, outcome="rejected", client=peer,
+                duration_ms=0.0, ttfb_ms=0.0, bytes=len(error.body()), outcome="rejected",
+                client=peer,
             ))
         if self.metrics is not None:
             self.metrics.rejected(rejection_reason(error) or "other")

@@ -197,18 +197,18 @@ class GatewayRequest(server.Request):
         self.early_error = error
         # Twisted would answer "Expect: 100-continue" after this; the client must not send.
         self.requestHeaders.removeHeader(b"expect")
-        log.info(
-            "Rejected {method} {path} before reading its body: {status}",
-            method=self.method.decode("latin-1", "replace"),
-            path=self.path.decode("latin-1", "replace")[:200],
-            status=error.status,
-        )
+        # Not logged here: the access log and the metrics have it, and the gateway log a
+        # rate-limited summary (llamaproxy.rejection_log), so bad requests cannot fill a disk.
         transport = self.channel.transport
         if transport is None:  # the client is already gone: nobody to answer
             return
         extra = [*self.cors_headers(), (REQUEST_ID_HEADER, self.request_id.encode("ascii"))]
         self.refuse(error)
         transport.write(raw_response(error, extra))
+        # What the access log reports for it: the body written, and when.
+        self.sentLength = len(error.body())
+        if self.first_byte_at is None and self._clock is not None:
+            self.first_byte_at = self._clock.seconds()
         self.channel.loseConnection()
         self.setResponseCode(error.status)
         self._record()

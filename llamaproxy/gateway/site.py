@@ -298,10 +298,6 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_arrival_timer()
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return  # already answered (e.g. refused before its body) and closing
-        log.info(
-            "Refused a request from {peer}: {status} {message}",
-            peer=str(self.transport.getPeer()), status=error.status, message=error.message,
-        )
         # The Origin is not known yet (or not trusted): CORS headers only in wildcard mode.
         self.transport.write(raw_response(error, self.cors.response_headers(None)))
         recorder = getattr(getattr(self, "site", None), "recorder", None)

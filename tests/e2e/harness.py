@@ -154,6 +154,9 @@ class Gateway:
             "THREADS": "1",
             "PARALLEL": "1",
             "BACKOFF_MAX": "2",
+            # Tests read llama-server's per-request lines (tasks launched, cancelled): log them
+            # (by default they are debug, not written).
+            "CHILD_REQUEST_LOG_LEVEL": "info",
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

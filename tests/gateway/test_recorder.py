@@ -168,3 +168,78 @@ class ObserverTests(SynchronousTestCase):
         self.gw.client().request("GET", "/v1/models")
         self.assertEqual(len(seen), 1)
         self.assertIs(seen[0], recorded[0])
+
+
+class RejectionLoggingTests(SynchronousTestCase):
+    """Issue 24.3/24.4: rejections go to the access log and metrics; the gateway log is bounded."""
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.gw = GatewayFixture()
+        self.path = self.mktemp()
+        self.access_log = AccessLog(self.path, "text", self.gw.clock, "test", None)
+        self.metrics = GatewayMetrics(self.gw.clock)
+        self.gw.resource.metrics = self.metrics
+        self.recorder = RequestRecorder(self.gw.clock, self.access_log, self.metrics)
+        self.gw.site.recorder = self.recorder
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.addCleanup(self.recorder.rejection_log.stop)
+
+    def gateway_lines(self) -> list[dict[str, Any]]:
+        """The gateway's own log events, not the access log (a file of its own)."""
+        from twisted.logger import LogLevel
+
+        return [e for e in self.events if e.get("log_level", LogLevel.debug) >= LogLevel.info]
+
+    def bad_key_post(self) -> Any:
+        client = self.gw.client()
+        client.request("POST", "/v1/chat/completions", b'{"messages": []}',
+                       {"Authorization": "Bearer sk-wrong-key-000000000000000000"})
+        return client
+
+    def test_ten_thousand_bad_keys_write_a_bounded_gateway_log(self) -> None:
+        for i in range(10_000):
+            client = self.bad_key_post()
+            self.assertEqual(client.response().status, 401)
+            client.disconnect()
+            if i % 100 == 99:
+                self.gw.clock.advance(1.0)  # 100 requests/s for 100 s
+        self.gw.clock.advance(120)
+        lines = self.gateway_lines()
+        # The first at once, then one summary per minute of the 100 s: three lines in all.
+        self.assertLessEqual(len(lines), 4, [e.get("log_format") for e in lines[:10]])
+        self.assertEqual(self.recorder.rejection_log.lines, len(lines))
+        summed = sum(e.get("count", 1) for e in lines)
+        self.assertEqual(summed, 10_000)
+        self.access_log.flush()
+        with open(self.path) as f:
+            self.assertEqual(sum(1 for _ in f), 10_000)
+        body, _ = self.metrics.render("text/plain", include_per_key=False)
+        self.assertIn(b'llamaproxy_rejections_total{reason="auth"} 10000.0', body)
+
+    def test_a_quiet_reason_is_logged_at_once_next_time(self) -> None:
+        self.bad_key_post().disconnect()
+        self.gw.clock.advance(61)
+        self.bad_key_post().disconnect()
+        self.assertEqual(len(self.gateway_lines()), 2)
+
+    def test_early_rejections_have_bytes_and_ttfb_in_the_access_log(self) -> None:
+        client = self.bad_key_post()  # refused before its body was read
+        response = client.response()
+        self.assertEqual(response.status, 401)
+        self.access_log.flush()
+        with open(self.path) as f:
+            [line] = f.read().splitlines()
+        self.assertIn(f"bytes={len(response.body)}", line)
+        self.assertNotIn("ttfb=-", line)
+        client = self.gw.client()
+        client.send(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")  # 414, no request object
+        self.access_log.flush()
+        with open(self.path) as f:
+            last = f.read().splitlines()[-1]
+        self.assertIn(" 414 ", f" {last} ".replace("|", " "))
+        self.assertNotIn("bytes=0", last)
+        self.assertNotIn("ttfb=-", last)
