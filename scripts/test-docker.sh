@@ -39,9 +39,14 @@ check() {
   fi
 }
 
+summary=""
 cleanup() {
   local status=$?
   set +e
+  if [ -z "$summary" ]; then  # stopped by an error outside the checks
+    echo "containers: $passed passed, $((failed + 1)) failed: FAILED (aborted: exit status $status)"
+    [ "$status" != 0 ] || status=1
+  fi
   if docker info >/dev/null 2>&1; then
     ids="$(docker ps -aq --filter "label=$RUN_ID")"
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
@@ -144,6 +149,7 @@ echo "== containers: build"
 check "build llamaproxy:cpu (docker/Dockerfile)" build llamaproxy:cpu docker/Dockerfile
 check "build llamaproxy:gateway (docker/Dockerfile.gateway)" build llamaproxy:gateway docker/Dockerfile.gateway
 if ! docker image inspect llamaproxy:cpu >/dev/null 2>&1 || ! docker image inspect llamaproxy:gateway >/dev/null 2>&1; then
+  summary=printed
   echo "containers: $passed passed, $failed failed (images did not build): FAILED"
   exit 1
 fi
@@ -186,11 +192,12 @@ check "docker run llamaproxy:cpu --help prints the options" help_lists_options l
 # .venv has them (scripts/setup.sh); without it, a throwaway venv with just those.
 if ! "$PY" -c "import httpx, gguf" 2>/dev/null; then
   log "no $VENV with httpx and gguf: a throwaway venv for the client"
-  python3 -m venv "$work/venv" && "$work/venv/bin/pip" install --quiet httpx gguf
+  python3 -m venv "$work/venv" && "$work/venv/bin/pip" install --quiet httpx gguf > "$work/pip.log" 2>&1 \
+    || { tail -n 20 "$work/pip.log"; exit 1; }
   PY="$work/venv/bin/python"
 fi
 mkdir -p "$work/models"
-"$PY" -c "import sys; sys.path.insert(0, '.'); from tests.e2e.tiny_model import write_tiny_model; \
+"$PY" -c "import sys; sys.path.insert(0, 'tests/e2e'); from tiny_model import write_tiny_model; \
 write_tiny_model('$work/models/tiny.gguf')"
 chmod -R a+rX "$work"
 port_of() { docker port "$1" "$2" | head -n1 | sed 's/.*://'; }
@@ -207,15 +214,15 @@ url="http://127.0.0.1:$(port_of "$cpu" 8000)"
 health_url="http://127.0.0.1:$(port_of "$cpu" 8001)"
 direct="http://$(ip_of "$cpu"):8000"
 failed_before=$failed
-check "llamaproxy:cpu turns ready (llama-server loaded the model)" "$PY" -m tests.containers.client wait-ready "$url" 120
+check "llamaproxy:cpu turns ready (llama-server loaded the model)" "$PY" tests/containers/client.py wait-ready "$url" 120
 [ "$failed" = "$failed_before" ] || docker logs "$cpu" 2>&1 | tail -n 30 | sed 's/^/    /'
 
 # The documented way to make a key: `llamaproxy keys` in the container, into the /data volume.
 key="$(docker exec "$cpu" llamaproxy keys --file /data/api_keys.txt -q generate --name docker 2>&1 || true)"
 echo "    key made with: docker exec $cpu llamaproxy keys --file /data/api_keys.txt -q generate --name docker"
 sleep 2  # KEYS_RELOAD_INTERVAL=1: the running gateway picks the new key up by itself
-check "no key: 401 OpenAI-shaped" "$PY" -m tests.containers.client unauthorized "$url"
-check "streamed chat completion with a key through the gateway" "$PY" -m tests.containers.client stream "$url" "$key"
+check "no key: 401 OpenAI-shaped" "$PY" tests/containers/client.py unauthorized "$url"
+check "streamed chat completion with a key through the gateway" "$PY" tests/containers/client.py stream "$url" "$key"
 
 runs_as_non_root() {
   local uids
@@ -254,7 +261,7 @@ no_zombies() {
 }
 check "orphaned processes are reaped (no zombies)" no_zombies
 stop_drains() {
-  "$PY" -m tests.containers.client drain "$direct" "$health_url" "$key" "$cpu" docker || return 1
+  "$PY" tests/containers/client.py drain "$direct" "$health_url" "$key" "$cpu" docker || return 1
   local code
   code="$(docker inspect -f '{{.State.ExitCode}}' "$cpu")"
   echo "exit code $code"
@@ -279,8 +286,8 @@ docker run -d --name "$gw" --label "$RUN_ID" --network "$RUN_ID" --read-only --t
   llamaproxy:gateway --port 9000 >/dev/null
 gw_url="http://127.0.0.1:$(port_of "$gw" 9000)"
 check "llamaproxy:gateway --port 9000 turns ready against the llama-server container" \
-  "$PY" -m tests.containers.client wait-ready "$gw_url" 120
-check "streamed chat completion through the gateway-only image" "$PY" -m tests.containers.client stream "$gw_url" "$key"
+  "$PY" tests/containers/client.py wait-ready "$gw_url" 120
+check "streamed chat completion through the gateway-only image" "$PY" tests/containers/client.py stream "$gw_url" "$key"
 sigint_stops() {
   docker kill -s INT "$gw" >/dev/null
   local code
@@ -291,9 +298,10 @@ sigint_stops() {
 check "SIGINT stops the gateway, exit 0" sigint_stops
 
 elapsed=$((SECONDS - started_at))
+summary=printed
 if [ "$failed" = 0 ]; then
   echo "containers: $passed passed, 0 failed in ${elapsed} s: PASSED"
 else
-  echo "containers: $passed passed, $failed failed in ${elapsed} s: FAILED (${failures[*]})"
+  echo "containers: $passed passed, $failed failed in ${elapsed} s: FAILED: $(IFS=';'; echo "${failures[*]}")"
   exit 1
 fi

@@ -2,10 +2,10 @@
 
 Each subcommand prints what it saw and exits 0 when the check holds, 1 otherwise::
 
-    python -m tests.containers.client wait-ready URL [TIMEOUT]
-    python -m tests.containers.client stream URL KEY          # streamed chat completion
-    python -m tests.containers.client unauthorized URL        # no key: 401, OpenAI-shaped
-    python -m tests.containers.client drain URL HEALTH_URL KEY CONTAINER [DOCKER]
+    python tests/containers/client.py wait-ready URL [TIMEOUT]
+    python tests/containers/client.py stream URL KEY          # streamed chat completion
+    python tests/containers/client.py unauthorized URL        # no key: 401, OpenAI-shaped
+    python tests/containers/client.py drain URL HEALTH_URL KEY CONTAINER [DOCKER]
 
 ``drain`` holds a stream open with backpressure (as tests/e2e/test_admission.py does), runs
 ``docker stop CONTAINER`` while the stream is in flight, checks that readiness turns 503, then
