@@ -39,14 +39,10 @@ check() {
   fi
 }
 
-summary=""
+summary=""  # set once the checks ran (or the images did not build); cleanup prints the last line
 cleanup() {
   local status=$?
   set +e
-  if [ -z "$summary" ]; then  # stopped by an error outside the checks
-    echo "containers: $passed passed, $((failed + 1)) failed: FAILED (aborted: exit status $status)"
-    [ "$status" != 0 ] || status=1
-  fi
   if docker info >/dev/null 2>&1; then
     ids="$(docker ps -aq --filter "label=$RUN_ID")"
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
@@ -59,6 +55,19 @@ cleanup() {
     kill -0 "$dockerd_pid" 2>/dev/null && { log "dockerd did not stop: SIGKILL"; kill -KILL "$dockerd_pid"; }
   fi
   rm -rf "$work"
+  local elapsed=$((SECONDS - started_at))
+  if [ -z "$summary" ]; then
+    summary="aborted (exit status $status)"
+    failed=$((failed + 1))
+  fi
+  if [ "$failed" = 0 ] && [ "$status" = 0 ]; then
+    echo "containers: $passed passed, 0 failed in ${elapsed} s: PASSED"
+  else
+    local why=""
+    [ "$summary" = done ] || why=" ($summary)"
+    echo "containers: $passed passed, $failed failed in ${elapsed} s: FAILED${failures[*]:+: $(IFS=';'; echo "${failures[*]}")}$why"
+    [ "$status" != 0 ] || status=1
+  fi
   exit "$status"
 }
 trap cleanup EXIT
@@ -149,8 +158,7 @@ echo "== containers: build"
 check "build llamaproxy:cpu (docker/Dockerfile)" build llamaproxy:cpu docker/Dockerfile
 check "build llamaproxy:gateway (docker/Dockerfile.gateway)" build llamaproxy:gateway docker/Dockerfile.gateway
 if ! docker image inspect llamaproxy:cpu >/dev/null 2>&1 || ! docker image inspect llamaproxy:gateway >/dev/null 2>&1; then
-  summary=printed
-  echo "containers: $passed passed, $failed failed (images did not build): FAILED"
+  summary="images did not build"
   exit 1
 fi
 echo "    sizes: llamaproxy:cpu $(size_mb llamaproxy:cpu) MB, llamaproxy:gateway $(size_mb llamaproxy:gateway) MB"
@@ -297,11 +305,5 @@ sigint_stops() {
 }
 check "SIGINT stops the gateway, exit 0" sigint_stops
 
-elapsed=$((SECONDS - started_at))
-summary=printed
-if [ "$failed" = 0 ]; then
-  echo "containers: $passed passed, 0 failed in ${elapsed} s: PASSED"
-else
-  echo "containers: $passed passed, $failed failed in ${elapsed} s: FAILED: $(IFS=';'; echo "${failures[*]}")"
-  exit 1
-fi
+summary=done
+[ "$failed" = 0 ]
