@@ -22,6 +22,7 @@ PY="$PWD/$VENV/bin/python"
 RUN_ID="lp-test-$$"
 work="$(mktemp -d /tmp/llamaproxy-docker.XXXXXX)"
 dockerd_pid=""
+prometheus_pid=""
 passed=0
 failed=0
 failures=()
@@ -43,6 +44,7 @@ summary=""  # set once the checks ran (or the images did not build); cleanup pri
 cleanup() {
   local status=$?
   set +e
+  [ -z "$prometheus_pid" ] || { kill -TERM "$prometheus_pid"; wait "$prometheus_pid"; } 2>/dev/null
   if docker info >/dev/null 2>&1; then
     ids="$(docker ps -aq --filter "label=$RUN_ID")"
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
@@ -268,6 +270,29 @@ no_zombies() {
   [ -z "$zombies" ]
 }
 check "orphaned processes are reaped (no zombies)" no_zombies
+# The compose stack's Prometheus config and the Grafana dashboard, on a real Prometheus (Debian's
+# package; the prom/prometheus and grafana images cannot be pulled here) scraping this container.
+dashboard_on_prometheus() {
+  if ! command -v prometheus >/dev/null; then
+    [ "$(id -u)" = 0 ] || { echo "no prometheus binary (apt-get install prometheus)"; return 1; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+  local config="$work/prometheus.yml" prom_port
+  sed -e "s|\"llamaproxy:8000\"|\"127.0.0.1:${url##*:}\"|" -e 's|scrape_interval: 10s|scrape_interval: 1s|' \
+    docker/prometheus/prometheus.yml > "$config"
+  grep -q "127.0.0.1:${url##*:}" "$config" || { echo "no llamaproxy:8000 target in docker/prometheus/prometheus.yml"; return 1; }
+  prom_port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  prometheus --config.file="$config" --storage.tsdb.path="$work/prometheus" \
+    --web.listen-address="127.0.0.1:$prom_port" > "$work/prometheus.log" 2>&1 &
+  prometheus_pid=$!
+  local status=0
+  "$PY" tests/containers/client.py dashboard "http://127.0.0.1:$prom_port" \
+    docker/grafana/dashboards/llamaproxy.json || status=1
+  kill -TERM "$prometheus_pid"; wait "$prometheus_pid" 2>/dev/null; prometheus_pid=""
+  [ "$status" = 0 ] || tail -n 5 "$work/prometheus.log"
+  return "$status"
+}
+check "Prometheus (docker/prometheus/prometheus.yml) scrapes the gateway; every dashboard query runs" dashboard_on_prometheus
 stop_drains() {
   "$PY" tests/containers/client.py drain "$direct" "$health_url" "$key" "$cpu" docker || return 1
   local code

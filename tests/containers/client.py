@@ -6,6 +6,10 @@ Each subcommand prints what it saw and exits 0 when the check holds, 1 otherwise
     python tests/containers/client.py stream URL KEY          # streamed chat completion
     python tests/containers/client.py unauthorized URL        # no key: 401, OpenAI-shaped
     python tests/containers/client.py drain URL HEALTH_URL KEY CONTAINER [DOCKER]
+    python tests/containers/client.py dashboard PROMETHEUS_URL DASHBOARD_JSON
+
+``dashboard`` runs every expression of the Grafana dashboard on a real Prometheus that scrapes the
+gateway: none may fail to parse or evaluate, and the panels the issue asks for must have data.
 
 ``drain`` holds a stream open with backpressure (as tests/e2e/test_admission.py does), runs
 ``docker stop CONTAINER`` while the stream is in flight, checks that readiness turns 503, then
@@ -148,6 +152,54 @@ def drain(url: str, health_url: str, key: str, container: str, docker: str = "do
     return 0
 
 
+#: Panels whose every expression must return data once the gateway has served traffic: request
+#: rate, latency percentiles, queue depth, slots in use, tokens/s, errors, backend restarts.
+PANELS_WITH_DATA = (
+    "Backend ready", "Backend restarts (range)", "Slots in use", "Queue depth",
+    "Request rate by route", "Request rate by status", "Request latency (chat, completions)",
+    "Time to first byte (chat, completions)", "Queue depth and slots", "Tokens per second",
+    "Backend restarts and state",
+)
+
+
+def dashboard(prometheus: str, path: str) -> int:
+    """Every dashboard expression on a real Prometheus: valid, and with data where it must."""
+    with open(path) as f:
+        panels = json.load(f)["panels"]
+    # Prometheus needs two scrapes in the window before rate() has a value.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        up = httpx.get(f"{prometheus}/api/v1/query", timeout=10,
+                       params={"query": 'sum_over_time(up{job="llamaproxy"}[1m]) >= 3'}).json()
+        if up["data"]["result"]:
+            break
+        time.sleep(1)
+    else:
+        return fail("Prometheus did not scrape the gateway three times within 60 s")
+    missing = set(PANELS_WITH_DATA) - {panel["title"] for panel in panels}
+    problems = [f"no panel {title!r}" for title in sorted(missing)]
+    with_data = 0
+    total = 0
+    for panel in panels:
+        for target in panel["targets"]:
+            total += 1
+            expr = target["expr"].replace("$__rate_interval", "1m").replace("$__range", "5m")
+            answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr},
+                               timeout=10).json()
+            if answer.get("status") != "success":
+                problems.append(f"{panel['title']}: {expr}: {answer.get('error')}")
+                continue
+            if answer["data"]["result"]:
+                with_data += 1
+            elif panel["title"] in PANELS_WITH_DATA:
+                problems.append(f"{panel['title']}: no data for {expr}")
+    for problem in problems:
+        print(f"  {problem}")
+    print(f"dashboard on Prometheus: {total} expressions, {with_data} with data, "
+          f"{len(problems)} problems")
+    return 1 if problems else 0
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -161,6 +213,8 @@ def main(argv: list[str]) -> int:
         return unauthorized(args[0])
     if command == "drain":
         return drain(*args)
+    if command == "dashboard":
+        return dashboard(args[0], args[1])
     print(f"unknown command {command}")
     return 2
 
