@@ -145,10 +145,14 @@ for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
   [ -n "$kept" ] && build_args+=(--build-arg "$var=${kept% }")
 done
 build() {  # build TAG DOCKERFILE
-  local t0=$SECONDS
+  local t0=$SECONDS old new
+  old="$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)"
   if "${build_client[@]}" build --progress=plain "${build_args[@]}" -f "$2" -t "$1" . \
       > "$work/build-$1.log" 2>&1; then
     echo "    built $1 from $2 in $((SECONDS - t0)) s"
+    # The image this tag named before is garbage now: remove it (the build cache stays).
+    new="$(docker image inspect -f '{{.Id}}' "$1")"
+    if [ -n "$old" ] && [ "$old" != "$new" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
   else
     tail -n 40 "$work/build-$1.log" | sed 's/^/    /'
     return 1
