@@ -23,7 +23,8 @@ case "${LLAMA_CUDA:-off}" in
   off) variant=; cuda_args=() ;;
   *) echo "build-llama-server: LLAMA_CUDA must be on or off, not '${LLAMA_CUDA}'" >&2; exit 1 ;;
 esac
-TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION$variant"
+TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION"
+TARGET_DIR="$TARGET_DIR$variant"  # the CUDA build is cached apart (llamaproxy only looks up the CPU one)
 BINARY="$TARGET_DIR/llama-server"
 PYTHON="${PYTHON:-python3}"
 
