@@ -298,7 +298,7 @@ dashboard_on_prometheus() {
 }
 check "Prometheus (docker/prometheus/prometheus.yml) scrapes the gateway; every dashboard query runs" dashboard_on_prometheus
 stop_drains() {
-  "$PY" tests/containers/client.py drain "$direct" "$health_url" "$key" "$cpu" docker || return 1
+  "$PY" tests/containers/client.py drain "$direct" "$health_url" "$key" "$cpu" 20 docker || return 1
   local code
   code="$(docker inspect -f '{{.State.ExitCode}}' "$cpu")"
   echo "exit code $code"

@@ -5,7 +5,7 @@ Each subcommand prints what it saw and exits 0 when the check holds, 1 otherwise
     python tests/containers/client.py wait-ready URL [TIMEOUT]
     python tests/containers/client.py stream URL KEY          # streamed chat completion
     python tests/containers/client.py unauthorized URL        # no key: 401, OpenAI-shaped
-    python tests/containers/client.py drain URL HEALTH_URL KEY CONTAINER [DOCKER]
+    python tests/containers/client.py drain URL HEALTH_URL KEY CONTAINER DRAIN_TIMEOUT [DOCKER]
     python tests/containers/client.py dashboard PROMETHEUS_URL DASHBOARD_JSON
 
 ``dashboard`` runs every expression of the Grafana dashboard on a real Prometheus that scrapes the
@@ -13,7 +13,8 @@ gateway: none may fail to parse or evaluate, and the panels the issue asks for m
 
 ``drain`` holds a stream open with backpressure (as tests/e2e/test_admission.py does), runs
 ``docker stop CONTAINER`` while the stream is in flight, checks that readiness turns 503, then
-reads the rest of the stream and checks that it ended whole (``data: [DONE]``).
+reads the rest of the stream and checks that it ended whole (``data: [DONE]``) and that
+``docker stop`` returned within DRAIN_TIMEOUT seconds.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def _health(url: str) -> dict[str, object]:
     return dict(httpx.get(f"{url}/health", timeout=5).json())
 
 
-def drain(url: str, health_url: str, key: str, container: str, docker: str = "docker") -> int:
+def drain(url: str, health_url: str, key: str, container: str, drain_timeout: str,
+          docker: str = "docker") -> int:
     """``docker stop`` during a held stream: readiness 503, the stream ends whole."""
     parts = urlsplit(url)
     body = json.dumps({**CHAT, "max_tokens": 3000, "stream": True}).encode()
@@ -149,6 +151,9 @@ def drain(url: str, health_url: str, key: str, container: str, docker: str = "do
         return fail(f"the stream was cut by the stop ({len(received)} bytes, "
                     f"tail {received[-200:]!r})")
     print(f"stream finished whole ({len(received)} bytes); docker stop took {elapsed:.1f} s")
+    if stop.returncode != 0 or elapsed > float(drain_timeout):
+        return fail(f"docker stop: status {stop.returncode} after {elapsed:.1f} s "
+                    f"(DRAIN_TIMEOUT {drain_timeout} s)")
     return 0
 
 
