@@ -43,6 +43,9 @@ setup(
             "mypy-zope>=1.0.17",
             # browser tests of the operator page: drives Debian's chromium + chromium-driver
             "selenium>=4.20",
+            # the container and Kubernetes files' tests (tests/containers)
+            "pyyaml>=6.0",
+            "jsonschema>=4.17",
         ],
     },
     entry_points={"console_scripts": ["llamaproxy=llamaproxy.cli:main"]},

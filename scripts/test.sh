@@ -2,6 +2,9 @@
 # The whole test suite, as CI runs it (.ci/run calls exactly this): setup, lint, types, then every
 # test (unit and end-to-end against a real llama-server) under coverage, failing below 85 %.
 # Extra arguments select tests, e.g. bash scripts/test.sh tests.gateway
+# The slow group (the whole suite only): scripts/test-docker.sh builds and runs the container images.
+# It runs when LLAMAPROXY_DOCKER_TESTS=1, which is the default under CI (CI set and not "false");
+# LLAMAPROXY_DOCKER_TESTS=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -57,4 +60,14 @@ if [ $# -eq 0 ]; then
 fi
 echo "== benchmark smoke (checks that the benchmark runs; its numbers are not a verdict)" >&2
 python -m bench.overhead --smoke 2>&1 | tail -n 40 || echo "benchmark smoke did not run" >&2
-echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped"
+containers=skipped
+default_docker=0
+case "${CI:-}" in ""|false|0) ;; *) default_docker=1 ;; esac
+if [ $# -eq 0 ] && [ "${LLAMAPROXY_DOCKER_TESTS:-$default_docker}" = 1 ]; then
+  echo "== containers (slow group: bash scripts/test-docker.sh)" >&2
+  group_start=$SECONDS
+  if bash scripts/test-docker.sh; then containers=passed; else containers=failed; fi
+  echo "== containers (slow group): $containers in $((SECONDS - group_start)) s" >&2
+fi
+echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped; containers: $containers"
+[ "$containers" != failed ]
