@@ -66,8 +66,21 @@ case "${CI:-}" in ""|false|0) ;; *) default_docker=1 ;; esac
 if [ $# -eq 0 ] && [ "${LLAMAPROXY_DOCKER_TESTS:-$default_docker}" = 1 ]; then
   echo "== containers (slow group: bash scripts/test-docker.sh)" >&2
   group_start=$SECONDS
-  if bash scripts/test-docker.sh; then containers=passed; else containers=failed; fi
+  set +e
+  bash scripts/test-docker.sh 2>&1 | tee .docker-output.log
+  docker_status=${PIPESTATUS[0]}
+  set -e
+  summary_line="$(grep -E '^containers: [0-9]+ passed' .docker-output.log | tail -n1 || true)"
+  rm -f .docker-output.log
+  docker_passed=$(echo "$summary_line" | grep -oE '[0-9]+ passed' | cut -d' ' -f1 || true)
+  docker_failed=$(echo "$summary_line" | grep -oE '[0-9]+ failed' | cut -d' ' -f1 || true)
+  passed=$(( ${passed:-0} + ${docker_passed:-0} ))
+  if [ "$docker_status" -eq 0 ]; then containers=passed; else
+    containers=failed
+    failed=$(( ${failed:-0} + ${docker_failed:-1} ))
+  fi
   echo "== containers (slow group): $containers in $((SECONDS - group_start)) s" >&2
 fi
-echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped; containers: $containers"
+echo "containers: $containers" >&2
+echo "${passed:-0} passed, ${failed:-0} failed, ${skipped:-0} skipped"
 [ "$containers" != failed ]
