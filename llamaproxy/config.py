@@ -138,6 +138,18 @@ def _endpoint(text: str) -> str:
     return value
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    """A parser accepting one of ``choices`` (case-insensitive), nothing else."""
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected {' or '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _tls_version(text: str) -> str:
     value = text.strip()
     if value not in ("1.2", "1.3"):
@@ -286,6 +298,10 @@ SETTINGS: tuple[Setting, ...] = (
             "content changed); on Linux inotify sees changes at once, this is the fallback."),
     Setting("max_request_body_size", "max-request-body-size", ("MAX_REQUEST_BODY_SIZE",),
             "10485760", _int_parser(1), "Largest request body in bytes (413 above it)."),
+    Setting("fast_paths", "fast-paths", ("FAST_PATHS",), "auto", _choice("auto", "off"),
+            "auto: the fast paths (llamaproxy/fastpath/) run when the startup contract check "
+            "passes against the installed Twisted, else the stock Twisted path with one warning; "
+            "off: always the stock Twisted path."),
     Setting("max_json_depth", "max-json-depth", ("MAX_JSON_DEPTH",), "64", _int_parser(1),
             "Deepest nesting of arrays and objects in a JSON request body (400 invalid_json "
             "beyond it)."),
@@ -423,6 +439,7 @@ class Config:
     admin_key_ids: tuple[str, ...]
     keys_reload_interval: float
     max_request_body_size: int
+    fast_paths: str
     max_json_depth: int
     max_json_values: int
     max_queue_bytes: int

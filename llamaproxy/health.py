@@ -50,6 +50,8 @@ class HealthState:
         #: The older gateway's 11 counters (``/metrics`` JSON), for ``gateway.metrics``; None
         #: when /metrics needs a key (then /health does not show them either).
         self.legacy_metrics: Callable[[], dict[str, Any]] | None = None
+        #: Which fast paths run, and why not (``FastPaths.document``), when the tap says.
+        self.fast_paths: dict[str, object] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
@@ -85,6 +87,7 @@ class HealthState:
                if self.router is not None and len(self.router().members) > 1 else {}),
             "uptime_seconds": int(self.clock.seconds() - self.started_at),
             "version": __version__,
+            **({"fast_paths": self.fast_paths} if self.fast_paths is not None else {}),
         }
 
 

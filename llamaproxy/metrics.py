@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -546,6 +546,14 @@ class GatewayMetrics:
         reg.register(_FunctionCollector(self._backend_families))
         self.per_key_registry.register(_FunctionCollector(self._per_key_families))
         self._with_per_key = _Combined(self.registry, self.per_key_registry)
+
+    def fast_paths(self, active: tuple[str, ...], known: tuple[str, ...]) -> None:
+        """``llamaproxy_fast_path_active{path}``: 1 for each fast path this process runs."""
+        gauge = Gauge("llamaproxy_fast_path_active",
+                      "1 for each fast path that runs (FAST_PATHS, the startup contract check).",
+                      ["path"], registry=self.registry)
+        for name in known:
+            gauge.labels(path=name).set(1 if name in active else 0)
 
     # -- events ---------------------------------------------------------------------------
 

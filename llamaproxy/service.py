@@ -10,19 +10,27 @@ when all of that is done, and twistd waits for it before exiting.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 
-from llamaproxy.gateway.backend_client import BackendClient
+from llamaproxy.fastpath.gc_schedule import GcSchedule
 from llamaproxy.gateway.resource import GatewayResource
-from llamaproxy.gc_schedule import GcSchedule
 from llamaproxy.logs import install_observer
 
 log = Logger()
+
+
+class ConnectionPool(Protocol):
+    """What the service closes on stop: the backend client's idle connections (the fast
+    path's ``BackendClient`` or Twisted's ``HTTPConnectionPool``)."""
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        """Close every idle connection; fires when they are closed."""
+        ...
 
 
 class GatewayService(MultiService):
@@ -35,10 +43,11 @@ class GatewayService(MultiService):
         gateway_listeners: Sequence[IService],
         health_listener: IService | None,
         resource: GatewayResource,
-        pool: BackendClient | None,
+        pool: ConnectionPool | None,
         drain_timeout: float,
         background: Sequence[IService] = (),
         log_observer: ILogObserver | None = None,
+        gc_schedule: GcSchedule | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -52,7 +61,8 @@ class GatewayService(MultiService):
         self.background = list(background)
         self.log_observer = log_observer
         self._stopping: Deferred[None] | None = None
-        self.gc_schedule = GcSchedule(clock)
+        #: The garbage collector's schedule (a fast path: None when it is off).
+        self.gc_schedule = gc_schedule
         for child in self._in_start_order():
             child.setServiceParent(self)
 
@@ -72,8 +82,10 @@ class GatewayService(MultiService):
         # MultiService starts children in the order they were added: exactly ours.
         super().startService()
         # Last: what start-up built is frozen out of the collector's sight
-        # (llamaproxy/gc_schedule.py: young collections on allocation, full ones on a timer).
-        self.gc_schedule.startService()
+        # (llamaproxy/fastpath/gc_schedule.py: young collections on allocation, full ones on a
+        # timer).
+        if self.gc_schedule is not None:
+            self.gc_schedule.startService()
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
@@ -117,7 +129,8 @@ class GatewayService(MultiService):
             await _maybe(self.health_listener.stopService())
         for part in self.background:
             await _maybe(part.stopService())
-        self.gc_schedule.stopService()
+        if self.gc_schedule is not None:
+            self.gc_schedule.stopService()
         if clean and getattr(self.clock, "_exitSignal", None) is not None:
             # twistd re-raises the signal that stopped it (exit status 143 for SIGTERM). A drain
             # that lost nothing is a normal exit: status 0. A drain that cut requests keeps 143.

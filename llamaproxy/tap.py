@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
-from llamaproxy import __version__, lean_poll
+from llamaproxy import __version__, fastpath
 from llamaproxy.access_log import AccessLog, resolve_access_log
 from llamaproxy.admission import Admission
 from llamaproxy.auth.access import AccessControl, TokenLimits
@@ -43,6 +44,9 @@ from llamaproxy.backends_file import (
 )
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.cors import CorsPolicy
+from llamaproxy.fastpath import lean_poll
+from llamaproxy.fastpath.eager_write import Cork
+from llamaproxy.fastpath.gc_schedule import GcSchedule
 from llamaproxy.gateway import forward
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.client_address import TrustedProxies, parse_trusted_proxies
@@ -56,7 +60,7 @@ from llamaproxy.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.off_thread import OffThread
 from llamaproxy.probe import ExternalBackendMonitor
 from llamaproxy.routing import Router, status_for
-from llamaproxy.service import GatewayService
+from llamaproxy.service import ConnectionPool, GatewayService
 from llamaproxy.tls import (
     CertificateWatcher,
     ReloadingContextFactory,
@@ -132,7 +136,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    lean_poll.install(reactor)
     config = options.config
     assert config is not None, "Options.postOptions did not run"
     worker = config.worker_type or None
@@ -143,10 +146,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for warning in config.warnings:
         log.warn("Configuration: {warning}", warning=warning)
 
+    fast = fastpath.select(config.fast_paths, reactor)
+    if "lean_poll" in fast:
+        lean_poll.install(reactor)
+    cork = Cork() if "eager_write" in fast else None
     table = options.backends_table
-    agent = pool = forward.make_client(
-        reactor, sum(b.max_concurrent for b in table.backends) + 2, config.backend_connect_timeout
-    )
+    idle_per_host = sum(b.max_concurrent for b in table.backends) + 2
+    agent: IAgent
+    pool: ConnectionPool
+    if "backend_client" in fast:
+        agent = pool = forward.make_client(
+            reactor, idle_per_host, config.backend_connect_timeout, cork)
+    else:
+        agent, pool = forward.make_agent(reactor, idle_per_host, config.backend_connect_timeout)
     backends = BackendSet(config, options, reactor, agent)
     router = backends.apply(table)
     primary = router.members[table.backends_for(table.default_model)[0].name]
@@ -156,6 +168,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     access = _access_control(config, reactor, background, on_sighup)
     metrics = GatewayMetrics(reactor)
+    metrics.fast_paths(fast.active, fastpath.ALL)
     metrics.watch_admission(admission)
     for member in router.members.values():
         metrics.watch_backend(member.status)
@@ -183,6 +196,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         backend, admission, reactor, config.auth_enabled,
         draining=lambda: bool(resource_holder and resource_holder[0].draining),
     )
+    health.fast_paths = fast.document()
     resource = GatewayResource(
         router, agent, reactor, settings, access, health.document, health.ready, metrics=metrics
     )
@@ -201,6 +215,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
         trusted_proxies=TrustedProxies(parse_trusted_proxies(config.trusted_proxies)),
+        cork=cork,
     )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
@@ -224,6 +239,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     return GatewayService(
         reactor, backends, listeners, health_listener, resource, pool, config.drain_timeout,
         background=background, log_observer=observer,
+        gc_schedule=GcSchedule(reactor) if "gc_schedule" in fast else None,
     )
 
 

@@ -58,6 +58,28 @@ if [ $# -eq 0 ]; then
     exit "$browser_status"
   fi
 fi
+if [ $# -eq 0 ]; then
+  # The end-to-end scenarios once more with the fast paths off: the stock Twisted path
+  # (reactor loop, transports, Agent + HTTPConnectionPool) must behave the same (issue 17).
+  echo "== scenarios with FAST_PATHS=off (slow group)" >&2
+  started=$(date +%s)
+  set +e
+  LLAMAPROXY_TEST_FAST_PATHS=off python -m twisted.trial tests.e2e 2>&1 | tee .trial-output.log
+  stock_status=${PIPESTATUS[0]}
+  set -e
+  echo "scenarios with FAST_PATHS=off (slow group): $(( $(date +%s) - started )) s wall time" >&2
+  stock="$(grep -E '^(PASSED|FAILED) \(' .trial-output.log | tail -n1 || true)"
+  rm -f .trial-output.log
+  stock_passed=$(echo "$stock" | grep -oE 'successes=[0-9]+' | cut -d= -f2 || true)
+  stock_failed=$(echo "$stock" | grep -oE '(failures|errors|unexpectedSuccesses)=[0-9]+' | cut -d= -f2 | awk '{s+=$1} END {print s+0}' || true)
+  stock_skipped=$(echo "$stock" | grep -oE 'skips=[0-9]+' | cut -d= -f2 || true)
+  passed=$(( ${passed:-0} + ${stock_passed:-0} ))
+  skipped=$(( ${skipped:-0} + ${stock_skipped:-0} ))
+  if [ "$stock_status" -ne 0 ]; then
+    echo "${passed} passed, $(( ${failed:-0} + ${stock_failed:-1} )) failed, ${skipped} skipped"
+    exit "$stock_status"
+  fi
+fi
 echo "== benchmark smoke (checks that the benchmark runs; its numbers are not a verdict)" >&2
 python -m bench.overhead --smoke 2>&1 | tail -n 40 || echo "benchmark smoke did not run" >&2
 containers=skipped

@@ -115,6 +115,68 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse([s for s in service.background if isinstance(s, OperatorPageService)])
 
 
+class FastPathSwitchTests(SynchronousTestCase):
+    """Issue 17: FAST_PATHS=off runs the stock path; auto falls back to it, with one warning,
+    when the contract check fails (here: not the epoll reactor), and keeps serving."""
+
+    def build(self, mode: str) -> tuple[GatewayService, MemoryReactorClock]:
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "no",
+                                   "PORT": "8123", "PORT_HEALTH": "0", "USAGE_LEDGER": "off",
+                                   "ACCESS_LOG": "off", "FAST_PATHS": mode})
+        options = Options()
+        options.parseOptions([])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor=reactor)
+        assert isinstance(service, GatewayService)
+        return service, reactor
+
+    def assert_stock(self, service: GatewayService, reactor: MemoryReactorClock) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import Agent
+
+        self.assertIsInstance(service.resource.agent, Agent)
+        self.assertIsNone(service.gc_schedule)
+        [(_, factory, *_)] = reactor.tcpServers
+        self.assertIsNone(factory.cork)
+        self.assertNotIn("llamaproxy_read_lanes", vars(reactor))
+        channel = factory.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.assertIsNone(channel.sender)
+        channel.dataReceived(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+
+    def test_off(self) -> None:
+        service, reactor = self.build("off")
+        service.startService()
+        self.assert_stock(service, reactor)
+        self.assertEqual(service.resource.health_document()["fast_paths"],
+                         {"mode": "off", "active": []})
+        self.successResultOf(service.stopService())
+
+    def test_auto_falls_back_when_the_contract_fails(self) -> None:
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service, reactor = self.build("auto")
+        service.startService()
+        self.assert_stock(service, reactor)
+        fast = service.resource.health_document()["fast_paths"]
+        self.assertEqual(fast["mode"], "auto")  # type: ignore[index]
+        self.assertIn("the reactor is MemoryReactorClock, not the epoll reactor",
+                      fast["failed_checks"])  # type: ignore[index]
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn
+                    and "Fast paths off" in str(e.get("log_format"))]
+        self.assertEqual(len(warnings), 1)
+        self.successResultOf(service.stopService())
+
+    def test_invalid_value(self) -> None:
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "FAST_PATHS": "fast"})
+        self.assertRaises(UsageError, Options().parseOptions, [])
+
+
 class PluginTests(SynchronousTestCase):
     def test_plugin_is_found(self) -> None:
         makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "llamaproxy"]

@@ -1,6 +1,6 @@
 """Sending a client's request to a backend: header filtering, the client and its pool, retries.
 
-``BackendClient`` (llamaproxy/gateway/backend_client.py) speaks HTTP/1.1 with keep-alive. Its
+``BackendClient`` (llamaproxy/fastpath/backend_client.py) speaks HTTP/1.1 with keep-alive. Its
 pool's idle timeout stays below llama-server's 5 s keep-alive, and it never writes a request on a
 pooled connection the backend has already closed. A request is sent again only when it certainly
 did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``send``).
@@ -22,13 +22,14 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaproxy.gateway.backend_client import BackendClient
+from llamaproxy.fastpath.backend_client import BackendClient
+from llamaproxy.fastpath.eager_write import Cork
 from llamaproxy.gateway.client_address import FORWARDING_HEADERS
 
 log = Logger()
@@ -152,12 +153,30 @@ class CachedEndpoints:
         return endpoint
 
 
-def make_client(reactor: Any, max_idle_per_host: int, connect_timeout: float) -> BackendClient:
-    """The client requests are forwarded with: cached endpoints, a keep-alive pool."""
+def make_client(
+    reactor: Any, max_idle_per_host: int, connect_timeout: float, cork: Cork | None = None
+) -> BackendClient:
+    """The fast path's client requests are forwarded with: cached endpoints, a keep-alive pool,
+    eager writes sharing ``cork`` with the gateway's client connections."""
     return BackendClient(
         reactor, CachedEndpoints(reactor, connect_timeout), max(2, max_idle_per_host),
-        idle_timeout=_IDLE_TIMEOUT,
+        idle_timeout=_IDLE_TIMEOUT, cork=cork,
     )
+
+
+def make_agent(
+    reactor: Any, max_idle_per_host: int, connect_timeout: float
+) -> tuple[Agent, HTTPConnectionPool]:
+    """The stock client (fast paths off): Twisted's ``Agent`` over a persistent
+    ``HTTPConnectionPool``, with the same endpoints and idle timeout as ``make_client``. Twisted's
+    own retry of a failed idempotent request is off: re-sends are the gateway's decision
+    (``send``), the same on both paths."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max(2, max_idle_per_host)
+    pool.cachedConnectionTimeout = int(_IDLE_TIMEOUT)
+    pool.retryAutomatically = False
+    agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout), pool)
+    return agent, pool
 
 
 #: Methods whose repetition changes nothing (RFC 9110 9.2.2) and that the gateway sends bodiless.
@@ -174,7 +193,7 @@ def not_processed(failure_value: BaseException) -> bool:
     can read the whole POST, generate, and die (or close) before answering.
     """
     from twisted.internet.error import ConnectError, DNSLookupError
-    from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
+    from twisted.web.client import RequestNotSent, RequestTransmissionFailed
 
     return isinstance(
         failure_value, (ConnectError, DNSLookupError, RequestNotSent, RequestTransmissionFailed)
@@ -237,7 +256,7 @@ def send(
 
 def _send_again(failure_value: BaseException | None, method: bytes, with_body: bool) -> bool:
     """The request went (partly) unwritten, or an idempotent one lost its connection."""
-    from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed
+    from twisted.web.client import RequestNotSent, RequestTransmissionFailed
 
     if isinstance(failure_value, (RequestNotSent, RequestTransmissionFailed)):
         return True

@@ -7,7 +7,7 @@ growing the gateway's memory. When the client goes away, ``stopProducing`` close
 connection, which makes llama-server stop generating. A backend that breaks mid-body makes us
 abort the client connection: a truncated response must never look complete. Once the response
 head is out, the usual piece of a stream (one whole chunk of whole events) skips all of this
-through the relay's fast lane (``llamaproxy.gateway.stream_lane``), which the relay opens and
+through the relay's fast lane (``llamaproxy.fastpath.stream_lane``), which the relay opens and
 closes.
 """
 
@@ -19,11 +19,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
-from twisted.web.http import _DataLoss
 from zope.interface import implementer
 
+from llamaproxy.fastpath.stream_lane import StreamLane
 from llamaproxy.gateway.request import GatewayRequest
-from llamaproxy.gateway.stream_lane import StreamLane
 from llamaproxy.gateway.tokens import UsageCollector
 
 log = Logger()
@@ -56,7 +55,7 @@ class StreamRelay(Protocol):
         self._idle_call: IDelayedCall | None = None
         self._registered = False
         self._last_data = 0.0
-        #: The fast lane while it is open (see llamaproxy.gateway.stream_lane); whether to
+        #: The fast lane while it is open (see llamaproxy.fastpath.stream_lane); whether to
         #: try one (until StreamLane.possible says this relay never can).
         self._lane: StreamLane | None = None
         self._try_lane = True
@@ -109,12 +108,11 @@ class StreamRelay(Protocol):
             self.request.finish()
             self.done.callback("complete")
             return
-        if not isinstance(reason.value, _DataLoss):
-            log.warn(
-                "Backend response broke after {bytes} bytes: {reason}; aborting the client",
-                bytes=self.bytes_sent,
-                reason=reason.getErrorMessage(),
-            )
+        log.warn(
+            "Backend response broke after {bytes} bytes: {reason}; aborting the client",
+            bytes=self.bytes_sent,
+            reason=reason.getErrorMessage(),
+        )
         self._unregister()
         self.request.abort()
         self._end("backend_failed")

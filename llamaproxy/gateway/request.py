@@ -24,7 +24,6 @@ from twisted.web.http import datetimeToString
 from llamaproxy import __version__
 from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
 from llamaproxy.auth.keys import AUTH_DISABLED
-from llamaproxy.eager_write import after_sending
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.client_address import ClientIdentity, TrustedProxies
@@ -382,9 +381,13 @@ class GatewayRequest(server.Request):
         return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
 
     def finish(self) -> None:
+        sender = getattr(self.channel, "sender", None)  # (finishing may release the channel)
         super().finish()
         # The response leaves first; the access log, metrics and ledger follow.
-        after_sending(self._record)
+        if sender is not None:
+            sender.cork.after_sending(self._record)
+        else:
+            self._record()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)

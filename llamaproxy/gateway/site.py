@@ -23,7 +23,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from llamaproxy.cors import CorsPolicy
-from llamaproxy.eager_write import EagerSender, send_eagerly
+from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.client_address import TrustedProxies
@@ -124,7 +124,7 @@ class GatewayChannel(http.HTTPChannel):
     # attributes past which CPython gives an object a dict five times the size (see
     # GatewayRequest), and that is per open connection.
     __slots__ = (
-        "_arrival_timer", "_framing", "_framing_error", "_header_lines", "_host", "cors",
+        "_arrival_timer", "_framing", "_framing_error", "_header_lines", "_host", "cork", "cors",
         "limits", "sender",
     )
 
@@ -138,8 +138,11 @@ class GatewayChannel(http.HTTPChannel):
         self._framing_error: GatewayError | None = None
         self._header_lines = 0
         self._host: Any = None
-        #: The connection's eager sender (None when it is not plain TCP, e.g. TLS).
+        #: The connection's eager sender (None when it is not plain TCP, e.g. TLS, or the
+        #: eager-write fast path is off).
         self.sender: EagerSender | None = None
+        #: The eager writes' shared state when that fast path is on (the site's), else None.
+        self.cork: Cork | None = None
         super().__init__()
 
     def connectionMade(self) -> None:
@@ -150,10 +153,12 @@ class GatewayChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_request_line + limits.max_headers * (
             limits.max_header_line + 2
         ) + 2
-        sender = send_eagerly(self.transport)
-        # Under TLS the sender is the TCP connection's, below the encryption: never ours to
-        # write to.
-        self.sender = sender if sender is not None and sender.connection is self.transport else None
+        if self.cork is not None:
+            sender = send_eagerly(self.transport, self.cork)
+            # Under TLS the sender is the TCP connection's, below the encryption: never ours
+            # to write to.
+            if sender is not None and sender.connection is self.transport:
+                self.sender = sender
         super().connectionMade()
 
     def getHost(self) -> Any:
@@ -328,8 +333,11 @@ class GatewaySite(server.Site):
         body_budget: BodyBudget | None = None,
         early_check: EarlyCheck | None = None,
         trusted_proxies: TrustedProxies | None = None,
+        cork: Cork | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
+        #: The eager-write fast path's shared state (None: connections write the stock way).
+        self.cork = cork
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
@@ -353,6 +361,7 @@ class GatewaySite(server.Site):
         channel = super().buildProtocol(addr)
         channel.limits = self.limits
         channel.cors = self.cors
+        channel.cork = self.cork
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

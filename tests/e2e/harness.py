@@ -157,6 +157,8 @@ class Gateway:
             # Tests read llama-server's per-request lines (tasks launched, cancelled): log them
             # (by default they are debug, not written).
             "CHILD_REQUEST_LOG_LEVEL": "info",
+            # The scenario suite runs twice in CI: fast paths on (auto) and off (stock Twisted).
+            "FAST_PATHS": os.environ.get("LLAMAPROXY_TEST_FAST_PATHS", "auto"),
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

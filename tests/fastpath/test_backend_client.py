@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.gateway.backend_client: request bytes, response parsing, body delivery,
+"""Tests for llamaproxy.fastpath.backend_client: request bytes, response parsing, body delivery,
 errors and cancellation (in memory), the keep-alive pool, and a few exchanges over real sockets.
 """
 
@@ -46,8 +46,8 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from llamaproxy.fastpath.backend_client import BackendClient
 from llamaproxy.gateway import forward
-from llamaproxy.gateway.backend_client import BackendClient
 from llamaproxy.routing import is_retryable
 
 URL = b"http://127.0.0.1:8080/v1/chat/completions"

@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.lean_poll: the epoll loop without callWithLogger, on real epoll."""
+"""Tests for llamaproxy.fastpath.lean_poll: the epoll loop without callWithLogger, on real epoll."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python import log
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy import lean_poll
+from llamaproxy.fastpath import lean_poll
 
 
 class Reader:

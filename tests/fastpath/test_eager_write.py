@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.eager_write over real loopback TCP connections."""
+"""Tests for llamaproxy.fastpath.eager_write over real loopback TCP connections."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llamaproxy.eager_write import after_sending, send_eagerly
+from llamaproxy.fastpath.eager_write import Cork, send_eagerly
+
+#: The cork the connections of these tests share (one per process in the gateway).
+CORK = Cork()
 
 reactor: Any = global_reactor
 
@@ -52,7 +55,7 @@ class Answering(Protocol):
     eager: Any = None
 
     def connectionMade(self) -> None:
-        self.eager = send_eagerly(self.transport)
+        self.eager = send_eagerly(self.transport, CORK)
         self.factory.servers.append(self)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -185,14 +188,34 @@ class EagerWriteTests(TestCase):
         )
 
 
+    async def test_an_empty_write_after_a_held_one_flushes_once(self) -> None:
+        """Issue 17.5: a held write, then an empty one (which flushes at once), left a queued
+        flush of an empty list that raised IndexError in ``deliver``'s ``finally`` and left the
+        other connections' held writes unsent."""
+
+        def on_data(server: Answering, data: bytes) -> None:
+            server.transport.write(b"first")  # type: ignore[union-attr]
+            server.transport.write(b"")  # type: ignore[union-attr]
+            other.transport.write(b"for the other")  # type: ignore[union-attr]
+
+        _, client = await self.connect(on_data)
+        other_server, other_client = await self.connect(on_data)
+        other = other_server
+        client.transport.write(b"go")  # type: ignore[union-attr]
+        self.assertEqual(await client.wait_for(5), b"first")
+        self.assertEqual(await other_client.wait_for(13), b"for the other")
+        self.assertEqual(self.flushLoggedErrors(IndexError), [])
+
+    test_an_empty_write_after_a_held_one_flushes_once.timeout = 10  # type: ignore[attr-defined]
+
     async def test_after_sending_runs_once_the_response_is_in_the_kernel(self) -> None:
         seen: list[bytes] = []
 
         def on_data(server: Answering, data: bytes) -> None:
             server.transport.write(b"answer")  # type: ignore[union-attr]
-            after_sending(lambda: seen.append(peek(client)))
-            after_sending(lambda: 1 / 0)  # logged, and the next one still runs
-            after_sending(lambda: seen.append(b"after the error"))
+            CORK.after_sending(lambda: seen.append(peek(client)))
+            CORK.after_sending(lambda: 1 / 0)  # logged, and the next one still runs
+            CORK.after_sending(lambda: seen.append(b"after the error"))
             self.assertEqual(seen, [])
 
         _, client = await self.connect(on_data)
@@ -211,15 +234,15 @@ def peek(client: Collector) -> bytes:
 class NotTCPTests(SynchronousTestCase):
     def test_after_sending_outside_a_read_callback_runs_now(self) -> None:
         seen: list[int] = []
-        after_sending(lambda: seen.append(1))
+        Cork().after_sending(lambda: seen.append(1))
         self.assertEqual(seen, [1])
 
 
     def test_other_transports_are_left_alone(self) -> None:
         transport = StringTransport()
         write = transport.write
-        self.assertFalse(send_eagerly(transport))
-        self.assertFalse(send_eagerly(None))
+        self.assertFalse(send_eagerly(transport, CORK))
+        self.assertFalse(send_eagerly(None, CORK))
         self.assertEqual(transport.write, write)
 
 

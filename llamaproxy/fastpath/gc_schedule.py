@@ -17,7 +17,10 @@ links when done), so nothing is gained by chasing it.
 - never collects the older generations on allocation, but does a full collection every
   ``full_interval`` seconds instead (one pause of that size per interval, whatever the load);
 
-and puts the collector's thresholds back when it stops.
+and puts the collector's thresholds back, and unfreezes what it froze, when it stops.
+
+Assumes nothing of Twisted; it is a fast path because it is a process-wide policy, on only
+with the others (``FAST_PATHS``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class GcSchedule(Service):
         if self._saved is not None:
             gc.set_threshold(*self._saved)
             self._saved = None
+            gc.unfreeze()  # what start-up froze is the collector's again
 
     def _collect(self) -> None:
         self._call = self.clock.callLater(self.full_interval, self._collect)

@@ -1,4 +1,5 @@
-"""Tests for llamaproxy.gc_schedule: young collections on allocation, full ones on a timer."""
+"""Tests for llamaproxy.fastpath.gc_schedule: young collections on allocation, full ones on a
+timer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import gc
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.gc_schedule import FULL_INTERVAL, YOUNG_THRESHOLD, GcSchedule
+from llamaproxy.fastpath.gc_schedule import FULL_INTERVAL, YOUNG_THRESHOLD, GcSchedule
 
 
 class GcScheduleTests(SynchronousTestCase):

@@ -6,7 +6,9 @@ writability (an ``epoll_ctl``), sends on the next turn of the loop, then stops w
 calls and a loop turn where one ``send`` would do; the benchmark's profile put about a sixth of
 the gateway's CPU under 500 streams in that dance.
 
-``send_eagerly`` changes one TCP connection so that:
+``send_eagerly(transport, cork)`` changes one TCP connection so that (``cork``, one ``Cork`` per
+process, is what the connections of one reactor share: the read callback's depth and the held
+writes):
 
 - a write made while the reactor is delivering data read from one of these connections (the
   ``doRead`` of the client's connection or of a backend connection, and everything it calls:
@@ -37,11 +39,13 @@ _TCP = (tcp.Server, tcp.Client)
 log = Logger()
 
 
-class _Cork:
+class Cork:
     """The connections with writes held until the outermost read callback returns.
 
-    One instance, not class attributes: assigning a class attribute (``depth``, twice per
-    read) invalidates the interpreter's attribute caches for that class.
+    One per process in the gateway (made with the fast paths, shared by the client and backend
+    connections of one reactor), passed to each ``send_eagerly``; no module state. A plain
+    instance, not class attributes: assigning a class attribute (``depth``, twice per read)
+    would invalidate the interpreter's attribute caches for that class.
     """
 
     __slots__ = ("after", "depth", "pending")
@@ -52,38 +56,39 @@ class _Cork:
         #: Work to do once the held writes are sent (``after_sending``).
         self.after: list[Callable[[], None]] = []
 
+    def after_sending(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the writes held by the current read callback have been sent.
 
-_corked = _Cork()
+        For bookkeeping that the client should not wait for (the access log line, metrics):
+        inside a read callback of an eager connection it runs right after the flush; anywhere
+        else, now.
+        """
+        if self.depth:
+            self.after.append(callback)
+        else:
+            callback()
+
+    def flush_pending(self) -> None:
+        """Send every connection's held writes, then run the work waiting for them. One that
+        fails is logged and the others still go out."""
+        while self.pending or self.after:
+            while self.pending:
+                flushes, self.pending = self.pending, []
+                for flush in flushes:
+                    try:
+                        flush()
+                    except Exception:
+                        log.failure("Unexpected error sending held writes")
+            if self.after:
+                work, self.after = self.after, []
+                for callback in work:
+                    try:
+                        callback()
+                    except Exception:
+                        log.failure("Unexpected error after sending a response")
 
 
-def _flush_pending() -> None:
-    while _corked.pending or _corked.after:
-        while _corked.pending:
-            flushes, _corked.pending = _corked.pending, []
-            for flush in flushes:
-                flush()
-        if _corked.after:
-            work, _corked.after = _corked.after, []
-            for callback in work:
-                try:
-                    callback()
-                except Exception:
-                    log.failure("Unexpected error after sending a response")
-
-
-def after_sending(callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the writes held by the current read callback have been sent.
-
-    For bookkeeping that the client should not wait for (the access log line, metrics): inside
-    a read callback of an eager connection it runs right after the flush; anywhere else, now.
-    """
-    if _corked.depth:
-        _corked.after.append(callback)
-    else:
-        callback()
-
-
-def send_eagerly(transport: object) -> EagerSender | None:
+def send_eagerly(transport: object, cork: Cork) -> EagerSender | None:
     """Make ``transport`` send without the reactor's write registration; its sender, or None
     when it is not TCP (it is left as it was).
 
@@ -97,7 +102,7 @@ def send_eagerly(transport: object) -> EagerSender | None:
     connection: tcp.Connection = transport  # type: ignore[assignment]
     if connection.TLS:
         return None
-    sender = EagerSender(connection)
+    sender = EagerSender(connection, cork)
     connection.write = sender.write  # type: ignore[method-assign]
     connection.writeSequence = sender.write_sequence  # type: ignore[method-assign]
     connection.doRead = sender.do_read  # type: ignore[method-assign, assignment]
@@ -109,11 +114,12 @@ class EagerSender:
     """One connection's eager write path (small: there is one per open connection)."""
 
     __slots__ = (
-        "buffered_write", "buffered_write_sequence", "connection", "held", "lost"
+        "buffered_write", "buffered_write_sequence", "connection", "cork", "held", "lost"
     )
 
-    def __init__(self, connection: tcp.Connection) -> None:
+    def __init__(self, connection: tcp.Connection, cork: Cork) -> None:
         self.connection = connection
+        self.cork = cork
         self.held: list[bytes] = []
         # Twisted's own methods, from the class (the instance's are replaced by ours).
         self.buffered_write = connection.write
@@ -153,8 +159,11 @@ class EagerSender:
         return False
 
     def flush(self) -> None:
-        """Send what was held during the read callback, as one piece."""
+        """Send what was held during the read callback, as one piece (nothing when an earlier
+        flush, e.g. before an empty or unusual write, already sent it)."""
         held = self.held
+        if not held:
+            return
         data = b"".join(held) if len(held) > 1 else held[0]
         held.clear()
         self.send_now(data)
@@ -178,9 +187,9 @@ class EagerSender:
             self.buffered_write(data)  # Twisted's type check, and nothing to do for b""
         elif self.held:
             self.held.append(data)
-        elif _corked.depth:
+        elif self.cork.depth:
             self.held.append(data)
-            _corked.pending.append(self.flush)
+            self.cork.pending.append(self.flush)
         else:
             self.send_now(data)
 
@@ -232,10 +241,11 @@ class EagerSender:
     def deliver(self, data: bytes) -> None:
         """Give ``data``, read from the socket, to the protocol as ``do_read`` does (writes made
         meanwhile leave when it returns). For a read lane that read it and passes it on."""
-        _corked.depth += 1
+        cork = self.cork
+        cork.depth += 1
         try:
             self.connection.protocol.dataReceived(data)
         finally:
-            _corked.depth -= 1
-            if not _corked.depth and (_corked.pending or _corked.after):
-                _flush_pending()
+            cork.depth -= 1
+            if not cork.depth and (cork.pending or cork.after):
+                cork.flush_pending()

@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.gateway.stream_lane: the fast lane of a relayed stream.
+"""Tests for llamaproxy.fastpath.stream_lane: the fast lane of a relayed stream.
 
 Real sockets on the real reactor with the lean poll loop installed (as ``twistd llamaproxy``
 has it): a raw backend that writes chunks when told, a GatewaySite whose resource relays them
@@ -20,9 +20,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llamaproxy import lean_poll
+from llamaproxy.fastpath import lean_poll
+from llamaproxy.fastpath.backend_client import BackendClient
+from llamaproxy.fastpath.eager_write import Cork
 from llamaproxy.gateway import forward
-from llamaproxy.gateway.backend_client import BackendClient
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.site import GatewaySite
@@ -115,11 +116,12 @@ class StreamLaneTests(TestCase):
         backends.lost = []  # type: ignore[attr-defined]
         backend_port = reactor.listenTCP(0, backends, interface="127.0.0.1")
         self.addCleanup(backend_port.stopListening)
-        client = BackendClient(reactor, forward.CachedEndpoints(reactor, 5), 4)
+        cork = Cork()  # eager writes on: the lane needs both sides' senders
+        client = BackendClient(reactor, forward.CachedEndpoints(reactor, 5), 4, cork=cork)
         self.addCleanup(client.closeCachedConnections)
         url = b"http://127.0.0.1:%d/" % backend_port.getHost().port
         resource = Relaying(client, url, idle_timeout, usage)
-        site = GatewaySite(resource, reactor=reactor)
+        site = GatewaySite(resource, reactor=reactor, cork=cork)
         site_port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(site_port.stopListening)
         self.backends = backends

@@ -74,7 +74,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from llamaproxy.eager_write import EagerSender, send_eagerly
+from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 
 __all__ = ["MAX_HEAD_SIZE", "BackendClient"]
 
@@ -122,7 +122,8 @@ _CHUNK_DATA = 1
 _CHUNK_CRLF = 2
 _CHUNK_TRAILER = 3
 
-_valid_methods: set[bytes] = {b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"}
+#: Methods known to be tokens; any other is checked on each request (nothing is cached).
+_KNOWN_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
 
 
 def _ignore(_: object) -> None:
@@ -225,7 +226,7 @@ class _BodyTransport:
     @property
     def connection(self) -> _Connection | None:
         """The backend connection the body is read from (None once the body ended or was
-        stopped): what a read lane reads (``llamaproxy.gateway.stream_lane``)."""
+        stopped): what a read lane reads (``llamaproxy.fastpath.stream_lane``)."""
         return self._connection
 
     def pauseProducing(self) -> None:
@@ -465,7 +466,7 @@ class _Connection:
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
-        sender = send_eagerly(transport)
+        sender = send_eagerly(transport, self._client.cork)
         # Under TLS the sender is the TCP connection's, below the encryption: not ours to use.
         self.sender = sender if sender is not None and sender.connection is transport else None
         if self.sender is not None:
@@ -1112,8 +1113,11 @@ class BackendClient:
         max_idle_per_host: int,
         idle_timeout: float = 4.0,
         unclaimed_body_timeout: float = 60.0,
+        cork: Cork | None = None,
     ) -> None:
         self.reactor = reactor
+        #: The eager writes' shared state (the same as the gateway's client connections').
+        self.cork = cork if cork is not None else Cork()
         self.endpoints = endpoints
         self.max_idle_per_host = max_idle_per_host
         self.idle_timeout = idle_timeout
@@ -1137,13 +1141,11 @@ class BackendClient:
         ``ResponseFailed`` if part of one came), ``RequestTransmissionFailed`` while the body was
         being written, ``RequestGenerationFailed`` when the body producer failed.
         """
-        if method not in _valid_methods:
+        if method not in _KNOWN_METHODS:
             if not isinstance(method, bytes):
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
             if not _istoken(method):
                 raise ValueError(f"Invalid method {method!r}")
-            if len(_valid_methods) < 64:
-                _valid_methods.add(method)
         match = _URI.fullmatch(uri)
         if match is None:
             match = _URI.fullmatch(uri.strip())

@@ -18,7 +18,7 @@ an epoll reactor whose ``doPoll`` someone already replaced) is left alone.
 ``lane.do_read()`` instead of ``selectable.doRead()`` when the selectable is just readable; the
 return value means what ``doRead``'s does (None, or why the connection is over). A lane is how a
 stream relay reads a backend socket and writes the client's without the layers in between
-(``llamaproxy.gateway.stream_lane``). It is keyed by file descriptor and checked against the
+(``llamaproxy.fastpath.stream_lane``). It is keyed by file descriptor and checked against the
 selectable registered for it, so a lane left behind can never read a connection that reused the
 number. On a reactor without the lean loop, ``add_read_lane`` returns None and nothing changes.
 """

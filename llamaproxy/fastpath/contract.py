@@ -1,0 +1,153 @@
+"""The startup contract check: does the installed Twisted have the shape the fast paths assume?
+
+Each fast path replaces or imitates a piece of Twisted (see the table in
+``llamaproxy.fastpath``). A Twisted release can rename what it uses (a request would crash) or
+change what it imitates (a fix in ``doPoll`` or a new write buffer would be silently lost, or
+bytes reordered). So before turning them on, ``check`` verifies:
+
+- the Twisted version is inside the tested range (``TESTED_RANGE``, the bounds of setup.py);
+- the reactor is the epoll reactor, with its own ``doPoll``;
+- every private name used exists, with the expected kind;
+- every Twisted function that a fast path replaces or copies has the source the fast path was
+  written against (a SHA-256 of ``inspect.getsource``): any change to it, however small, turns
+  the fast paths off until someone has read the change and updated the fast path.
+
+Widening the range (docs/operations.md): install the new Twisted, run ``check`` (the failures
+name what differs), read each differing function, update the fast path and its fingerprint,
+and run the scenario and differential suites both ways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+#: Twisted versions the fast paths are tested with: (lowest, first untested), as in setup.py.
+TESTED_RANGE = ((26, 4), (26, 11))
+
+#: The source the fast paths were written against: a SHA-256 prefix of ``inspect.getsource``.
+FINGERPRINTS = {
+    # lean_poll: its loop is doPoll's, and it inlines _doReadOrWrite's read branch.
+    "twisted.internet.epollreactor:EPollReactor.doPoll": "09b62ae68ef01b4b",
+    "twisted.internet.epollreactor:EPollReactor._doReadOrWrite": "5ffee55b79492b00",
+    # eager_write: its do_read is doRead + _dataReceived; send_now decides like write/doWrite.
+    "twisted.internet.tcp:Connection.doRead": "20ac74ffecd6b7f2",
+    "twisted.internet.tcp:Connection._dataReceived": "7ed147aeca0c7f8a",
+    "twisted.internet.abstract:FileDescriptor.write": "3e46c97fc173bc7e",
+    "twisted.internet.abstract:FileDescriptor.writeSequence": "1606f230d318191a",
+    "twisted.internet.abstract:FileDescriptor.doWrite": "a986d7b1b1054e43",
+    "twisted.internet.tcp:Connection.connectionLost": "dd7a9a87035a2084",
+}
+
+#: Private names used, and what each must be: "callable", or "attribute" (anything).
+NAMES = {
+    "twisted.internet.posixbase:_NO_FILEDESC": "attribute",
+    "twisted.internet.epollreactor:EPollReactor._doReadOrWrite": "callable",
+    "twisted.internet.epollreactor:EPollReactor._disconnectSelectable": "callable",
+    "twisted.internet.tcp:Connection._aborting": "attribute",
+    "twisted.internet.tcp:Connection._writeDisconnecting": "attribute",
+    "twisted.internet.tcp:Connection._writeDisconnected": "attribute",
+    "twisted.web._abnf:_istoken": "callable",
+    "twisted.web._newclient:ExcessWrite": "callable",
+    "twisted.web._newclient:ParseError": "callable",
+    "twisted.web._newclient:RequestGenerationFailed": "callable",
+    "twisted.web._newclient:RequestTransmissionFailed": "callable",
+    "twisted.web._newclient:WrongBodyLength": "callable",
+    "twisted.web.http:_DataLoss": "callable",
+}
+
+#: Attributes a running epoll reactor instance must have (set in its __init__).
+REACTOR_ATTRIBUTES = ("_selectables", "_poller")
+
+#: Fast path modules that must import (their own imports of private names).
+MODULES = (
+    "llamaproxy.fastpath.lean_poll",
+    "llamaproxy.fastpath.eager_write",
+    "llamaproxy.fastpath.stream_lane",
+    "llamaproxy.fastpath.backend_client",
+)
+
+
+def check(reactor: Any, twisted_version: str | None = None) -> list[str]:
+    """What does not hold (empty: the fast paths may run), in words for the one warning."""
+    failures = []
+    version = twisted_version or _installed_twisted()
+    if not _in_range(version):
+        low, high = TESTED_RANGE
+        failures.append(
+            f"Twisted {version} is outside the tested range "
+            f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+        )
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:
+        return [*failures, "no epoll reactor on this platform"]
+    if not isinstance(reactor, EPollReactor):
+        failures.append(f"the reactor is {type(reactor).__name__}, not the epoll reactor")
+    elif type(reactor).doPoll is not EPollReactor.doPoll or "doPoll" in vars(reactor):
+        failures.append("the reactor's doPoll was replaced by someone else")
+    else:
+        failures += [f"the reactor has no {name}" for name in REACTOR_ATTRIBUTES
+                     if not hasattr(reactor, name)]
+    for name, kind in NAMES.items():
+        found = _resolve(name)
+        if found is _MISSING:
+            failures.append(f"{name} is gone")
+        elif kind == "callable" and not callable(found):
+            failures.append(f"{name} is no longer callable")
+    for name, expected in FINGERPRINTS.items():
+        found = _resolve(name)
+        if found is _MISSING:
+            failures.append(f"{name} is gone")
+        elif fingerprint(found) != expected:
+            failures.append(f"{name} changed (source {fingerprint(found)}, expected {expected})")
+    for module in MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            failures.append(f"{module} does not import: {e}")
+    return failures
+
+
+def fingerprint(function: Callable[..., Any]) -> str:
+    """A SHA-256 prefix of ``function``'s source ("?" when it has none)."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return "?"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+_MISSING = object()
+
+
+def _resolve(name: str) -> Any:
+    """``module:attr.attr`` to the object, or ``_MISSING``."""
+    module_name, _, path = name.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError:
+        return _MISSING
+    for part in path.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            return _MISSING
+    return found
+
+
+def _installed_twisted() -> str:
+    import twisted
+
+    return str(twisted.__version__)
+
+
+def _in_range(version: str) -> bool:
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    low, high = TESTED_RANGE
+    return low <= (major, minor) < high
