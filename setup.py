@@ -24,7 +24,7 @@ setup(
         "llamaproxy.admin": ["static/*.js", "static/*.css"],
     },
     install_requires=[
-        "twisted[tls]>=26.4",
+        "twisted[tls]>=26.4,<26.11",  # the fast paths are checked against this range
         "klein>=23.12",
         "treq>=23.11",
         "attrs>=23.1",

@@ -19,6 +19,12 @@ transmission and response failures (so ``forward.not_processed`` and
 ``ResponseFailed`` endings for the body protocol, push-producer backpressure through the body
 transport, and cancellation of a request that has no response yet (which aborts its connection).
 Differences from Agent are listed in ``BackendClient``'s docstring.
+
+Replaces: ``twisted.web.client.Agent`` + ``HTTPConnectionPool`` (the stock path's client).
+Assumes: the private exception types of ``twisted.web._newclient`` and ``twisted.web.http`` it
+raises, ``twisted.web._abnf._istoken``, and the eager writes' contract (checked at startup by
+``llamaproxy.fastpath.contract``). Gain: about 40 % of the gateway's CPU per proxied request;
+``tests/fastpath/test_differential.py`` holds it to Agent's bytes and endings.
 """
 
 from __future__ import annotations

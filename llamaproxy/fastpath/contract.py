@@ -40,6 +40,8 @@ FINGERPRINTS = {
     "twisted.internet.abstract:FileDescriptor.writeSequence": "1606f230d318191a",
     "twisted.internet.abstract:FileDescriptor.doWrite": "a986d7b1b1054e43",
     "twisted.internet.tcp:Connection.connectionLost": "dd7a9a87035a2084",
+    # (and the instance attributes it reads: _tempDataBuffer is set here)
+    "twisted.internet.abstract:FileDescriptor.__init__": "6405435a8c04d4c9",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).

@@ -23,6 +23,13 @@ writes):
   one (data already queued in Twisted's buffer, a closing connection, a pull producer that must be
   resumed after each flush, TLS started on the connection), goes through Twisted's own buffered
   path, in order, so backpressure, producers and error handling stay Twisted's.
+
+Replaces: a TCP connection's ``write``, ``writeSequence``, ``doRead`` and ``connectionLost`` (per
+instance). Assumes: ``Connection.doRead``/``_dataReceived``, ``FileDescriptor.write``/
+``writeSequence``/``doWrite`` and ``Connection.connectionLost`` exactly as fingerprinted in
+``llamaproxy.fastpath.contract``, and the private flags ``_aborting``, ``_tempDataBuffer``,
+``_writeDisconnecting``, ``_writeDisconnected``. Gain: about a sixth of the gateway's CPU under
+500 streams.
 """
 
 from __future__ import annotations

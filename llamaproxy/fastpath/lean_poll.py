@@ -21,6 +21,11 @@ stream relay reads a backend socket and writes the client's without the layers i
 (``llamaproxy.fastpath.stream_lane``). It is keyed by file descriptor and checked against the
 selectable registered for it, so a lane left behind can never read a connection that reused the
 number. On a reactor without the lean loop, ``add_read_lane`` returns None and nothing changes.
+
+Replaces: ``EPollReactor.doPoll`` on one reactor instance. Assumes: ``doPoll`` and
+``_doReadOrWrite`` exactly as fingerprinted in ``llamaproxy.fastpath.contract``, the reactor's
+``_selectables``/``_poller`` and ``posixbase._NO_FILEDESC``. Gain: ~6 % of the CPU at 500 streams,
+and the read lanes the stream lane needs.
 """
 
 from __future__ import annotations
