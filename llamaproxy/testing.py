@@ -408,7 +408,7 @@ class StreamingResponse:
 
     def fail(self, reason: BaseException | None = None) -> None:
         """Break the body, as a backend that dies mid-response does."""
-        from twisted.web._newclient import ResponseFailed
+        from twisted.web.client import ResponseFailed
 
         assert self.protocol is not None, "deliverBody was not called"
         failure = Failure(reason or ResponseFailed([Failure(error.ConnectionLost())]))

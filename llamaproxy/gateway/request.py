@@ -125,8 +125,7 @@ class GatewayRequest(server.Request):
         # Site.buildProtocol sets ``site`` on the channel; HTTPChannel does not declare it.
         site = self._site = cast(Any, self.channel).site
         # The request line is parsed but not yet copied onto the request; do it now.
-        self.method = self.channel._command
-        self.uri = self.channel._path
+        self.method, self.uri = self.channel.request_target()  # type: ignore[attr-defined]
         self.path = self.uri.split(b"?", 1)[0]
         given = self.requestHeaders.getRawHeaders(REQUEST_ID_HEADER, [None])[-1]
         self.request_id = request_id_from(given)

@@ -125,7 +125,7 @@ class GatewayChannel(http.HTTPChannel):
     # GatewayRequest), and that is per open connection.
     __slots__ = (
         "_arrival_timer", "_framing", "_framing_error", "_header_lines", "_host", "cork", "cors",
-        "limits", "sender",
+        "limits", "request_line", "sender",
     )
 
     def __init__(self) -> None:
@@ -137,6 +137,8 @@ class GatewayChannel(http.HTTPChannel):
         #: The error to answer when Twisted's parser refuses the request (None: a generic 400).
         self._framing_error: GatewayError | None = None
         self._header_lines = 0
+        #: The current request's first line, once it arrived (None while one is awaited).
+        self.request_line: bytes | None = None
         self._host: Any = None
         #: The connection's eager sender (None when it is not plain TCP, e.g. TLS, or the
         #: eager-write fast path is off).
@@ -182,6 +184,7 @@ class GatewayChannel(http.HTTPChannel):
         self._cancel_arrival_timer()
         self._framing = 0
         self._header_lines = 0
+        self.request_line = None  # the next line is the next request's first
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
@@ -200,11 +203,12 @@ class GatewayChannel(http.HTTPChannel):
     # -- limits on the request head --------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
-        first = self._HTTPChannel__first_line  # type: ignore[attr-defined]
-        if first and line:
-            if len(line) + 2 > self.limits.max_request_line:
-                self._reject(errors.uri_too_long(self.limits.max_request_line))
-                return
+        if self.request_line is None:
+            if line:  # (an empty line before a request is skipped, as twisted.web does)
+                if len(line) + 2 > self.limits.max_request_line:
+                    self._reject(errors.uri_too_long(self.limits.max_request_line))
+                    return
+                self.request_line = line
         elif line:
             self._header_lines += 1
             if len(line) + 2 > self.limits.max_header_line:
@@ -215,9 +219,14 @@ class GatewayChannel(http.HTTPChannel):
                 return
         super().lineReceived(line)
 
+    def request_target(self) -> tuple[bytes, bytes]:
+        """The current request's method and target, from its first line (its head is in)."""
+        parts = (self.request_line or b"").split()
+        return (parts[0], parts[1]) if len(parts) == 3 else (b"", b"")
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """A line longer than any limit, with no end in sight."""
-        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+        if self.request_line is None:
             self._reject(errors.uri_too_long(self.limits.max_request_line))
         else:
             self._reject(errors.headers_too_large())
