@@ -216,6 +216,19 @@ def backend_unavailable(state: str, retry_after: int) -> GatewayError:
     )
 
 
+def breaker_open(model: str, retry_after: int) -> GatewayError:
+    """503 at once when every backend of ``model`` has its circuit breaker open (they failed
+    repeatedly): no request is sent or held until a breaker lets a trial through."""
+    return GatewayError(
+        503,
+        f"Every backend for the model '{model[:200]}' is failing (circuit breaker open); "
+        f"retry in {retry_after} s",
+        "server_error",
+        "backend_unavailable",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
 def queue_full(retry_after: int = 5, message: str = "Server busy, try again later") -> GatewayError:
     """503 when the wait queue is full (older gateway body and Retry-After: 5)."""
     return GatewayError(

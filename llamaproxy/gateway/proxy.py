@@ -9,6 +9,7 @@ yet), and relay the answer with backpressure. ``Exchange`` is one such request i
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -307,8 +308,23 @@ class ProxyExchanges:
             exchange.slot.release()
             exchange.slot = None
         if not request.gone:
-            request.send_error(exchange.failure or errors.backend_unavailable(
-                "stopping" if self.draining else "unavailable", 5))
+            request.send_error(exchange.failure or self._none_available(model))
+
+    def _none_available(self, model: str | None) -> GatewayError:
+        """Why no backend of ``model`` could be tried: all their breakers open (for how long),
+        the gateway stopping, or unavailable."""
+        if self.draining:
+            return errors.backend_unavailable("stopping", 5)
+        router = self.router
+        if model is not None:
+            breakers = [router.members[spec.name].breaker
+                        for spec in router.table.backends_for(model)
+                        if spec.name in router.members]
+            waits = [b.retry_in for b in breakers if b.state is BreakerState.OPEN]
+            if breakers and len(waits) == len(breakers):
+                return errors.breaker_open(
+                    model, max(1, math.ceil(min(w or 0.0 for w in waits))))
+        return errors.backend_unavailable("unavailable", 5)
 
     def _give_up(self, exchange: Exchange, error: GatewayError, last: bool) -> bool:
         """Answer ``error`` when this was the last candidate (True), else remember it (False)."""

@@ -24,13 +24,23 @@ class ContractTests(SynchronousTestCase):
         if not isinstance(reactor, EPollReactor):
             self.skipTest("the fast paths are for the epoll reactor (the default on Linux)")
 
-    def test_the_installed_twisted_passes(self) -> None:
-        self.assertEqual(contract.check(reactor), [])
+    def test_the_installed_twisted(self) -> None:
+        """The release the fast paths were written against passes; another one in the range
+        (CI runs the lowest too) fails only on the functions whose source differs."""
+        import twisted
+
+        failures = contract.check(reactor)
+        if twisted.__version__ == contract.FINGERPRINTED_WITH:
+            self.assertEqual(failures, [])
+        else:
+            self.assertTrue(failures)
+            self.assertTrue(all(" changed (source " in f for f in failures), failures)
 
     def test_a_version_outside_the_tested_range(self) -> None:
-        [failure] = contract.check(reactor, twisted_version="27.1.0")
-        self.assertIn("Twisted 27.1.0 is outside the tested range >=26.4,<26.11", failure)
-        self.assertEqual(contract.check(reactor, twisted_version="26.4.0"), [])
+        outside = contract.check(reactor, twisted_version="27.1.0")
+        self.assertIn("Twisted 27.1.0 is outside the tested range >=26.4,<26.11", outside[0])
+        inside = contract.check(reactor, twisted_version="26.4.0")
+        self.assertFalse(any("outside the tested range" in f for f in inside))
         self.assertTrue(contract.check(reactor, twisted_version="26.3.0"))
         self.assertTrue(contract.check(reactor, twisted_version="not a version"))
 
@@ -83,5 +93,7 @@ class SwitchTests(SynchronousTestCase):
         if not isinstance(reactor, EPollReactor):
             self.skipTest("the fast paths are for the epoll reactor")
         chosen = fastpath.select("auto", reactor)
-        self.assertEqual(chosen.active, fastpath.ALL)
-        self.assertEqual(self.warnings(), [])
+        if contract.check(reactor):  # a release the fast paths were not checked against
+            self.assertEqual((chosen.active, len(self.warnings())), ((), 1))
+        else:
+            self.assertEqual((chosen.active, self.warnings()), (fastpath.ALL, []))

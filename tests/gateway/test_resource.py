@@ -959,3 +959,28 @@ class BodyIsolationTests(SynchronousTestCase):
         response = gw.chat().response()
         self.assertEqual((response.status, response.json()["error"]["code"]), (503, "queue_full"))
         self.assertEqual(response.header("x-ratelimit-remaining"), "8")  # the two others count
+
+
+class BreakerOpenTests(SynchronousTestCase):
+    """Issue 16.3: an upstream whose breaker is open answers at once, saying so (no wait)."""
+
+    def test_every_breaker_open_is_an_immediate_503(self) -> None:
+        gw = GatewayFixture(queue_timeout=60.0)
+        breaker = BreakerSettings(failure_threshold=1, reset_timeout=30)
+        spec = RemoteBackendSpec(name="test", models=("fake",), slots=2, breaker=breaker,
+                                 base_url=gw.backend.base_url)
+        table = BackendsTable(backends=(spec,), models=(ModelSpec("fake", default=True),),
+                              default_model="fake", breaker=breaker)
+        gw.resource.router = Router.build(table, gw.clock, {"test": gw.backend},
+                                          {"test": gw.admission})
+        first = gw.chat()
+        gw.agent.requests[0].respond(500, b'{"error": {"message": "boom"}}')  # opens it
+        self.assertEqual(first.response().status, 500)
+        gw.clock.advance(1)
+        response = gw.chat().response()  # answered at once: no clock advance needed
+        self.assertEqual(len(gw.agent.requests), 1)  # never sent
+        self.assertEqual(response.status, 503)
+        error = response.json()["error"]
+        self.assertEqual(error["code"], "backend_unavailable")
+        self.assertIn("circuit breaker", error["message"])
+        self.assertEqual(response.header("retry-after"), "29")

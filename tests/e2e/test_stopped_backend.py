@@ -1,0 +1,38 @@
+"""Issue 16.10, as observed: a SIGSTOPped llama-server child made /readyz answer 503 with
+``"backend": "ready"`` in its body. The body must agree with the status."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.e2e.harness import Gateway, wait_for
+
+
+class StoppedBackendTests(SynchronousTestCase):
+    def test_readyz_body_agrees_with_its_status(self) -> None:
+        gateway = Gateway(env={"PROBE_INTERVAL": "0.5", "HEALTH_TIMEOUT": "0.5"})
+        gateway.start()
+        self.addCleanup(gateway.stop)
+        child = gateway.child_pid()
+        os.kill(child, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(child, signal.SIGCONT))
+        answers: list[tuple[int, dict[str, object]]] = []
+
+        def not_ready() -> bool:
+            response = httpx.get(f"{gateway.url}/readyz", timeout=5)
+            answers.append((response.status_code, response.json()))
+            return response.status_code == 503
+
+        wait_for(not_ready, 30, "/readyz to say 503 for the stopped child")
+        status, body = answers[-1]
+        self.assertEqual(body["ready"], False)
+        self.assertNotEqual(body["backend"], "ready")
+        for status, body in answers:  # never a 503 that says ready, nor a 200 that says not
+            self.assertEqual(status == 200, body["ready"] is True and body["backend"] == "ready")
+        os.kill(child, signal.SIGCONT)
+        wait_for(lambda: httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 200, 30,
+                 "/readyz to recover once the child runs again")
