@@ -1,4 +1,6 @@
-"""Issue 16.10, as observed: a SIGSTOPped llama-server child made /readyz answer 503 with
+"""What clients see of a misbehaving real llama-server (issue 16.10, as observed).
+
+A SIGSTOPped llama-server child made /readyz answer 503 with
 ``"backend": "ready"`` in its body. The body must agree with the status."""
 
 from __future__ import annotations
@@ -36,3 +38,22 @@ class StoppedBackendTests(SynchronousTestCase):
         os.kill(child, signal.SIGCONT)
         wait_for(lambda: httpx.get(f"{gateway.url}/readyz", timeout=5).status_code == 200, 30,
                  "/readyz to recover once the child runs again")
+
+
+class PlainBackendErrorTests(SynchronousTestCase):
+    """Issue 16.10, as observed: llama-server answers a large form-encoded body with a bare 413
+    (no body); through the gateway the client gets an OpenAI-shaped JSON error, status kept."""
+
+    def test_bare_413_from_the_real_llama_server_is_wrapped(self) -> None:
+        from tests.e2e.harness import API_KEY, shared_gateway
+
+        gateway = shared_gateway()
+        body = ('{"messages": [{"role": "user", "content": "' + "x" * (1 << 20) + '"}]}').encode()
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions", content=body, timeout=60,
+            headers={"Authorization": f"Bearer {API_KEY}",
+                     "Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(response.status_code, 413)
+        self.assertEqual(response.headers["content-type"], "application/json")
+        error = response.json()["error"]
+        self.assertEqual(error["code"], "backend_error")
