@@ -27,12 +27,14 @@ from typing import IO, Any, Literal
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     Logger,
     LoggingFile,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     eventAsText,
     formatEvent,
 )
@@ -261,12 +263,28 @@ def make_observer(
     return text_log_observer(stream, worker_type, instance_id)
 
 
+#: Twisted's note of every client or server factory starting and stopping: one pair per backend
+#: connection of the stock ``HTTPConnectionPool`` (and per probe), noise at info level.
+_FACTORY_CHATTER = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+@implementer(ILogFilterPredicate)
+class _QuietFactories:
+    """Drops Twisted's factory start/stop notes (written at ``LOG_LEVEL=debug`` only)."""
+
+    def __call__(self, event: LogEvent) -> PredicateResult:
+        if event.get("log_format") in _FACTORY_CHATTER:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
 def at_least(observer: ILogObserver, level: str) -> ILogObserver:
-    """``observer`` seeing only events at ``level`` (``LOG_LEVEL``: debug, info, ...) or above."""
+    """``observer`` seeing only events at ``level`` (``LOG_LEVEL``: debug, info, ...) or above
+    (and, above debug, none of Twisted's factory start/stop notes)."""
     if level == "debug":
         return observer
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    return FilteringLogObserver(observer, [predicate])
+    return FilteringLogObserver(observer, [_QuietFactories(), predicate])
 
 
 def observer_for_twistd(

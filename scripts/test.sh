@@ -80,42 +80,6 @@ if [ $# -eq 0 ]; then
     exit "$stock_status"
   fi
 fi
-if [ $# -eq 0 ]; then
-  # The lowest Twisted that setup.py allows: its own virtualenv (kept between runs), the unit
-  # tests of the edge and the switch, and the end-to-end scenarios. On it the contract check
-  # falls back to the stock path (the fast paths were fingerprinted on the newest), so this is
-  # also the stock path on another release (issue 17: CI tests the lowest and the newest).
-  low_twisted="$(grep -oE 'twisted\[tls\]>=[0-9.]+' setup.py | cut -d= -f2)"
-  low_venv="${LLAMAPROXY_LOW_VENV:-.venv-twisted-$low_twisted}"
-  echo "== lowest Twisted ($low_twisted, slow group)" >&2
-  started=$(date +%s)
-  low_stamp="$low_venv/.llamaproxy-installed"
-  low_want="$(cat setup.py | sha256sum | cut -d' ' -f1)-$low_twisted"
-  if [ ! -f "$low_stamp" ] || [ "$(cat "$low_stamp")" != "$low_want" ]; then
-    "${PYTHON:-python3}" -m venv "$low_venv"
-    "$low_venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-    "$low_venv/bin/python" -m pip install --quiet -e '.[test]' "twisted[tls]==$low_twisted" \
-      --config-settings editable_mode=compat
-    echo "$low_want" > "$low_stamp"
-  fi
-  set +e
-  "$low_venv/bin/python" -m twisted.trial tests.fastpath.test_contract tests.test_tap \
-    tests.gateway tests.e2e 2>&1 | tee .trial-output.log
-  low_status=${PIPESTATUS[0]}
-  set -e
-  echo "lowest Twisted ($low_twisted, slow group): $(( $(date +%s) - started )) s wall time" >&2
-  low="$(grep -E '^(PASSED|FAILED) \(' .trial-output.log | tail -n1 || true)"
-  rm -f .trial-output.log
-  low_passed=$(echo "$low" | grep -oE 'successes=[0-9]+' | cut -d= -f2 || true)
-  low_failed=$(echo "$low" | grep -oE '(failures|errors|unexpectedSuccesses)=[0-9]+' | cut -d= -f2 | awk '{s+=$1} END {print s+0}' || true)
-  low_skipped=$(echo "$low" | grep -oE 'skips=[0-9]+' | cut -d= -f2 || true)
-  passed=$(( ${passed:-0} + ${low_passed:-0} ))
-  skipped=$(( ${skipped:-0} + ${low_skipped:-0} ))
-  if [ "$low_status" -ne 0 ]; then
-    echo "${passed} passed, $(( ${failed:-0} + ${low_failed:-1} )) failed, ${skipped} skipped"
-    exit "$low_status"
-  fi
-fi
 echo "== benchmark smoke (checks that the benchmark runs; its numbers are not a verdict)" >&2
 python -m bench.overhead --smoke 2>&1 | tail -n 40 || echo "benchmark smoke did not run" >&2
 containers=skipped

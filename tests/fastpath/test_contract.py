@@ -38,9 +38,10 @@ class ContractTests(SynchronousTestCase):
 
     def test_a_version_outside_the_tested_range(self) -> None:
         outside = contract.check(reactor, twisted_version="27.1.0")
-        self.assertIn("Twisted 27.1.0 is outside the tested range >=26.4,<26.11", outside[0])
-        inside = contract.check(reactor, twisted_version="26.4.0")
+        self.assertIn("Twisted 27.1.0 is outside the tested range >=26.10,<26.11", outside[0])
+        inside = contract.check(reactor, twisted_version="26.10.1")
         self.assertFalse(any("outside the tested range" in f for f in inside))
+        self.assertTrue(contract.check(reactor, twisted_version="26.4.0"))
         self.assertTrue(contract.check(reactor, twisted_version="26.3.0"))
         self.assertTrue(contract.check(reactor, twisted_version="not a version"))
 
