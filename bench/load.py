@@ -1,7 +1,7 @@
 """Load generators of the overhead harness, each run as its own process: many concurrent SSE
 streams, and a closed-loop plain-request load (the stand-in for ``wrk`` when it is absent).
 
-Both use :mod:`llamaproxy.benchclient` (stdlib asyncio) and print one JSON document on stdout.
+Both use :mod:`llamaproxy.cli.benchclient` (stdlib asyncio) and print one JSON document on stdout.
 
 ``streams``: opens every connection first (connecting is not measured), then starts the streamed
 chat requests evenly over ``--ramp`` seconds (0.5: with 1 s streams, all of them are open at once
@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamaproxy.benchclient import BenchHTTPError, Connection, Target
-from llamaproxy.benchreport import summarize
+from llamaproxy.cli.benchclient import BenchHTTPError, Connection, Target
+from llamaproxy.cli.benchreport import summarize
 
 PATH = "/v1/chat/completions"
 PLAIN_BODY = json.dumps({

@@ -19,7 +19,7 @@ import json
 import time
 import tracemalloc
 
-from llamaproxy.admission import Admission, Slot, Waiter
+from llamaproxy.backends.admission import Admission, Slot, Waiter
 from tests.gateway.test_resource import AUTH, GatewayFixture
 
 

@@ -354,7 +354,7 @@ async def run(soak: Soak) -> dict[str, Any]:
     finally:
         gateway.stop(60)
         backend[0].stop(5)
-    from llamaproxy.usage import query
+    from llamaproxy.observability.usage import query
 
     ledger = query(str(soak.root / "usage.sqlite3"))
     access = soak.root / "logs" / "api_access.log"

@@ -19,7 +19,7 @@ from twisted.logger import ILogObserver, Logger
 
 from llamaproxy.fastpath.gc_schedule import GcSchedule
 from llamaproxy.gateway.resource import GatewayResource
-from llamaproxy.logs import install_observer
+from llamaproxy.observability.logs import install_observer
 
 log = Logger()
 

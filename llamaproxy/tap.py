@@ -24,15 +24,14 @@ from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from llamaproxy import __version__, fastpath
-from llamaproxy.access_log import AccessLog, resolve_access_log
-from llamaproxy.admission import Admission
 from llamaproxy.auth.access import AccessControl, TokenLimits
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
-from llamaproxy.backend import Backend, BackendState
-from llamaproxy.backend_metrics import BackendMetricsScraper
-from llamaproxy.backends_file import (
+from llamaproxy.backends import forward
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.config_file import (
     BackendSpec,
     BackendsTable,
     LocalBackendSpec,
@@ -42,25 +41,27 @@ from llamaproxy.backends_file import (
     load_backends_file,
     single_backend_table,
 )
+from llamaproxy.backends.routing import Router, status_for
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
-from llamaproxy.cors import CorsPolicy
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.eager_write import Cork
 from llamaproxy.fastpath.gc_schedule import GcSchedule
-from llamaproxy.gateway import forward
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.client_address import TrustedProxies, parse_trusted_proxies
+from llamaproxy.gateway.cors import CorsPolicy
 from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
-from llamaproxy.health import HealthState, health_port_site
-from llamaproxy.logs import observer_for_twistd, parse_log_format
-from llamaproxy.metrics import GatewayMetrics, MetricsResource
+from llamaproxy.observability.access_log import AccessLog, resolve_access_log
+from llamaproxy.observability.health import HealthState, health_port_site
+from llamaproxy.observability.logs import observer_for_twistd, parse_log_format
+from llamaproxy.observability.metrics import GatewayMetrics, MetricsResource
+from llamaproxy.observability.usage import UsageLedger, resolve_ledger_path
 from llamaproxy.off_thread import OffThread
-from llamaproxy.probe import ExternalBackendMonitor
-from llamaproxy.routing import Router, status_for
 from llamaproxy.service import ConnectionPool, GatewayService
+from llamaproxy.supervision.child_metrics import BackendMetricsScraper
+from llamaproxy.supervision.probe import ExternalBackendMonitor
 from llamaproxy.tls import (
     CertificateWatcher,
     ReloadingContextFactory,
@@ -69,7 +70,6 @@ from llamaproxy.tls import (
     hsts_header,
     tls_server_endpoint,
 )
-from llamaproxy.usage import UsageLedger, resolve_ledger_path
 
 log = Logger()
 
@@ -123,7 +123,7 @@ class Options(usage.Options):
             else:
                 self.backends_table = single_backend_table(self.config)
             if any(isinstance(b, LocalBackendSpec) for b in self.backends_table.backends):
-                from llamaproxy.llama_server import find_llama_server
+                from llamaproxy.supervision.llama_server import find_llama_server
 
                 self.llama_server_path = find_llama_server(self.config.llama_server, os.environ)
         except ConfigError as e:
@@ -494,13 +494,13 @@ def _supervisor(
     config: Config, options: Options, backend: Backend, reactor: Any, agent: Any,
     child_env: tuple[tuple[str, str], ...] = (),
 ) -> Service:
-    from llamaproxy.llama_server import (
+    from llamaproxy.supervision.llama_server import (
         BackendKeyFile,
         build_args,
         child_environment,
         spawn_command,
     )
-    from llamaproxy.supervisor import LlamaServerSupervisor, SupervisorTimings
+    from llamaproxy.supervision.supervisor import LlamaServerSupervisor, SupervisorTimings
 
     key_file = BackendKeyFile(config.key_dir, config.instance_id)
     backend.api_key = key_file.key

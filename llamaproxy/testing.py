@@ -642,15 +642,15 @@ def router_for(backend: Any, admission: Any, clock: Any) -> Any:
     """A Router over one existing ``Backend`` status and its ``Admission`` (no breaker),
     serving ``backend.model`` and routing every other model name to it: the single-backend
     mode, for tests that build a GatewayResource by hand."""
-    from llamaproxy.backends_file import (
+    from llamaproxy.backends.breaker import BreakerSettings
+    from llamaproxy.backends.config_file import (
         BackendsTable,
         FailoverSettings,
         ModelSpec,
         RemoteBackendSpec,
         Strategy,
     )
-    from llamaproxy.breaker import BreakerSettings
-    from llamaproxy.routing import Router
+    from llamaproxy.backends.routing import Router
 
     no_breaker = BreakerSettings(enabled=False)
     spec = RemoteBackendSpec(

@@ -219,7 +219,7 @@ class BackendSetTests(SynchronousTestCase):
     """Reloading a backends file: added start, removed drain then stop, changed restart."""
 
     def table(self, text: str):  # type: ignore[no-untyped-def]
-        from llamaproxy.backends_file import parse_backends_text
+        from llamaproxy.backends.config_file import parse_backends_text
 
         return parse_backends_text(text, "backends.toml", {})
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llamaproxy.access_log import AccessEntry
+from llamaproxy.observability.access_log import AccessEntry
 
 #: Requests kept (about 0.6 KiB each: see docs/operations.md).
 DEFAULT_SIZE = 500

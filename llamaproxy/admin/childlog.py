@@ -1,7 +1,8 @@
 """The tail of each llama-server child's output, for the operator page, with secrets redacted.
 
 The supervisor logs every line its child prints as a ``twisted.logger`` event in the
-``llamaproxy.llama_server`` namespace (its ``log_source`` is the supervisor, whose ``backend``
+``llamaproxy.supervision.llama_server`` namespace (its ``log_source`` is the supervisor, whose
+``backend``
 names it). :class:`ChildLogTail` is a log observer keeping the last ``lines`` of each backend in a
 ``deque``: one append per line, already capped at 4 KiB by the supervisor. Redaction happens when
 a page reads the tail (:func:`redact`), so a closed page costs nothing but the append.
@@ -18,7 +19,7 @@ from typing import Any
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
-from llamaproxy.supervisor import CHILD_LOG_NAMESPACE
+from llamaproxy.supervision.supervisor import CHILD_LOG_NAMESPACE
 
 #: Lines kept per backend.
 DEFAULT_LINES = 200

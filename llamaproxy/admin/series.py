@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from llamaproxy.metrics import MetricTotals
+from llamaproxy.observability.metrics import MetricTotals
 
 log = Logger()
 

@@ -25,7 +25,7 @@ from llamaproxy.admin.sessions import SessionStore
 from llamaproxy.admin.view import Dashboard
 from llamaproxy.auth.keys import KeySet
 from llamaproxy.gateway.recorder import RequestRecorder
-from llamaproxy.metrics import GatewayMetrics
+from llamaproxy.observability.metrics import GatewayMetrics
 
 
 class OperatorPageService(MultiService):

@@ -7,7 +7,7 @@ under a concurrency limit, with TTFT (write of the request → first non-empty `
 total latency and tokens/s per request, summarised as min/mean/p50/p95/p99/max (nearest rank).
 Tokens are the stream's ``usage.completion_tokens`` (asked for with
 ``stream_options.include_usage``), else the number of content deltas. The client is
-:mod:`llamaproxy.benchclient` (stdlib asyncio, no extra dependency); no reactor is started.
+:mod:`llamaproxy.cli.benchclient` (stdlib asyncio, no extra dependency); no reactor is started.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from llamaproxy.benchclient import (
+from llamaproxy.cli.benchclient import (
     Connection,
     Target,
     chat_body,
     timed_chat_stream,
     timed_get,
 )
-from llamaproxy.benchreport import (
+from llamaproxy.cli.benchreport import (
     DEFAULT_PROMPT,
     BenchSettings,
     TargetRun,

@@ -1,6 +1,7 @@
 """``llamaproxy usage``: requests and tokens per key_id, UTC day and model, from the usage ledger.
 
-Reads the SQLite ledger the gateway writes (:mod:`llamaproxy.usage`); safe while the gateway runs
+Reads the SQLite ledger the gateway writes (:mod:`llamaproxy.observability.usage`); safe while the
+gateway runs
 (WAL: readers never block the writer). The newest ``flush_interval`` seconds (2 s by default) of
 a running gateway are not in the file yet.
 """
@@ -18,7 +19,13 @@ from typing import TextIO
 
 from llamaproxy.cli.guard import CommandError, guarded
 from llamaproxy.config import data_file_from_env
-from llamaproxy.usage import LEDGER_FILE_NAME, UsageRow, grand_total, query, totals_by_key
+from llamaproxy.observability.usage import (
+    LEDGER_FILE_NAME,
+    UsageRow,
+    grand_total,
+    query,
+    totals_by_key,
+)
 
 _DAYS_AGO = re.compile(r"([0-9]+)d", re.IGNORECASE)
 

@@ -22,20 +22,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
-from llamaproxy.admission import Admission, QueueFullError, Slot, Waiter
 from llamaproxy.auth.keys import AUTH_DISABLED
-from llamaproxy.backend import Backend, BackendState
-from llamaproxy.backends_file import upstream_url_bytes
-from llamaproxy.breaker import BreakerState, Ticket
-from llamaproxy.gateway import errors, forward
-from llamaproxy.gateway.errors import GatewayError
-from llamaproxy.gateway.relay import StreamRelay
-from llamaproxy.gateway.request import GatewayRequest
-from llamaproxy.gateway.request_body import with_model
-from llamaproxy.gateway.tokens import UsageCollector
-from llamaproxy.metrics import GatewayMetrics, RequestTimer
-from llamaproxy.probe import read_body_bounded
-from llamaproxy.routing import (
+from llamaproxy.backends import forward
+from llamaproxy.backends.admission import Admission, QueueFullError, Slot, Waiter
+from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.breaker import BreakerState, Ticket
+from llamaproxy.backends.config_file import upstream_url_bytes
+from llamaproxy.backends.routing import (
     UNREACHABLE_REASONS,
     Member,
     ModelNotAllowedError,
@@ -46,6 +39,14 @@ from llamaproxy.routing import (
     is_retryable,
     report,
 )
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.relay import StreamRelay
+from llamaproxy.gateway.request import GatewayRequest
+from llamaproxy.gateway.request_body import with_model
+from llamaproxy.gateway.tokens import UsageCollector
+from llamaproxy.observability.metrics import GatewayMetrics, RequestTimer
+from llamaproxy.supervision.probe import read_body_bounded
 
 log = Logger()
 

@@ -14,15 +14,15 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from llamaproxy.access_log import AccessEntry, AccessLog
 from llamaproxy.auth.access import TokenLimits
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.tokens import estimate_prompt_tokens
-from llamaproxy.metrics import GatewayMetrics, rejection_reason
-from llamaproxy.rejection_log import RejectionLog
-from llamaproxy.usage import UsageLedger
+from llamaproxy.observability.access_log import AccessEntry, AccessLog
+from llamaproxy.observability.metrics import GatewayMetrics, rejection_reason
+from llamaproxy.observability.rejection_log import RejectionLog
+from llamaproxy.observability.usage import UsageLedger
 
 #: Status recorded for a request whose client left before any response byte (nginx's 499).
 CLIENT_CLOSED = 499

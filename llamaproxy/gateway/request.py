@@ -22,7 +22,6 @@ from twisted.web import server
 from twisted.web.http import datetimeToString
 
 from llamaproxy import __version__
-from llamaproxy.access_log import REQUEST_ID_HEADER, request_id_from
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
@@ -30,6 +29,7 @@ from llamaproxy.gateway.client_address import ClientIdentity, TrustedProxies
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.json_shape import JsonShape
 from llamaproxy.gateway.request_body import NO_FACTS, BodyFacts
+from llamaproxy.observability.access_log import REQUEST_ID_HEADER, request_id_from
 
 log = Logger()
 
@@ -196,7 +196,8 @@ class GatewayRequest(server.Request):
         # Twisted would answer "Expect: 100-continue" after this; the client must not send.
         self.requestHeaders.removeHeader(b"expect")
         # Not logged here: the access log and the metrics have it, and the gateway log a
-        # rate-limited summary (llamaproxy.rejection_log), so bad requests cannot fill a disk.
+        # rate-limited summary (llamaproxy.observability.rejection_log), so bad requests cannot
+        # fill a disk.
         transport = self.channel.transport
         if transport is None:  # the client is already gone: nobody to answer
             return

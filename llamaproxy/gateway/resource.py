@@ -27,7 +27,10 @@ from twisted.web.server import NOT_DONE_YET
 from llamaproxy.auth.access import Access, AccessControl
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.auth.store import KeyLoadError
-from llamaproxy.backend import Backend
+from llamaproxy.backends.backend import Backend
+from llamaproxy.backends.routing import (
+    Router,
+)
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.proxy import (
@@ -39,10 +42,7 @@ from llamaproxy.gateway.proxy import (
 )
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
 from llamaproxy.gateway.request_body import invalid_json, parse_object, read_facts
-from llamaproxy.metrics import GatewayMetrics, route_label
-from llamaproxy.routing import (
-    Router,
-)
+from llamaproxy.observability.metrics import GatewayMetrics, route_label
 
 log = Logger()
 

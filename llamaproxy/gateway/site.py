@@ -22,11 +22,11 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from llamaproxy.cors import CorsPolicy
 from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.client_address import TrustedProxies
+from llamaproxy.gateway.cors import CorsPolicy
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.recorder import RequestRecorder
 from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, raw_response

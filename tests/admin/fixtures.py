@@ -8,20 +8,20 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from llamaproxy.access_log import AccessEntry
 from llamaproxy.admin.activity import ActivityRing
 from llamaproxy.admin.childlog import ChildLogTail
 from llamaproxy.admin.operations import BackendOperations
 from llamaproxy.admin.series import Sampler
 from llamaproxy.admin.sessions import SessionStore
 from llamaproxy.admin.view import Dashboard
-from llamaproxy.admission import Admission
 from llamaproxy.auth.keys import parse_keys
-from llamaproxy.backend import BackendState
-from llamaproxy.backends_file import LocalBackendSpec, RemoteBackendSpec
-from llamaproxy.breaker import CircuitBreaker
-from llamaproxy.metrics import GatewayMetrics
-from llamaproxy.routing import Member, status_for
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import BackendState
+from llamaproxy.backends.breaker import CircuitBreaker
+from llamaproxy.backends.config_file import LocalBackendSpec, RemoteBackendSpec
+from llamaproxy.backends.routing import Member, status_for
+from llamaproxy.observability.access_log import AccessEntry
+from llamaproxy.observability.metrics import GatewayMetrics
 
 ADMIN_KEY = "sk-admin-unit-0123456789abcdef"
 USER_KEY = "sk-user-unit-0123456789abcdef"

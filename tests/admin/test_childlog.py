@@ -8,7 +8,7 @@ from twisted.logger import Logger, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaproxy.admin.childlog import MAX_SHOWN, REDACTED, ChildLogTail, redact
-from llamaproxy.supervisor import CHILD_LOG_NAMESPACE
+from llamaproxy.supervision.supervisor import CHILD_LOG_NAMESPACE
 
 
 class RedactTests(SynchronousTestCase):

@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.admission import Admission
-from llamaproxy.backend import Backend
-from llamaproxy.metrics import GatewayMetrics
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend
+from llamaproxy.observability.metrics import GatewayMetrics
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "llamaproxy.json"

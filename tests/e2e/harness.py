@@ -24,7 +24,7 @@ import httpx
 from twisted.trial.unittest import SkipTest
 
 from llamaproxy.config import ConfigError
-from llamaproxy.llama_server import find_llama_server
+from llamaproxy.supervision.llama_server import find_llama_server
 from tests.e2e.tiny_model import write_tiny_model
 
 API_KEY = "sk-e2e-test-key-0123456789abcdef"

@@ -13,7 +13,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 def child_lines(gw: Gateway) -> list[str]:
-    return [line for line in gw.log_text().splitlines() if "[llamaproxy.llama_server#" in line]
+    marker = "[llamaproxy.supervision.llama_server#"
+    return [line for line in gw.log_text().splitlines() if marker in line]
 
 
 class ChildLogTests(TestCase):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.usage import query
+from llamaproxy.observability.usage import query
 from tests.e2e.harness import API_KEY, Gateway, shared_gateway, wait_for
 from tests.e2e.test_hostile import rss_kib
 

@@ -46,9 +46,9 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from llamaproxy.backends import forward
+from llamaproxy.backends.routing import is_retryable
 from llamaproxy.fastpath.backend_client import BackendClient
-from llamaproxy.gateway import forward
-from llamaproxy.routing import is_retryable
 
 URL = b"http://127.0.0.1:8080/v1/chat/completions"
 HEAD_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n"

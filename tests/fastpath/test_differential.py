@@ -20,8 +20,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, PotentialDataLoss, ResponseDone
 
+from llamaproxy.backends import forward
 from llamaproxy.fastpath.backend_client import BackendClient
-from llamaproxy.gateway import forward
 
 CASES = 40
 

@@ -20,10 +20,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from llamaproxy.backends import forward
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.backend_client import BackendClient
 from llamaproxy.fastpath.eager_write import Cork
-from llamaproxy.gateway import forward
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.site import GatewaySite

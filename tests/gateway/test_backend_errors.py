@@ -8,7 +8,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaproxy.backend import BackendState, ProbeResult
+from llamaproxy.backends.backend import BackendState, ProbeResult
 from tests.gateway.test_resource import GatewayFixture
 
 

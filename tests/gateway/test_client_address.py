@@ -8,9 +8,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.access_log import AccessLog
 from llamaproxy.gateway.client_address import TrustedProxies, parse_trusted_proxies
 from llamaproxy.gateway.recorder import RequestRecorder
+from llamaproxy.observability.access_log import AccessLog
 from llamaproxy.testing import InMemoryClient
 from tests.gateway.test_resource import AUTH, CHAT, GatewayFixture
 

@@ -8,15 +8,15 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.admission import Admission
 from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import parse_keys
 from llamaproxy.auth.store import KeyStore
-from llamaproxy.backend import Backend, BackendState
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.gateway.proxy import GatewaySettings
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
-from llamaproxy.health import HealthState
+from llamaproxy.observability.health import HealthState
 from llamaproxy.testing import FakeLlamaServer, InMemoryClient, router_for
 
 KEY = "sk-fake-llama-test-0000001"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.cors import CorsPolicy
+from llamaproxy.gateway.cors import CorsPolicy
 from tests.gateway.test_resource import KEY, GatewayFixture
 
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()

@@ -8,11 +8,11 @@ from typing import Any
 from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.access_log import AccessLog
 from llamaproxy.auth.access import TokenLimits
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.gateway.recorder import CLIENT_CLOSED, RequestRecorder
-from llamaproxy.metrics import GatewayMetrics
+from llamaproxy.observability.access_log import AccessLog
+from llamaproxy.observability.metrics import GatewayMetrics
 from llamaproxy.testing import StreamingResponse, sse_chunk
 from tests.gateway.test_resource import AUTH, GatewayFixture
 

@@ -14,16 +14,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestNotSent
 from twisted.web.client import ResponseNeverReceived
 
-from llamaproxy.admission import Admission
-from llamaproxy.backend import Backend, BackendState
-from llamaproxy.backends_file import (
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.breaker import BreakerSettings
+from llamaproxy.backends.config_file import (
     BackendsTable,
     LocalBackendSpec,
     ModelSpec,
     RemoteBackendSpec,
 )
-from llamaproxy.breaker import BreakerSettings
-from llamaproxy.routing import Router
+from llamaproxy.backends.routing import Router
 from tests.gateway.test_resource import GatewayFixture
 
 _NO_BREAKER = BreakerSettings(enabled=False)

@@ -13,21 +13,21 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaproxy.admission import Admission
 from llamaproxy.auth.access import AccessControl
 from llamaproxy.auth.keys import KeySet, parse_keys
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
-from llamaproxy.backend import Backend, BackendState, ProbeResult
-from llamaproxy.backends_file import BackendsTable, ModelSpec, RemoteBackendSpec
-from llamaproxy.breaker import BreakerSettings
-from llamaproxy.cors import CorsPolicy
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend, BackendState, ProbeResult
+from llamaproxy.backends.breaker import BreakerSettings
+from llamaproxy.backends.config_file import BackendsTable, ModelSpec, RemoteBackendSpec
+from llamaproxy.backends.routing import Router
 from llamaproxy.gateway.body_budget import BodyBudget
+from llamaproxy.gateway.cors import CorsPolicy
 from llamaproxy.gateway.proxy import Exchange, GatewaySettings
 from llamaproxy.gateway.resource import LARGE_BODY, GatewayResource, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
-from llamaproxy.health import HealthState
-from llamaproxy.routing import Router
+from llamaproxy.observability.health import HealthState
 from llamaproxy.testing import AgentSpy, InMemoryClient, StreamingResponse, router_for, sse_chunk
 
 KEY = "sk-unit-test-key-000000000001"
@@ -397,7 +397,7 @@ class ProxyTests(SynchronousTestCase):
             self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
 
     def test_overhead_header_and_metrics(self) -> None:
-        from llamaproxy.metrics import GatewayMetrics
+        from llamaproxy.observability.metrics import GatewayMetrics
 
         self.gw.resource.metrics = GatewayMetrics(self.gw.clock)
         client = self.gw.chat()

@@ -16,8 +16,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaproxy.backend import BackendState
-from llamaproxy.probe import ExternalBackendMonitor
+from llamaproxy.backends.backend import BackendState
+from llamaproxy.supervision.probe import ExternalBackendMonitor
 from llamaproxy.testing import RequestRecord
 from tests.gateway.test_resource import AUTH, GatewayFixture
 

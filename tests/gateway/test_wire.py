@@ -19,12 +19,12 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from llamaproxy.admission import Admission
-from llamaproxy.backend import Backend, BackendState
+from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.request import raw_response
 from llamaproxy.gateway.site import RequestLimits
-from llamaproxy.health import HealthState, health_port_site
+from llamaproxy.observability.health import HealthState, health_port_site
 from tests.gateway.test_resource import KEY, GatewayFixture
 
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()

@@ -1,0 +1,2 @@
+"""Backends: what one is, the backends file, routing strategies, breakers, admission (slots and the
+fair queue) and forwarding."""

@@ -1,0 +1,1 @@
+"""What the gateway tells operators: metrics, logs, the access log, the usage ledger and /health."""

@@ -1,0 +1,393 @@
+"""The access log (one line per request, every status) and request ids.
+
+- :class:`AccessLog` writes one line per request (:class:`AccessEntry`), text (sanitised,
+  ``|``-separated) or JSON, buffered and written on a short timer so the reactor never waits on
+  the disk for long; :meth:`AccessLog.reopen` makes logrotate's ``create`` mode work.
+- :func:`request_id_from` accepts a client's ``X-Request-ID`` when it is safe, else makes a new
+  one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+from json.encoder import encode_basestring
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from llamaproxy.observability.logs import LogFormat, dumps_compact, iso_timestamp, worker_tag
+
+log = Logger()
+
+
+# --- request ids -------------------------------------------------------------------------------
+
+#: The request/response header carrying the request id.
+REQUEST_ID_HEADER = b"X-Request-ID"
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def new_request_id() -> str:
+    """A fresh request id: 16 hex characters (64 random bits; ids need to be unique, not secret,
+    so the fast generator, not the system's CSPRNG, which cost 1 % of a request's CPU)."""
+    return f"{random.getrandbits(64):016x}"
+
+
+def request_id_from(header_value: bytes | None) -> str:
+    """The client's ``X-Request-ID`` when it is 1-128 characters of ``A-Za-z0-9._:-``, else a
+    new id (so a hostile value never reaches a log line or a response header)."""
+    if header_value:
+        try:
+            text = header_value.decode("ascii")
+        except UnicodeDecodeError:
+            return new_request_id()
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    return new_request_id()
+
+
+# --- access log --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntry:
+    """One request, as the access log records it.
+
+    ``ts`` is when the request arrived (epoch seconds); ``path`` is the path without its query
+    string (queries may carry secrets); ``key_id`` is None when the request had no valid key;
+    ``outcome`` is a short word: ``ok``, ``client_closed``, ``timeout``, ``backend_error``,
+    ``rejected``...
+    """
+
+    ts: float
+    request_id: str
+    key_id: str | None
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    ttfb_ms: float | None = None
+    bytes: int = 0
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    outcome: str = "ok"
+    #: The token counts are the gateway's estimate (a stream cut before its counts came).
+    tokens_estimated: bool = False
+    #: The client's address (the TCP peer, or whom a trusted proxy forwarded for).
+    client: str | None = None
+
+
+#: Longest string field written; longer values are cut and end in ``...``.
+MAX_FIELD_LENGTH = 2048
+
+#: Unicode categories replaced in text mode: controls, format characters (bidi overrides),
+#: line/paragraph separators and lone surrogates.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def sanitize_field(value: str | None) -> str:
+    """A text-mode field: ``-`` for None/empty; ``|``, tabs, newlines and every other control,
+    format or line-separator character become ``_``; at most ``MAX_FIELD_LENGTH`` characters."""
+    if not value:
+        return "-"
+    if len(value) > MAX_FIELD_LENGTH:
+        value = value[: MAX_FIELD_LENGTH - 3] + "..."
+    if value.isprintable() and "|" not in value:  # the common case: nothing to replace
+        return value
+    return "".join(
+        "_" if ch == "|" or unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch
+        for ch in value
+    )
+
+
+def _json_field(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_FIELD_LENGTH:
+        value = value[: MAX_FIELD_LENGTH - 3] + "..."
+    return value
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.1f}ms"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def format_access_text(
+    entry: AccessEntry, worker_type: str | None = None, instance_id: str | None = None
+) -> str:
+    """One text line (with newline): ``ts | request_id | key_id | METHOD path | status |
+    duration | ttfb=… | bytes=… | model=… | tokens=prompt/completion | outcome`` (plus
+    client=… (plus ``| worker@instance`` when configured); ``-`` marks a missing value."""
+    parts = [
+        iso_timestamp(entry.ts),
+        sanitize_field(entry.request_id),
+        sanitize_field(entry.key_id),
+        f"{sanitize_field(entry.method)} {sanitize_field(entry.path)}",
+        str(int(entry.status)),
+        _ms(entry.duration_ms),
+        f"ttfb={_ms(entry.ttfb_ms)}",
+        f"bytes={int(entry.bytes)}",
+        f"model={sanitize_field(entry.model)}",
+        f"tokens={'~' if entry.tokens_estimated else ''}"
+        f"{_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
+        sanitize_field(entry.outcome),
+        f"client={sanitize_field(entry.client)}",
+    ]
+    tag = worker_tag(worker_type, instance_id)
+    if tag:
+        parts.append(sanitize_field(tag))
+    return " | ".join(parts) + "\n"
+
+
+def format_access_json(
+    entry: AccessEntry, worker_type: str | None = None, instance_id: str | None = None
+) -> str:
+    """One compact JSON object (with newline); ``ts`` as ISO 8601, None values as null.
+
+    Written by hand (one line per request is on the hot path); the same text as
+    ``dumps_compact`` of ``access_record``, which it falls back to when a field holds a lone
+    surrogate (ASCII escapes then).
+    """
+    rounded_duration = _round_ms(entry.duration_ms)
+    rounded_ttfb = _round_ms(entry.ttfb_ms)
+    line = "".join((
+        '{"ts":"', iso_timestamp(entry.ts),
+        '","request_id":', _json_text(entry.request_id),
+        ',"key_id":', _json_text(entry.key_id),
+        ',"method":', _json_text(entry.method),
+        ',"path":', _json_text(entry.path),
+        ',"status":', str(int(entry.status)),
+        ',"duration_ms":', "null" if rounded_duration is None else repr(rounded_duration),
+        ',"ttfb_ms":', "null" if rounded_ttfb is None else repr(rounded_ttfb),
+        ',"bytes":', str(int(entry.bytes)),
+        ',"model":', _json_text(entry.model),
+        ',"prompt_tokens":', _json_value(entry.prompt_tokens),
+        ',"completion_tokens":', _json_value(entry.completion_tokens),
+        ',"tokens_estimated":true' if entry.tokens_estimated else "",
+        ',"outcome":', _json_text(entry.outcome),
+        ',"client":', _json_text(entry.client),
+        ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
+        ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
+        "}\n",
+    ))
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return dumps_compact(access_record(entry, worker_type, instance_id)) + "\n"
+    return line
+
+
+def access_record(
+    entry: AccessEntry, worker_type: str | None = None, instance_id: str | None = None
+) -> dict[str, object]:
+    """The access log's JSON object for ``entry``, as a dict."""
+    record: dict[str, object] = {
+        "ts": iso_timestamp(entry.ts),
+        "request_id": _json_field(entry.request_id),
+        "key_id": _json_field(entry.key_id),
+        "method": _json_field(entry.method),
+        "path": _json_field(entry.path),
+        "status": int(entry.status),
+        "duration_ms": _round_ms(entry.duration_ms),
+        "ttfb_ms": _round_ms(entry.ttfb_ms),
+        "bytes": int(entry.bytes),
+        "model": _json_field(entry.model),
+        "prompt_tokens": entry.prompt_tokens,
+        "completion_tokens": entry.completion_tokens,
+    }
+    if entry.tokens_estimated:
+        record["tokens_estimated"] = True
+    record["outcome"] = _json_field(entry.outcome)
+    record["client"] = _json_field(entry.client)
+    if worker_type:
+        record["worker_type"] = worker_type
+    if instance_id:
+        record["instance_id"] = instance_id
+    return record
+
+
+def _json_text(value: str | None) -> str:
+    field = _json_field(value)
+    return "null" if field is None else encode_basestring(field)
+
+
+def _json_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return dumps_compact(value)
+
+
+def _round_ms(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 1)
+
+
+def default_access_log_path(data_dir: str) -> str:
+    """``DATA_DIR/logs/api_access.log`` (the older gateway's file, under the real DATA_DIR)."""
+    return os.path.join(data_dir, "logs", "api_access.log")
+
+
+#: Values of ACCESS_LOG / USAGE_LEDGER that turn the feature off.
+OFF_VALUES = frozenset({"off", "none", "false", "no", "0", "disabled"})
+
+
+def resolve_access_log(value: str | None, data_dir: str) -> str | None:
+    """``ACCESS_LOG``: None/empty → the default path; ``off`` (none/false/no/0) → None
+    (disabled); ``-`` → standard output; anything else is the path."""
+    text = (value or "").strip()
+    if not text:
+        return default_access_log_path(data_dir)
+    if text.lower() in OFF_VALUES:
+        return None
+    return text
+
+
+class AccessLog:
+    """The access log file: one line per request, buffered, written every ``flush_interval``
+    seconds or as soon as ``max_buffer`` bytes are waiting.
+
+    ``path`` None disables it (``record`` does nothing); ``"-"`` writes to standard output.
+    The file is opened in append mode (created 0640, its directory 0750), so several writers
+    and ``logrotate`` ``copytruncate`` are safe; :meth:`reopen` (on SIGHUP) closes it so the next
+    write opens a new file at ``path`` (logrotate ``create`` mode). A write error is logged once
+    and the lines of that batch are dropped; the log keeps trying and says when it recovers.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        fmt: LogFormat,
+        clock: IReactorTime,
+        instance_id: str | None = None,
+        worker_type: str | None = None,
+        flush_interval: float = 0.5,
+        max_buffer: int = 64 * 1024,
+    ) -> None:
+        if fmt not in ("text", "json"):
+            raise ValueError(f"access log format must be 'text' or 'json', not {fmt!r}")
+        self.path = path or None
+        self.fmt: LogFormat = fmt
+        self.instance_id = instance_id or None
+        self.worker_type = worker_type or None
+        self.flush_interval = flush_interval
+        self.max_buffer = max_buffer
+        self._clock = clock
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._timer: IDelayedCall | None = None
+        self._fd: int | None = None
+        self._failing = False
+        self._dropped = 0
+        self._closed = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether lines are written at all."""
+        return self.path is not None
+
+    def format(self, entry: AccessEntry) -> str:
+        """The line ``entry`` becomes (with its newline)."""
+        if self.fmt == "json":
+            return format_access_json(entry, self.worker_type, self.instance_id)
+        return format_access_text(entry, self.worker_type, self.instance_id)
+
+    def record(self, entry: AccessEntry) -> None:
+        """Queue one line; it is written within ``flush_interval`` seconds."""
+        if self.path is None or self._closed:
+            return
+        data = self.format(entry).encode("utf-8", "backslashreplace")
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self.max_buffer:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self.flush_interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line now."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        lines = len(self._buffer)
+        self._buffer, self._buffered = [], 0
+        try:
+            self._write(data)
+        except OSError as error:
+            self._close_fd()
+            self._dropped += lines
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "Cannot write the access log {path}: {error}; dropping lines until it works",
+                    path=self.path, error=str(error),
+                )
+            return
+        if self._failing:
+            self._failing = False
+            log.info(
+                "Access log {path} writable again ({dropped} lines were lost)",
+                path=self.path, dropped=self._dropped,
+            )
+            self._dropped = 0
+
+    def _write(self, data: bytes) -> None:
+        fd = self._open()
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def _open(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        assert self.path is not None
+        if self.path == "-":
+            self._fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else 1
+            return self._fd
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags, 0o640)
+        return self._fd
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != "-":
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def reopen(self) -> None:
+        """Flush to the current file, then close it: the next line opens ``path`` afresh (call on
+        SIGHUP after logrotate renamed the file)."""
+        self.flush()
+        self._close_fd()
+        if self.path is not None:
+            log.info("Access log reopened: {path}", path=self.path)
+
+    def close(self) -> None:
+        """Flush and close; later ``record`` calls are ignored."""
+        self.flush()
+        self._close_fd()
+        self._closed = True

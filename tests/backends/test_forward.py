@@ -1,0 +1,169 @@
+"""Tests for llamaproxy.backends.forward: header filtering, the pool, stale-connection retries."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
+
+from llamaproxy.backends import forward
+from llamaproxy.backends.backend import Backend
+from llamaproxy.testing import AgentSpy
+
+
+class FilterTests(SynchronousTestCase):
+    def test_request_headers(self) -> None:
+        client = Headers({
+            b"Authorization": [b"Bearer client-key"], b"X-Api-Key": [b"k"], b"Host": [b"gw"],
+            b"Connection": [b"keep-alive, X-Custom"], b"X-Custom": [b"1"], b"TE": [b"trailers"],
+            b"Content-Length": [b"5"], b"Accept": [b"text/event-stream"],
+            b"Content-Type": [b"application/json"], b"Cookie": [b"session=1"],
+        })
+        out = forward.filter_request_headers(client, "gateway-backend")
+        self.assertEqual(dict(out.getAllRawHeaders()), {
+            b"Authorization": [b"Bearer gateway-backend"],
+            b"Accept": [b"text/event-stream"], b"Content-Type": [b"application/json"]})
+        self.assertIsNone(forward.filter_request_headers(client, None).getRawHeaders(
+            b"authorization"))
+
+    def test_response_headers(self) -> None:
+        backend = Headers({
+            b"Content-Type": [b"text/event-stream"], b"Access-Control-Allow-Origin": [b"*"],
+            b"Access-Control-Allow-Credentials": [b"true"], b"Keep-Alive": [b"timeout=5"],
+            b"Content-Length": [b"9"], b"Server": [b"llama.cpp"], b"X-Request-Id": [b"r1"],
+            b"Connection": [b"X-Hop"], b"X-Hop": [b"1"], b"Date": [b"yesterday"],
+        })
+        self.assertEqual(dict(forward.filter_response_headers(backend)), {
+            b"Content-Type": [b"text/event-stream"], b"X-Request-Id": [b"r1"]})
+
+    @given(st.lists(st.tuples(
+        st.sampled_from([b"Connection", b"Authorization", b"X-A", b"Keep-Alive", b"Upgrade",
+                         b"Transfer-Encoding", b"X-B", b"Proxy-Authorization"]),
+        st.binary(min_size=1, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)),
+        max_size=8))
+    def test_never_forwards_credentials_or_hop_by_hop(
+        self, pairs: list[tuple[bytes, bytes]]
+    ) -> None:
+        client = Headers()
+        for name, value in pairs:
+            client.addRawHeader(name, value)
+        out = forward.filter_request_headers(client, "k")
+        names = {name.lower() for name, _ in out.getAllRawHeaders()}
+        self.assertEqual(out.getRawHeaders(b"authorization"), [b"Bearer k"])
+        self.assertFalse(names & forward.HOP_BY_HOP)
+        self.assertNotIn(b"proxy-authorization", names)
+
+
+class SendTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.agent = AgentSpy()
+        self.backend = Backend("b", "http://127.0.0.1:8080", api_key="k")
+
+    def send(self, body: bytes = b"{}"):  # type: ignore[no-untyped-def]
+        url = self.backend.base_url.encode() + b"/v1/completions?x=1"
+        return forward.send(self.agent, url, self.backend.api_key, b"POST", Headers(), body)
+
+    def test_url_and_body(self) -> None:
+        result = self.send(b'{"prompt": "hi"}')
+        [record] = self.agent.requests
+        self.assertEqual(record.uri, b"http://127.0.0.1:8080/v1/completions?x=1")
+        assert record.body_producer is not None
+        self.assertEqual(record.body_producer.length, 16)
+        consumer = StringTransport()
+        self.successResultOf(record.body_producer.startProducing(consumer))
+        self.assertEqual(consumer.value(), b'{"prompt": "hi"}')
+        record.respond(200, b"ok")
+        self.assertEqual(self.successResultOf(result).code, 200)
+
+    def test_a_post_written_whole_is_never_sent_again(self) -> None:
+        result = self.send()
+        self.agent.requests[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.agent.requests), 1)
+        self.failureResultOf(result, ResponseNeverReceived)
+
+    def test_an_unwritten_request_is_sent_again_once(self) -> None:
+        from twisted.web._newclient import RequestNotSent
+
+        for first in (RequestNotSent(), RequestTransmissionFailed([Failure(ConnectionDone())])):
+            self.agent.requests.clear()
+            result = self.send()
+            self.agent.requests[0].fail(first)
+            self.assertEqual(len(self.agent.requests), 2)
+            self.agent.requests[1].fail(RequestTransmissionFailed([Failure(ConnectionDone())]))
+            self.assertEqual(len(self.agent.requests), 2)
+            self.failureResultOf(result, RequestTransmissionFailed)
+
+    def test_an_idempotent_get_is_sent_again_once(self) -> None:
+        url = self.backend.base_url.encode() + b"/v1/models"
+        result = forward.send(self.agent, url, "k", b"GET", Headers(), b"")
+        self.agent.requests[0].fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        self.assertEqual(len(self.agent.requests), 2)
+        self.assertIsNone(self.agent.requests[1].body_producer)
+        self.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(self.successResultOf(result).code, 200)
+
+    def test_may_resend(self) -> None:
+        from twisted.web._newclient import RequestNotSent
+
+        lost = ResponseNeverReceived([Failure(ConnectionDone())])
+        self.assertFalse(forward.may_resend(b"POST", lost))
+        self.assertTrue(forward.may_resend(b"POST", lost, any_request=True))
+        self.assertTrue(forward.may_resend(b"GET", lost))
+        self.assertTrue(forward.may_resend(b"POST", ConnectionRefusedError()))
+        self.assertTrue(forward.may_resend(b"POST", RequestNotSent()))
+
+    def test_cancelling_cancels_the_attempt_in_flight(self) -> None:
+        from twisted.internet.defer import CancelledError
+        from twisted.web._newclient import RequestNotSent
+
+        first = self.send()
+        first.cancel()
+        self.assertTrue(self.agent.requests[0].cancelled)
+        self.failureResultOf(first, CancelledError)
+        retried = self.send()
+        self.agent.requests[1].fail(RequestNotSent())
+        retried.cancel()
+        self.assertTrue(self.agent.requests[2].cancelled)
+        self.assertEqual(len(self.agent.requests), 3)
+        self.failureResultOf(retried, CancelledError)
+
+    def test_does_not_retry_a_refused_connection(self) -> None:
+        result = self.send()
+        self.agent.requests[0].fail(ConnectionRefusedError())
+        self.assertEqual(len(self.agent.requests), 1)
+        self.failureResultOf(result, ConnectionRefusedError)
+
+
+class ClientTests(SynchronousTestCase):
+    def test_client_settings(self) -> None:
+        client = forward.make_client(Clock(), 8, 10)
+        self.assertEqual(client.max_idle_per_host, 8)
+        self.assertLess(client.idle_timeout, 5)  # under llama-server's keep-alive
+        self.assertEqual(forward.make_client(Clock(), 0, 10).max_idle_per_host, 2)
+        self.assertIsInstance(client.endpoints, forward.CachedEndpoints)
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_endpoints_are_cached_per_address(self) -> None:
+        from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        endpoints = forward.CachedEndpoints(Clock(), 10)
+        first = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/v1/models"))
+        again = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/other"))
+        self.assertIsInstance(first, TCP4ClientEndpoint)
+        self.assertIs(first, again)
+        named = endpoints.endpointForURI(URI.fromBytes(b"http://backend.internal:9000/"))
+        self.assertIsInstance(named, HostnameEndpoint)
+        secure = endpoints.endpointForURI(URI.fromBytes(b"https://api.example/v1"))
+        self.assertIsNot(secure, named)
+        self.assertRaises(SchemeNotSupported, endpoints.endpointForURI,
+                          URI.fromBytes(b"ftp://127.0.0.1/"))
