@@ -29,6 +29,8 @@ setup(
         "treq>=23.11",
         "attrs>=23.1",
         "prometheus-client>=0.26",
+        # shared state of replicas (STATE_URL): Twisted-native Redis client, loaded only then
+        "txredisapi>=1.6",
     ],
     extras_require={
         "test": [

@@ -20,6 +20,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from llamaproxy.state.url import StateURL, parse_failure_mode, parse_state_url
+
 log = Logger()
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -330,6 +332,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Send Strict-Transport-Security with this max-age on HTTPS responses (0: no header)."),
     Setting("drain_timeout", "drain-timeout", ("DRAIN_TIMEOUT",), "30", _float_parser(0.0, False),
             "On SIGTERM, seconds in-flight requests may take to finish before they are cut."),
+    Setting("state_url", "state-url", ("STATE_URL",), "", parse_state_url,
+            "Redis shared by gateway replicas (redis://[[user]:password@]host[:port][/db], or "
+            "rediss:// for TLS with certificate verification): request and token limits, usage "
+            "counters and backend slots are then shared. Empty: all state stays in this process "
+            "(docs/scaling.md)."),
+    Setting("state_failure", "state-failure", ("STATE_FAILURE",), "open", parse_failure_mode,
+            "When Redis does not answer: 'open' keeps serving with this replica's own limits "
+            "and slots (and logs it), 'closed' answers 503 with Retry-After."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -415,6 +425,8 @@ class Config:
     tls_min_version: str
     hsts_max_age: int
     drain_timeout: float
+    state_url: StateURL | None = None
+    state_failure: str = "open"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property

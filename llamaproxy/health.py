@@ -38,6 +38,8 @@ class HealthState:
         self.started_at = clock.seconds()
         #: The live Router, when there are several backends (their states and breakers).
         self.router: Callable[[], Any] | None = None
+        #: The shared state store's status (STATE_URL), when there is one.
+        self.state_store: Callable[[], dict[str, Any]] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
@@ -59,6 +61,7 @@ class HealthState:
             "authentication": {"enabled": self.auth_enabled},
             **({"backends": self.router().status_json()}
                if self.router is not None and len(self.router().members) > 1 else {}),
+            **({"state_store": self.state_store()} if self.state_store is not None else {}),
             "uptime_seconds": int(self.clock.seconds() - self.started_at),
             "version": __version__,
         }

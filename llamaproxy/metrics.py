@@ -492,6 +492,8 @@ class GatewayMetrics:
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
         self._certificate_expiry: Callable[[], float] | None = None
+        #: The shared state store (STATE_URL), when there is one: its status and latency.
+        self._state_store: Any = None
         self._router: Callable[[], Any] | None = None
         self._scrapers: list[BackendMetricsScraper] = []
 
@@ -811,9 +813,33 @@ class GatewayMetrics:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""
         self._certificate_expiry = seconds_until_expiry
 
+    def watch_state_store(self, store: Any) -> None:
+        """Export the shared state store's status (a ``state.redis_store.RedisState``)."""
+        self._state_store = store
+
+    def _state_store_families(self) -> Iterator[Metric]:
+        store = self._state_store
+        yield GaugeMetricFamily(
+            "llamaproxy_state_store_up",
+            "1 while the shared state store (Redis, STATE_URL) answers, else 0.",
+            value=1 if store.health == "up" else 0)
+        if store.latency is not None:
+            yield GaugeMetricFamily(
+                "llamaproxy_state_store_latency_seconds",
+                "The last round trip to the shared state store.", value=store.latency)
+        yield CounterMetricFamily(
+            "llamaproxy_state_store_calls", "Calls made to the shared state store.",
+            value=store.calls)
+        yield CounterMetricFamily(
+            "llamaproxy_state_store_failures",
+            "Calls to the shared state store that failed (not connected, timeout, error).",
+            value=store.failures)
+
     def _live_families(self) -> Iterator[Metric]:
         """Admission, backend, breaker and certificate state, read from the live objects."""
         yield from self._breaker_families()
+        if self._state_store is not None:
+            yield from self._state_store_families()
         if self._certificate_expiry is not None:
             yield GaugeMetricFamily(
                 "llamaproxy_tls_certificate_expiry_seconds",

@@ -153,7 +153,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     background: list[IService] = []
     on_sighup: list[Callable[[], object]] = []
 
-    access = _access_control(config, reactor, background, on_sighup)
+    state = None
+    if config.state_url is not None:
+        from llamaproxy.state.redis_store import RedisState
+
+        state = RedisState(config.state_url, reactor, config.state_failure)
+        background.append(state)
+    access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
     metrics.watch_admission(admission)
     for member in router.members.values():
@@ -188,6 +194,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource.local_model_list = options.backends_file is not None
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
+    if state is not None:
+        health.state_store = state.status_json
+        metrics.watch_state_store(state)
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
@@ -225,7 +234,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 
 def _access_control(
-    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]]
+    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]],
+    state: Any = None,
 ) -> AccessControl:
     keys = KeyStore(config.auth_keys_file, off_thread=OffThread.pool(reactor))
     if config.auth_enabled:
@@ -237,16 +247,30 @@ def _access_control(
     else:
         log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
     token_limits = None
+    limits_class = TokenLimits
+    if state is not None:
+        from llamaproxy.state.limits import SharedTokenLimits
+
+        limits_class = SharedTokenLimits
     if config.tokens_per_minute or config.key_tokens_per_minute:
-        token_limits = TokenLimits(
+        token_limits = limits_class(
             TokenRateLimiter(reactor), config.tokens_per_minute, dict(config.key_tokens_per_minute)
         )
+    limiter = RateLimiter(reactor, config.max_requests_per_minute)
+    shared = None
+    if state is not None:
+        from llamaproxy.state.limits import SharedLimits, SharedTokenLimits
+
+        shared = SharedLimits(state, limiter, token_limits)
+        if isinstance(token_limits, SharedTokenLimits):
+            token_limits.shared = shared
     return AccessControl(
         keys,
-        RateLimiter(reactor, config.max_requests_per_minute),
+        limiter,
         auth_enabled=config.auth_enabled,
         admin_key_ids=frozenset(config.admin_key_ids),
         token_limits=token_limits,
+        shared=shared,
     )
 
 

@@ -1,0 +1,233 @@
+"""Request and token limits shared by every replica: the sliding-window counters, kept in Redis.
+
+The same counter as :mod:`llamaproxy.auth.ratelimit` (start ``s``, previous ``p``, current ``c``
+per key, rolled by whole windows, ``E = p * (W - e) / W + c``), held in one Redis hash per key and
+updated by one Lua script per request, so a check is atomic across replicas and costs one round
+trip. The script uses Redis's clock (``TIME``), so replicas whose clocks disagree still share one
+window. It returns the rolled counts; ``Retry-After``, ``X-RateLimit-Remaining`` and ``-Reset``
+are then computed here by the in-process limiter's own arithmetic (``decision_at``), so the
+headers mean exactly what they mean without Redis.
+
+One script checks both limits of a request: the key's token window first (a key over its tokens
+per minute is refused without being charged a request), then its request window.
+
+When Redis does not answer, ``STATE_FAILURE`` decides: ``open`` checks the replica's own
+in-process limiters instead (each replica then enforces the limits alone, so N replicas admit up
+to N times a key's limit while Redis is away), ``closed`` answers 503 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llamaproxy.auth.access import Access, TokenLimits
+from llamaproxy.auth.ratelimit import RateLimiter
+from llamaproxy.gateway import errors
+from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.state.redis_store import RedisState
+
+log = Logger()
+
+#: Prefix of every key llamaproxy writes in Redis.
+PREFIX = "llamaproxy:"
+
+# Shared by the scripts: roll a stored counter to Redis's clock (see auth/ratelimit.py).
+_ROLL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function load(key, W)
+  local h = redis.call('HMGET', key, 's', 'p', 'c')
+  if not h[1] then return now, 0, 0, false end
+  local s, p, c = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+  local e = now - s
+  if e < 0 then return now, p, c, true end
+  if e < W then return s, p, c, true end
+  if e < 2 * W then return s + W, c, 0, true end
+  return now, 0, 0, true
+end
+local function store(key, W, s, p, c)
+  redis.call('HSET', key, 's', string.format('%.6f', s), 'p', p, 'c', c)
+  redis.call('PEXPIRE', key, math.ceil(2 * W * 1000) + 1000)
+end
+local function estimate(W, s, p, c)
+  local off = math.min(math.max(now - s, 0), W)
+  return p * (W - off) / W + c
+end
+"""
+
+#: KEYS: request counter, token counter. ARGV: request window, request limit (0: none),
+#: token window, token limit (0: none). Returns {verdict, now, s, p, c}.
+CHECK_SCRIPT = _ROLL + """
+local rw, rlimit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tw, tlimit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local fnow = string.format('%.6f', now)
+if tlimit > 0 then
+  local s, p, c, found = load(KEYS[2], tw)
+  if found then
+    store(KEYS[2], tw, s, p, c)
+    if estimate(tw, s, p, c) >= tlimit then
+      return {'tokens', fnow, string.format('%.6f', s), p, c}
+    end
+  end
+end
+if rlimit == 0 then return {'ok', fnow} end
+local s, p, c = load(KEYS[1], rw)
+local allowed = estimate(rw, s, p, c) < rlimit
+if allowed then c = c + 1 end
+store(KEYS[1], rw, s, p, c)
+return {allowed and 'ok' or 'rate', fnow, string.format('%.6f', s), p, c}
+"""
+
+#: KEYS: request counter. ARGV: window, when the request was charged (Redis time).
+REFUND_SCRIPT = _ROLL + """
+local W, charged = tonumber(ARGV[1]), tonumber(ARGV[2])
+local s, p, c, found = load(KEYS[1], W)
+if not found then return 0 end
+if charged >= s then c = math.max(0, c - 1) elseif charged >= s - W then p = math.max(0, p - 1) end
+store(KEYS[1], W, s, p, c)
+return 1
+"""
+
+#: KEYS: token counter. ARGV: window, tokens used.
+SPEND_SCRIPT = _ROLL + """
+local W = tonumber(ARGV[1])
+local s, p, c = load(KEYS[1], W)
+store(KEYS[1], W, s, p, c + tonumber(ARGV[2]))
+return 1
+"""
+
+
+def state_unavailable() -> GatewayError:
+    """503 when the shared state cannot be reached and STATE_FAILURE is ``closed``."""
+    return GatewayError(
+        503, "Shared state store unavailable; try again shortly", "server_error",
+        "state_unavailable", headers=(("Retry-After", "1"),),
+    )
+
+
+class SharedLimits:
+    """Request and token limits of every key, counted in Redis for all replicas at once.
+
+    ``limiter`` and ``token_limits`` are the replica's in-process ones: their arithmetic turns
+    the script's counts into headers, and they decide alone while Redis is away (``open``).
+    """
+
+    def __init__(
+        self,
+        state: RedisState,
+        limiter: RateLimiter | None,
+        token_limits: TokenLimits | None,
+    ) -> None:
+        self.state = state
+        self.limiter = limiter
+        self.token_limits = token_limits
+        self.request_window = limiter.window if limiter is not None else 60.0
+        self.token_window = (
+            token_limits.limiter.window if token_limits is not None else 60.0
+        )
+        self.fallbacks = 0
+
+    def check(
+        self, key_id: str, rate_limit: int | None, fallback: Callable[[], Access]
+    ) -> Deferred[Access]:
+        """Count one request of ``key_id`` in Redis; the Access it gets (``fallback()`` when
+        Redis fails and the failure mode is open)."""
+        limiter = self.limiter
+        limit = 0
+        if limiter is not None:
+            limit = rate_limit if rate_limit is not None else limiter.default_limit
+        token_limit = 0 if self.token_limits is None else self.token_limits.limit_for(key_id)
+        d = self.state.eval(
+            CHECK_SCRIPT,
+            [f"{PREFIX}rl:{key_id}", f"{PREFIX}tl:{key_id}"],
+            [self.request_window, limit, self.token_window, token_limit],
+        )
+        d.addCallbacks(
+            self._decided, self._unavailable,
+            callbackArgs=(key_id, rate_limit, limit, token_limit),
+            errbackArgs=(key_id, fallback),
+        )
+        return d
+
+    def _decided(
+        self, reply: list[Any], key_id: str, rate_limit: int | None, limit: int, token_limit: int
+    ) -> Access:
+        verdict = _text(reply[0])
+        now = float(_text(reply[1]))
+        if verdict == "ok" and limit == 0:
+            return Access(key_id, rate_limit=rate_limit)
+        start, previous, current = float(_text(reply[2])), int(reply[3]), int(reply[4])
+        if verdict == "tokens":
+            assert self.token_limits is not None
+            retry = self.token_limits.limiter.retry_after_at(
+                start, previous, current, now, token_limit
+            )
+            return Access(key_id, error=errors.token_rate_limited(retry))
+        assert self.limiter is not None
+        decision = self.limiter.decision_at(
+            start, previous, current, now, limit, allowed=verdict == "ok"
+        )
+        if not decision.allowed:
+            return Access(key_id, error=errors.rate_limited(decision.headers()))
+        return Access(
+            key_id, decision.headers(), charged_at=now, rate_limit=rate_limit, shared=True
+        )
+
+    def _unavailable(
+        self, failure: Failure, key_id: str, fallback: Callable[[], Access]
+    ) -> Access:
+        if self.state.failure_mode == "closed":
+            return Access(key_id, error=state_unavailable())
+        self.fallbacks += 1
+        return fallback()
+
+    def refund(self, access: Access) -> int | None:
+        """Give back a request charged in Redis (fire and forget); X-RateLimit-Remaining after it
+        (one more than the check left, as far as this replica knows)."""
+        if access.key_id is None or access.charged_at is None:
+            return None
+        d = self.state.eval(
+            REFUND_SCRIPT, [f"{PREFIX}rl:{access.key_id}"],
+            [self.request_window, f"{access.charged_at:.6f}"],
+        )
+        d.addErrback(lambda f: None)  # Redis away: the charge stays (logged by RedisState)
+        for name, value in access.headers:
+            if name == "X-RateLimit-Remaining":
+                remaining = int(value) + 1
+                limits = dict(access.headers)
+                return min(remaining, int(limits.get("X-RateLimit-Limit", remaining)))
+        return None
+
+    def spend(self, key_id: str, tokens: int) -> None:
+        """Count the tokens a finished request used in Redis (locally when Redis is away)."""
+        d = self.state.eval(
+            SPEND_SCRIPT, [f"{PREFIX}tl:{key_id}"], [self.token_window, int(tokens)]
+        )
+        d.addErrback(self._spend_locally, key_id, tokens)
+
+    def _spend_locally(self, failure: Failure, key_id: str, tokens: int) -> None:
+        if self.token_limits is not None:
+            self.token_limits.limiter.spend(key_id, tokens)
+
+
+class SharedTokenLimits(TokenLimits):
+    """TokenLimits whose spending goes to Redis (what the recorder calls at a request's end)."""
+
+    shared: SharedLimits | None = None
+
+    def spend(self, key_id: str, tokens: int) -> None:
+        """Count tokens a finished request used, for every replica."""
+        if tokens > 0 and self.limit_for(key_id) > 0:
+            if self.shared is None:
+                super().spend(key_id, tokens)
+            else:
+                self.shared.spend(key_id, tokens)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
