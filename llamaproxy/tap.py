@@ -158,7 +158,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from llamaproxy.state.redis_store import RedisState
 
         state = RedisState(config.state_url, reactor, config.state_failure)
-        background.append(state)
     access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
     metrics.watch_admission(admission)
@@ -169,6 +168,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             metrics.add_scraper(scraper)
             background.append(scraper)
     recorder = _recorder(config, reactor, metrics, access, background, on_sighup)
+    if state is not None:
+        from llamaproxy.state.usage_counters import SharedUsage
+
+        recorder.shared_usage = SharedUsage(state)
+        background.append(recorder.shared_usage)
 
     tls = _tls(config, reactor, background, on_sighup)
     if tls is not None:
@@ -218,6 +222,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         health_site.log = lambda request: None  # type: ignore[method-assign]
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
+    if state is not None:
+        background.append(state)  # last: stopped after what flushes to it
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
     log.info(
         "llamaproxy {version}: gateway on {endpoints}, health on {health}, operator page on "

@@ -16,6 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TextIO
 
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
 from llamaproxy.cli.guard import CommandError, guarded
 from llamaproxy.config import data_file_from_env
 from llamaproxy.usage import LEDGER_FILE_NAME, UsageRow, grand_total, query, totals_by_key
@@ -116,8 +120,12 @@ def show_usage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     until = None if args.until is None else parse_day(args.until, today, "--until")
     if since is not None and until is not None and since > until:
         raise UsageCommandError(f"--since {since} is after --until {until}")
+    state_url = args.state_url or (os.environ.get("STATE_URL") if args.file is None else None)
     try:
-        rows = query(path, args.key, since, until)
+        if state_url:
+            rows, path = _shared_rows(state_url, args.key, since, until)
+        else:
+            rows = query(path, args.key, since, until)
     except FileNotFoundError:
         raise UsageCommandError(
             f"no usage ledger at {path} (set --file, USAGE_LEDGER or DATA_DIR; the gateway "
@@ -162,6 +170,52 @@ def show_usage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _shared_rows(
+    text: str, key: str | None, since: date | None, until: date | None
+) -> tuple[list[UsageRow], str]:
+    """The usage counters every replica adds to in Redis (STATE_URL), and where they are."""
+    from llamaproxy.state.url import parse_state_url
+
+    try:
+        url = parse_state_url(text)
+    except ValueError as error:
+        raise UsageCommandError(f"--state-url: {error}") from None
+    if url is None:
+        raise UsageCommandError("--state-url is empty")
+    from twisted.internet import reactor  # this command's own process and reactor
+
+    from llamaproxy.state.redis_store import RedisState
+    from llamaproxy.state.usage_counters import read_usage
+
+    outcome: list[object] = []
+
+    async def read() -> list[UsageRow]:
+        state = RedisState(url, reactor, "closed", timeout=5.0)
+        state.startService()
+        try:
+            for _ in range(500):
+                if state.connected:
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            return await read_usage(state, key, since, until)
+        finally:
+            await state.stopService()
+
+    def run() -> None:
+        d = Deferred.fromCoroutine(read())
+        d.addBoth(outcome.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(run)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    result = outcome[0] if outcome else None
+    if isinstance(result, Failure):
+        raise UsageCommandError(
+            f"cannot read the usage counters at {url.display()}: {result.getErrorMessage()}"
+        )
+    return list(result or []), url.display()  # type: ignore[call-overload]
+
+
 def _describe_filters(key: str | None, since: date | None, until: date | None) -> str:
     parts = []
     if key is not None:
@@ -189,6 +243,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="PATH",
         help="usage ledger (default: $USAGE_LEDGER, else $DATA_DIR/usage.sqlite3, DATA_DIR being "
         "/data, /runpod-volume or /workspace, whichever exists first)",
+    )
+    parser.add_argument(
+        "--state-url",
+        metavar="URL",
+        help="read the usage counters all replicas share in Redis (redis://..., default: "
+        "$STATE_URL when set and --file is not) instead of one gateway's SQLite ledger",
     )
     parser.add_argument("--key", metavar="ID", help="only this key_id")
     day_help = "YYYY-MM-DD (UTC), today, yesterday, or <N>d for the last N days"
