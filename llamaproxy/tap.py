@@ -147,17 +147,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, sum(b.max_concurrent for b in table.backends) + 2, config.backend_connect_timeout
     )
     backends = BackendSet(config, options, reactor, agent)
+    state = slots = None
+    if config.state_url is not None:
+        from llamaproxy.state.redis_store import RedisState
+        from llamaproxy.state.slot_leases import SharedSlots
+
+        state = RedisState(config.state_url, reactor, config.state_failure)
+        slots = SharedSlots(state, config.instance_id)
+        backends.on_admission = slots.attach
     router = backends.apply(table)
     primary = router.members[table.backends_for(table.default_model)[0].name]
     backend, admission = primary.status, cast(Admission, primary.load)
     background: list[IService] = []
     on_sighup: list[Callable[[], object]] = []
 
-    state = None
-    if config.state_url is not None:
-        from llamaproxy.state.redis_store import RedisState
-
-        state = RedisState(config.state_url, reactor, config.state_failure)
     access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
     metrics.watch_admission(admission)
@@ -198,8 +201,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     resource.local_model_list = options.backends_file is not None
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
-    if state is not None:
-        health.state_store = state.status_json
+    if state is not None and slots is not None:
+        shared_slots = slots
+        health.state_store = lambda: {
+            **state.status_json(), "slot_leases": shared_slots.status_json()
+        }
         metrics.watch_state_store(state)
     resource_holder.append(resource)
     if options.backends_file is not None:
@@ -222,8 +228,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         health_site.log = lambda request: None  # type: ignore[method-assign]
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
-    if state is not None:
-        background.append(state)  # last: stopped after what flushes to it
+    if state is not None and slots is not None:
+        background += [slots, state]  # last: stopped after what gives back or flushes to it
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
     log.info(
         "llamaproxy {version}: gateway on {endpoints}, health on {health}, operator page on "
@@ -409,6 +415,9 @@ class BackendSet(MultiService):
         self.statuses: dict[str, Backend] = {}
         self.loads: dict[str, Admission] = {}
         self.by_name: dict[str, Service] = {}
+        #: Called with (name, base_url, admission, slots) for each new backend queue: how
+        #: replicas lease a shared backend's slots from Redis (STATE_URL).
+        self.on_admission: Callable[[str, str, Admission, int], object] | None = None
 
     def apply(self, table: BackendsTable) -> Router:
         """Make (or update) the live backends for ``table``; returns the new Router."""
@@ -438,10 +447,12 @@ class BackendSet(MultiService):
         """The status record and queue a backend is routed with."""
         status = status_for(spec)
         self.statuses[spec.name] = status
-        self.loads[spec.name] = Admission(
+        admission = self.loads[spec.name] = Admission(
             spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key,
             clock=self.reactor,
         )
+        if self.on_admission is not None:
+            self.on_admission(spec.name, spec.base_url, admission, spec.max_concurrent)
         return status
 
     def _add(self, spec: BackendSpec) -> None:

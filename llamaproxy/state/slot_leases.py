@@ -1,0 +1,274 @@
+"""Backend slots leased from Redis, so replicas in front of one backend never overfill it.
+
+Each backend (named by its ``base_url``, so replicas with different backend names still share)
+has a sorted set in Redis: one member per slot leased by some replica, scored by when the lease
+expires. A replica's :class:`SlotLeases` keeps as many leases as its own queue needs (requests
+holding a slot plus requests waiting), never more than the backend's slots, and its
+``Admission`` may hold exactly as many slots as it has leases (``set_capacity``). So the sum of
+requests in flight to the backend over all replicas is at most its slots, while each replica
+keeps its own fair queue.
+
+- Asking: when demand exceeds the leases held, one script drops expired leases and grants what
+  is free (one round trip). What is not granted is asked again every ``retry`` seconds while
+  requests wait (another replica frees a slot within its response time).
+- Keeping: a slot freed with requests still waiting is handed to the next one locally, lease
+  and all (no round trip). Leases beyond the demand go back at once.
+- Expiry: leases last ``ttl`` seconds and are renewed every ``ttl / 3``; a replica that crashed
+  or lost Redis for longer than ``ttl`` loses its leases, and the slots come back to the others.
+- Redis away: ``open`` gives the replica its own full slot count (no sharing; each replica is
+  then bounded by its own slots, as without Redis) until Redis answers again; ``closed`` keeps
+  the leases it has and lets waiters wait (or time out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llamaproxy.admission import Admission
+from llamaproxy.state.limits import PREFIX
+from llamaproxy.state.redis_store import RedisState
+
+log = Logger()
+
+#: KEYS: the backend's lease set. ARGV: slots, ttl (ms), then the lease ids wanted.
+ACQUIRE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local granted = {}
+for i = 3, #ARGV do
+  if free <= 0 then break end
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  free = free - 1
+  granted[#granted + 1] = ARGV[i]
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 3)
+return granted
+"""
+
+#: KEYS: the backend's lease set. ARGV: ttl (ms), then the lease ids held. Returns those alive.
+RENEW_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local alive = {}
+for i = 2, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+    alive[#alive + 1] = ARGV[i]
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 3)
+return alive
+"""
+
+#: KEYS: the backend's lease set. ARGV: the lease ids given back.
+RELEASE_SCRIPT = """
+return redis.call('ZREM', KEYS[1], unpack(ARGV))
+"""
+
+
+def replica_id(instance_id: str) -> str:
+    """This process's name in lease ids: its instance id, pid and a random part."""
+    return f"{instance_id}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+class SlotLeases:
+    """The leases one replica holds on one backend's slots, following its Admission's demand."""
+
+    def __init__(
+        self,
+        state: RedisState,
+        admission: Admission,
+        backend: str,
+        slots: int,
+        replica: str,
+        ttl: float = 10.0,
+        retry: float = 0.05,
+    ) -> None:
+        self.state = state
+        self.clock = state.clock
+        self.admission = admission
+        self.backend = backend
+        self.key = f"{PREFIX}slots:{backend}"
+        self.slots = slots
+        self.ttl = ttl
+        self.retry = retry
+        self.held: list[str] = []
+        self.local = False  # open mode with Redis away: the replica's own slots, unshared
+        self._ids = (f"{replica}:{n}" for n in itertools.count())
+        self._asking = False
+        self._retry_call: IDelayedCall | None = None
+        self._renewer: LoopingCall | None = None
+        self._release_due: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """Take the admission over: it may hold as many slots as there are leases."""
+        self.admission.set_capacity(0)
+        self.admission.on_change = self.changed
+        self._renewer = LoopingCall(self._renew)
+        self._renewer.clock = self.clock
+        self._renewer.start(self.ttl / 3, now=False).addErrback(
+            lambda f: log.failure("Slot leases: renewal loop stopped", f)
+        )
+
+    def stop(self) -> Deferred[None]:
+        """Give every lease back (best effort) and stop renewing."""
+        if self._renewer is not None and self._renewer.running:
+            self._renewer.stop()
+        for call in (self._retry_call, self._release_due):
+            if call is not None and call.active():
+                call.cancel()
+        self.admission.on_change = None
+        held, self.held = self.held, []
+        return self._release(held) if held else succeed(None)
+
+    @property
+    def demand(self) -> int:
+        """Slots this replica could use right now (held plus waiting), at most the backend's."""
+        return min(self.slots, self.admission.active + self.admission.waiting)
+
+    def changed(self) -> None:
+        """The admission's demand moved: ask for leases, or give back those not needed."""
+        if self.local:
+            return
+        demand = self.demand
+        if demand > len(self.held):
+            self._ask()
+        elif len(self.held) > max(demand, self.admission.active) and self._release_due is None:
+            # After this turn: a slot freed and taken again at once needs no round trip.
+            self._release_due = self.clock.callLater(0, self._give_back)
+
+    def _ask(self) -> None:
+        if self._asking or (self._retry_call is not None and self._retry_call.active()):
+            return
+        wanted = [next(self._ids) for _ in range(self.demand - len(self.held))]
+        if not wanted:
+            return
+        self._asking = True
+        d = self.state.eval(
+            ACQUIRE_SCRIPT, [self.key], [self.slots, int(self.ttl * 1000), *wanted]
+        )
+        d.addCallbacks(self._granted, self._unavailable, callbackArgs=(len(wanted),))
+
+    def _granted(self, granted: list[Any], wanted: int) -> None:
+        self._asking = False
+        got = [_text(lease) for lease in granted or ()]
+        self.held.extend(got)
+        self.admission.set_capacity(len(self.held))
+        if len(got) < wanted:
+            # The backend is full: ask again shortly (another replica frees a slot meanwhile).
+            self._retry_call = self.clock.callLater(self.retry, self._retry)
+        else:
+            self.changed()  # demand may have moved while Redis answered
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        self.changed()
+
+    def _give_back(self) -> None:
+        self._release_due = None
+        surplus = len(self.held) - max(self.demand, self.admission.active)
+        if surplus <= 0 or self.local:
+            return
+        returned, self.held = self.held[-surplus:], self.held[:-surplus]
+        self.admission.set_capacity(len(self.held))
+        self._release(returned)
+
+    def _release(self, leases: list[str]) -> Deferred[None]:
+        d = self.state.eval(RELEASE_SCRIPT, [self.key], list(leases))
+        return d.addCallbacks(lambda _: None, lambda f: None)  # else they expire within ttl
+
+    def _unavailable(self, failure: Failure) -> None:
+        self._asking = False
+        if self.state.failure_mode == "open":
+            if not self.local:
+                log.warn(
+                    "Slot leases for {backend}: Redis unavailable, using this replica's own "
+                    "{slots} slots until it answers", backend=self.backend, slots=self.slots,
+                )
+            self.local = True
+            self.admission.set_capacity(self.slots)
+        else:
+            self._retry_call = self.clock.callLater(self.retry * 10, self._retry)
+
+    def _renew(self) -> None:
+        """Extend the leases held (or, back from local mode, start leasing again)."""
+        if self.local:
+            if self.state.connected:
+                log.info("Slot leases for {backend}: Redis is back, sharing slots again",
+                         backend=self.backend)
+                self.local = False
+                self.admission.set_capacity(len(self.held))
+                self.changed()
+            return
+        if not self.held:
+            return
+        held = list(self.held)
+        d = self.state.eval(RENEW_SCRIPT, [self.key], [int(self.ttl * 1000), *held])
+        d.addCallbacks(self._renewed, lambda f: None, callbackArgs=(held,))
+
+    def _renewed(self, alive: list[Any], asked: list[str]) -> None:
+        living = {_text(lease) for lease in alive or ()}
+        lost = [lease for lease in asked if lease not in living]
+        if lost:
+            log.warn("Slot leases for {backend}: {n} expired before renewal (stalled replica "
+                     "or Redis restart)", backend=self.backend, n=len(lost))
+            self.held = [lease for lease in self.held if lease not in set(lost)]
+            self.admission.set_capacity(len(self.held))
+            self.changed()
+
+    def status_json(self) -> dict[str, Any]:
+        """This backend's leases, for /health."""
+        return {
+            "slots": self.slots,
+            "leased": len(self.held),
+            "mode": "local" if self.local else "shared",
+        }
+
+
+class SharedSlots(Service):
+    """Every backend's :class:`SlotLeases` in this replica (replaced when backends reload)."""
+
+    def __init__(self, state: RedisState, instance_id: str, ttl: float = 10.0) -> None:
+        super().__init__()
+        self.state = state
+        self.replica = replica_id(instance_id)
+        self.ttl = ttl
+        self.by_backend: dict[str, SlotLeases] = {}
+
+    def attach(self, name: str, base_url: str, admission: Admission, slots: int) -> SlotLeases:
+        """Lease the slots of backend ``name`` (shared by ``base_url``) for ``admission``."""
+        old = self.by_backend.pop(name, None)
+        if old is not None:
+            old.stop()
+        leases = SlotLeases(self.state, admission, base_url, slots, self.replica, self.ttl)
+        leases.start()
+        self.by_backend[name] = leases
+        return leases
+
+    def stopService(self) -> Deferred[None]:
+        """Give every lease back (at shutdown, before the Redis connection closes)."""
+        super().stopService()
+        returning = [leases.stop() for leases in self.by_backend.values()]
+        d: Deferred[None] = gatherResults(returning, consumeErrors=True).addBoth(lambda _: None)
+        return d
+
+    def status_json(self) -> dict[str, Any]:
+        """Per backend: slots, leases held, shared or local."""
+        return {name: leases.status_json() for name, leases in self.by_backend.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

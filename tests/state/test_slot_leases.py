@@ -1,0 +1,97 @@
+"""Backend slots leased from a real redis-server by several replicas' admissions."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from llamaproxy.admission import Admission, Slot
+from llamaproxy.state.redis_store import RedisState
+from llamaproxy.state.slot_leases import SlotLeases
+from tests.redis_server import RedisServer
+from tests.state.test_limits import connected
+
+
+async def until(predicate: object, what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():  # type: ignore[operator]
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class SlotLeasesTests(TestCase):
+    def setUp(self) -> Deferred[None]:
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+        return Deferred.fromCoroutine(self._replicas())
+
+    async def _replicas(self, ttl: float = 10.0) -> None:
+        self.admissions: list[Admission] = []
+        self.leases: list[SlotLeases] = []
+        for n in range(3):
+            state = RedisState(self.redis.state_url, reactor, "open")
+            state.startService()
+            self.addCleanup(state.stopService)
+            await connected(state)
+            admission = Admission(2, clock=reactor)
+            leases = SlotLeases(state, admission, "http://backend:8080", 2, f"r{n}", ttl=ttl)
+            leases.start()
+            self.addCleanup(leases.stop)
+            self.admissions.append(admission)
+            self.leases.append(leases)
+
+    def in_flight(self) -> int:
+        return sum(a.active for a in self.admissions)
+
+    def test_three_replicas_never_hold_more_than_the_backends_slots(self) -> Deferred[None]:
+        async def run() -> None:
+            granted: list[Slot] = []
+            most = 0
+
+            def got(slot: Slot) -> None:
+                nonlocal most
+                granted.append(slot)
+                most = max(most, self.in_flight())
+
+            for i in range(12):  # 4 requests per replica, each replica allows 2 locally
+                self.admissions[i % 3].acquire(f"key{i}").addCallback(got)
+            await until(lambda: len(granted) == 2, "two slots granted")
+            await deferLater(reactor, 0.2, lambda: None)
+            self.assertEqual(len(granted), 2)  # the others wait, on every replica
+            served = 2
+            while served < 12:
+                granted[served - 2].release()
+                granted[served - 1].release()
+                served += 2
+                await until(lambda n=served: len(granted) == n, f"{served} served")
+            self.assertEqual(most, 2)
+            for slot in granted[-2:]:
+                slot.release()
+            # Idle replicas give their leases back.
+            await until(lambda: all(not leases.held for leases in self.leases), "leases back")
+            self.assertEqual(self.redis.command("ZCARD", "llamaproxy:slots:http://backend:8080"),
+                             "0")
+        return Deferred.fromCoroutine(run())
+
+    def test_a_crashed_replicas_leases_expire(self) -> Deferred[None]:
+        async def run() -> None:
+            for leases in self.leases:
+                leases.stop()
+            self.admissions, self.leases = [], []
+            await self._replicas(ttl=0.6)
+            held: list[Slot] = []
+            self.admissions[0].acquire("a").addCallback(held.append)
+            self.admissions[0].acquire("b").addCallback(held.append)
+            await until(lambda: len(held) == 2, "replica 0 holds both slots")
+            # Replica 0 dies without giving anything back: no more renewals, no release.
+            crashed = self.leases[0]
+            assert crashed._renewer is not None
+            crashed._renewer.stop()
+            crashed.held = []
+            other: list[Slot] = []
+            self.admissions[1].acquire("c").addCallback(other.append)
+            await until(lambda: len(other) == 1, "the expired lease served replica 1", 5)
+        return Deferred.fromCoroutine(run())
