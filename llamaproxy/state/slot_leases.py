@@ -210,7 +210,12 @@ class SlotLeases:
                 log.info("Slot leases for {backend}: Redis is back, sharing slots again",
                          backend=self.backend)
                 self.local = False
-                self.admission.set_capacity(len(self.held))
+                # Leases from before may be gone (a restarted Redis starts empty): lease afresh
+                # for what is in flight and waiting; until granted, no new request starts.
+                stale, self.held = self.held, []
+                if stale:
+                    self._release(stale)
+                self.admission.set_capacity(0)
                 self.changed()
             return
         if not self.held:
