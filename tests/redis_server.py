@@ -38,16 +38,20 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1 with its own temporary directory."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls: tuple[str, str] | None = None) -> None:
         self.binary = redis_server_binary()
         self.port = _free_port()
         self.password = password
+        #: (certificate file, key file): serve TLS only (rediss://) with this certificate.
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix="llamaproxy-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}localhost:{self.port}/0"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -61,6 +65,12 @@ class RedisServer:
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
         ]
+        if self.tls:
+            cert, key = self.tls
+            args += [
+                "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                "--tls-key-file", key, "--tls-auth-clients", "no",
+            ]
         if self.password:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(

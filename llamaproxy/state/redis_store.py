@@ -94,6 +94,7 @@ class RedisState(Service):
         )
         factory.maxDelay = 2  # come back quickly when Redis does
         self._factory = factory
+        factory.deferred.addErrback(self._cannot_connect)
         factory.startConnecting(self._connect() if self._connect else self.endpoint())
         log.info("Shared state: connecting to {url}", url=self.url.display())
         self._pinger = LoopingCall(self._ping)
@@ -101,6 +102,13 @@ class RedisState(Service):
         self._pinger.start(PING_INTERVAL, now=False).addErrback(
             lambda f: log.failure("Shared state: ping loop stopped", f)
         )
+
+    def _cannot_connect(self, failure: Failure) -> None:
+        """txredisapi gave up on a connection (e.g. authentication refused): say so."""
+        self.status = "down"
+        self.last_error = failure.getErrorMessage()
+        log.error("Shared state: cannot use Redis at {url}: {error}", url=self.url.display(),
+                  error=self.last_error)
 
     def _ping(self) -> None:
         self.command("ping").addErrback(lambda f: None)  # _failed has counted and logged it
