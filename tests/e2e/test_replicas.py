@@ -218,3 +218,34 @@ class ReplicasTests(SynchronousTestCase):
         statuses = [chat(gateways[i % 3], i) for i in range(3)]
         self.assertEqual(statuses, [200] * 3)
         self.assertEqual(int(self.redis.command("HGET", "llamaproxy:rl:tester", "c")), 3)
+
+    def test_closed_mode_refuses_while_redis_is_away_and_health_says_so(self) -> None:
+        gateway = Gateway(env={"STATE_URL": self.redis.url, "STATE_FAILURE": "closed"})
+        gateway.start()
+        self.addCleanup(gateway.stop)
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+
+        def models() -> httpx.Response:
+            return httpx.get(f"{gateway.url}/v1/models", headers=headers, timeout=30)
+
+        def metric(name: str) -> float:
+            text = httpx.get(f"{gateway.url}/metrics", headers={"Accept": "text/plain"},
+                             timeout=10).text
+            match = re.search(rf"^{name} (\S+)$", text, re.M)
+            assert match is not None, f"{name} missing from /metrics"
+            return float(match[1])
+
+        self.assertEqual(models().status_code, 200)
+        self.assertEqual(metric("llamaproxy_state_store_up"), 1.0)
+        self.redis.stop()
+        refused = models()
+        self.assertEqual(refused.status_code, 503)
+        self.assertEqual(refused.headers["retry-after"], "1")
+        self.assertEqual(refused.json()["error"]["code"], "state_unavailable")
+        store = gateway.health()["state_store"]
+        assert isinstance(store, dict)
+        self.assertEqual((store["status"], store["failure_mode"]), ("down", "closed"))
+        self.assertEqual(metric("llamaproxy_state_store_up"), 0.0)
+        self.assertGreater(metric("llamaproxy_state_store_failures_total"), 0)
+        self.redis.start()
+        wait_for(lambda: models().status_code == 200, 20, "Redis to be used again", 0.2)
