@@ -2,11 +2,14 @@
 
 The same counter as :mod:`llamaproxy.auth.ratelimit` (start ``s``, previous ``p``, current ``c``
 per key, rolled by whole windows, ``E = p * (W - e) / W + c``), held in one Redis hash per key and
-updated by one Lua script per request, so a check is atomic across replicas and costs one round
-trip. The script uses Redis's clock (``TIME``), so replicas whose clocks disagree still share one
-window. It returns the rolled counts; ``Retry-After``, ``X-RateLimit-Remaining`` and ``-Reset``
-are then computed here by the in-process limiter's own arithmetic (``decision_at``), so the
-headers mean exactly what they mean without Redis.
+updated by a Lua script, so a check is atomic across replicas and costs at most one round trip:
+the checks of all requests whose headers arrived in the same reactor turn go in one script call,
+run one after the other inside Redis exactly as if sent alone (no slack: batching changes the
+number of round trips, not the decisions). The script uses Redis's clock (``TIME``), so
+replicas whose clocks disagree still share one window. It returns the rolled counts;
+``Retry-After``, ``X-RateLimit-Remaining`` and ``-Reset`` are then computed here by the
+in-process limiter's own arithmetic (``decision_at``), so the headers mean exactly what they
+mean without Redis.
 
 One script checks both limits of a request: the key's token window first (a key over its tokens
 per minute is refused without being charged a request), then its request window.
@@ -60,27 +63,36 @@ local function estimate(W, s, p, c)
 end
 """
 
-#: KEYS: request counter, token counter. ARGV: request window, request limit (0: none),
-#: token window, token limit (0: none). Returns {verdict, now, s, p, c}.
+#: Checks several requests in order, each exactly as if alone (one round trip for all the
+#: requests whose headers arrived in the same reactor turn). KEYS: per request, its request
+#: counter and its token counter. ARGV: request window, token window, then per request its
+#: request limit (0: none) and token limit (0: none). Returns per request {verdict, now, s, p, c}.
 CHECK_SCRIPT = _ROLL + """
-local rw, rlimit = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tw, tlimit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rw, tw = tonumber(ARGV[1]), tonumber(ARGV[2])
 local fnow = string.format('%.6f', now)
-if tlimit > 0 then
-  local s, p, c, found = load(KEYS[2], tw)
-  if found then
-    store(KEYS[2], tw, s, p, c)
-    if estimate(tw, s, p, c) >= tlimit then
-      return {'tokens', fnow, string.format('%.6f', s), p, c}
+local function check(rkey, tkey, rlimit, tlimit)
+  if tlimit > 0 then
+    local s, p, c, found = load(tkey, tw)
+    if found then
+      store(tkey, tw, s, p, c)
+      if estimate(tw, s, p, c) >= tlimit then
+        return {'tokens', fnow, string.format('%.6f', s), p, c}
+      end
     end
   end
+  if rlimit == 0 then return {'ok', fnow} end
+  local s, p, c = load(rkey, rw)
+  local allowed = estimate(rw, s, p, c) < rlimit
+  if allowed then c = c + 1 end
+  store(rkey, rw, s, p, c)
+  return {allowed and 'ok' or 'rate', fnow, string.format('%.6f', s), p, c}
 end
-if rlimit == 0 then return {'ok', fnow} end
-local s, p, c = load(KEYS[1], rw)
-local allowed = estimate(rw, s, p, c) < rlimit
-if allowed then c = c + 1 end
-store(KEYS[1], rw, s, p, c)
-return {allowed and 'ok' or 'rate', fnow, string.format('%.6f', s), p, c}
+local answers = {}
+for i = 1, #KEYS / 2 do
+  answers[i] = check(KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[2 * i + 1]),
+                     tonumber(ARGV[2 * i + 2]))
+end
+return answers
 """
 
 #: KEYS: request counter. ARGV: window, when the request was charged (Redis time).
@@ -131,6 +143,9 @@ class SharedLimits:
             token_limits.limiter.window if token_limits is not None else 60.0
         )
         self.fallbacks = 0
+        self.batches = 0
+        #: Checks waiting for the end of this reactor turn: (key_id, limit, token limit, answer).
+        self._batch: list[tuple[str, int, int, Deferred[list[Any]]]] = []
 
     def check(
         self, key_id: str, rate_limit: int | None, fallback: Callable[[], Access]
@@ -142,17 +157,37 @@ class SharedLimits:
         if limiter is not None:
             limit = rate_limit if rate_limit is not None else limiter.default_limit
         token_limit = 0 if self.token_limits is None else self.token_limits.limit_for(key_id)
-        d = self.state.eval(
-            CHECK_SCRIPT,
-            [f"{PREFIX}rl:{key_id}", f"{PREFIX}tl:{key_id}"],
-            [self.request_window, limit, self.token_window, token_limit],
-        )
+        d: Deferred[list[Any]] = Deferred()
+        self._batch.append((key_id, limit, token_limit, d))
+        if len(self._batch) == 1:
+            self.state.clock.callLater(0, self._send_batch)
         d.addCallbacks(
             self._decided, self._unavailable,
             callbackArgs=(key_id, rate_limit, limit, token_limit),
             errbackArgs=(key_id, fallback),
         )
         return d
+
+    def _send_batch(self) -> None:
+        """One script call for every check asked for during the last reactor turn."""
+        batch, self._batch = self._batch, []
+        keys: list[str] = []
+        args: list[Any] = [self.request_window, self.token_window]
+        for key_id, limit, token_limit, _ in batch:
+            keys += [f"{PREFIX}rl:{key_id}", f"{PREFIX}tl:{key_id}"]
+            args += [limit, token_limit]
+        self.batches += 1
+        sent = self.state.eval(CHECK_SCRIPT, keys, args)
+
+        def answered(replies: list[Any]) -> None:
+            for (_, _, _, d), reply in zip(batch, replies, strict=True):
+                d.callback(reply)
+
+        def failed(failure: Failure) -> None:
+            for _, _, _, d in batch:
+                d.errback(failure)
+
+        sent.addCallbacks(answered, failed)
 
     def _decided(
         self, reply: list[Any], key_id: str, rate_limit: int | None, limit: int, token_limit: int

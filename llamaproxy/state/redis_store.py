@@ -145,8 +145,11 @@ class RedisState(Service):
         if factory is None or factory.size == 0:
             return self._failed(Failure(StateUnavailableError("not connected to Redis")))
         started = self.clock.seconds()
-        d: Deferred[Any] = getattr(factory.handler, method)(*args)
-        d.addTimeout(self.timeout, self.clock)
+        # The connection itself (txredisapi pipelines commands on it), not the pool handler:
+        # the handler's per-call connection lookup costs more than the command. Its reply
+        # timeout (``replyTimeout``) fails the call and drops the connection, which reconnects.
+        connection = factory.pool[0]
+        d: Deferred[Any] = getattr(connection, method)(*args)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(started,))
         return d
 

@@ -58,6 +58,8 @@ class SharedLimitsTests(TestCase):
             results = await self._burst(12)
             allowed = [a for a in results if a.error is None]
             self.assertEqual(len(allowed), 5)
+            # Checks asked in one reactor turn share one round trip per replica.
+            self.assertEqual([replica.batches for replica in self.replicas], [1, 1, 1])
             refused = [a for a in results if a.error is not None]
             first = refused[0].error
             assert first is not None
