@@ -157,16 +157,16 @@ class SharedLimits:
         if limiter is not None:
             limit = rate_limit if rate_limit is not None else limiter.default_limit
         token_limit = 0 if self.token_limits is None else self.token_limits.limit_for(key_id)
-        d: Deferred[list[Any]] = Deferred()
-        self._batch.append((key_id, limit, token_limit, d))
+        answer: Deferred[list[Any]] = Deferred()
+        self._batch.append((key_id, limit, token_limit, answer))
         if len(self._batch) == 1:
             self.state.clock.callLater(0, self._send_batch)
-        d.addCallbacks(
+        access: Deferred[Access] = answer.addCallbacks(
             self._decided, self._unavailable,
             callbackArgs=(key_id, rate_limit, limit, token_limit),
             errbackArgs=(key_id, fallback),
         )
-        return d
+        return access
 
     def _send_batch(self) -> None:
         """One script call for every check asked for during the last reactor turn."""
