@@ -22,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ def run(plan: Plan, root: Path, concurrency: int) -> dict[str, Any]:
                 result = run_plain(gateway, concurrency, plan.duration, load_core, use_wrk,
                                    backend.url)
                 calls = redis_calls(redis_port) - before
+                if state_url:
+                    with urllib.request.urlopen(gateway.url + "/health", timeout=10) as answer:
+                        result["state_store"] = json.loads(answer.read())["state_store"]
                 result["redis_calls_per_request"] = (
                     calls / result["requests"] if result["requests"] else None
                 )
@@ -146,6 +150,11 @@ def markdown(results: dict[str, Any]) -> str:
             else f"| {name} | {run_result['rps']:.0f} | {latency['p50']:.2f} | "
             f"{latency['p99']:.2f} | - | - |"
         )
+    store = results["runs"].get("STATE_URL on", {}).get("state_store")
+    if store and store.get("limits") and store["limits"]["batches"]:
+        limits = store["limits"]
+        lines += ["", f"limit checks per script call: {limits['checks'] / limits['batches']:.1f} "
+                  f"({limits['checks']} checks, {limits['batches']} calls)"]
     if "on_vs_off" in results:
         lines += ["", f"STATE_URL on / off: {results['on_vs_off'] * 100:.0f} % of the req/s"]
     return "\n".join(lines)

@@ -203,8 +203,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     health.router = lambda: resource.router
     if state is not None and slots is not None:
         shared_slots = slots
+        shared_limits = access.shared
         health.state_store = lambda: {
-            **state.status_json(), "slot_leases": shared_slots.status_json()
+            **state.status_json(),
+            "limits": shared_limits.status_json() if shared_limits is not None else None,
+            "slot_leases": shared_slots.status_json(),
         }
         metrics.watch_state_store(state)
     resource_holder.append(resource)

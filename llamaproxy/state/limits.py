@@ -143,6 +143,7 @@ class SharedLimits:
             token_limits.limiter.window if token_limits is not None else 60.0
         )
         self.fallbacks = 0
+        self.checks = 0
         self.batches = 0
         #: Checks waiting for the end of this reactor turn: (key_id, limit, token limit, answer).
         self._batch: list[tuple[str, int, int, Deferred[list[Any]]]] = []
@@ -157,6 +158,7 @@ class SharedLimits:
         if limiter is not None:
             limit = rate_limit if rate_limit is not None else limiter.default_limit
         token_limit = 0 if self.token_limits is None else self.token_limits.limit_for(key_id)
+        self.checks += 1
         answer: Deferred[list[Any]] = Deferred()
         self._batch.append((key_id, limit, token_limit, answer))
         if len(self._batch) == 1:
@@ -220,6 +222,10 @@ class SharedLimits:
             return Access(key_id, error=state_unavailable())
         self.fallbacks += 1
         return fallback()
+
+    def status_json(self) -> dict[str, int]:
+        """Checks made, script calls they took (batches), and local decisions (Redis away)."""
+        return {"checks": self.checks, "batches": self.batches, "local_fallbacks": self.fallbacks}
 
     def refund(self, access: Access) -> int | None:
         """Give back a request charged in Redis (fire and forget); X-RateLimit-Remaining after it

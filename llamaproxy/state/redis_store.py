@@ -16,6 +16,7 @@ for instance): one round trip per call.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.application.service import Service
@@ -27,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llamaproxy.eager_write import send_eagerly
 from llamaproxy.state.url import StateURL
 
 log = Logger()
@@ -73,6 +75,7 @@ class RedisState(Service):
         self.last_error: str | None = None
         self.down_since: float | None = None
         self._pinger: LoopingCall | None = None
+        self._eager: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- the connection --------------------------------------------------------------------
 
@@ -149,6 +152,11 @@ class RedisState(Service):
         # the handler's per-call connection lookup costs more than the command. Its reply
         # timeout (``replyTimeout``) fails the call and drops the connection, which reconnects.
         connection = factory.pool[0]
+        if connection not in self._eager:
+            # Commands made while a client's request is read leave with that read's writes, in
+            # one send, instead of a write registration and a loop turn each.
+            send_eagerly(connection.transport)
+            self._eager.add(connection)
         d: Deferred[Any] = getattr(connection, method)(*args)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(started,))
         return d
