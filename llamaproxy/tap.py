@@ -253,7 +253,13 @@ def _access_control(
     state: Any = None,
 ) -> AccessControl:
     keys = KeyStore(config.auth_keys_file, off_thread=OffThread.pool(reactor))
-    if config.auth_enabled:
+    if config.auth_enabled and config.keys_store == "redis" and state is not None:
+        from llamaproxy.state.key_store import KeyPoller, RedisKeyStore
+
+        keys = RedisKeyStore(state)  # no keys until Redis answers: 401 meanwhile (fail closed)
+        on_sighup.append(lambda: _reload_keys(keys))
+        background.append(KeyPoller(keys, reactor))
+    elif config.auth_enabled:
         # fail closed: no keys, every API request gets 401 until the file is fixed
         with contextlib.suppress(KeyLoadError):
             keys.load()

@@ -14,11 +14,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import TextIO
-
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
+from typing import Any, TextIO
 
 from llamaproxy.cli.guard import CommandError, guarded
 from llamaproxy.config import data_file_from_env
@@ -174,46 +170,16 @@ def _shared_rows(
     text: str, key: str | None, since: date | None, until: date | None
 ) -> tuple[list[UsageRow], str]:
     """The usage counters every replica adds to in Redis (STATE_URL), and where they are."""
+    from llamaproxy.cli.redis_session import with_redis
     from llamaproxy.state.url import parse_state_url
-
-    try:
-        url = parse_state_url(text)
-    except ValueError as error:
-        raise UsageCommandError(f"--state-url: {error}") from None
-    if url is None:
-        raise UsageCommandError("--state-url is empty")
-    from twisted.internet import reactor  # this command's own process and reactor
-
-    from llamaproxy.state.redis_store import RedisState
     from llamaproxy.state.usage_counters import read_usage
 
-    outcome: list[object] = []
+    async def read(state: Any) -> list[UsageRow]:
+        return await read_usage(state, key, since, until)
 
-    async def read() -> list[UsageRow]:
-        state = RedisState(url, reactor, "closed", timeout=5.0)
-        state.startService()
-        try:
-            for _ in range(500):
-                if state.connected:
-                    break
-                await deferLater(reactor, 0.01, lambda: None)
-            return await read_usage(state, key, since, until)
-        finally:
-            await state.stopService()
-
-    def run() -> None:
-        d = Deferred.fromCoroutine(read())
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(run)
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
-    result = outcome[0] if outcome else None
-    if isinstance(result, Failure):
-        raise UsageCommandError(
-            f"cannot read the usage counters at {url.display()}: {result.getErrorMessage()}"
-        )
-    return list(result or []), url.display()  # type: ignore[call-overload]
+    rows = with_redis(text, "read the usage counters", read, UsageCommandError)
+    url = parse_state_url(text)
+    return rows, url.display() if url is not None else text
 
 
 def _describe_filters(key: str | None, since: date | None, until: date | None) -> str:
