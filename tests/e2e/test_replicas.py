@@ -249,3 +249,30 @@ class ReplicasTests(SynchronousTestCase):
         self.assertGreater(metric("llamaproxy_state_store_failures_total"), 0)
         self.redis.start()
         wait_for(lambda: models().status_code == 200, 20, "Redis to be used again", 0.2)
+
+    def test_keys_in_redis_reach_every_replica(self) -> None:
+        backend = LlamaServer(parallel=2)
+        self.addCleanup(backend.stop)
+        gateways = self.replicas(backend.url, KEYS_STORE="redis")
+
+        def keys(*args: str) -> str:
+            return subprocess.run(
+                [sys.executable, "-m", "llamaproxy", "keys", "--store", self.redis.url, *args],
+                capture_output=True, text=True, timeout=60, check=True,
+            ).stdout.strip()
+
+        def statuses(key: str) -> list[int]:
+            return [
+                httpx.get(f"{g.url}/v1/models", headers={"Authorization": f"Bearer {key}"},
+                          timeout=10).status_code
+                for g in gateways
+            ]
+
+        self.assertEqual(statuses(API_KEY), [401] * 3)  # the key file is not used
+        secret = keys("generate", "--name", "pod-user", "-q")
+        wait_for(lambda: statuses(secret) == [200] * 3, 10, "every replica to know the key", 0.1)
+        rotated = keys("rotate", "--name", "pod-user", "-q")
+        wait_for(lambda: statuses(rotated) == [200] * 3, 10, "the rotated key everywhere", 0.1)
+        self.assertEqual(statuses(secret), [401] * 3)
+        keys("remove", "--name", "pod-user")
+        wait_for(lambda: statuses(rotated) == [401] * 3, 10, "the key gone everywhere", 0.1)
