@@ -38,8 +38,13 @@ def _free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1 with its own temporary directory."""
 
-    def __init__(self, password: str | None = None, tls: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, password: str | None = None, tls: tuple[str, str] | None = None,
+        persistent: bool = False,
+    ) -> None:
         self.binary = redis_server_binary()
+        #: Keep data across restarts (append-only file, fsync on every write), as in production.
+        self.persistent = persistent
         self.port = _free_port()
         self.password = password
         #: (certificate file, key file): serve TLS only (rediss://) with this certificate.
@@ -63,7 +68,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
+            "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+            "--dir", self.dir, "--daemonize", "no",
         ]
         if self.tls:
             cert, key = self.tls
