@@ -116,11 +116,12 @@ class SlotLeases:
         self._retry_call: IDelayedCall | None = None
         self._renewer: LoopingCall | None = None
         self._release_due: IDelayedCall | None = None
+        self._change_due: IDelayedCall | None = None
 
     def start(self) -> None:
         """Take the admission over: it may hold as many slots as there are leases."""
         self.admission.set_capacity(0)
-        self.admission.on_change = self.changed
+        self.admission.on_change = self._soon
         self._renewer = LoopingCall(self._renew)
         self._renewer.clock = self.clock
         self._renewer.start(self.ttl / 3, now=False).addErrback(
@@ -131,7 +132,7 @@ class SlotLeases:
         """Give every lease back (best effort) and stop renewing."""
         if self._renewer is not None and self._renewer.running:
             self._renewer.stop()
-        for call in (self._retry_call, self._release_due):
+        for call in (self._retry_call, self._release_due, self._change_due):
             if call is not None and call.active():
                 call.cancel()
         self.admission.on_change = None
@@ -142,6 +143,16 @@ class SlotLeases:
     def demand(self) -> int:
         """Slots this replica could use right now (held plus waiting), at most the backend's."""
         return min(self.slots, self.admission.active + self.admission.waiting)
+
+    def _soon(self) -> None:
+        """The admission says its demand moved: look at it after this call (never inside the
+        admission's own queueing or hand-over, which a grant must not re-enter)."""
+        if self._change_due is None:
+            self._change_due = self.clock.callLater(0, self._change_now)
+
+    def _change_now(self) -> None:
+        self._change_due = None
+        self.changed()
 
     def changed(self) -> None:
         """The admission's demand moved: ask for leases, or give back those not needed."""

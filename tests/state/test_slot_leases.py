@@ -95,3 +95,30 @@ class SlotLeasesTests(TestCase):
             self.admissions[1].acquire("c").addCallback(other.append)
             await until(lambda: len(other) == 1, "the expired lease served replica 1", 5)
         return Deferred.fromCoroutine(run())
+
+    def test_redis_away_open_mode_uses_local_slots_then_shares_again(self) -> Deferred[None]:
+        async def run() -> None:
+            for leases in self.leases:
+                leases.stop()
+            self.admissions, self.leases = [], []
+            await self._replicas(ttl=0.6)
+            admission, leases = self.admissions[0], self.leases[0]
+            self.redis.stop()
+            await until(lambda: not leases.state.connected, "the connection to drop")
+            held: list[Slot] = []
+            admission.acquire("a").addCallback(held.append)
+            admission.acquire("b").addCallback(held.append)
+            # Redis away, failure mode open: this replica's own two slots, unshared.
+            await until(lambda: len(held) == 2, "both local slots granted")
+            self.assertEqual(leases.status_json()["mode"], "local")
+            for slot in held:
+                slot.release()
+            self.redis.start()
+            await until(lambda: leases.status_json()["mode"] == "shared", "sharing again", 15)
+            again: list[Slot] = []
+            admission.acquire("c").addCallback(again.append)
+            await until(lambda: len(again) == 1, "a leased slot")
+            self.assertEqual(
+                self.redis.command("ZCARD", "llamaproxy:slots:http://backend:8080"), "1"
+            )
+        return Deferred.fromCoroutine(run())
