@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,20 @@ class ReplicasTests(SynchronousTestCase):
         self.assertEqual(models().status_code, 200)
         self.assertEqual(metric("llamaproxy_state_store_up"), 1.0)
         self.redis.stop()
+        # A POST with a body, on a raw socket: answered before its body is read, then closed.
+        body = b'{"model": "tiny", "messages": []}' + b" " * 200_000
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw:
+            raw.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {API_KEY}\r\n".encode()
+                + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode()
+            )
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:200])
+        self.assertIn(b"state_unavailable", answer)
         refused = models()
         self.assertEqual(refused.status_code, 503)
         self.assertEqual(refused.headers["retry-after"], "1")
