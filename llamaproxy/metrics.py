@@ -494,6 +494,7 @@ class GatewayMetrics:
         self._certificate_expiry: Callable[[], float] | None = None
         #: The shared state store (STATE_URL), when there is one: its status and latency.
         self._state_store: Any = None
+        self._slot_leases: Any = None
         self._router: Callable[[], Any] | None = None
         self._scrapers: list[BackendMetricsScraper] = []
 
@@ -813,9 +814,11 @@ class GatewayMetrics:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""
         self._certificate_expiry = seconds_until_expiry
 
-    def watch_state_store(self, store: Any) -> None:
-        """Export the shared state store's status (a ``state.redis_store.RedisState``)."""
+    def watch_state_store(self, store: Any, slot_leases: Any = None) -> None:
+        """Export the shared state store's status (a ``state.redis_store.RedisState``) and the
+        backend slots leased from it (a ``state.slot_leases.SharedSlots``)."""
         self._state_store = store
+        self._slot_leases = slot_leases
 
     def _state_store_families(self) -> Iterator[Metric]:
         store = self._state_store
@@ -834,6 +837,21 @@ class GatewayMetrics:
             "llamaproxy_state_store_failures",
             "Calls to the shared state store that failed (not connected, timeout, error).",
             value=store.failures)
+        shared = self._slot_leases
+        if shared is not None:
+            leased = GaugeMetricFamily(
+                "llamaproxy_backend_slots_leased",
+                "Slots of the backend this replica holds leases for (shared through Redis).",
+                labels=["backend"])
+            local = GaugeMetricFamily(
+                "llamaproxy_backend_slots_unshared",
+                "1 while Redis is away and this replica uses the backend's slots alone.",
+                labels=["backend"])
+            for name, leases in shared.by_backend.items():
+                leased.add_metric([name], len(leases.held))
+                local.add_metric([name], 1 if leases.local else 0)
+            yield leased
+            yield local
 
     def _live_families(self) -> Iterator[Metric]:
         """Admission, backend, breaker and certificate state, read from the live objects."""

@@ -209,7 +209,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "limits": shared_limits.status_json() if shared_limits is not None else None,
             "slot_leases": shared_slots.status_json(),
         }
-        metrics.watch_state_store(state)
+        metrics.watch_state_store(state, shared_slots)
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))

@@ -159,6 +159,14 @@ class ReplicasTests(SynchronousTestCase):
         store = health["state_store"]
         assert isinstance(store, dict)
         self.assertEqual(store["status"], "up")
+
+        def leased() -> str:
+            text = httpx.get(f"{gateways[0].url}/metrics", headers={"Accept": "text/plain"},
+                             timeout=10).text
+            match = re.search(r"^llamaproxy_backend_slots_leased\{backend=\S+\} (\S+)$", text, re.M)
+            return match[1] if match else "missing"
+
+        wait_for(lambda: leased() == "0.0", 10, "the idle replica to give its leases back", 0.2)
         # Every replica's requests in one count (flushed within a second).
         def counted() -> bool:
             out = subprocess.run(
