@@ -18,8 +18,9 @@ keeps its own fair queue.
 - Expiry: leases last ``ttl`` seconds and are renewed every ``ttl / 3``; a replica that crashed
   or lost Redis for longer than ``ttl`` loses its leases, and the slots come back to the others.
 - Redis away: ``open`` gives the replica its own full slot count (no sharing; each replica is
-  then bounded by its own slots, as without Redis) until Redis answers again; ``closed`` keeps
-  the leases it has and lets waiters wait (or time out).
+  then bounded by its own slots, as without Redis) until it is connected again (seen at the next
+  change of demand or renewal); ``closed`` keeps the leases it has and lets waiters wait (or
+  time out).
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ class SlotLeases:
     def changed(self) -> None:
         """The admission's demand moved: ask for leases, or give back those not needed."""
         if self.local:
-            return
+            if not self.state.connected:
+                return
+            self._share_again()
         demand = self.demand
         if demand > len(self.held):
             self._ask()
@@ -222,15 +225,7 @@ class SlotLeases:
         """Extend the leases held (or, back from local mode, start leasing again)."""
         if self.local:
             if self.state.connected:
-                log.info("Slot leases for {backend}: Redis is back, sharing slots again",
-                         backend=self.backend)
-                self.local = False
-                # Leases from before may be gone (a restarted Redis starts empty): lease afresh
-                # for what is in flight and waiting; until granted, no new request starts.
-                stale, self.held = self.held, []
-                if stale:
-                    self._release(stale)
-                self.admission.set_capacity(0)
+                self._share_again()
                 self.changed()
             return
         if not self.held:
@@ -238,6 +233,18 @@ class SlotLeases:
         held = list(self.held)
         d = self.state.eval(RENEW_SCRIPT, [self.key], [int(self.ttl * 1000), *held])
         d.addCallbacks(self._renewed, lambda f: None, callbackArgs=(held,))
+
+    def _share_again(self) -> None:
+        """Back from local mode (Redis answers again): lease afresh for what is in flight and
+        waiting (leases from before may be gone: a restarted Redis starts empty); until they
+        are granted, no new request starts."""
+        log.info("Slot leases for {backend}: Redis is back, sharing slots again",
+                 backend=self.backend)
+        self.local = False
+        stale, self.held = self.held, []
+        if stale:
+            self._release(stale)
+        self.admission.set_capacity(0)
 
     def _renewed(self, alive: list[Any], asked: list[str]) -> None:
         living = {_text(lease) for lease in alive or ()}
