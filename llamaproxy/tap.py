@@ -155,6 +155,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         state = RedisState(config.state_url, reactor, config.state_failure)
         slots = SharedSlots(state, config.instance_id)
         backends.on_admission = slots.attach
+        backends.on_retired = slots.retire
     router = backends.apply(table)
     primary = router.members[table.backends_for(table.default_model)[0].name]
     backend, admission = primary.status, cast(Admission, primary.load)
@@ -427,6 +428,8 @@ class BackendSet(MultiService):
         #: Called with (name, base_url, admission, slots) for each new backend queue: how
         #: replicas lease a shared backend's slots from Redis (STATE_URL).
         self.on_admission: Callable[[str, str, Admission, int], object] | None = None
+        #: Called with (name, admission) once a removed or replaced backend's queue is idle.
+        self.on_retired: Callable[[str, Admission], object] | None = None
 
     def apply(self, table: BackendsTable) -> Router:
         """Make (or update) the live backends for ``table``; returns the new Router."""
@@ -503,6 +506,8 @@ class BackendSet(MultiService):
             if busy and self.reactor.seconds() < deadline:
                 self.reactor.callLater(0.2, stop)
                 return
+            if load is not None and self.on_retired is not None:
+                self.on_retired(name, load)
             if service is None:
                 stopped: Deferred[None] = Deferred()
                 stopped.callback(None)

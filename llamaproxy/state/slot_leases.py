@@ -112,7 +112,10 @@ class SlotLeases:
         self.linger = linger
         self.held: list[str] = []
         self.local = False  # open mode with Redis away: the replica's own slots, unshared
-        self._ids = (f"{replica}:{n}" for n in itertools.count())
+        # Unique per queue too: after a reload, the old and the new queue of one backend lease
+        # side by side, and a shared id would make two leases count as one.
+        queue = os.urandom(3).hex()
+        self._ids = (f"{replica}:{queue}:{n}" for n in itertools.count())
         self._asking = False
         self._retry_call: IDelayedCall | None = None
         self._renewer: LoopingCall | None = None
@@ -273,22 +276,38 @@ class SharedSlots(Service):
         self.state = state
         self.replica = replica_id(instance_id)
         self.ttl = ttl
+        #: The leases of each backend's current queue, by backend name.
         self.by_backend: dict[str, SlotLeases] = {}
+        #: Queues replaced or removed by a reload, still finishing their requests (their leases
+        #: are kept until ``retire``).
+        self.retiring: list[SlotLeases] = []
 
     def attach(self, name: str, base_url: str, admission: Admission, slots: int) -> SlotLeases:
         """Lease the slots of backend ``name`` (shared by ``base_url``) for ``admission``."""
         old = self.by_backend.pop(name, None)
         if old is not None:
-            old.stop()
+            self.retiring.append(old)  # its requests keep their leases until they end
         leases = SlotLeases(self.state, admission, base_url, slots, self.replica, self.ttl)
         leases.start()
         self.by_backend[name] = leases
         return leases
 
+    def retire(self, name: str, admission: Admission) -> None:
+        """A removed or replaced backend's queue has no request left: give its leases back."""
+        current = self.by_backend.get(name)
+        if current is not None and current.admission is admission:
+            del self.by_backend[name]
+            current.stop()
+        for leases in [x for x in self.retiring if x.admission is admission]:
+            self.retiring.remove(leases)
+            leases.stop()
+
     def stopService(self) -> Deferred[None]:
         """Give every lease back (at shutdown, before the Redis connection closes)."""
         super().stopService()
-        returning = [leases.stop() for leases in self.by_backend.values()]
+        every = [*self.by_backend.values(), *self.retiring]
+        self.retiring = []
+        returning = [leases.stop() for leases in every]
         d: Deferred[None] = gatherResults(returning, consumeErrors=True).addBoth(lambda _: None)
         return d
 

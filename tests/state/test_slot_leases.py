@@ -122,3 +122,44 @@ class SlotLeasesTests(TestCase):
                 self.redis.command("ZCARD", "llamaproxy:slots:http://backend:8080"), "1"
             )
         return Deferred.fromCoroutine(run())
+
+
+class SharedSlotsTests(TestCase):
+    def setUp(self) -> Deferred[None]:
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+        self.state = RedisState(self.redis.state_url, reactor, "open")
+        self.state.startService()
+        self.addCleanup(self.state.stopService)
+        return Deferred.fromCoroutine(connected(self.state))
+
+    def leases_in_redis(self) -> int:
+        return int(self.redis.command("ZCARD", "llamaproxy:slots:http://b:1"))
+
+    def test_a_reloaded_backend_keeps_its_old_requests_leases_until_they_end(
+        self,
+    ) -> Deferred[None]:
+        async def run() -> None:
+            from llamaproxy.state.slot_leases import SharedSlots
+
+            shared = SharedSlots(self.state, "test")
+            self.addCleanup(shared.stopService)
+            old = Admission(2, clock=reactor)
+            shared.attach("b", "http://b:1", old, 2)
+            held: list[Slot] = []
+            old.acquire("k").addCallback(held.append)
+            await until(lambda: len(held) == 1, "a leased slot")
+            new = Admission(2, clock=reactor)
+            shared.attach("b", "http://b:1", new, 2)  # the backends file was reloaded
+            await deferLater(reactor, 0.2, lambda: None)
+            self.assertEqual(self.leases_in_redis(), 1)  # the old request still holds it
+            self.assertEqual(shared.status_json()["b"]["leased"], 0)
+            taken: list[Slot] = []
+            new.acquire("k").addCallback(taken.append)
+            await until(lambda: len(taken) == 1, "the new queue leases the other slot")
+            self.assertEqual(self.leases_in_redis(), 2)
+            held[0].release()
+            shared.retire("b", old)  # the old queue is idle: its leases go back
+            await until(lambda: self.leases_in_redis() == 1, "the old lease given back")
+            self.assertEqual(shared.retiring, [])
+        return Deferred.fromCoroutine(run())
