@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from llamaproxy.auth import keyfile
 from llamaproxy.auth.keys import parse_expiration, parse_keys
@@ -240,6 +240,32 @@ def remove(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 
+class _Renaming:
+    """A text stream that says "the keys in redis://..." where a command names its file."""
+
+    def __init__(self, stream: TextIO, path: str, name: str) -> None:
+        self.stream = stream
+        self.path = path
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text.replace(self.path, self.name))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def store_name(text: str) -> str:
+    """A Redis URL as shown to people (no credentials)."""
+    from llamaproxy.state.url import parse_state_url
+
+    try:
+        url = parse_state_url(text)
+    except ValueError:
+        return "Redis"
+    return url.display() if url is not None else "Redis"
+
+
 def _in_store(handler: Handler) -> Handler:
     """``handler``, on the keys kept in Redis when ``--store`` (or KEYS_STORE=redis with
     STATE_URL) says so: the text is fetched, edited by the same command as a file (in a private
@@ -256,15 +282,22 @@ def _in_store(handler: Handler) -> Handler:
 
         async def edit(state: Any) -> int:
             version, text = await fetch_keys(state)
+            # No keys in Redis yet: start from the header a new key file gets.
+            initial = (text or "").splitlines() if version != "0" else list(keyfile.HEADER)
+            where = store_name(store)
             with tempfile.TemporaryDirectory(prefix="llamaproxy-keys-") as directory:
                 path = os.path.join(directory, "api_keys.txt")
-                if version != "0":
-                    keyfile.atomic_write(path, (text or "").splitlines())
+                keyfile.atomic_write(path, initial)
                 args.file = path
-                code = handler(args, out, err)
-                changed = keyfile.read_lines(path) if os.path.exists(path) else None
-            edited = changed is not None and changed != (text or "").splitlines()
-            if edited and not await put_keys(state, version, "\n".join(changed or ()) + "\n"):
+                try:
+                    code = handler(args, cast(TextIO, _Renaming(out, path, where)),
+                                   cast(TextIO, _Renaming(err, path, where)))
+                except CommandError as error:
+                    raise KeyCommandError(str(error).replace(path, where)) from None
+                changed = keyfile.read_lines(path)
+            if changed != initial and not await put_keys(
+                state, version, "\n".join(changed) + "\n"
+            ):
                 raise KeyCommandError(
                     "the keys in Redis changed while this command ran; nothing was written, "
                     "run it again"

@@ -60,7 +60,7 @@ def parse_state_url(text: str) -> StateURL | None:
         db=db,
         tls=parts.scheme == "rediss",
         username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
+        password=unquote(parts.password) if parts.password else None,
     )
 
 
