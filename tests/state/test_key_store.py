@@ -44,7 +44,9 @@ class RedisKeyStoreTests(TestCase):
             self.assertEqual(len(store.keys), 0)
             secret = self.keys("generate", "--name", "alice", "--rate-limit", "7", "-q")
             await until(lambda: len(store.keys) == 1, "alice's key loaded")
-            self.assertIn("alice", self.keys("list"))
+            listing = self.keys("list")
+            self.assertIn("alice", listing)
+            self.assertNotIn("llamaproxy-keys-", listing)  # the temporary file is never named
             self.assertNotIn(secret, self.keys("list"))
             rotated = self.keys("rotate", "--name", "alice", "-q")
             self.assertNotEqual(rotated, secret)

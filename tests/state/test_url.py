@@ -21,6 +21,9 @@ class StateURLTests(SynchronousTestCase):
         assert only_password is not None
         self.assertEqual((only_password.host, only_password.password), ("::1", "secret"))
         self.assertEqual(only_password.display(), "redis://[::1]:7000/0")
+        empty = parse_state_url("redis://:@h")
+        assert empty is not None
+        self.assertIsNone(empty.password)
 
     def test_invalid_urls(self) -> None:
         for text in ("http://redis:6379", "redis://", "redis://h:99999", "redis://h:0",
