@@ -40,9 +40,14 @@ class HealthState:
         self.router: Callable[[], Any] | None = None
         #: The shared state store's status (STATE_URL), when there is one.
         self.state_store: Callable[[], dict[str, Any]] | None = None
+        #: False while requests cannot be served for want of the shared state store
+        #: (STATE_FAILURE=closed and Redis away): readiness says so, so balancers go elsewhere.
+        self.state_store_ready: Callable[[], bool] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
+        if self.state_store_ready is not None and not self.state_store_ready():
+            return False
         return self.backend.ready and not self.draining()
 
     def document(self) -> dict[str, object]:

@@ -211,6 +211,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             "slot_leases": shared_slots.status_json(),
         }
         metrics.watch_state_store(state, shared_slots)
+        if config.state_failure == "closed":
+            health.state_store_ready = lambda: state.health != "down"
+
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))

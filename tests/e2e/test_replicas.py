@@ -278,9 +278,12 @@ class ReplicasTests(SynchronousTestCase):
         assert isinstance(store, dict)
         self.assertEqual((store["status"], store["failure_mode"]), ("down", "closed"))
         self.assertEqual(metric("llamaproxy_state_store_up"), 0.0)
+        # Not ready either: a load balancer sends the requests to replicas that can serve them.
+        self.assertEqual(httpx.get(f"{gateway.url}/readyz", timeout=10).status_code, 503)
         self.assertGreater(metric("llamaproxy_state_store_failures_total"), 0)
         self.redis.start()
         wait_for(lambda: models().status_code == 200, 20, "Redis to be used again", 0.2)
+        self.assertEqual(httpx.get(f"{gateway.url}/readyz", timeout=10).status_code, 200)
 
     def test_keys_in_redis_reach_every_replica(self) -> None:
         backend = LlamaServer(parallel=2)
