@@ -9,13 +9,19 @@ requests in flight to the backend over all replicas is at most its slots, while 
 keeps its own fair queue.
 
 - Asking: when demand exceeds the leases held, one script drops expired leases and grants what
-  is free (one round trip). What is not granted is asked again every ``retry`` seconds while
-  requests wait (another replica frees a slot within its response time).
+  is free (one round trip), to replicas in the order they started waiting: an asker gets only
+  what is free beyond the queues waiting ahead of it, and joins the line for the rest. It asks
+  again every ``retry`` seconds while requests wait (which also keeps its place in line; one
+  silent for a second leaves it).
+- Sharing: while other replicas wait, a lease held for ``rotate`` seconds (1 s) is not handed to
+  this replica's next request; it goes back when its request ends. So a busy replica cannot keep
+  a backend to itself, and each replica still orders its own requests with its fair queue.
 - Keeping: a slot freed with requests still waiting is handed to the next one locally, lease
   and all (no round trip). Leases beyond the demand go back after ``linger`` seconds (50 ms)
   if still not needed: under steady load a lease serves request after request without a round
   trip, and an idle replica returns its leases within a blink.
-- Expiry: leases last ``ttl`` seconds and are renewed every ``ttl / 3``; a replica that crashed
+- Expiry: leases last ``ttl`` seconds and are renewed every ``rotate`` (at most ``ttl / 3``),
+  which also tells the replica whether others wait; a replica that crashed
   or lost Redis for longer than ``ttl`` loses its leases, and the slots come back to the others.
 - Redis away: ``open`` gives the replica its own full slot count (no sharing; each replica is
   then bounded by its own slots, as without Redis) until it is connected again (seen at the next
@@ -42,38 +48,69 @@ from llamaproxy.state.redis_store import RedisState
 
 log = Logger()
 
-#: KEYS: the backend's lease set. ARGV: slots, ttl (ms), then the lease ids wanted.
-ACQUIRE_SCRIPT = """
+# Shared by the scripts: Redis's clock in ms, and the queues (one per replica and backend)
+# waiting for this backend's slots, in arrival order; a waiter silent for a second has left.
+_WAITERS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
+for _, g in ipairs(gone) do redis.call('ZREM', KEYS[2], g) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 1000)
+local function others(tag)
+  local n = redis.call('ZCARD', KEYS[2])
+  if redis.call('ZSCORE', KEYS[2], tag) then n = n - 1 end
+  return n
+end
+local function keep(ttl)
+  for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ttl * 3) end
+end
+"""
+
+#: KEYS: the backend's leases, its waiting queues, when each waiter last asked. ARGV: slots,
+#: ttl (ms), the asking queue's tag, then the lease ids wanted. Free slots go to waiters in
+#: arrival order: an asker gets what is free beyond those waiting ahead of it, and waits in
+#: line for the rest. Returns {granted ids, how many other queues wait}.
+ACQUIRE_SCRIPT = _WAITERS + """
+local ttl, tag = tonumber(ARGV[2]), ARGV[3]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local mine = redis.call('ZSCORE', KEYS[2], tag)
+if mine then
+  free = free - redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. mine)
+else
+  free = free - redis.call('ZCARD', KEYS[2])
+end
 local granted = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if free <= 0 then break end
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
   free = free - 1
   granted[#granted + 1] = ARGV[i]
 end
-redis.call('PEXPIRE', KEYS[1], ttl * 3)
-return granted
+if #granted < #ARGV - 3 then
+  redis.call('ZADD', KEYS[2], 'NX', now, tag)
+  redis.call('ZADD', KEYS[3], now, tag)
+else
+  redis.call('ZREM', KEYS[2], tag)
+  redis.call('ZREM', KEYS[3], tag)
+end
+keep(ttl)
+return {granted, others(tag)}
 """
 
-#: KEYS: the backend's lease set. ARGV: ttl (ms), then the lease ids held. Returns those alive.
-RENEW_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
+#: KEYS: as ACQUIRE_SCRIPT. ARGV: ttl (ms), the queue's tag, then the lease ids held.
+#: Returns {the ids still alive (renewed), how many other queues wait}.
+RENEW_SCRIPT = _WAITERS + """
+local ttl, tag = tonumber(ARGV[1]), ARGV[2]
 local alive = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
     alive[#alive + 1] = ARGV[i]
   end
 end
-redis.call('PEXPIRE', KEYS[1], ttl * 3)
-return alive
+keep(ttl)
+return {alive, others(tag)}
 """
 
 #: KEYS: the backend's lease set. ARGV: the lease ids given back.
@@ -100,6 +137,7 @@ class SlotLeases:
         ttl: float = 10.0,
         retry: float = 0.05,
         linger: float = 0.05,
+        rotate: float = 1.0,
     ) -> None:
         self.state = state
         self.clock = state.clock
@@ -114,8 +152,17 @@ class SlotLeases:
         self.local = False  # open mode with Redis away: the replica's own slots, unshared
         # Unique per queue too: after a reload, the old and the new queue of one backend lease
         # side by side, and a shared id would make two leases count as one.
-        queue = os.urandom(3).hex()
-        self._ids = (f"{replica}:{queue}:{n}" for n in itertools.count())
+        self.tag = f"{replica}:{os.urandom(3).hex()}"
+        self._ids = (f"{self.tag}:{n}" for n in itertools.count())
+        self.keys = [self.key, f"{self.key}:waiting", f"{self.key}:seen"]
+        #: Other replicas' queues waiting for this backend's slots (from the last answer).
+        self.others = 0
+        #: While others wait, a lease held this long goes back when its request ends (instead
+        #: of serving this replica's next request), so no replica keeps a backend to itself.
+        self.rotate = rotate
+        #: How many of the leases held this replica may use (all, unless leases rotate out).
+        self.cap = slots
+        self._since: dict[str, float] = {}
         self._asking = False
         self._retry_call: IDelayedCall | None = None
         self._renewer: LoopingCall | None = None
@@ -128,7 +175,7 @@ class SlotLeases:
         self.admission.on_change = self._soon
         self._renewer = LoopingCall(self._renew)
         self._renewer.clock = self.clock
-        self._renewer.start(self.ttl / 3, now=False).addErrback(
+        self._renewer.start(min(self.ttl / 3, self.rotate), now=False).addErrback(
             lambda f: log.failure("Slot leases: renewal loop stopped", f)
         )
 
@@ -167,9 +214,21 @@ class SlotLeases:
         demand = self.demand
         if demand > len(self.held):
             self._ask()
-        elif len(self.held) > max(demand, self.admission.active) and self._release_due is None:
-            # Later: a slot freed and soon taken again needs no round trip.
-            self._release_due = self.clock.callLater(self.linger, self._give_back)
+        keep = min(demand, self.cap)
+        if len(self.held) > max(keep, self.admission.active) and self._release_due is None:
+            # Later: a slot freed and soon taken again needs no round trip (unless it rotates).
+            delay = self.linger if self.cap >= len(self.held) else 0
+            self._release_due = self.clock.callLater(delay, self._give_back)
+
+    def _use(self) -> None:
+        """Let the admission hold as many slots as this replica may use of its leases."""
+        now = self.clock.seconds()
+        if self.others:
+            expired = sum(1 for lease in self.held if now - self._since[lease] >= self.rotate)
+            self.cap = len(self.held) - expired
+        else:
+            self.cap = self.slots
+        self.admission.set_capacity(min(len(self.held), self.cap))
 
     def _ask(self) -> None:
         if self._asking or (self._retry_call is not None and self._retry_call.active()):
@@ -179,15 +238,19 @@ class SlotLeases:
             return
         self._asking = True
         d = self.state.eval(
-            ACQUIRE_SCRIPT, [self.key], [self.slots, int(self.ttl * 1000), *wanted]
+            ACQUIRE_SCRIPT, self.keys, [self.slots, int(self.ttl * 1000), self.tag, *wanted]
         )
         d.addCallbacks(self._granted, self._unavailable, callbackArgs=(len(wanted),))
 
-    def _granted(self, granted: list[Any], wanted: int) -> None:
+    def _granted(self, reply: list[Any], wanted: int) -> None:
         self._asking = False
-        got = [_text(lease) for lease in granted or ()]
+        got = [_text(lease) for lease in reply[0] or ()]
+        self.others = int(reply[1])
+        now = self.clock.seconds()
+        for lease in got:
+            self._since[lease] = now
         self.held.extend(got)
-        self.admission.set_capacity(len(self.held))
+        self._use()
         if len(got) < wanted:
             # The backend is full: ask again shortly (another replica frees a slot meanwhile).
             self._retry_call = self.clock.callLater(self.retry, self._retry)
@@ -200,14 +263,17 @@ class SlotLeases:
 
     def _give_back(self) -> None:
         self._release_due = None
-        surplus = len(self.held) - max(self.demand, self.admission.active)
+        surplus = len(self.held) - max(min(self.demand, self.cap), self.admission.active)
         if surplus <= 0 or self.local:
             return
-        returned, self.held = self.held[-surplus:], self.held[:-surplus]
-        self.admission.set_capacity(len(self.held))
+        returned = sorted(self.held, key=self._since.__getitem__)[:surplus]  # oldest first
+        self.held = [lease for lease in self.held if lease not in returned]
         self._release(returned)
+        self._use()
 
     def _release(self, leases: list[str]) -> Deferred[None]:
+        for lease in leases:
+            self._since.pop(lease, None)
         d = self.state.eval(RELEASE_SCRIPT, [self.key], list(leases))
         return d.addCallbacks(lambda _: None, lambda f: None)  # else they expire within ttl
 
@@ -234,7 +300,7 @@ class SlotLeases:
         if not self.held:
             return
         held = list(self.held)
-        d = self.state.eval(RENEW_SCRIPT, [self.key], [int(self.ttl * 1000), *held])
+        d = self.state.eval(RENEW_SCRIPT, self.keys, [int(self.ttl * 1000), self.tag, *held])
         d.addCallbacks(self._renewed, lambda f: None, callbackArgs=(held,))
 
     def _share_again(self) -> None:
@@ -247,17 +313,21 @@ class SlotLeases:
         stale, self.held = self.held, []
         if stale:
             self._release(stale)
+        self.cap = self.slots
         self.admission.set_capacity(0)
 
-    def _renewed(self, alive: list[Any], asked: list[str]) -> None:
-        living = {_text(lease) for lease in alive or ()}
+    def _renewed(self, reply: list[Any], asked: list[str]) -> None:
+        living = {_text(lease) for lease in reply[0] or ()}
+        self.others = int(reply[1])
         lost = [lease for lease in asked if lease not in living]
         if lost:
             log.warn("Slot leases for {backend}: {n} expired before renewal (stalled replica "
                      "or Redis restart)", backend=self.backend, n=len(lost))
             self.held = [lease for lease in self.held if lease not in set(lost)]
-            self.admission.set_capacity(len(self.held))
-            self.changed()
+            for lease in lost:
+                self._since.pop(lease, None)
+        self._use()
+        self.changed()
 
     def status_json(self) -> dict[str, Any]:
         """This backend's leases, for /health."""

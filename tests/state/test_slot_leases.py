@@ -163,3 +163,36 @@ class SharedSlotsTests(TestCase):
             await until(lambda: self.leases_in_redis() == 1, "the old lease given back")
             self.assertEqual(shared.retiring, [])
         return Deferred.fromCoroutine(run())
+
+    def test_a_busy_replica_does_not_keep_the_backend_to_itself(self) -> Deferred[None]:
+        async def run() -> None:
+            states = []
+            for _ in range(2):
+                state = RedisState(self.redis.state_url, reactor, "open")
+                state.startService()
+                self.addCleanup(state.stopService)
+                await connected(state)
+                states.append(state)
+            busy, quiet = Admission(2, clock=reactor), Admission(2, clock=reactor)
+            for n, (state, admission) in enumerate(zip(states, (busy, quiet), strict=True)):
+                leases = SlotLeases(state, admission, "http://b:1", 2, f"r{n}", rotate=0.3)
+                leases.start()
+                self.addCleanup(leases.stop)
+            running: list[Slot] = []
+            for i in range(200):  # a long queue on one replica
+                busy.acquire(f"k{i % 3}").addCallback(running.append)
+            await until(lambda: len(running) == 2, "the busy replica running two")
+            served: list[Slot] = []
+            quiet.acquire("q").addCallback(served.append)  # one request on the other replica
+            finished = 0
+            while not served and busy.waiting:
+                await deferLater(reactor, 0.05, lambda: None)  # each request takes 50 ms
+                done, running[:] = list(running), []
+                for slot in done:
+                    slot.release()
+                finished += len(done)
+            # The quiet replica was served while the busy one still had requests waiting.
+            self.assertEqual(len(served), 1)
+            self.assertGreater(busy.waiting, 0)
+            self.assertLessEqual(busy.active + quiet.active, 2)
+        return Deferred.fromCoroutine(run())
