@@ -20,6 +20,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from llamaproxy.state.url import StateURL, parse_failure_mode, parse_state_url
+
 log = Logger()
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -176,6 +178,13 @@ def _extra_path(text: str) -> tuple[str, ...]:
             f"unknown path(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
         )
     return paths
+
+
+def _keys_store(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("file", "redis"):
+        raise ValueError(f"expected 'file' or 'redis', got {text!r}")
+    return value
 
 
 _port = _int_parser(0, 65535)
@@ -381,6 +390,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Send Strict-Transport-Security with this max-age on HTTPS responses (0: no header)."),
     Setting("drain_timeout", "drain-timeout", ("DRAIN_TIMEOUT",), "30", _float_parser(0.0, False),
             "On SIGTERM, seconds in-flight requests may take to finish before they are cut."),
+    Setting("state_url", "state-url", ("STATE_URL",), "", parse_state_url,
+            "Redis shared by gateway replicas (redis://[[user]:password@]host[:port][/db], or "
+            "rediss:// for TLS with certificate verification): request and token limits, usage "
+            "counters and backend slots are then shared. Empty: all state stays in this process "
+            "(docs/scaling.md)."),
+    Setting("keys_store", "keys-store", ("KEYS_STORE",), "file", _keys_store,
+            "Where API keys live: 'file' (AUTH_KEYS_FILE) or 'redis' (the STATE_URL Redis, "
+            "managed with `llamaproxy keys --store`; replicas see changes within a second)."),
+    Setting("state_failure", "state-failure", ("STATE_FAILURE",), "open", parse_failure_mode,
+            "When Redis does not answer: 'open' keeps serving with this replica's own limits "
+            "and slots (and logs it), 'closed' answers 503 with Retry-After."),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -470,6 +490,9 @@ class Config:
     tls_min_version: str
     hsts_max_age: int
     drain_timeout: float
+    state_url: StateURL | None = None
+    keys_store: str = "file"
+    state_failure: str = "open"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -612,6 +635,8 @@ def load_config(
             )
         if values["backend_port"] == 0:
             raise ConfigError("PORT_BACKEND: a supervised llama-server needs a fixed port, not 0")
+    if values["keys_store"] == "redis" and values["state_url"] is None:
+        raise ConfigError("KEYS_STORE=redis needs STATE_URL (the Redis that holds the keys)")
     if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
         raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
     if values["admin_listen"]:

@@ -160,13 +160,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     else:
         agent, pool = forward.make_agent(reactor, idle_per_host, config.backend_connect_timeout)
     backends = BackendSet(config, options, reactor, agent)
+    state = slots = None
+    if config.state_url is not None:
+        from llamaproxy.state.redis_store import RedisState
+        from llamaproxy.state.slot_leases import SharedSlots
+
+        state = RedisState(config.state_url, reactor, config.state_failure, cork=cork)
+        slots = SharedSlots(state, config.instance_id)
+        backends.on_admission = slots.attach
+        backends.on_retired = slots.retire
     router = backends.apply(table)
     primary = router.members[table.backends_for(table.default_model)[0].name]
     backend, admission = primary.status, cast(Admission, primary.load)
     background: list[IService] = []
     on_sighup: list[Callable[[], object]] = []
 
-    access = _access_control(config, reactor, background, on_sighup)
+    access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
     metrics.fast_paths(fast.active, fastpath.ALL)
     metrics.watch_admission(admission)
@@ -177,6 +186,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             metrics.add_scraper(scraper)
             background.append(scraper)
     recorder = _recorder(config, reactor, metrics, access, background, on_sighup)
+    if state is not None:
+        from llamaproxy.state.usage_counters import SharedUsage
+
+        recorder.shared_usage = SharedUsage(state)
+        background.append(recorder.shared_usage)
 
     tls = _tls(config, reactor, background, on_sighup)
     if tls is not None:
@@ -205,6 +219,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     health.router = lambda: resource.router
     if not config.metrics_auth_enabled:  # /health is public: the counters only if /metrics is
         health.legacy_metrics = lambda: metrics.legacy_json()["gateway"]
+    if state is not None and slots is not None:
+        shared_slots = slots
+        shared_limits = access.shared
+        health.state_store = lambda: {
+            **state.status_json(),
+            "limits": shared_limits.status_json() if shared_limits is not None else None,
+            "slot_leases": shared_slots.status_json(),
+        }
+        metrics.watch_state_store(state, shared_slots)
+        if config.state_failure == "closed":
+            health.state_store_ready = lambda: state.health != "down"
+
     resource_holder.append(resource)
     if options.backends_file is not None:
         on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
@@ -227,6 +253,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         health_site = health_port_site(health, _limits(config), reactor)
         health_listener = strports.service(config.health_endpoint, health_site, reactor=reactor)
     _on_sighup(reactor, on_sighup)
+    if state is not None and slots is not None:
+        background += [slots, state]  # last: stopped after what gives back or flushes to it
     endpoints = [f"tls:{config.port}", *config.listen] if tls is not None else config.endpoints
     log.info(
         "llamaproxy {version}: gateway on {endpoints}, health on {health}, operator page on "
@@ -244,10 +272,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
 
 def _access_control(
-    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]]
+    config: Config, reactor: Any, background: list[IService], on_sighup: list[Callable[[], object]],
+    state: Any = None,
 ) -> AccessControl:
     keys = KeyStore(config.auth_keys_file, off_thread=OffThread.pool(reactor))
-    if config.auth_enabled:
+    if config.auth_enabled and config.keys_store == "redis" and state is not None:
+        from llamaproxy.state.key_store import KeyPoller, RedisKeyStore
+
+        keys = RedisKeyStore(state)  # no keys until Redis answers: 401 meanwhile (fail closed)
+        on_sighup.append(lambda: _reload_keys(keys))
+        background.append(KeyPoller(keys, reactor))
+    elif config.auth_enabled:
         # fail closed: no keys, every API request gets 401 until the file is fixed
         with contextlib.suppress(KeyLoadError):
             keys.load()
@@ -257,16 +292,30 @@ def _access_control(
     else:
         log.warn("Authentication is disabled (AUTH_ENABLED=false): anyone can use the API")
     token_limits = None
+    limits_class = TokenLimits
+    if state is not None:
+        from llamaproxy.state.limits import SharedTokenLimits
+
+        limits_class = SharedTokenLimits
     if config.tokens_per_minute or config.key_tokens_per_minute:
-        token_limits = TokenLimits(
+        token_limits = limits_class(
             TokenRateLimiter(reactor), config.tokens_per_minute, dict(config.key_tokens_per_minute)
         )
+    limiter = RateLimiter(reactor, config.max_requests_per_minute)
+    shared = None
+    if state is not None:
+        from llamaproxy.state.limits import SharedLimits, SharedTokenLimits
+
+        shared = SharedLimits(state, limiter, token_limits)
+        if isinstance(token_limits, SharedTokenLimits):
+            token_limits.shared = shared
     return AccessControl(
         keys,
-        RateLimiter(reactor, config.max_requests_per_minute),
+        limiter,
         auth_enabled=config.auth_enabled,
         admin_key_ids=frozenset(config.admin_key_ids),
         token_limits=token_limits,
+        shared=shared,
     )
 
 
@@ -399,6 +448,11 @@ class BackendSet(MultiService):
         self.statuses: dict[str, Backend] = {}
         self.loads: dict[str, Admission] = {}
         self.by_name: dict[str, Service] = {}
+        #: Called with (name, base_url, admission, slots) for each new backend queue: how
+        #: replicas lease a shared backend's slots from Redis (STATE_URL).
+        self.on_admission: Callable[[str, str, Admission, int], object] | None = None
+        #: Called with (name, admission) once a removed or replaced backend's queue is idle.
+        self.on_retired: Callable[[str, Admission], object] | None = None
 
     def apply(self, table: BackendsTable) -> Router:
         """Make (or update) the live backends for ``table``; returns the new Router."""
@@ -428,10 +482,12 @@ class BackendSet(MultiService):
         """The status record and queue a backend is routed with."""
         status = status_for(spec)
         self.statuses[spec.name] = status
-        self.loads[spec.name] = Admission(
+        admission = self.loads[spec.name] = Admission(
             spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key,
             clock=self.reactor,
         )
+        if self.on_admission is not None:
+            self.on_admission(spec.name, spec.base_url, admission, spec.max_concurrent)
         return status
 
     def _add(self, spec: BackendSpec) -> None:
@@ -474,6 +530,8 @@ class BackendSet(MultiService):
             if busy and self.reactor.seconds() < deadline:
                 self.reactor.callLater(0.2, stop)
                 return
+            if load is not None and self.on_retired is not None:
+                self.on_retired(name, load)
             if service is None:
                 stopped: Deferred[None] = Deferred()
                 stopped.callback(None)

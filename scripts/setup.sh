@@ -39,6 +39,21 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 
+# The shared-state tests (tests/state, tests/e2e/test_replicas.py) start Debian's redis-server on
+# a loopback port. Installed when missing and we are root; otherwise they are skipped, which
+# LLAMAPROXY_REQUIRE_E2E=1 (CI) turns into a failure.
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing redis-server (tests of the state shared by replicas)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        redis-server >/dev/null; } \
+      || echo "Could not install redis-server: the shared-state tests will not run" >&2
+  else
+    echo "redis-server is missing and this is not root: the shared-state tests will be" \
+      "skipped (sudo apt-get install redis-server)" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating virtualenv $VENV" >&2
   "$PYTHON" -m venv "$VENV"

@@ -115,6 +115,44 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertFalse([s for s in service.background if isinstance(s, OperatorPageService)])
 
 
+class SharedStateWiringTests(SynchronousTestCase):
+    """Issue 21: STATE_URL wires the shared state; without it nothing of Redis exists."""
+
+    def test_state_url_wires_the_shared_state(self) -> None:
+        from llamaproxy.state.redis_store import RedisState
+        from llamaproxy.state.slot_leases import SharedSlots
+        from llamaproxy.state.usage_counters import SharedUsage
+
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "no",
+                                   "PORT_HEALTH": "0", "USAGE_LEDGER": "off",
+                                   "ACCESS_LOG": "off", "STATE_URL": "redis://127.0.0.1:6390/1",
+                                   "STATE_FAILURE": "closed"})
+        options = Options()
+        options.parseOptions([])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor=reactor)
+        assert isinstance(service, GatewayService)
+        kinds = [type(s) for s in service.background]
+        # Redis is stopped last: what gives leases back and flushes usage needs it until then.
+        self.assertEqual(kinds[-2:], [SharedSlots, RedisState])
+        self.assertIn(SharedUsage, kinds)
+        self.assertIsNotNone(service.resource.access.shared)
+        service.startService()
+        self.assertIn(("127.0.0.1", 6390), [(h, p) for h, p, *_ in reactor.tcpClients])
+        self.successResultOf(service.stopService())
+
+    def test_no_state_url_no_redis(self) -> None:
+        self.patch(os, "environ", {"BACKEND_URL": "http://127.0.0.1:9", "AUTH_ENABLED": "no",
+                                   "PORT_HEALTH": "0", "USAGE_LEDGER": "off",
+                                   "ACCESS_LOG": "off"})
+        options = Options()
+        options.parseOptions([])
+        service = makeService(options, reactor=MemoryReactorClock())
+        assert isinstance(service, GatewayService)
+        self.assertIsNone(service.resource.access.shared)
+        self.assertNotIn("RedisState", [type(s).__name__ for s in service.background])
+
+
 class FastPathSwitchTests(SynchronousTestCase):
     """Issue 17: FAST_PATHS=off runs the stock path; auto falls back to it, with one warning,
     when the contract check fails (here: not the epoll reactor), and keeps serving."""

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
 
 from llamaproxy.auth.keys import AUTH_DISABLED, authenticate, presented_key
 from llamaproxy.auth.ratelimit import RateLimiter
@@ -18,6 +21,9 @@ from llamaproxy.auth.store import KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from llamaproxy.state.limits import SharedLimits
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class Access:
     charged_at: float | None = None
     #: The key's request limit (for ``refund``'s new X-RateLimit-Remaining).
     rate_limit: int | None = None
+    #: True when the charge was counted in the shared state (Redis), not in this process.
+    shared: bool = False
 
 
 def _now() -> datetime:
@@ -49,6 +57,7 @@ class AccessControl:
         admin_key_ids: frozenset[str] = frozenset(),
         now: Callable[[], datetime] = _now,
         token_limits: TokenLimits | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.store = store
         self.limiter = limiter
@@ -56,11 +65,16 @@ class AccessControl:
         self.admin_key_ids = admin_key_ids
         self.now = now
         self.token_limits = token_limits
+        #: Limits shared by replicas through Redis (STATE_URL); None: this process's only.
+        self.shared = shared
 
     def check(
         self, authorization: bytes | None, x_api_key: bytes | None, admin: bool = False
-    ) -> Access:
-        """Who the caller is and whether they may go on (``Access.error`` when not)."""
+    ) -> Access | Deferred[Access]:
+        """Who the caller is and whether they may go on (``Access.error`` when not).
+
+        With shared limits the answer is a Deferred (Redis is asked); otherwise it is immediate.
+        """
         if not self.auth_enabled:
             # No keys, no identities: every caller is "auth-disabled" and nothing is limited.
             return Access(AUTH_DISABLED)
@@ -73,6 +87,16 @@ class AccessControl:
         if admin and key_id not in self.admin_key_ids:
             refusal = errors.forbidden(f"Key '{key_id}' is not allowed to do this")
             return Access(key_id, error=refusal)
+        if self.shared is not None and (
+            self.limiter is not None or self.token_limits is not None
+        ):
+            return self.shared.check(
+                key_id, result.rate_limit, lambda: self._limit(key_id, result.rate_limit)
+            )
+        return self._limit(key_id, result.rate_limit)
+
+    def _limit(self, key_id: str, rate_limit: int | None) -> Access:
+        """This process's token and request limits for an authenticated key."""
         headers: tuple[tuple[str, str], ...] = ()
         charged_at: float | None = None
         if self.token_limits is not None:
@@ -80,18 +104,20 @@ class AccessControl:
             if retry_after is not None:
                 return Access(key_id, error=errors.token_rate_limited(retry_after))
         if self.limiter is not None:
-            decision = self.limiter.check(key_id, result.rate_limit)
+            decision = self.limiter.check(key_id, rate_limit)
             if not decision.allowed:
                 return Access(key_id, error=errors.rate_limited(decision.headers()))
             headers = decision.headers()
             charged_at = self.limiter.now()
-        return Access(key_id, headers, charged_at=charged_at, rate_limit=result.rate_limit)
+        return Access(key_id, headers, charged_at=charged_at, rate_limit=rate_limit)
 
     def refund(self, access: Access) -> int | None:
         """Give back the request window charge of ``access`` (the gateway refused the request
         before any backend had it); the key's X-RateLimit-Remaining after it, if it has one."""
         if self.limiter is None or access.charged_at is None or access.key_id is None:
             return None
+        if access.shared and self.shared is not None:
+            return self.shared.refund(access)
         self.limiter.refund(access.key_id, access.charged_at)
         return self.limiter.remaining(access.key_id, access.rate_limit)
 

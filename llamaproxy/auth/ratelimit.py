@@ -197,6 +197,13 @@ class SlidingWindowCounter:
         start, previous, current = self._rolled(bucket, when)
         return self._estimate(start, previous, current, when)
 
+    def retry_after_at(
+        self, start: float, previous: int, current: int, now: float, limit: int
+    ) -> int:
+        """``retry_after`` for a counter held elsewhere (already rolled to ``now``): the shared
+        limiter's Redis script returns the counts, the arithmetic stays here."""
+        return self._retry_after(_Bucket(start, previous, current, now), now, limit)
+
     def _retry_after(self, bucket: _Bucket, now: float, limit: int) -> int:
         """The smallest whole r >= 1 with E(now + r) < limit (bucket already rolled to now)."""
         window = self.window
@@ -280,6 +287,21 @@ class RateLimiter(SlidingWindowCounter):
         now = self._clock.seconds()
         start, previous, current = self._rolled(bucket, now)
         return self._remaining(start, previous, current, now, limit)
+
+    def decision_at(
+        self, start: float, previous: int, current: int, now: float, limit: int, allowed: bool
+    ) -> RateDecision:
+        """The decision ``check`` would give for a counter held elsewhere (already rolled to
+        ``now`` and counted): what the shared limiter turns its Redis script's answer into."""
+        return RateDecision(
+            allowed=allowed,
+            limit=limit,
+            remaining=self._remaining(start, previous, current, now, limit),
+            reset=self._reset(start, previous, current, now),
+            retry_after=(
+                None if allowed else self.retry_after_at(start, previous, current, now, limit)
+            ),
+        )
 
     def _remaining(self, start: float, previous: int, current: int, now: float, limit: int) -> int:
         """The smallest k >= 0 with E + k >= limit: how many more are allowed right now."""

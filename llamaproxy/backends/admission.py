@@ -19,6 +19,7 @@ import heapq
 import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -119,6 +120,21 @@ class Admission:
         self._sequence = itertools.count()
         self._timer: IDelayedCall | None = None
         self._handing_over = False
+        #: Told when the demand for slots grows (a request starts waiting) or shrinks (a slot is
+        #: freed): how slots leased from Redis follow it (``state.slot_leases``). None: no one.
+        self.on_change: Callable[[], None] | None = None
+
+    def set_capacity(self, slots: int) -> None:
+        """Change how many slots may be held at once (0 or more; slots leased from a shared
+        store come and go). Waiters are served at once when it grows; when it shrinks, held
+        slots stay held and no new one is given until ``active`` is below it."""
+        self.max_concurrent = max(0, slots)
+        if not self._handing_over:
+            self._handing_over = True
+            try:
+                self._hand_over()
+            finally:
+                self._handing_over = False
 
     @property
     def full(self) -> bool:
@@ -170,6 +186,8 @@ class Admission:
             del self._counts[key_id]
             del self._queues[key_id]
         self._left_queue()
+        if self.on_change is not None:
+            self.on_change()
 
     def _check_room(self, key_id: str) -> None:
         if self.max_queue_size and self.waiting >= self.max_queue_size:
@@ -186,6 +204,8 @@ class Admission:
         self._counts[key_id] = self._counts.get(key_id, 0) + 1
         waiter.queued = True
         self.waiting += 1
+        if self.on_change is not None:
+            self.on_change()
 
     def _slot_freed(self) -> None:
         self.active -= 1
@@ -196,6 +216,8 @@ class Admission:
             self._hand_over()
         finally:
             self._handing_over = False
+        if self.on_change is not None:
+            self.on_change()
 
     def _hand_over(self) -> None:
         """Serve waiters while slots are free (a loop, never a recursion: a waiter may release

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO, cast
 
 from llamaproxy.auth import keyfile
 from llamaproxy.auth.keys import parse_expiration, parse_keys
@@ -279,6 +280,75 @@ def remove(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 
+class _Renaming:
+    """A text stream that says "the keys in redis://..." where a command names its file."""
+
+    def __init__(self, stream: TextIO, path: str, name: str) -> None:
+        self.stream = stream
+        self.path = path
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text.replace(self.path, self.name))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def store_name(text: str) -> str:
+    """A Redis URL as shown to people (no credentials)."""
+    from llamaproxy.state.url import parse_state_url
+
+    try:
+        url = parse_state_url(text)
+    except ValueError:
+        return "Redis"
+    return url.display() if url is not None else "Redis"
+
+
+def _in_store(handler: Handler) -> Handler:
+    """``handler``, on the keys kept in Redis when ``--store`` (or KEYS_STORE=redis with
+    STATE_URL) says so: the text is fetched, edited by the same command as a file (in a private
+    temporary file), and written back only if nobody changed it meanwhile."""
+
+    def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+        store = getattr(args, "store", None)
+        if not store and args.file is None and os.environ.get("KEYS_STORE") == "redis":
+            store = os.environ.get("STATE_URL")
+        if not store:
+            return handler(args, out, err)
+        from llamaproxy.cli.redis_session import with_redis
+        from llamaproxy.state.key_store import fetch_keys, put_keys
+
+        async def edit(state: Any) -> int:
+            version, text = await fetch_keys(state)
+            # No keys in Redis yet: start from the header a new key file gets.
+            initial = (text or "").splitlines() if version != "0" else list(keyfile.HEADER)
+            where = store_name(store)
+            with tempfile.TemporaryDirectory(prefix="llamaproxy-keys-") as directory:
+                path = os.path.join(directory, "api_keys.txt")
+                keyfile.atomic_write(path, initial)
+                args.file = path
+                try:
+                    code = handler(args, cast(TextIO, _Renaming(out, path, where)),
+                                   cast(TextIO, _Renaming(err, path, where)))
+                except CommandError as error:
+                    raise KeyCommandError(str(error).replace(path, where)) from None
+                changed = keyfile.read_lines(path)
+            if changed != initial and not await put_keys(
+                state, version, "\n".join(changed) + "\n"
+            ):
+                raise KeyCommandError(
+                    "the keys in Redis changed while this command ran; nothing was written, "
+                    "run it again"
+                )
+            return code
+
+        return with_redis(store, "use the keys", edit, KeyCommandError)
+
+    return run
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> None:
     """--file and --quiet; ``repeated`` copies (after the sub-command) only set what is given."""
     group = parser.add_argument_group("global options")
@@ -288,6 +358,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
         default=argparse.SUPPRESS if repeated else None,
         help="key file (default: $AUTH_KEYS_FILE, else $DATA_DIR/api_keys.txt, DATA_DIR being "
         "/data, /runpod-volume or /workspace, whichever exists first)",
+    )
+    group.add_argument(
+        "--store",
+        metavar="URL",
+        default=argparse.SUPPRESS if repeated else None,
+        help="manage the keys kept in Redis (redis://... or rediss://..., as STATE_URL) instead "
+        "of a file; default: $STATE_URL when KEYS_STORE=redis and no --file is given",
     )
     group.add_argument(
         "-q",
@@ -313,7 +390,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         _add_global_options(command, repeated=True)
-        command.set_defaults(handler=guarded(handler))
+        command.set_defaults(handler=guarded(_in_store(handler)))
         return command
 
     name_help = "key_id: 1-64 characters from A-Z a-z 0-9 - _"

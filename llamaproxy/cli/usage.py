@@ -15,7 +15,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO
 
 from llamaproxy.cli.guard import CommandError, guarded
 from llamaproxy.config import data_file_from_env
@@ -147,8 +147,12 @@ def show_usage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     until = None if args.until is None else parse_day(args.until, today, "--until")
     if since is not None and until is not None and since > until:
         raise UsageCommandError(f"--since {since} is after --until {until}")
+    state_url = args.state_url or (os.environ.get("STATE_URL") if args.file is None else None)
     try:
-        rows = query(path, args.key, since, until)
+        if state_url:
+            rows, path = _shared_rows(state_url, args.key, since, until)
+        else:
+            rows = query(path, args.key, since, until)
     except FileNotFoundError:
         raise UsageCommandError(
             f"no usage ledger at {path} (set --file, USAGE_LEDGER or DATA_DIR; the gateway "
@@ -193,6 +197,22 @@ def show_usage(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _shared_rows(
+    text: str, key: str | None, since: date | None, until: date | None
+) -> tuple[list[UsageRow], str]:
+    """The usage counters every replica adds to in Redis (STATE_URL), and where they are."""
+    from llamaproxy.cli.redis_session import with_redis
+    from llamaproxy.state.url import parse_state_url
+    from llamaproxy.state.usage_counters import read_usage
+
+    async def read(state: Any) -> list[UsageRow]:
+        return await read_usage(state, key, since, until)
+
+    rows = with_redis(text, "read the usage counters", read, UsageCommandError)
+    url = parse_state_url(text)
+    return rows, url.display() if url is not None else text
+
+
 def _describe_filters(key: str | None, since: date | None, until: date | None) -> str:
     parts = []
     if key is not None:
@@ -220,6 +240,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="PATH",
         help="usage ledger (default: $USAGE_LEDGER, else $DATA_DIR/usage.sqlite3, DATA_DIR being "
         "/data, /runpod-volume or /workspace, whichever exists first)",
+    )
+    parser.add_argument(
+        "--state-url",
+        metavar="URL",
+        help="read the usage counters all replicas share in Redis (redis://..., default: "
+        "$STATE_URL when set and --file is not) instead of one gateway's SQLite ledger",
     )
     parser.add_argument("--key", metavar="ID", help="only this key_id")
     day_help = "YYYY-MM-DD (UTC), today, yesterday, or <N>d for the last N days"

@@ -53,6 +53,8 @@ class RequestRecorder:
         self.token_limits = token_limits
         #: Extra consumers of each request's access entry (empty unless the operator page is on).
         self.observers: list[RequestObserver] = []
+        #: Usage counters shared by replicas (STATE_URL: ``state.usage_counters.SharedUsage``).
+        self.shared_usage: Any = None
 
     def request_done(self, request: GatewayRequest) -> None:
         """Record one request that ended, whichever way."""
@@ -113,6 +115,8 @@ class RequestRecorder:
         if key_id is not None and charge is not None:
             if self.ledger is not None:
                 self.ledger.record(key_id, model, prompt, completion, partial=estimated)
+            if self.shared_usage is not None:
+                self.shared_usage.record(key_id, model, prompt, completion, partial=estimated)
             if self.token_limits is not None:
                 self.token_limits.spend(key_id, (prompt or 0) + (completion or 0))
 

@@ -16,7 +16,9 @@ from functools import lru_cache
 from typing import Any, cast
 from urllib.parse import unquote_to_bytes as unquote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import datetimeToString
@@ -43,8 +45,11 @@ _HYGIENE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no
 
 
 #: Decides, from the method, path and headers alone, whether a request may go on. Returns the
-#: error to answer with, or None. It may store what it learnt (e.g. the key id) on the request.
-EarlyCheck = Callable[["GatewayRequest"], GatewayError | None]
+#: error to answer with, or None, or a Deferred of either (the request then waits for it with its
+#: body unread). It may store what it learnt (e.g. the key id) on the request.
+EarlyCheck = Callable[
+    ["GatewayRequest"], "GatewayError | Deferred[GatewayError | None] | None"
+]
 
 
 class GatewayRequest(server.Request):
@@ -54,7 +59,8 @@ class GatewayRequest(server.Request):
     # ~25 attributes, and an instance with 30 or more gets a dict five times the size (1.6 KiB
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
-        "_body_limit", "_body_seen", "_budget", "_client", "_clock", "_closed_early", "_held",
+        "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
+        "_held",
         "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id", "on_lost",
         "refund", "request_id", "route", "shape", "started_at",
@@ -106,6 +112,9 @@ class GatewayRequest(server.Request):
         self.first_byte_at = None
         self.on_lost = None
         self._closed_early = False
+        #: While an asynchronous early check runs: "waiting", or "process" once the request
+        #: is complete and waits for the decision to be rendered; None otherwise.
+        self._checking: str | None = None
         self._body_limit: int | None = None
         self._body_seen = 0
         self._budget: BodyBudget | None = None
@@ -138,16 +147,75 @@ class GatewayRequest(server.Request):
         else:
             check: EarlyCheck | None = getattr(site, "early_check", None)
             if check is not None:
-                error = check(self)
+                decision = check(self)
+                if isinstance(decision, Deferred):
+                    self._await_check(decision, length)
+                    return
+                error = decision
+        self._checked(error, length)
+
+    def _await_check(self, decision: Deferred[GatewayError | None], length: int | None) -> None:
+        """Wait for an asynchronous early check without reading the body: the channel stops
+        parsing (its transport stops reading) until the decision is in."""
+        self._checking = "waiting"
+        body_expected = (length or 0) > 0 or (
+            length is None and self.requestHeaders.hasHeader(b"transfer-encoding")
+        )
+        expect = self.requestHeaders.getRawHeaders(b"expect")
+        if body_expected:
+            # Twisted answers "Expect: 100-continue" right after this; not before the decision.
+            self.requestHeaders.removeHeader(b"expect")
+            LineReceiver.pauseProducing(self.channel)
+        else:
+            super().gotLength(length)  # the channel completes the request at once: render waits
+
+        def decided(error: GatewayError | None) -> None:
+            waiting, self._checking = self._checking, None
+            if self._disconnected or self.channel is None or self.channel.transport is None:
+                return  # the client left meanwhile (connectionLost recorded it)
+            if not body_expected:
+                if error is None and self.key_id is not None:
+                    error = self._check_budget(0)
+                if error is None:
+                    self._measure_body()
+                self.early_error = error
+                if waiting == "process":
+                    self.process()
+                return
+            self._checked(error, length)
+            if self._closed_early:
+                return
+            transport = self.channel.transport
+            if expect and expect[0].lower() == b"100-continue" and transport is not None:
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            LineReceiver.resumeProducing(self.channel)
+
+        def failed(failure: Failure) -> None:
+            log.failure("Early check failed", failure)
+            decided(errors.internal_error())
+
+        decision.addCallbacks(decided, failed)
+
+    def _measure_body(self) -> None:
+        """Measure a JSON body's shape as it arrives (POSTs to JSON routes)."""
+        if self.method == b"POST" and getattr(self.route, "kind", None) in ("api", "admin"):
+            limits = self.channel.limits  # type: ignore[attr-defined]
+            self.shape = JsonShape(limits.max_json_depth, limits.max_json_values)
+
+    def _check_budget(self, length: int) -> GatewayError | None:
+        """Reserve the body's bytes in the site's budget (when it has one)."""
+        budget: BodyBudget | None = getattr(self._site, "body_budget", None)
+        if budget is None:
+            return None
+        self._budget = budget
+        return self._hold(length)
+
+    def _checked(self, error: GatewayError | None, length: int | None) -> None:
+        """The early check's decision is in: go on reading the body, or answer now."""
         if error is None and self.key_id is not None:
-            budget: BodyBudget | None = getattr(site, "body_budget", None)
-            if budget is not None:
-                self._budget = budget
-                error = self._hold(length or 0)
+            error = self._check_budget(length or 0)
         if error is None:
-            if self.method == b"POST" and getattr(self.route, "kind", None) in ("api", "admin"):
-                limits = self.channel.limits  # type: ignore[attr-defined]
-                self.shape = JsonShape(limits.max_json_depth, limits.max_json_values)
+            self._measure_body()
             super().gotLength(length)
             return
         self.early_error = error
@@ -221,6 +289,9 @@ class GatewayRequest(server.Request):
         (``OPTIONS *`` included).
         """
         if self._closed_early:
+            return
+        if self._checking is not None:
+            self._checking = "process"  # rendered when the early check's decision is in
             return
         site = self.channel.site  # type: ignore[attr-defined]
         resource = getattr(site, "resource", None)

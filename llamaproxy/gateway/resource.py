@@ -149,8 +149,11 @@ class GatewayResource(ProxyExchanges, Resource):
 
     # -- decisions from the headers alone ------------------------------------------------------
 
-    def early_check(self, request: GatewayRequest) -> GatewayError | None:
-        """Route, method and API key, decided before the body is read."""
+    def early_check(
+        self, request: GatewayRequest
+    ) -> GatewayError | Deferred[GatewayError | None] | None:
+        """Route, method and API key, decided before the body is read (a Deferred when the
+        limits are shared through Redis: the request waits for it, its body unread)."""
         route = resolve(request.method, request.path, self.settings.extra_paths)
         if isinstance(route, GatewayError):
             return route
@@ -165,6 +168,14 @@ class GatewayResource(ProxyExchanges, Resource):
             headers.getRawHeaders(b"x-api-key", [None])[-1],
             admin=route.kind == "admin",
         )
+        if isinstance(result, Deferred):
+            return result.addCallback(self._apply_access, request, route)
+        return self._apply_access(result, request, route)
+
+    def _apply_access(
+        self, result: Access, request: GatewayRequest, route: Route
+    ) -> GatewayError | None:
+        """Apply an access decision to ``request``: its key, refund, metrics and headers."""
         request.key_id = result.key_id
         if result.error is not None:
             return result.error

@@ -52,9 +52,16 @@ class HealthState:
         self.legacy_metrics: Callable[[], dict[str, Any]] | None = None
         #: Which fast paths run, and why not (``FastPaths.document``), when the tap says.
         self.fast_paths: dict[str, object] | None = None
+        #: The shared state store's status (STATE_URL), when there is one.
+        self.state_store: Callable[[], dict[str, Any]] | None = None
+        #: False while requests cannot be served for want of the shared state store
+        #: (STATE_FAILURE=closed and Redis away): readiness says so, so balancers go elsewhere.
+        self.state_store_ready: Callable[[], bool] | None = None
 
     def ready(self) -> bool:
         """True when requests can be served: backend ready and not draining."""
+        if self.state_store_ready is not None and not self.state_store_ready():
+            return False
         return self.backend.ready and not self.draining()
 
     def document(self) -> dict[str, object]:
@@ -85,6 +92,7 @@ class HealthState:
             "authentication": {"enabled": self.auth_enabled},
             **({"backends": self.router().status_json()}
                if self.router is not None and len(self.router().members) > 1 else {}),
+            **({"state_store": self.state_store()} if self.state_store is not None else {}),
             "uptime_seconds": int(self.clock.seconds() - self.started_at),
             "version": __version__,
             **({"fast_paths": self.fast_paths} if self.fast_paths is not None else {}),

@@ -492,6 +492,9 @@ class GatewayMetrics:
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
         self._certificate_expiry: Callable[[], float] | None = None
+        #: The shared state store (STATE_URL), when there is one: its status and latency.
+        self._state_store: Any = None
+        self._slot_leases: Any = None
         self._router: Callable[[], Any] | None = None
         self._scrapers: list[BackendMetricsScraper] = []
 
@@ -822,9 +825,50 @@ class GatewayMetrics:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""
         self._certificate_expiry = seconds_until_expiry
 
+    def watch_state_store(self, store: Any, slot_leases: Any = None) -> None:
+        """Export the shared state store's status (a ``state.redis_store.RedisState``) and the
+        backend slots leased from it (a ``state.slot_leases.SharedSlots``)."""
+        self._state_store = store
+        self._slot_leases = slot_leases
+
+    def _state_store_families(self) -> Iterator[Metric]:
+        store = self._state_store
+        yield GaugeMetricFamily(
+            "llamaproxy_state_store_up",
+            "1 while the shared state store (Redis, STATE_URL) answers, else 0.",
+            value=1 if store.health == "up" else 0)
+        if store.latency is not None:
+            yield GaugeMetricFamily(
+                "llamaproxy_state_store_latency_seconds",
+                "The last round trip to the shared state store.", value=store.latency)
+        yield CounterMetricFamily(
+            "llamaproxy_state_store_calls", "Calls made to the shared state store.",
+            value=store.calls)
+        yield CounterMetricFamily(
+            "llamaproxy_state_store_failures",
+            "Calls to the shared state store that failed (not connected, timeout, error).",
+            value=store.failures)
+        shared = self._slot_leases
+        if shared is not None:
+            leased = GaugeMetricFamily(
+                "llamaproxy_backend_slots_leased",
+                "Slots of the backend this replica holds leases for (shared through Redis).",
+                labels=["backend"])
+            local = GaugeMetricFamily(
+                "llamaproxy_backend_slots_unshared",
+                "1 while Redis is away and this replica uses the backend's slots alone.",
+                labels=["backend"])
+            for name, leases in shared.by_backend.items():
+                leased.add_metric([name], len(leases.held))
+                local.add_metric([name], 1 if leases.local else 0)
+            yield leased
+            yield local
+
     def _live_families(self) -> Iterator[Metric]:
         """Admission, backend, breaker and certificate state, read from the live objects."""
         yield from self._breaker_families()
+        if self._state_store is not None:
+            yield from self._state_store_families()
         if self._certificate_expiry is not None:
             yield GaugeMetricFamily(
                 "llamaproxy_tls_certificate_expiry_seconds",
