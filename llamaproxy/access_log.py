@@ -82,6 +82,8 @@ class AccessEntry:
     outcome: str = "ok"
     #: The token counts are the gateway's estimate (a stream cut before its counts came).
     tokens_estimated: bool = False
+    #: The routing decision of a ``cache_affinity`` model (``affinity_hit``, ...), else None.
+    route: str | None = None
 
 
 #: Longest string field written; longer values are cut and end in ``...``.
@@ -143,6 +145,8 @@ def format_access_text(
         f"{_count(entry.prompt_tokens)}/{_count(entry.completion_tokens)}",
         sanitize_field(entry.outcome),
     ]
+    if entry.route is not None:
+        parts.append(f"route={sanitize_field(entry.route)}")
     tag = worker_tag(worker_type, instance_id)
     if tag:
         parts.append(sanitize_field(tag))
@@ -175,6 +179,7 @@ def format_access_json(
         ',"completion_tokens":', _json_value(entry.completion_tokens),
         ',"tokens_estimated":true' if entry.tokens_estimated else "",
         ',"outcome":', _json_text(entry.outcome),
+        ',"route":' + encode_basestring(entry.route) if entry.route else "",
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
@@ -207,6 +212,8 @@ def access_record(
     if entry.tokens_estimated:
         record["tokens_estimated"] = True
     record["outcome"] = _json_field(entry.outcome)
+    if entry.route:
+        record["route"] = entry.route
     if worker_type:
         record["worker_type"] = worker_type
     if instance_id:

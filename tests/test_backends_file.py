@@ -288,7 +288,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertError("backend = 1\n" + LOCAL, "backend", "unknown key (expected one of: "
-                         "backends, models, breaker, failover, keys, local)")
+                         "backends, models, breaker, failover, keys, local, affinity)")
         self.assertError("", "backends", "missing")
         self.assertError("backends = []\n", "backends", "non-empty array of tables")
         self.assertError("backends = 3\n", "backends", "non-empty array of tables")
@@ -430,7 +430,7 @@ class ValidationTests(SynchronousTestCase):
         self.assertError(LOCAL + "[models]\na = 1\n", "models.a", "expected a table")
         self.assertError(LOCAL + "[models.a]\nstrategy = 'fastest'\n", "models.a.strategy",
                          "unknown strategy 'fastest' (expected one of: priority, round-robin, "
-                         "least-busy)")
+                         "least-busy, cache_affinity)")
         self.assertError(LOCAL + "[models.a]\nstrategy = 1\n", "models.a.strategy",
                          "expected a string")
         self.assertError(LOCAL + "[models.a]\nalias = ['x']\n", "models.a.alias",

@@ -84,6 +84,7 @@ class RequestRecorder:
                 completion_tokens=completion,
                 outcome=outcome,
                 tokens_estimated=estimated,
+                route=exchange.route if exchange is not None else None,
             )
             if self.access_log is not None:
                 self.access_log.record(entry)
