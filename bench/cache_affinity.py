@@ -6,14 +6,20 @@ serving three model names, one per strategy: ``aff`` (cache_affinity), ``rr`` (r
 ``lb`` (least-busy). Each block runs C concurrent multi-turn conversations of T turns through one
 of the names; every conversation has its own long system prompt (fresh for every block, so no
 block finds another's prompts in a cache), each turn sends the whole history and streams a
-short answer. Blocks alternate between the strategies (aff, rr, lb, then rr, lb, aff, ...), so
-drifts in machine load hit all three alike.
+short answer, and the "user" reads it for a while (``--think``: uniform between 0.5 and 1.5
+times that many seconds) before the next turn. Without think time a closed loop flatters
+least-busy: a conversation's next turn arrives just as its own request left its replica, which
+is then the least busy one, so least-busy keeps conversations in place by accident.
+
+Blocks alternate between the strategies (aff, rr, lb, then rr, lb, aff, ...), so drifts in
+machine load hit all three alike.
 
 Reported per strategy: time to first content token (p50/p95) of turn 1 and of turns >= 2, and
 prompt tokens evaluated vs reused from the cache (llama-server's ``timings.prompt_n`` and
 ``cache_n`` of each response).
 
     .venv/bin/python -m bench.cache_affinity [--conversations 8] [--turns 6] [--rounds 1]
+        [--think 2] [--pin-slot]
 """
 
 from __future__ import annotations
@@ -67,11 +73,13 @@ class Block:
 
 
 def converse(url: str, block: Block, model: str, system: str, turns: int, max_tokens: int,
-             errors: list[str]) -> None:
+             think: list[float], errors: list[str]) -> None:
     """One conversation: ``turns`` streamed requests, each with the whole history."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}]
     with httpx.Client(timeout=600) as client:
         for index in range(turns):
+            if index:
+                time.sleep(think[index])
             messages.append({"role": "user", "content": f"Question {index + 1}: what should "
                              f"the operator check first about item {index * 7 + 3}?"})
             body = {"model": model, "messages": messages, "max_tokens": max_tokens,
@@ -105,8 +113,8 @@ def converse(url: str, block: Block, model: str, system: str, turns: int, max_to
                     int(timings.get("prompt_n", 0)), int(timings.get("cache_n", 0))))
 
 
-def backends_file(model_path: str, ports: list[int], threads: int) -> str:
-    text = "[affinity]\n\n"
+def backends_file(model_path: str, ports: list[int], threads: int, pin_slot: bool) -> str:
+    text = f"[affinity]\npin_slot = {'true' if pin_slot else 'false'}\n\n"
     for name, strategy in STRATEGIES.items():
         text += f'[models.{name}]\nstrategy = "{strategy}"\n\n'
     for index, port in enumerate(ports):
@@ -137,6 +145,9 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=1300, help="system prompt length, words")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="threads per llama-server")
+    parser.add_argument("--think", type=float, default=2.0,
+                        help="mean seconds between a turn's answer and the next turn")
+    parser.add_argument("--pin-slot", action="store_true", help="[affinity] pin_slot = true")
     parser.add_argument("--seed", type=int, default=22)
     args = parser.parse_args()
 
@@ -146,7 +157,7 @@ def main() -> None:
                            "REQUEST_TIMEOUT": "900", "FIRST_BYTE_TIMEOUT": "900",
                            "MAX_QUEUE_SIZE": "1000"})
     config = gateway.root / "backends.toml"
-    config.write_text(backends_file(smollm2_path(), ports, args.threads))
+    config.write_text(backends_file(smollm2_path(), ports, args.threads, args.pin_slot))
     gateway.env["LLAMAPROXY_CONFIG"] = str(config)
     del gateway.env["MODEL_PATH"]
     gateway.start(wait_ready=False)
@@ -163,7 +174,9 @@ def main() -> None:
                 block = Block(name)
                 threads = [threading.Thread(target=converse, args=(
                     gateway.url, block, name, system_prompt(rng, args.words), args.turns,
-                    args.max_tokens, errors)) for _ in range(args.conversations)]
+                    args.max_tokens,
+                    [args.think * rng.uniform(0.5, 1.5) for _ in range(args.turns)], errors))
+                    for _ in range(args.conversations)]
                 block_started = time.perf_counter()
                 for thread in threads:
                     thread.start()
@@ -175,7 +188,8 @@ def main() -> None:
         if errors:
             print("errors:", errors)
         print(f"\n{args.conversations} conversations x {args.turns} turns, {args.rounds} "
-              f"block(s) per strategy, {time.perf_counter() - started:.0f} s in all")
+              f"block(s) per strategy, think {args.think} s, pin_slot {args.pin_slot}, "
+              f"{time.perf_counter() - started:.0f} s in all")
         first_prompts = [t.evaluated + t.reused for b in blocks for t in b.turns if t.turn == 1]
         print(f"turn-1 prompt: {min(first_prompts)}-{max(first_prompts)} tokens\n")
         print("| strategy | TTFT turn 1 p50 / p95 | TTFT turns ≥ 2 p50 / p95 | prompt tokens "

@@ -12,7 +12,8 @@ conversation goes where turn 1 went. The ``cache_affinity`` strategy does that:
 - ``HashRing`` is a consistent-hash ring (virtual nodes) of a model's backends: the walk from a
   prefix's point gives its preferred backends, and removing a backend moves only its prefixes.
 - ``bounded_choice`` applies consistent hashing with bounded load: a backend whose in-flight
-  count would exceed ``load_factor`` times its fair share (by slots) is passed over.
+  count would exceed ``load_factor`` times its fair share (by slots) is passed over. A prefix
+  that has no home yet is placed with a factor of 1 (no cache to gain from an imbalance).
 - ``AffinityMemory`` is the learned part: a bounded LRU of (model, prefix) -> the backend that
   last served it, so a conversation that moved (its backend went down, or overflowed) stays where
   its cache now is. It also counts, per backend, prompt tokens evaluated and taken from the cache.
@@ -32,6 +33,10 @@ from typing import Any, Protocol
 
 #: Ring points per backend (more: a smoother spread, a larger ring).
 VIRTUAL_NODES = 64
+
+#: The load bound of prefixes without a (ready) home: no cache is lost by moving them, so they
+#: are placed as evenly as least-busy would (``load_factor`` applies to remembered homes).
+NEW_PREFIX_LOAD_FACTOR = 1.0
 
 #: Approximate bytes one remembered prefix costs (OrderedDict entry and its int key; the backend
 #: name is shared). Measured with tracemalloc on CPython 3.11 (tests/test_affinity.py checks it).

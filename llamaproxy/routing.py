@@ -442,7 +442,10 @@ class Router:
             ordered.remove(by_name[home])
             ordered.insert(0, by_name[home])
             plan.decision = affinity.AFFINITY_HIT
-        index, moved = affinity.bounded_choice(ordered, self.table.affinity.load_factor)
+        # A prefix with no home has no cache to gain from an imbalance: it is placed strictly.
+        factor = self.table.affinity.load_factor if plan.decision is affinity.AFFINITY_HIT \
+            else affinity.NEW_PREFIX_LOAD_FACTOR
+        index, moved = affinity.bounded_choice(ordered, factor)
         if moved:
             ordered.insert(0, ordered.pop(index))
             plan.decision = affinity.OVERFLOW

@@ -288,6 +288,20 @@ class StrategyTests(SynchronousTestCase):
         fixture.busy(other, 3)
         self.assertEqual(fixture.route(prefix), ([home, other], "affinity_hit"))
 
+    def test_new_prefixes_are_placed_evenly(self) -> None:
+        """Conversations starting together split evenly (no cache anywhere to favour yet);
+        their homes, once remembered, tolerate load_factor."""
+        fixture = Fixture()
+        ring = HashRing(["a", "b"])
+        prefixes = [p for p in (fixture.prefix(f"q{i}") for i in range(100))
+                    if ring.owner(p) == "a"][:8]  # all hashed to a
+        placed: Counter[str] = Counter()
+        for prefix in prefixes:
+            name = fixture.route(prefix)[0][0]
+            placed[name] += 1
+            fixture.busy(name, 1)  # it stays in flight
+        self.assertEqual(placed, {"a": 4, "b": 4})
+
     def test_a_conversation_moves_when_its_home_is_down_and_stays_moved(self) -> None:
         fixture = Fixture()
         prefix = fixture.prefix("q")
