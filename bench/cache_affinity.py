@@ -20,6 +20,8 @@ prompt tokens evaluated vs reused from the cache (llama-server's ``timings.promp
 
     .venv/bin/python -m bench.cache_affinity [--conversations 8] [--turns 6] [--rounds 1]
         [--think 2] [--pin-slot]
+
+``--pin-slot`` adds a fourth block: ``cache_affinity`` with ``pin_slot = true`` (model ``pin``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import httpx
 
@@ -38,6 +41,8 @@ from bench.first_token import smollm2_path
 from tests.e2e.harness import API_KEY, Gateway, free_port, wait_for
 
 STRATEGIES = {"aff": "cache_affinity", "rr": "round-robin", "lb": "least-busy"}
+#: With --pin-slot: a fourth model, cache_affinity with pin_slot = true.
+PINNED = {"pin": "cache_affinity"}
 
 _TEXT = (
     "the proxy gateway routes each request to a backend server that keeps a cache of recent "
@@ -113,15 +118,17 @@ def converse(url: str, block: Block, model: str, system: str, turns: int, max_to
                     int(timings.get("prompt_n", 0)), int(timings.get("cache_n", 0))))
 
 
-def backends_file(model_path: str, ports: list[int], threads: int, pin_slot: bool) -> str:
-    text = f"[affinity]\npin_slot = {'true' if pin_slot else 'false'}\n\n"
-    for name, strategy in STRATEGIES.items():
-        text += f'[models.{name}]\nstrategy = "{strategy}"\n\n'
+def backends_file(model_path: str, ports: list[int], threads: int,
+                  strategies: dict[str, str]) -> str:
+    text = "[affinity]\n\n"
+    for name, strategy in strategies.items():
+        text += f'[models.{name}]\nstrategy = "{strategy}"\n'
+        text += "pin_slot = true\n\n" if name in PINNED else "\n"
     for index, port in enumerate(ports):
         text += f"""[[backends]]
 name = "replica-{index}"
 model_path = "{model_path}"
-models = {json.dumps(list(STRATEGIES))}
+models = {json.dumps(list(strategies))}
 port = {port}
 ctx = 8192
 ngl = 0
@@ -147,7 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per llama-server")
     parser.add_argument("--think", type=float, default=2.0,
                         help="mean seconds between a turn's answer and the next turn")
-    parser.add_argument("--pin-slot", action="store_true", help="[affinity] pin_slot = true")
+    parser.add_argument("--pin-slot", action="store_true",
+                        help="also run cache_affinity with pin_slot = true (model 'pin')")
     parser.add_argument("--seed", type=int, default=22)
     args = parser.parse_args()
 
@@ -157,20 +165,23 @@ def main() -> None:
                            "REQUEST_TIMEOUT": "900", "FIRST_BYTE_TIMEOUT": "900",
                            "MAX_QUEUE_SIZE": "1000"})
     config = gateway.root / "backends.toml"
-    config.write_text(backends_file(smollm2_path(), ports, args.threads, args.pin_slot))
+    strategies = {**STRATEGIES, **(PINNED if args.pin_slot else {})}
+    config.write_text(backends_file(smollm2_path(), ports, args.threads, strategies))
     gateway.env["LLAMAPROXY_CONFIG"] = str(config)
     del gateway.env["MODEL_PATH"]
     gateway.start(wait_ready=False)
     try:
         gateway.wait_ready(timeout=300)
-        wait_for(lambda: all(b["state"] == "ready" for b in gateway.health()["backends"]),  # type: ignore[index, union-attr]
-                 300, "both replicas to be ready")
-        order = list(STRATEGIES)
+        wait_for(lambda: all(b["state"] == "ready" for b in cast(
+            list[dict[str, object]], gateway.health()["backends"])), 300,
+            "both replicas to be ready")
+        order = list(strategies)
         blocks: list[Block] = []
         errors: list[str] = []
         started = time.perf_counter()
         for round_index in range(args.rounds):
-            for name in order[round_index % 3:] + order[:round_index % 3]:
+            shift = round_index % len(order)
+            for name in order[shift:] + order[:shift]:
                 block = Block(name)
                 threads = [threading.Thread(target=converse, args=(
                     gateway.url, block, name, system_prompt(rng, args.words), args.turns,
@@ -188,14 +199,16 @@ def main() -> None:
         if errors:
             print("errors:", errors)
         print(f"\n{args.conversations} conversations x {args.turns} turns, {args.rounds} "
-              f"block(s) per strategy, think {args.think} s, pin_slot {args.pin_slot}, "
+              f"block(s) per strategy, think {args.think} s, "
               f"{time.perf_counter() - started:.0f} s in all")
         first_prompts = [t.evaluated + t.reused for b in blocks for t in b.turns if t.turn == 1]
         print(f"turn-1 prompt: {min(first_prompts)}-{max(first_prompts)} tokens\n")
         print("| strategy | TTFT turn 1 p50 / p95 | TTFT turns ≥ 2 p50 / p95 | prompt tokens "
               "evaluated | reused from cache | reuse |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for name, strategy in STRATEGIES.items():
+        for name, strategy in strategies.items():
+            if name in PINNED:
+                strategy += " (pin_slot)"
             turns = [t for b in blocks if b.strategy == name for t in b.turns]
             one = [t.ttft for t in turns if t.turn == 1]
             later = [t.ttft for t in turns if t.turn >= 2]

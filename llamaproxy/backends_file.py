@@ -211,6 +211,8 @@ class ModelSpec:
     strategy: Strategy = Strategy.PRIORITY
     aliases: tuple[str, ...] = ()
     default: bool = False
+    #: ``cache_affinity`` only: this model's ``pin_slot`` (None: ``[affinity] pin_slot``).
+    pin_slot: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -451,7 +453,7 @@ _LOCAL_KEYS = ("model_path", "port", "ctx", "ngl", "threads", "parallel", "extra
 _REMOTE_KEYS = ("base_url", "api_key_env", "verify_tls")
 _BREAKER_KEYS = ("failure_threshold", "reset_timeout", "success_threshold", "half_open_max",
                  "enabled")
-_MODEL_KEYS = ("strategy", "aliases", "default")
+_MODEL_KEYS = ("strategy", "aliases", "default", "pin_slot")
 _LOCAL_DEFAULT_KEYS = ("port_base", "ctx", "ngl", "threads", "parallel")
 
 
@@ -930,7 +932,10 @@ def _parse_models(table: _Table | None, served: list[str]) -> tuple[ModelSpec, .
                         "default", f"model {default_owner!r} is already the default model"
                     )
                 default_owner = name
-            declared[name] = ModelSpec(name, strategy, aliases, default)
+            pin_slot = sub.boolean("pin_slot")
+            if pin_slot is not None and strategy is not Strategy.CACHE_AFFINITY:
+                raise sub.error("pin_slot", "applies to strategy \"cache_affinity\" only")
+            declared[name] = ModelSpec(name, strategy, aliases, default, pin_slot)
     return tuple(declared.get(name, ModelSpec(name)) for name in served)
 
 

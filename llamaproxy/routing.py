@@ -328,12 +328,13 @@ class Router:
 
     def pinned_slot(self, model: str | None, prefix: int | None, member: Member) -> int | None:
         """The ``id_slot`` to add for ``member`` (``[affinity] pin_slot``), or None."""
-        if (prefix is None or model is None or not self.table.affinity.pin_slot
-                or member.slots < 2):
+        if prefix is None or model is None or member.slots < 2:
             return None
-        if self.table.model(model).strategy is not Strategy.CACHE_AFFINITY:
+        spec = self.table.model(model)
+        if spec.strategy is not Strategy.CACHE_AFFINITY:
             return None
-        return affinity.slot_for(prefix, member.slots)
+        pin = self.table.affinity.pin_slot if spec.pin_slot is None else spec.pin_slot
+        return affinity.slot_for(prefix, member.slots) if pin else None
 
     def _model(self, model: str) -> ModelSpec:
         try:

@@ -25,7 +25,7 @@ from llamaproxy.affinity import (
 )
 from llamaproxy.backend import BackendState
 from llamaproxy.backends_file import BackendsFileError, parse_backends_text
-from llamaproxy.gateway.request_body import BodyFacts, read_facts
+from llamaproxy.gateway.request_body import BodyFacts, read_facts, with_slot
 from llamaproxy.routing import Router, status_for
 
 RULE = PrefixRule(prefix_chars=4096, prefix_messages=4, min_prompt_chars=100)
@@ -371,6 +371,10 @@ class StrategyTests(SynchronousTestCase):
         slot = pinned.router.pinned_slot("m", prefix, pinned.router.member("a"))
         self.assertEqual(slot, affinity.slot_for(prefix, 2))
         self.assertIsNone(pinned.router.pinned_slot("m", None, pinned.router.member("a")))
+        per_model = Fixture(TWO + "pin_slot = true\n")  # in [models.m]
+        self.assertEqual(per_model.router.pinned_slot("m", prefix, per_model.router.member("a")),
+                         slot)
+        self.assertEqual(json.loads(with_slot(b'{"model": "m"}', 1)), {"model": "m", "id_slot": 1})
 
     def test_explain(self) -> None:
         fixture = Fixture()
@@ -416,6 +420,11 @@ class SettingsTests(SynchronousTestCase):
             with self.assertRaises(BackendsFileError) as raised:
                 self.parse(f"[affinity]\n{table}\n")
             self.assertIn(message, str(raised.exception))
+        with self.assertRaises(BackendsFileError) as raised:
+            parse_backends_text(TWO.replace('"cache_affinity"', '"least-busy"\npin_slot = true'),
+                                "b.toml", {}, is_file=lambda p: True)
+        self.assertIn('models.m.pin_slot: applies to strategy "cache_affinity" only',
+                      str(raised.exception))
 
     def test_no_rule_without_an_affinity_model(self) -> None:
         text = TWO.replace('strategy = "cache_affinity"', 'strategy = "least-busy"')

@@ -434,7 +434,7 @@ class ValidationTests(SynchronousTestCase):
         self.assertError(LOCAL + "[models.a]\nstrategy = 1\n", "models.a.strategy",
                          "expected a string")
         self.assertError(LOCAL + "[models.a]\nalias = ['x']\n", "models.a.alias",
-                         "unknown key (expected one of: strategy, aliases, default)")
+                         "unknown key (expected one of: strategy, aliases, default, pin_slot)")
         self.assertError(LOCAL + "[models.a]\naliases = 'x'\n", "models.a.aliases",
                          "expected a list")
         self.assertError(LOCAL + "[models.a]\naliases = ['a']\n", "models.a.aliases[0]",
