@@ -443,3 +443,25 @@ class AccessLogTests(SynchronousTestCase):
                             status=200, duration_ms=1.0)
         self.assertNotIn("route", format_access_text(plain))
         self.assertNotIn("route", json.loads(format_access_json(plain)))
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_families(self) -> None:
+        from llamaproxy.affinity_metrics import prompt_cache_families
+
+        fixture = Fixture()
+        prefix = fixture.prefix("q")
+        fixture.route(prefix)
+        fixture.router.served("m", prefix, fixture.router.member("a"), 30, 70)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in prompt_cache_families(fixture.router) for s in family.samples}
+        self.assertEqual(samples[("llamaproxy_backend_prompt_tokens_total",
+                                  (("backend", "a"), ("kind", "reused")))], 70)
+        self.assertEqual(samples[("llamaproxy_backend_prompt_cache_reuse_ratio",
+                                  (("backend", "a"),))], 0.7)
+        self.assertEqual(samples[("llamaproxy_affinity_decisions_total",
+                                  (("decision", "affinity_miss"), ("model", "m")))], 1)
+        self.assertEqual(samples[("llamaproxy_affinity_remembered_prefixes", ())], 1)
+        self.assertEqual(samples[("llamaproxy_affinity_memory_bytes", ())],
+                         affinity.BYTES_PER_ENTRY)
+        self.assertEqual(list(prompt_cache_families(object())), [])
