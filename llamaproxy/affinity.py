@@ -288,18 +288,18 @@ class AffinityMemory:
         counts.reused += reused or 0
         counts.responses += 1
 
-    def status_json(self) -> dict[str, object]:
-        """The ``affinity`` section of /health."""
-        return {
-            "remembered": len(self._homes),
-            "capacity": self.capacity,
-            "approximate_bytes": self.approximate_bytes,
-            "prompt_tokens": {
-                name: {"evaluated": c.evaluated, "reused": c.reused,
-                       "reuse_ratio": round(c.reuse_ratio, 4)}
-                for name, c in self.counts.items()
-            },
-        }
+    def prompt_tokens_json(self, backend: str) -> dict[str, object] | None:
+        """``backend``'s prompt-cache counts for /health, or None before any."""
+        counts = self.counts.get(backend)
+        if counts is None:
+            return None
+        return {"evaluated": counts.evaluated, "reused": counts.reused,
+                "reuse_ratio": round(counts.reuse_ratio, 4)}
+
+    def memory_json(self) -> dict[str, object]:
+        """How much is remembered (POST /v1/route's ``affinity`` object)."""
+        return {"remembered": len(self._homes), "capacity": self.capacity,
+                "approximate_bytes": self.approximate_bytes}
 
 
 def slot_for(prefix: int, slots: int) -> int:

@@ -517,6 +517,7 @@ class Router:
                 "prefix_hash": None if prefix is None else f"{prefix:016x}",
                 "decision": plan.decision,
                 "remembered_backend": plan.home,
+                "memory": self.memory.memory_json(),
             }
         result["candidates"] = [
             {**self._describe(member), "why": why} for member, why in plan.candidates
@@ -560,6 +561,9 @@ class Router:
             )
             if isinstance(member.spec, LocalBackendSpec):
                 doc["port"] = member.spec.port
+            prompt_tokens = self.memory.prompt_tokens_json(member.name)
+            if prompt_tokens is not None:
+                doc["prompt_tokens"] = prompt_tokens
             documents.append(doc)
         return documents
 

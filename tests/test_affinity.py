@@ -201,9 +201,12 @@ class MemoryTests(SynchronousTestCase):
         memory.served("a", None, None)  # said nothing
         self.assertEqual(memory.counts["a"], affinity.PromptCounts(110, 90, 2))
         self.assertAlmostEqual(memory.counts["a"].reuse_ratio, 90 / 200)
-        status = memory.status_json()
-        self.assertEqual(status["prompt_tokens"], {"a": {"evaluated": 110, "reused": 90,
-                                                         "reuse_ratio": 0.45}})
+        self.assertEqual(memory.prompt_tokens_json("a"), {"evaluated": 110, "reused": 90,
+                                                          "reuse_ratio": 0.45})
+        self.assertIsNone(memory.prompt_tokens_json("b"))
+        memory.remember("m", 1, "a")
+        self.assertEqual(memory.memory_json(), {"remembered": 1, "capacity": 10000,
+                                                "approximate_bytes": affinity.BYTES_PER_ENTRY})
 
 
 TWO = """
@@ -382,12 +385,17 @@ class StrategyTests(SynchronousTestCase):
         prefix = fixture.prefix("q")
         answer = fixture.router.explain(body, None)
         self.assertEqual(answer["strategy"], "cache_affinity")
-        self.assertEqual(answer["affinity"], {"prefix_hash": f"{prefix:016x}",
-                                              "decision": "affinity_miss",
-                                              "remembered_backend": None})
+        self.assertEqual(answer["affinity"], {
+            "prefix_hash": f"{prefix:016x}", "decision": "affinity_miss",
+            "remembered_backend": None,
+            "memory": {"remembered": 0, "capacity": 10000, "approximate_bytes": 0}})
         home = answer["backend"]
         assert isinstance(home, str)
         fixture.serve(prefix, home)
+        self.assertEqual(
+            {doc["name"]: doc.get("prompt_tokens") for doc in fixture.router.status_json()},
+            {home: {"evaluated": 100, "reused": 0, "reuse_ratio": 0.0},
+             ("b" if home == "a" else "a"): None})
         answer = fixture.router.explain(body, None)
         self.assertEqual(answer["affinity"]["decision"], "affinity_hit")  # type: ignore[index]
         self.assertEqual(answer["candidates"][0]["why"],  # type: ignore[index]

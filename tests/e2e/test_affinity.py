@@ -105,6 +105,8 @@ class CacheAffinityTests(SynchronousTestCase):
                   if line.startswith("llamaproxy_backend_prompt_tokens_total")
                   and 'kind="reused"' in line]
         self.assertTrue(reused and any(float(line.split()[-1]) > 0 for line in reused), reused)
+        health = {b["name"]: b for b in gateway.health()["backends"]}  # type: ignore[union-attr, index]
+        self.assertGreater(health[homes[0]]["prompt_tokens"]["reused"], 0)  # type: ignore[index]
 
         # Kill conversation 0's child: its next turn moves to the other child...
         dead = homes[0]
