@@ -70,7 +70,7 @@ class CacheAffinityTests(SynchronousTestCase):
         gateway = Gateway(env={"MAX_REQUESTS_PER_MINUTE": "100000", "ADMIN_KEY_IDS": "tester"})
         config = gateway.root / "backends.toml"
         config.write_text(
-            "[breaker]\nfailure_threshold = 1\nreset_timeout = 60\n"
+            "[breaker]\nenabled = false\n"  # only the learned home keeps it away
             "[affinity]\nmin_prompt_chars = 200\n"
             '[models.m]\nstrategy = "cache_affinity"\n'
             + child("a", ports[0]) + child("b", ports[1]))
@@ -117,6 +117,10 @@ class CacheAffinityTests(SynchronousTestCase):
         # ...and stays there once the killed child is back: its cache is there now.
         wait_for(lambda: all(b["state"] == "ready" for b in gateway.health()["backends"]),  # type: ignore[index, union-attr]
                  60, "the killed child to be back")
+        route = httpx.post(f"{gateway.url}/v1/route", json=conversations[0].body(),
+                           headers=HEADERS, timeout=10).json()
+        self.assertEqual([c["backend"] for c in route["candidates"]], [other, dead])
+        self.assertEqual(route["affinity"]["remembered_backend"], other)
         served, cached = conversations[0].turn()
         self.assertEqual(served, other)
         self.assertGreater(cached, 0)
