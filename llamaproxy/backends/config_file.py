@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import Any, ClassVar, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
+from llamaproxy.backends.affinity import AffinitySettings, PrefixRule
 from llamaproxy.backends.breaker import BreakerSettings
 from llamaproxy.bounded_file import read_bounded
 from llamaproxy.config import Config, ConfigError, sanitize_instance_id
@@ -52,6 +53,8 @@ class Strategy(enum.Enum):
     PRIORITY = "priority"  # lowest priority first, ready ones before recovering ones
     ROUND_ROBIN = "round-robin"  # smooth weighted round-robin (nginx's)
     LEAST_BUSY = "least-busy"  # fewest in-flight requests relative to slots
+    # by prompt prefix (llamaproxy.backends.affinity), bounded load
+    CACHE_AFFINITY = "cache_affinity"
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,8 @@ class ModelSpec:
     strategy: Strategy = Strategy.PRIORITY
     aliases: tuple[str, ...] = ()
     default: bool = False
+    #: ``cache_affinity`` only: this model's ``pin_slot`` (None: ``[affinity] pin_slot``).
+    pin_slot: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,15 @@ class BackendsTable:
     #: True: an unknown model name is served by the default model (single-backend mode, where
     #: llama-server ignores the name); False: it is unknown (404).
     route_unknown_models: bool = False
+    #: The ``[affinity]`` table (models whose strategy is ``cache_affinity``).
+    affinity: AffinitySettings = field(default_factory=AffinitySettings)
+
+    @cached_property
+    def prefix_rule(self) -> PrefixRule | None:
+        """How request bodies are hashed, or None when no model routes by prefix."""
+        if any(m.strategy is Strategy.CACHE_AFFINITY for m in self.models):
+            return PrefixRule.of(self.affinity)
+        return None
 
     def backend(self, name: str) -> BackendSpec:
         """The backend called ``name`` (KeyError when there is none)."""
@@ -434,7 +448,11 @@ def parse_backends_text(
     )
 
 
-_TOP_KEYS = ("backends", "models", "breaker", "failover", "keys", "local")
+_TOP_KEYS = ("backends", "models", "breaker", "failover", "keys", "local", "affinity")
+_AFFINITY_KEYS = (
+    "prefix_chars", "prefix_messages", "min_prompt_chars", "load_factor", "remembered",
+    "pin_slot",
+)
 _COMMON_KEYS = (
     "name", "models", "priority", "weight", "slots", "breaker", "connect_timeout",
     "first_byte_timeout", "request_timeout", "upstream_models",
@@ -444,7 +462,7 @@ _LOCAL_KEYS = ("model_path", "port", "ctx", "ngl", "threads", "parallel", "extra
 _REMOTE_KEYS = ("base_url", "api_key_env", "verify_tls", "retry_non_idempotent")
 _BREAKER_KEYS = ("failure_threshold", "reset_timeout", "success_threshold", "half_open_max",
                  "enabled")
-_MODEL_KEYS = ("strategy", "aliases", "default")
+_MODEL_KEYS = ("strategy", "aliases", "default", "pin_slot")
 _LOCAL_DEFAULT_KEYS = ("port_base", "ctx", "ngl", "threads", "parallel")
 
 
@@ -838,6 +856,8 @@ def parse_backends(
             _default(failover_table.integer("max_attempts", 1, 100), failover.max_attempts)
         )
 
+    affinity = _parse_affinity(top.table("affinity"))
+
     raw_backends = top.data.get("backends")
     if raw_backends is None:
         raise BackendsFileError(f"{source}: backends: missing: declare at least one [[backends]]")
@@ -871,9 +891,35 @@ def parse_backends(
         breaker=breaker,
         failover=failover,
         source=source,
+        affinity=affinity,
     )
     key_models = _parse_keys(top.table("keys"), draft)
     return dataclasses.replace(draft, key_models=key_models)
+
+
+def _parse_affinity(table: _Table | None) -> AffinitySettings:
+    base = AffinitySettings()
+    if table is None:
+        return base
+    table.check_keys(_AFFINITY_KEYS)
+    load_factor = base.load_factor
+    if table.has("load_factor"):
+        value = table.data["load_factor"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise table.error("load_factor", f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value) or not 1 <= value <= 100:
+            raise table.error("load_factor", f"expected a number from 1 to 100, got {value}")
+        load_factor = float(value)
+    return AffinitySettings(
+        prefix_chars=_default(table.integer("prefix_chars", 1, 1 << 20), base.prefix_chars),
+        prefix_messages=_default(table.integer("prefix_messages", 1, 10000),
+                                 base.prefix_messages),
+        min_prompt_chars=_default(table.integer("min_prompt_chars", 0, 1 << 30),
+                                  base.min_prompt_chars),
+        load_factor=load_factor,
+        remembered=_default(table.integer("remembered", 0, 10_000_000), base.remembered),
+        pin_slot=_default(table.boolean("pin_slot"), base.pin_slot),
+    )
 
 
 def _parse_models(table: _Table | None, served: list[str]) -> tuple[ModelSpec, ...]:
@@ -917,7 +963,10 @@ def _parse_models(table: _Table | None, served: list[str]) -> tuple[ModelSpec, .
                         "default", f"model {default_owner!r} is already the default model"
                     )
                 default_owner = name
-            declared[name] = ModelSpec(name, strategy, aliases, default)
+            pin_slot = sub.boolean("pin_slot")
+            if pin_slot is not None and strategy is not Strategy.CACHE_AFFINITY:
+                raise sub.error("pin_slot", "applies to strategy \"cache_affinity\" only")
+            declared[name] = ModelSpec(name, strategy, aliases, default, pin_slot)
     return tuple(declared.get(name, ModelSpec(name)) for name in served)
 
 

@@ -8,7 +8,10 @@ backends of a model by the model's strategy:
 
 - ``priority``: lowest ``priority`` first (ties: declaration order);
 - ``round-robin``: smooth weighted round-robin (nginx's), then the others by priority;
-- ``least-busy``: fewest in-flight requests (active + queued) per slot, ties by priority.
+- ``least-busy``: fewest in-flight requests (active + queued) per slot, ties by priority;
+- ``cache_affinity``: by the prompt's prefix (``llamaproxy.backends.affinity``): the backend that
+  served the prefix last, else its place on a consistent-hash ring, within a load bound;
+  least-busy for prompts without a reusable prefix. The rest follow in ring order, for failover.
 
 Whatever the strategy, backends whose breaker refuses requests and backends that are down for good
 (stopped, stopping) are skipped; ready backends come first, and backends that are recovering by
@@ -35,6 +38,8 @@ from twisted.web.client import (
     ResponseFailed,
 )
 
+from llamaproxy.backends import affinity
+from llamaproxy.backends.affinity import AffinityMemory, HashRing
 from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.backends.breaker import BreakerState, CircuitBreaker, SecondsClock, Ticket
 from llamaproxy.backends.config_file import (
@@ -54,8 +59,8 @@ from llamaproxy.backends.config_file import (
 )
 
 __all__ = [
-    "UNREACHABLE_REASONS", "BackendSpec", "BackendsFileError", "BackendsTable", "LoadGauge",
-    "Member", "ModelEntry",
+    "UNREACHABLE_REASONS", "BackendSpec", "BackendsFileError", "BackendsTable", "Choice",
+    "LoadGauge", "Member", "ModelEntry",
     "ModelNotAllowedError", "Outcome", "Router", "Strategy", "TableDiff", "UnknownModelError",
     "breaker_outcome", "describe_reason", "diff", "failure_reason",
     "is_retryable", "needs_restart", "report", "should_fail_over",
@@ -151,6 +156,18 @@ class _Plan:
 
     candidates: list[tuple[Member, str]] = field(default_factory=list)
     skipped: list[tuple[Member, str]] = field(default_factory=list)
+    #: ``cache_affinity`` models: the routing decision (``llamaproxy.backends.affinity.DECISIONS``).
+    decision: str | None = None
+    #: ``cache_affinity`` models: the backend that served the prefix last, if remembered.
+    home: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The backends to try for one request, best first, and the affinity decision if any."""
+
+    members: list[Member]
+    decision: str | None = None
 
 
 @dataclass
@@ -172,6 +189,9 @@ class Router:
         self.members = {name: members[name] for name in table.backend_names}
         self._order = {name: index for index, name in enumerate(table.backend_names)}
         self._round_robin: dict[str, _RoundRobin] = {}
+        self._rings: dict[str, HashRing] = {}
+        #: Learned prefix homes and prompt-cache counts (a reload passes them on).
+        self.memory = AffinityMemory(table.affinity.remembered)
 
     @classmethod
     def build(
@@ -200,7 +220,16 @@ class Router:
             members[spec.name] = Member(
                 spec, statuses[spec.name], breaker, (loads or {}).get(spec.name)
             )
-        return cls(table, members)
+        router = cls(table, members)
+        if previous is not None:
+            memory = previous.memory
+            for name in previous.members:
+                if name not in members or needs_restart(previous.members[name].spec,
+                                                        members[name].spec):
+                    memory.forget(name)  # a new process has an empty cache
+            memory.resize(table.affinity.remembered)
+            router.memory = memory
+        return router
 
     # -- models --------------------------------------------------------------------------------
 
@@ -270,10 +299,46 @@ class Router:
         backend of the model is skipped (breaker open, or stopped): answer 503. A round-robin
         model advances its rotation with each call; ``explain`` does not.
         """
+        return self.choose(model, key_id).members
+
+    def choose(self, model: str, key_id: str | None = None, prefix: int | None = None) -> Choice:
+        """``candidates``, with the prompt's prefix hash for a ``cache_affinity`` model."""
         spec = self._model(model)
         if not self.allowed(key_id, model):
             raise ModelNotAllowedError(model)
-        return [member for member, _ in self._plan(spec, commit=True, why=False).candidates]
+        plan = self._plan(spec, commit=True, why=False, prefix=prefix)
+        if plan.decision is not None:
+            self.memory.decided(model, plan.decision)
+        return Choice([member for member, _ in plan.candidates], plan.decision)
+
+    def served(
+        self, model: str | None, prefix: int | None, member: Member,
+        evaluated: int | None, reused: int | None,
+    ) -> None:
+        """``member`` answered a request successfully: learn its prefix, count its tokens.
+
+        ``evaluated`` and ``reused`` are the prompt tokens the response reported (None: not
+        said). The prefix is remembered only for ``cache_affinity`` models.
+        """
+        self.memory.served(member.name, evaluated, reused)
+        if prefix is None or model is None:
+            return
+        try:
+            strategy = self.table.model(model).strategy
+        except KeyError:
+            return
+        if strategy is Strategy.CACHE_AFFINITY:
+            self.memory.remember(model, prefix, member.name)
+
+    def pinned_slot(self, model: str | None, prefix: int | None, member: Member) -> int | None:
+        """The ``id_slot`` to add for ``member`` (``[affinity] pin_slot``), or None."""
+        if prefix is None or model is None or member.slots < 2:
+            return None
+        spec = self.table.model(model)
+        if spec.strategy is not Strategy.CACHE_AFFINITY:
+            return None
+        pin = self.table.affinity.pin_slot if spec.pin_slot is None else spec.pin_slot
+        return affinity.slot_for(prefix, member.slots) if pin else None
 
     def _model(self, model: str) -> ModelSpec:
         try:
@@ -287,7 +352,9 @@ class Router:
     def _priority_key_spec(self, spec: BackendSpec) -> tuple[int, int]:
         return spec.priority, self._order[spec.name]
 
-    def _plan(self, model: ModelSpec, commit: bool, why: bool = True) -> _Plan:
+    def _plan(
+        self, model: ModelSpec, commit: bool, why: bool = True, prefix: int | None = None
+    ) -> _Plan:
         """Order the model's backends; ``why=False`` (the request path) skips the reasons."""
         plan = _Plan()
         ready: list[Member] = []
@@ -318,6 +385,8 @@ class Router:
             ready.insert(0, pick)
         elif model.strategy is Strategy.LEAST_BUSY and len(ready) > 1:
             ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
+        elif model.strategy is Strategy.CACHE_AFFINITY:
+            ready = self._affinity_order(model.name, ready, prefix, plan)
         if not why:
             plan.candidates = [(m, "") for m in ready + recovering + unreachable]
             return plan
@@ -331,9 +400,25 @@ class Router:
             plan.candidates += [
                 (m, f"failover, priority {m.spec.priority}{note[m.name]}") for m in ready[1:]
             ]
-        elif model.strategy is Strategy.LEAST_BUSY:
+        elif model.strategy is Strategy.LEAST_BUSY or (
+            model.strategy is Strategy.CACHE_AFFINITY and prefix is None
+        ):
             plan.candidates += [
                 (m, f"{m.in_flight}/{m.slots} slots busy{note[m.name]}") for m in ready
+            ]
+        elif model.strategy is Strategy.CACHE_AFFINITY and ready:
+            first = {
+                affinity.AFFINITY_HIT: "served this prefix last",
+                affinity.AFFINITY_MISS: "the prefix's place on the hash ring" + (
+                    "" if plan.home is None else f" ({plan.home}, its last home, is not ready)"),
+                affinity.OVERFLOW: "next on the hash ring: the preferred backend is over "
+                f"load_factor {self.table.affinity.load_factor}",
+            }[plan.decision or affinity.AFFINITY_MISS]
+            plan.candidates.append(
+                (ready[0], f"{first}, {ready[0].in_flight}/{ready[0].slots} slots busy"
+                           f"{note[ready[0].name]}"))
+            plan.candidates += [
+                (m, f"failover, next on the hash ring{note[m.name]}") for m in ready[1:]
             ]
         else:
             plan.candidates += [
@@ -347,6 +432,37 @@ class Router:
             (m, "unreachable: a request gets 502 at once, without waiting") for m in unreachable
         ]
         return plan
+
+    def _affinity_order(
+        self, model: str, ready: list[Member], prefix: int | None, plan: _Plan
+    ) -> list[Member]:
+        """``ready`` for a ``cache_affinity`` model: the chosen backend, then ring order."""
+        if prefix is None:
+            plan.decision = affinity.SHORT_PROMPT
+            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
+            return ready
+        ring = self._rings.get(model)
+        if ring is None:
+            names = [spec.name for spec in self.table.backends_for(model)]
+            ring = self._rings[model] = HashRing(names)
+        by_name = {m.name: m for m in ready}
+        ordered = [by_name[name] for name in ring.walk(prefix) if name in by_name]
+        if not ordered:
+            return ordered
+        plan.home = home = self.memory.home(model, prefix)
+        plan.decision = affinity.AFFINITY_MISS
+        if home is not None and home in by_name:
+            ordered.remove(by_name[home])
+            ordered.insert(0, by_name[home])
+            plan.decision = affinity.AFFINITY_HIT
+        # A prefix with no home has no cache to gain from an imbalance: it is placed strictly.
+        factor = self.table.affinity.load_factor if plan.decision is affinity.AFFINITY_HIT \
+            else affinity.NEW_PREFIX_LOAD_FACTOR
+        index, moved = affinity.bounded_choice(ordered, factor)
+        if moved:
+            ordered.insert(0, ordered.pop(index))
+            plan.decision = affinity.OVERFLOW
+        return ordered
 
     def _round_robin_pick(self, model: str, ready: list[Member], commit: bool) -> Member:
         """nginx's smooth weighted round-robin over ``ready`` (in priority order)."""
@@ -404,7 +520,17 @@ class Router:
             return _with_error(
                 result, "model_not_allowed", f"This key may not use the model '{model}'"
             )
-        plan = self._plan(spec, commit=False)
+        prefix = None
+        if spec.strategy is Strategy.CACHE_AFFINITY and self.table.prefix_rule is not None:
+            prefix = affinity.prefix_hash(body, self.table.prefix_rule)
+        plan = self._plan(spec, commit=False, prefix=prefix)
+        if spec.strategy is Strategy.CACHE_AFFINITY:
+            result["affinity"] = {
+                "prefix_hash": None if prefix is None else f"{prefix:016x}",
+                "decision": plan.decision,
+                "remembered_backend": plan.home,
+                "memory": self.memory.memory_json(),
+            }
         result["candidates"] = [
             {**self._describe(member), "why": why} for member, why in plan.candidates
         ]
@@ -447,6 +573,9 @@ class Router:
             )
             if isinstance(member.spec, LocalBackendSpec):
                 doc["port"] = member.spec.port
+            prompt_tokens = self.memory.prompt_tokens_json(member.name)
+            if prompt_tokens is not None:
+                doc["prompt_tokens"] = prompt_tokens
             documents.append(doc)
         return documents
 

@@ -43,7 +43,7 @@ from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
-from llamaproxy.gateway.request_body import with_model
+from llamaproxy.gateway.request_body import with_model, with_slot
 from llamaproxy.gateway.tokens import UsageCollector
 from llamaproxy.observability.metrics import GatewayMetrics, RequestTimer
 from llamaproxy.supervision.probe import read_body_bounded
@@ -85,6 +85,9 @@ class Exchange:
     aborted: bool = False
     #: The canonical model the request was routed for.
     model: str | None = None
+    #: The routing decision of a ``cache_affinity`` model
+    #: (``llamaproxy.backends.affinity.DECISIONS``).
+    route: str | None = None
     #: Why the last backend tried could not answer (sent if no other backend can).
     failure: GatewayError | None = None
     #: The metrics timer of this request (when metrics are on).
@@ -229,7 +232,7 @@ class ProxyExchanges:
         try:
             if model is None:
                 raise UnknownModelError(requested)
-            candidates = router.candidates(model, request.key_id)
+            choice = router.choose(model, request.key_id, request.facts.prefix_hash)
         except UnknownModelError:
             request.send_error(errors.model_not_found(requested or ""))
             return None
@@ -237,7 +240,8 @@ class ProxyExchanges:
             request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
             return None
         exchange.model = model
-        return candidates
+        exchange.route = choice.decision
+        return choice.members
 
     def _park(self, exchange: Exchange, candidates: list[Member]) -> bool:
         """Queue ``exchange`` parked (see ``ParkedExchange``) when it has to wait for a slot.
@@ -422,13 +426,17 @@ class ProxyExchanges:
         request = exchange.request
         if request.path in _USAGE_ROUTES and exchange.usage is None:
             exchange.usage = UsageCollector(request.facts.stream)
+        body = exchange.body
+        slot = self.router.pinned_slot(exchange.model, request.facts.prefix_hash, member)
+        if slot is not None:
+            body = with_slot(body, slot)  # [affinity] pin_slot
         if not self.local_model_list or exchange.model is None or request.facts.model is None:
-            return exchange.body
+            return body
         # Several backends: each gets the name it knows the model by (aliases resolved).
         upstream = member.spec.upstream_model(exchange.model)
         if upstream == request.facts.model:
-            return exchange.body
-        return with_model(exchange.body, upstream)
+            return body
+        return with_model(body, upstream)
 
     async def _forward(
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
@@ -524,6 +532,11 @@ class ProxyExchanges:
             await _answer_plain_error(request, response)
             return True
         await self._relay(exchange, response)
+        usage = exchange.usage
+        if response.code < 400 and usage is not None and exchange.relay is not None \
+                and exchange.relay.outcome == "complete":
+            self.router.served(exchange.model, request.facts.prefix_hash, member,
+                               usage.evaluated_tokens, usage.cached_tokens)
         return True
 
     async def _answer_model(

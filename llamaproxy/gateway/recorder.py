@@ -91,6 +91,7 @@ class RequestRecorder:
                 outcome=outcome,
                 tokens_estimated=estimated,
                 client=request.client_identity.address,
+                route=exchange.route if exchange is not None else None,
             )
             if self.access_log is not None:
                 self.access_log.record(entry)

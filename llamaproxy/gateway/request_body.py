@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llamaproxy.backends.affinity import PrefixRule, prefix_hash
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.json_shape import JsonShape
@@ -38,6 +39,10 @@ class BodyFacts:
     model: str | None = None
     #: ``"stream": true``.
     stream: bool = False
+    #: Hash of the conversation's leading part (``llamaproxy.backends.affinity.prefix_hash``), when
+    #: some
+    #: model routes by prefix and the prompt is long enough to have a reusable one.
+    prefix_hash: int | None = None
 
 
 #: Facts of a request without a JSON body (GET, HEAD).
@@ -49,8 +54,14 @@ def invalid_json(message: str) -> GatewayError:
     return errors.bad_request(message, code="invalid_json")
 
 
-def read_facts(path: bytes, raw: bytes, shape: JsonShape | None) -> BodyFacts | GatewayError:
-    """Check ``raw`` (a POST body for ``path``) and return its facts, or the 400 to answer."""
+def read_facts(
+    path: bytes, raw: bytes, shape: JsonShape | None, prefix_rule: PrefixRule | None = None
+) -> BodyFacts | GatewayError:
+    """Check ``raw`` (a POST body for ``path``) and return its facts, or the 400 to answer.
+
+    With ``prefix_rule`` (some model uses ``cache_affinity``), chat and completion bodies get
+    their ``prefix_hash`` (work bounded by the rule's lengths).
+    """
     if shape is not None and shape.error is not None:
         return invalid_json(f"Request body refused: {shape.error}")
     body = parse_object(raw)
@@ -71,7 +82,10 @@ def read_facts(path: bytes, raw: bytes, shape: JsonShape | None) -> BodyFacts | 
         return errors.bad_request("'model' must be a string", code="invalid_type", param="model")
     if model is not None and len(model) > MAX_MODEL_NAME:
         model = model[:MAX_MODEL_NAME] + "…"
-    return BodyFacts(model=model, stream=body.get("stream") is True)
+    prefix = None
+    if prefix_rule is not None and required != "input" and required is not None:
+        prefix = prefix_hash(body, prefix_rule)
+    return BodyFacts(model=model, stream=body.get("stream") is True, prefix_hash=prefix)
 
 
 def parse_object(raw: bytes) -> dict[str, Any] | GatewayError:
@@ -91,4 +105,11 @@ def with_model(raw: bytes, model: str) -> bytes:
     """``raw`` with its ``model`` set to ``model`` (the body was checked by ``read_facts``)."""
     body = json.loads(raw)
     body["model"] = model
+    return json.dumps(body).encode()
+
+
+def with_slot(raw: bytes, slot: int) -> bytes:
+    """``raw`` with ``id_slot`` set to ``slot`` (``[affinity] pin_slot``)."""
+    body = json.loads(raw)
+    body["id_slot"] = slot
     return json.dumps(body).encode()

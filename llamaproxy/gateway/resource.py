@@ -248,7 +248,7 @@ class GatewayResource(ProxyExchanges, Resource):
     def _serve(self, request: GatewayRequest, body: bytes) -> None:
         """An API request with its whole body: check the body, route it, queue or send it."""
         if request.method == b"POST":
-            facts = read_facts(request.path, body, request.shape)
+            facts = read_facts(request.path, body, request.shape, self.router.table.prefix_rule)
             request.shape = None
             if isinstance(facts, GatewayError):
                 request.send_error(facts)

@@ -51,13 +51,16 @@ def estimate_prompt_tokens(body: bytes) -> int:
 class UsageCollector:
     """Watches a response body go by and remembers its token counts (it never changes it)."""
 
-    __slots__ = ("_kept", "_kept_size", "completion_tokens", "events", "held", "model",
-                 "prompt_tokens", "streaming")
+    __slots__ = ("_kept", "_kept_size", "cached_tokens", "completion_tokens", "events", "held",
+                 "model", "prompt_tokens", "streaming")
 
     def __init__(self, streaming: bool) -> None:
         self.streaming = streaming
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        #: Prompt tokens taken from the backend's prompt cache (``timings.cache_n``, or
+        #: ``usage.prompt_tokens_details.cached_tokens``), None when the response did not say.
+        self.cached_tokens: int | None = None
         self.model: str | None = None
         #: Streams: SSE events relayed so far (a fast path may add its own count here).
         self.events = 0
@@ -65,6 +68,13 @@ class UsageCollector:
         self.held = b""
         self._kept: list[bytes] = []  # non-streaming: the body, up to MAX_BODY_KEPT
         self._kept_size = 0
+
+    @property
+    def evaluated_tokens(self) -> int | None:
+        """Prompt tokens the backend evaluated (not from its cache), when it said."""
+        if self.prompt_tokens is None or self.cached_tokens is None:
+            return self.prompt_tokens
+        return max(self.prompt_tokens - self.cached_tokens, 0)
 
     @property
     def reported(self) -> bool:
@@ -133,14 +143,21 @@ class UsageCollector:
         if isinstance(doc.get("model"), str):
             self.model = doc["model"]
         usage = doc.get("usage")
+        timings = doc.get("timings")
+        if isinstance(timings, dict):
+            cached = timings.get("cache_n", 0)
+            if isinstance(cached, int):
+                self.cached_tokens = cached
         if isinstance(usage, dict):
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int):
                 self.prompt_tokens = prompt
             if isinstance(completion, int):
                 self.completion_tokens = completion
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self.cached_tokens = details["cached_tokens"]
             return
-        timings = doc.get("timings")
         if isinstance(timings, dict) and not self.reported:
             evaluated, cached = timings.get("prompt_n"), timings.get("cache_n", 0)
             predicted = timings.get("predicted_n")

@@ -84,6 +84,8 @@ class AccessEntry:
     tokens_estimated: bool = False
     #: The client's address (the TCP peer, or whom a trusted proxy forwarded for).
     client: str | None = None
+    #: The routing decision of a ``cache_affinity`` model (``affinity_hit``, ...), else None.
+    route: str | None = None
 
 
 #: Longest string field written; longer values are cut and end in ``...``.
@@ -146,6 +148,8 @@ def format_access_text(
         sanitize_field(entry.outcome),
         f"client={sanitize_field(entry.client)}",
     ]
+    if entry.route is not None:
+        parts.append(f"route={sanitize_field(entry.route)}")
     tag = worker_tag(worker_type, instance_id)
     if tag:
         parts.append(sanitize_field(tag))
@@ -179,6 +183,7 @@ def format_access_json(
         ',"tokens_estimated":true' if entry.tokens_estimated else "",
         ',"outcome":', _json_text(entry.outcome),
         ',"client":', _json_text(entry.client),
+        ',"route":' + encode_basestring(entry.route) if entry.route else "",
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
@@ -212,6 +217,8 @@ def access_record(
         record["tokens_estimated"] = True
     record["outcome"] = _json_field(entry.outcome)
     record["client"] = _json_field(entry.client)
+    if entry.route:
+        record["route"] = entry.route
     if worker_type:
         record["worker_type"] = worker_type
     if instance_id:

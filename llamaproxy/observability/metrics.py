@@ -48,6 +48,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
 from llamaproxy.backends.admission import Admission
+from llamaproxy.backends.affinity_metrics import prompt_cache_families
 from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.supervision.child_metrics import BackendMetricsScraper
@@ -820,6 +821,7 @@ class GatewayMetrics:
                 active.add_metric([name], member.load.active)
                 waiting.add_metric([name], member.load.waiting)
         yield from (state, attempts, opens, skipped, active, slots, waiting)
+        yield from prompt_cache_families(router)
 
     def watch_certificate(self, seconds_until_expiry: Callable[[], float]) -> None:
         """Export the TLS certificate's remaining validity (the gateway's own HTTPS listener)."""

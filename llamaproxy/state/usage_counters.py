@@ -3,8 +3,8 @@
 Each replica still writes its own SQLite ledger (:mod:`llamaproxy.observability.usage`, the
 durable record of what *it* served); this adds the one truth across replicas, which
 ``llamaproxy usage --state-url`` reads. Requests are tallied in memory and added to Redis once a
-second by one script (``HINCRBY`` per counter: additions commute, so replicas never overwrite each other). A flush that fails is
-merged back and retried with the next one: nothing counted is dropped while Redis is away (only
+second by one script (``HINCRBY`` per counter: additions commute, so replicas never overwrite each
+other). A flush that fails is merged back and retried with the next one: nothing counted is dropped while Redis is away (only
 when the replica itself stops before Redis returns; its SQLite ledger still has it).
 
 Layout: hash ``llamaproxy:usage:<day>`` with fields ``<key_id>\\x1f<model>\\x1f<r|p|c|e>``

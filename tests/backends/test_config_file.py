@@ -289,7 +289,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertError("backend = 1\n" + LOCAL, "backend", "unknown key (expected one of: "
-                         "backends, models, breaker, failover, keys, local)")
+                         "backends, models, breaker, failover, keys, local, affinity)")
         self.assertError("", "backends", "missing")
         self.assertError("backends = []\n", "backends", "non-empty array of tables")
         self.assertError("backends = 3\n", "backends", "non-empty array of tables")
@@ -431,11 +431,11 @@ class ValidationTests(SynchronousTestCase):
         self.assertError(LOCAL + "[models]\na = 1\n", "models.a", "expected a table")
         self.assertError(LOCAL + "[models.a]\nstrategy = 'fastest'\n", "models.a.strategy",
                          "unknown strategy 'fastest' (expected one of: priority, round-robin, "
-                         "least-busy)")
+                         "least-busy, cache_affinity)")
         self.assertError(LOCAL + "[models.a]\nstrategy = 1\n", "models.a.strategy",
                          "expected a string")
         self.assertError(LOCAL + "[models.a]\nalias = ['x']\n", "models.a.alias",
-                         "unknown key (expected one of: strategy, aliases, default)")
+                         "unknown key (expected one of: strategy, aliases, default, pin_slot)")
         self.assertError(LOCAL + "[models.a]\naliases = 'x'\n", "models.a.aliases",
                          "expected a list")
         self.assertError(LOCAL + "[models.a]\naliases = ['a']\n", "models.a.aliases[0]",

@@ -100,3 +100,34 @@ class TokensTests(SynchronousTestCase):
     def test_estimate_prompt_tokens(self) -> None:
         self.assertEqual(estimate_prompt_tokens(b""), 0)
         self.assertEqual(estimate_prompt_tokens(b"x" * 9), 3)
+
+
+class CachedTokensTests(SynchronousTestCase):
+    """What the prompt cache gave: ``timings.cache_n`` or ``prompt_tokens_details``."""
+
+    def test_stream_timings_cache_n(self) -> None:
+        collector = UsageCollector(streaming=True)
+        run(collector, [TIMINGS_STREAM])
+        self.assertEqual((collector.cached_tokens, collector.evaluated_tokens), (2, 5))
+
+    def test_body_with_usage_details(self) -> None:
+        collector = UsageCollector(streaming=False)
+        body = json.dumps({"usage": {"prompt_tokens": 40, "completion_tokens": 2,
+                                     "prompt_tokens_details": {"cached_tokens": 32}}})
+        run(collector, [body.encode()])
+        self.assertEqual((collector.prompt_tokens, collector.cached_tokens,
+                          collector.evaluated_tokens), (40, 32, 8))
+
+    def test_body_with_usage_and_timings(self) -> None:
+        """llama-server's whole body has both: the timings give cache_n."""
+        collector = UsageCollector(streaming=False)
+        body = json.dumps({"usage": {"prompt_tokens": 40, "completion_tokens": 2},
+                           "timings": {"cache_n": 30, "prompt_n": 10, "predicted_n": 2}})
+        run(collector, [body.encode()])
+        self.assertEqual((collector.prompt_tokens, collector.cached_tokens,
+                          collector.evaluated_tokens), (40, 30, 10))
+
+    def test_no_cache_information(self) -> None:
+        collector = UsageCollector(streaming=True)
+        run(collector, [STREAM])
+        self.assertEqual((collector.cached_tokens, collector.evaluated_tokens), (None, 7))
