@@ -1,11 +1,11 @@
 """Usage counted for all replicas in Redis: requests and tokens per UTC day, key_id and model.
 
-Each replica still writes its own SQLite ledger (:mod:`llamaproxy.observability.usage`, the
-durable record of what *it* served); this adds the one truth across replicas, which
-``llamaproxy usage --state-url`` reads. Requests are tallied in memory and added to Redis once a
-second by one script (``HINCRBY`` per counter: additions commute, so replicas never overwrite each
-other). A flush that fails is merged back and retried with the next one: nothing counted is dropped while Redis is away (only
-when the replica itself stops before Redis returns; its SQLite ledger still has it).
+Each replica still writes its own SQLite ledger (:mod:`llamaproxy.observability.usage`, the durable
+record of what *it* served); this adds the one truth across replicas, which ``llamaproxy usage
+--state-url`` reads. Requests are tallied in memory and added to Redis once a second by one script
+(``HINCRBY`` per counter: additions commute, so replicas never overwrite each other). A flush that
+fails is merged back and retried with the next one: nothing counted is dropped while Redis is away
+(only when the replica itself stops before Redis returns; its SQLite ledger still has it).
 
 Layout: hash ``llamaproxy:usage:<day>`` with fields ``<key_id>\\x1f<model>\\x1f<r|p|c|e>``
 (requests, prompt tokens, completion tokens, estimated requests), and the set
