@@ -92,7 +92,7 @@ fi
 # plugin does that; without it, the docker.io client's built-in BuildKit mode (DOCKER_BUILDKIT=1).
 build_client=(docker)
 if ! docker buildx version >/dev/null 2>&1; then
-  for candidate in /usr/bin/docker $(command -v -a docker); do
+  for candidate in /usr/bin/docker $(type -a -P docker 2>/dev/null); do
     if DOCKER_BUILDKIT=1 "$candidate" build --help 2>/dev/null | grep -q -- '--secret'; then
       build_client=(env DOCKER_BUILDKIT=1 "$candidate"); break
     fi
