@@ -7,7 +7,6 @@ other part takes its reactor, clock or agent as a parameter.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import signal
 from collections.abc import Callable
@@ -15,11 +14,9 @@ from typing import Any, cast
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger, LogLevel
+from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
@@ -30,18 +27,13 @@ from llamaproxy.auth.store import KeyFileWatcher, KeyLoadError, KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.backends import forward
 from llamaproxy.backends.admission import Admission
-from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.backends.config_file import (
-    BackendSpec,
-    BackendsTable,
     LocalBackendSpec,
     LocalDefaults,
-    RemoteBackendSpec,
-    diff,
     load_backends_file,
     single_backend_table,
 )
-from llamaproxy.backends.routing import Router, status_for
+from llamaproxy.backends.live_set import BackendSet, check_remote_tls
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.eager_write import Cork
@@ -61,7 +53,6 @@ from llamaproxy.observability.usage import UsageLedger, resolve_ledger_path
 from llamaproxy.off_thread import OffThread
 from llamaproxy.service import ConnectionPool, GatewayService
 from llamaproxy.supervision.child_metrics import BackendMetricsScraper
-from llamaproxy.supervision.probe import ExternalBackendMonitor
 from llamaproxy.tls import (
     CertificateWatcher,
     ReloadingContextFactory,
@@ -96,6 +87,8 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self.config: Config | None = None
+        #: The llama-server binary, when some backend is a local child (found in postOptions).
+        self.llama_server_path: str | None = None
 
     def opt_listen(self, endpoint: str) -> None:
         """Gateway endpoint string (repeatable), e.g. tcp:8000,
@@ -119,7 +112,7 @@ class Options(usage.Options):
                     self.backends_file, os.environ,
                     defaults=LocalDefaults.from_config(self.config),
                 )
-                _check_remote_tls(self.backends_table)
+                check_remote_tls(self.backends_table)
             else:
                 self.backends_table = single_backend_table(self.config)
             if any(isinstance(b, LocalBackendSpec) for b in self.backends_table.backends):
@@ -159,7 +152,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             reactor, idle_per_host, config.backend_connect_timeout, cork)
     else:
         agent, pool = forward.make_agent(reactor, idle_per_host, config.backend_connect_timeout)
-    backends = BackendSet(config, options, reactor, agent)
+    backends = BackendSet(config, reactor, agent, options.llama_server_path,
+                          options.backends_file)
     state = slots = None
     if config.state_url is not None:
         from llamaproxy.state.redis_store import RedisState
@@ -233,7 +227,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     resource_holder.append(resource)
     if options.backends_file is not None:
-        on_sighup.append(lambda: _reload_backends(options, backends, resource, reactor))
+        on_sighup.append(lambda: backends.reload(OffThread.pool(reactor)).addCallback(
+            lambda router: setattr(resource, "router", router) if router is not None else None))
     if config.admin_listen:
         background.append(_operator_page(config, reactor, resource, backends, access, metrics,
                                          recorder))
@@ -426,188 +421,6 @@ def _gateway_listeners(
         specs = config.endpoints
     listeners.extend(strports.service(spec, site, reactor=reactor) for spec in specs)
     return listeners
-
-
-class BackendSet(MultiService):
-    """The backends' own services (supervised children, monitors of remote upstreams).
-
-    ``apply(table)`` makes the live objects of a backends table and returns its Router; applied
-    again after a reload, it starts added backends, stops removed ones (their requests in flight
-    finish: a removed child is stopped only after the drain of its own streams would allow), and
-    restarts changed ones. Backends that did not change keep their process, status and queue.
-    """
-
-    def __init__(self, config: Config, options: Options, reactor: Any, agent: Any) -> None:
-        super().__init__()
-        self.config = config
-        self.options = options
-        self.reactor = reactor
-        self.agent = agent
-        self.table: BackendsTable | None = None
-        self.router: Router | None = None
-        self.statuses: dict[str, Backend] = {}
-        self.loads: dict[str, Admission] = {}
-        self.by_name: dict[str, Service] = {}
-        #: Called with (name, base_url, admission, slots) for each new backend queue: how
-        #: replicas lease a shared backend's slots from Redis (STATE_URL).
-        self.on_admission: Callable[[str, str, Admission, int], object] | None = None
-        #: Called with (name, admission) once a removed or replaced backend's queue is idle.
-        self.on_retired: Callable[[str, Admission], object] | None = None
-
-    def apply(self, table: BackendsTable) -> Router:
-        """Make (or update) the live backends for ``table``; returns the new Router."""
-        added: frozenset[str] | set[str]
-        removed: frozenset[str] | set[str] = set()
-        changed: frozenset[str] | set[str] = set()
-        if self.table is None:
-            added = {s.name for s in table.backends}
-        else:
-            added, removed, changed = diff(self.table, table)
-        for name in removed:
-            self._retire(*self._detach(name))
-        for spec in table.backends:
-            if spec.name in added:
-                self._add(spec)
-            elif spec.name in changed:
-                # The new child may need the old one's port: start it once the old one is gone.
-                # Meanwhile requests for it wait (its new status says "starting").
-                old = self._detach(spec.name)
-                self._prepare(spec).set_state(BackendState.STARTING)
-                self._retire(*old, then=functools.partial(self._start, spec))
-        self.router = Router.build(table, self.reactor, self.statuses, self.loads, self.router)
-        self.table = table
-        return self.router
-
-    def _prepare(self, spec: BackendSpec) -> Backend:
-        """The status record and queue a backend is routed with."""
-        status = status_for(spec)
-        self.statuses[spec.name] = status
-        admission = self.loads[spec.name] = Admission(
-            spec.max_concurrent, self.config.max_queue_size, self.config.max_queue_per_key,
-            clock=self.reactor,
-        )
-        if self.on_admission is not None:
-            self.on_admission(spec.name, spec.base_url, admission, spec.max_concurrent)
-        return status
-
-    def _add(self, spec: BackendSpec) -> None:
-        self._prepare(spec)
-        self._start(spec)
-
-    def _start(self, spec: BackendSpec) -> None:
-        config, status = self.config, self.statuses[spec.name]
-        if isinstance(spec, LocalBackendSpec):
-            # Without a backends file the one child keeps today's names (its key file is
-            # backend-INSTANCE_ID.key); with one, each child's instance id gets its name.
-            child = config if self.options.backends_file is None else spec.child_config(config)
-            service: Service = _supervisor(
-                child, self.options, status, self.reactor, self.agent, spec.child_env)
-        else:
-            service = ExternalBackendMonitor(
-                status, self.agent, self.reactor, config.probe_interval, config.health_timeout,
-                no_health_is_ready=self.options.backends_file is not None,
-            )
-        self.by_name[spec.name] = service
-        service.setServiceParent(self)
-
-    def _detach(self, name: str) -> tuple[str, Service | None, Admission | None]:
-        """Take a backend out of the set (the next Router will not route to it)."""
-        self.statuses.pop(name, None)
-        return name, self.by_name.pop(name, None), self.loads.pop(name, None)
-
-    def _retire(
-        self,
-        name: str,
-        service: Service | None,
-        load: Admission | None,
-        then: Callable[[], object] | None = None,
-    ) -> None:
-        """Stop a detached backend's service once its requests finished (up to DRAIN_TIMEOUT)."""
-        deadline = self.reactor.seconds() + self.config.drain_timeout
-
-        def stop() -> None:
-            busy = load is not None and (load.active or load.waiting)
-            if busy and self.reactor.seconds() < deadline:
-                self.reactor.callLater(0.2, stop)
-                return
-            if load is not None and self.on_retired is not None:
-                self.on_retired(name, load)
-            if service is None:
-                stopped: Deferred[None] = Deferred()
-                stopped.callback(None)
-            else:
-                log.info("Backend {name} removed: stopping it", name=name)
-                result = service.disownServiceParent()
-                stopped = result if isinstance(result, Deferred) else Deferred()
-                if not isinstance(result, Deferred):
-                    stopped.callback(None)
-            stopped.addErrback(lambda f: log.failure("Error stopping {name}", f, name=name))
-            if then is not None:
-                stopped.addCallback(lambda _: then())
-
-        stop()
-
-
-def _supervisor(
-    config: Config, options: Options, backend: Backend, reactor: Any, agent: Any,
-    child_env: tuple[tuple[str, str], ...] = (),
-) -> Service:
-    from llamaproxy.supervision.llama_server import (
-        BackendKeyFile,
-        build_args,
-        child_environment,
-        spawn_command,
-    )
-    from llamaproxy.supervision.supervisor import LlamaServerSupervisor, SupervisorTimings
-
-    key_file = BackendKeyFile(config.key_dir, config.instance_id)
-    backend.api_key = key_file.key
-    return LlamaServerSupervisor(
-        backend=backend,
-        executable=options.llama_server_path,
-        args=build_args(config, key_file.path),
-        env=child_environment(os.environ, child_env),
-        key_file=key_file,
-        reactor=reactor,
-        agent=agent,
-        timings=SupervisorTimings.from_config(config),
-        launcher=spawn_command,
-        request_log_level=LogLevel.levelWithName(config.child_request_log_level),
-    )
-
-
-def _reload_backends(
-    options: Options, backends: BackendSet, resource: GatewayResource, reactor: Any
-) -> Deferred[None]:
-    """SIGHUP: re-read the backends file (off the reactor thread); a file that does not load
-    keeps the current one."""
-    assert options.backends_file is not None and options.config is not None
-    path, defaults = options.backends_file, LocalDefaults.from_config(options.config)
-
-    def read() -> BackendsTable:
-        table = load_backends_file(path, os.environ, defaults=defaults)
-        _check_remote_tls(table)
-        return table
-
-    def apply(table: BackendsTable) -> None:
-        resource.router = backends.apply(table)
-        log.info("Backends file reloaded: {count} backends", count=len(table.backends))
-
-    def refused(failure: Failure) -> None:
-        failure.trap(ConfigError)
-        log.error("Backends file not reloaded, keeping the current one: {error}",
-                  error=failure.getErrorMessage())
-
-    return OffThread.pool(reactor)(read).addCallbacks(apply, refused)
-
-
-def _check_remote_tls(table: BackendsTable) -> None:
-    for spec in table.backends:
-        if isinstance(spec, RemoteBackendSpec) and not spec.verify_tls:
-            raise ConfigError(
-                f"backend {spec.name!r}: verify_tls = false is not supported; "
-                "upstream certificates are always verified"
-            )
 
 
 def _on_sighup(reactor: Any, actions: list[Callable[[], object]]) -> None:
