@@ -5,6 +5,9 @@ gateway's names stay valid), its default, its strict parser and its help text. `
 builds the twistd flags from the same table, and a test checks that docs/configuration.md has a
 line for each. Precedence: flag > first set environment variable > default. A value that does not
 parse is a ``ConfigError`` naming the flag or variable; it is never replaced by a default.
+
+Its size is the option table: every option's flag, variables, default, parser and help in one list,
+which the docs and ``--help`` are generated from.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@
   pause/resume/stop from the receiver (backpressure and disconnect tests).
 - ``FakeLlamaServer``: a twisted.web resource answering like llama-server, SSE streams included.
 - ``InMemoryClient`` / ``parse_response``: a client connection to a Site over a StringTransport.
+
+Its size is the number of fakes, each small and independent; they live in one public module as
+treq's testing module does.
 """
 
 from __future__ import annotations

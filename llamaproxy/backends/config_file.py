@@ -8,6 +8,10 @@ type, a bad value or an unknown key is a ``BackendsFileError`` naming the file, 
 key, e.g. ``backends.toml: backends[1].base_url: expected an http(s) URL``. Without a file,
 ``single_backend_table`` builds the same structures from the environment-variable ``Config``.
 docs/routing.md describes every key.
+
+Its size is the schema: every table and key of the file is parsed and validated here, with an error
+naming the file, the table and the key, so the rules stay in one place (splitting it would split
+the schema).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ when nothing is ready. External backends found unreachable come after those (onl
 request none can serve is answered with the reason at once). The failover helpers
 (``is_retryable``, ``within_budget``, ``breaker_outcome``, ``failure_reason``) are pure
 functions of what happened to one attempt. No I/O here.
+
+Over 500 lines because the strategies, the failover plan and ``explain`` (the dry run) must order
+backends identically: they share the plan code here.
 """
 
 from __future__ import annotations

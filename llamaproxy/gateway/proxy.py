@@ -4,6 +4,10 @@
 pick the candidates for its model, wait for a ready backend and a slot (one QUEUE_TIMEOUT
 budget), send it, fail over to the next backend when that is safe (nothing sent to the client
 yet), and relay the answer with backpressure. ``Exchange`` is one such request in flight.
+
+Over 500 lines because the exchange's steps (route, park, admit, forward, fail over, relay, answer)
+share one state object and one failure policy; splitting them would pass that state between
+modules. (Issue 17 leaves a note: the resource still inherits this class as a mixin.)
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ the text format (no backend families) takes about 2.3 ms, on the reactor thread.
 The child's own ``llamacpp:*`` metrics come from ``backend_metrics.BackendMetricsScraper``
 (``add_scraper``). Never use ``prometheus_client.twisted``: it renders on the reactor thread
 pool and imports the global reactor.
+
+Its size is the metric catalogue: every family the gateway exports is declared here next to the
+code that updates it, so docs/metrics.md and the dashboard can be checked against one registry.
 """
 
 from __future__ import annotations

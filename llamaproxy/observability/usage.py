@@ -13,6 +13,9 @@ stays small however long the gateway runs.
 
 :class:`TokenRateLimiter` is the sliding-window counter of :mod:`llamaproxy.auth.ratelimit`
 counting tokens instead of requests: ``check`` before a request, ``spend`` after it.
+
+Slightly over 500 lines: the ledger's thread-pool writer, its WAL checkpoints and its reader share
+the schema code.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ reference/twisted-notes.md §1.5 for why). The states are ``BackendState`` on th
     STARTING/LOADING/READY --process ended--> BACKOFF --delay--> STARTING
     STARTING/LOADING --ready_timeout--> (TERM, KILL) --> BACKOFF
     any --stopService--> STOPPING --process ended--> STOPPED    (BACKOFF --stopService--> STOPPED)
+
+Over 500 lines because the child's state machine (above) is one object: each transition's timers
+and signals live with it.
 """
 
 from __future__ import annotations
