@@ -1,20 +1,21 @@
 """The proxied exchange: route a request to a backend, wait, send, fail over, relay.
 
-``ProxyExchanges`` is the part of the gateway resource that serves one API request end to end:
-pick the candidates for its model, wait for a ready backend and a slot (one QUEUE_TIMEOUT
-budget), send it, fail over to the next backend when that is safe (nothing sent to the client
-yet), and relay the answer with backpressure. ``Exchange`` is one such request in flight.
+``ProxyExchanges`` (one per gateway, held by the resource) serves each API request end to end once
+its body was checked (``start``): pick the candidates for its model, wait for a ready backend and a
+slot (one QUEUE_TIMEOUT budget), send it, fail over to the next backend when that is safe (nothing
+sent to the client yet), and relay the answer with backpressure; it keeps the set in flight that
+a drain waits for. ``Exchange`` is one such request in flight.
 
 Over 500 lines because the exchange's steps (route, park, admit, forward, fail over, relay, answer)
 share one state object and one failure policy; splitting them would pass that state between
-modules. (Issue 17 leaves a note: the resource still inherits this class as a mixin.)
+modules.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
@@ -24,6 +25,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from llamaproxy.auth.keys import AUTH_DISABLED
@@ -49,7 +51,7 @@ from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.request_body import with_model, with_slot
 from llamaproxy.gateway.tokens import UsageCollector
-from llamaproxy.observability.metrics import GatewayMetrics, RequestTimer
+from llamaproxy.observability.metrics import GatewayMetrics, RequestTimer, route_label
 from llamaproxy.supervision.probe import read_body_bounded
 
 log = Logger()
@@ -189,21 +191,131 @@ class ParkedExchange(Waiter):
 
 
 class ProxyExchanges:
-    """The exchange logic of ``GatewayResource`` (a mixin: it uses the resource's attributes)."""
+    """Every proxied request of one gateway, from routing to its last byte (``start``), and the
+    set of those in flight (what a drain waits for, or cuts)."""
 
-    router: Router
-    agent: IAgent
-    clock: IReactorTime
-    settings: GatewaySettings
-    draining: bool
-    local_model_list: bool
-    metrics: GatewayMetrics | None
-    started_at: float
+    def __init__(
+        self,
+        router: Router,
+        agent: IAgent,
+        clock: IReactorTime,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        #: Routes models to backends; replaced whole when the backends file is reloaded.
+        self.router = router
+        self.agent = agent
+        self.clock = clock
+        self.settings = settings
+        self.metrics = metrics
+        #: Answer /v1/models from the router (several backends) instead of asking the backend.
+        self.local_model_list = False
+        #: True once the gateway stops taking new requests.
+        self.draining = False
+        self.in_flight: set[Exchange] = set()
+        self.started_at = clock.seconds()
+        self._drained: list[Deferred[None]] = []
 
-    #: The resource's: drive an exchange with a coroutine until it ends.
-    _run: Callable[[Exchange, Coroutine[Any, Any, None]], None]
-    #: The resource's: clean up after an exchange ended.
-    _exchange_done: Callable[[object, Exchange], None]
+    def start(self, request: GatewayRequest, body: bytes) -> None:
+        """Serve an API request whose body was checked: route it, then queue or send it."""
+        exchange = Exchange(request, self.clock.seconds(), body=body)
+        request.exchange = exchange
+        if self.metrics is not None:
+            key_id = request.key_id if request.key_id != AUTH_DISABLED else None
+            exchange.timer = self.metrics.request_started(route_label(request.path), key_id)
+        candidates = self._route(exchange)
+        if candidates is None:  # answered already (the model list, or a model error)
+            self._exchange_done(None, exchange)
+            return
+        self.in_flight.add(exchange)
+        if not self._park(exchange, candidates):
+            self._run(exchange, self._attempts(exchange, candidates))
+
+    def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends."""
+        task = Deferred.fromCoroutine(work)
+        exchange.task = task
+        task.addErrback(self._unexpected, exchange)
+        task.addBoth(self._exchange_done, exchange)
+        exchange.request.notifyFinish().addErrback(self._client_gone, exchange)
+
+    # -- the end of an exchange ----------------------------------------------------------------
+
+    def _client_gone(self, reason: Failure, exchange: Exchange) -> None:
+        if exchange.relay is not None:
+            # Usually the transport already told the relay (stopProducing); make sure.
+            exchange.relay.stopProducing()
+        elif exchange.task is not None:
+            exchange.task.cancel()
+
+    def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
+        request = exchange.request
+        if failure.check(CancelledError):
+            if exchange.timed_out:
+                request.send_error(errors.gateway_timeout())
+            elif exchange.aborted:
+                request.send_error(errors.backend_unavailable("stopping", 5))
+            return None
+        log.failure("Unexpected error while proxying", failure)
+        request.send_error(errors.internal_error())
+        return None
+
+    def _exchange_done(self, result: object, exchange: Exchange) -> None:
+        exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
+        if exchange.request.recorded:
+            # The access log and metrics have read it: break request <-> exchange too, so the
+            # request's objects are freed now rather than by a garbage collection.
+            exchange.request.exchange = None
+        self._cancel_deadline(exchange)
+        if exchange.slot is not None:
+            exchange.slot.release()
+        self.in_flight.discard(exchange)
+        if self.settings.log_requests:
+            self._log_exchange(exchange)
+        if not self.in_flight:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def _log_exchange(self, exchange: Exchange) -> None:
+        request, relay = exchange.request, exchange.relay
+        log.info(
+            "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id} "
+            "id={request_id}",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:200],
+            status=request.code if request.startedWriting or request.finished else 499,
+            outcome=exchange.outcome(),
+            bytes=relay.bytes_sent if relay is not None else 0,
+            duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 1),
+            key_id=request.key_id,
+            request_id=request.request_id,
+        )
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def wait_idle(self) -> Deferred[None]:
+        """A Deferred that fires when no proxied request is in flight."""
+        d: Deferred[None] = Deferred()
+        if not self.in_flight:
+            d.callback(None)
+        else:
+            self._drained.append(d)
+        return d
+
+    def abort_in_flight(self) -> None:
+        """Cut every exchange still running (the drain timeout passed)."""
+        # Waiting ones first: a slot freed by cutting a running one must not start them.
+        waiting_first = sorted(self.in_flight, key=lambda e: (e.parked is None, e.slot is not None))
+        for exchange in waiting_first:
+            if exchange.parked is not None:
+                exchange.parked.abort()
+            elif exchange.relay is not None:
+                exchange.relay.abort("shutdown")
+            elif exchange.task is not None:
+                exchange.aborted = True
+                exchange.task.cancel()
+
 
     def _answer_model_list(self, request: GatewayRequest) -> None:
         """/v1/models and /v1/models/{id} from the router: the models this key may use."""

@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 import json
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,7 +41,7 @@ from llamaproxy.gateway.proxy import (
 )
 from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
 from llamaproxy.gateway.request_body import invalid_json, parse_object, read_facts
-from llamaproxy.observability.metrics import GatewayMetrics, route_label
+from llamaproxy.observability.metrics import GatewayMetrics
 
 log = Logger()
 
@@ -112,7 +111,7 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
     return Route("api", path)
 
 
-class GatewayResource(ProxyExchanges, Resource):
+class GatewayResource(Resource):
     """Serves /ping, /health, /readyz and proxies the OpenAI API to the backend."""
 
     isLeaf = True
@@ -129,23 +128,71 @@ class GatewayResource(ProxyExchanges, Resource):
         metrics: GatewayMetrics | None = None,
     ) -> None:
         super().__init__()
-        self.metrics = metrics
-        #: Routes models to backends; replaced whole when the backends file is reloaded.
-        self.router = router
-        #: Answer /v1/models from the router (several backends) instead of asking the backend.
-        self.local_model_list = False
-        self.agent = agent
         self.clock = clock
         self.settings = settings
         self.access = access
         self.health_document = health_document
         self.ready = ready
-        self.draining = False
-        self.in_flight: set[Exchange] = set()
-        self.started_at = clock.seconds()
-        self._drained: list[Deferred[None]] = []
+        #: The proxied requests: routing, queueing, sending, relaying (``gateway.proxy``).
+        self.exchanges = ProxyExchanges(router, agent, clock, settings, metrics)
         #: API requests whose large bodies wait for their turn to be parsed.
         self._large_bodies: deque[tuple[GatewayRequest, bytes]] = deque()
+
+    # -- the exchanges' state, as the service, the tap and the health site see it ----------------
+
+    @property
+    def router(self) -> Router:
+        """Routes models to backends; replaced whole when the backends file is reloaded."""
+        return self.exchanges.router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self.exchanges.router = router
+
+    @property
+    def local_model_list(self) -> bool:
+        """Answer /v1/models from the router (several backends) instead of asking the backend."""
+        return self.exchanges.local_model_list
+
+    @local_model_list.setter
+    def local_model_list(self, value: bool) -> None:
+        self.exchanges.local_model_list = value
+
+    @property
+    def draining(self) -> bool:
+        """True once the gateway stops taking new requests (SIGTERM)."""
+        return self.exchanges.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.exchanges.draining = value
+
+    @property
+    def in_flight(self) -> set[Exchange]:
+        """The proxied requests not finished yet."""
+        return self.exchanges.in_flight
+
+    @property
+    def metrics(self) -> GatewayMetrics | None:
+        """The gateway's metrics (None: not measured)."""
+        return self.exchanges.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: GatewayMetrics | None) -> None:
+        self.exchanges.metrics = metrics
+
+    @property
+    def agent(self) -> IAgent:
+        """The client requests are forwarded with."""
+        return self.exchanges.agent
+
+    def wait_idle(self) -> Deferred[None]:
+        """A Deferred that fires when no proxied request is in flight."""
+        return self.exchanges.wait_idle()
+
+    def abort_in_flight(self) -> None:
+        """Cut every exchange still running (the drain timeout passed)."""
+        self.exchanges.abort_in_flight()
 
     # -- decisions from the headers alone ------------------------------------------------------
 
@@ -254,26 +301,7 @@ class GatewayResource(ProxyExchanges, Resource):
                 request.send_error(facts)
                 return
             request.facts = facts
-        exchange = Exchange(request, self.clock.seconds(), body=body)
-        request.exchange = exchange
-        if self.metrics is not None:
-            key_id = request.key_id if request.key_id != AUTH_DISABLED else None
-            exchange.timer = self.metrics.request_started(route_label(request.path), key_id)
-        candidates = self._route(exchange)
-        if candidates is None:  # answered already (the model list, or a model error)
-            self._exchange_done(None, exchange)
-            return
-        self.in_flight.add(exchange)
-        if not self._park(exchange, candidates):
-            self._run(exchange, self._attempts(exchange, candidates))
-
-    def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends."""
-        task = Deferred.fromCoroutine(work)
-        exchange.task = task
-        task.addErrback(self._unexpected, exchange)
-        task.addBoth(self._exchange_done, exchange)
-        exchange.request.notifyFinish().addErrback(self._client_gone, exchange)
+        self.exchanges.start(request, body)
 
     def _render_public(self, request: GatewayRequest, path: bytes) -> bytes:
         if path == b"/ping":
@@ -348,83 +376,6 @@ class GatewayResource(ProxyExchanges, Resource):
 
         reloading.addCallbacks(loaded, failed)
         return NOT_DONE_YET
-
-    # -- the proxied exchange ------------------------------------------------------------------
-
-    def _client_gone(self, reason: Failure, exchange: Exchange) -> None:
-        if exchange.relay is not None:
-            # Usually the transport already told the relay (stopProducing); make sure.
-            exchange.relay.stopProducing()
-        elif exchange.task is not None:
-            exchange.task.cancel()
-
-    def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
-        request = exchange.request
-        if failure.check(CancelledError):
-            if exchange.timed_out:
-                request.send_error(errors.gateway_timeout())
-            elif exchange.aborted:
-                request.send_error(errors.backend_unavailable("stopping", 5))
-            return None
-        log.failure("Unexpected error while proxying", failure)
-        request.send_error(errors.internal_error())
-        return None
-
-    def _exchange_done(self, result: object, exchange: Exchange) -> None:
-        exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
-        if exchange.request.recorded:
-            # The access log and metrics have read it: break request <-> exchange too, so the
-            # request's objects are freed now rather than by a garbage collection.
-            exchange.request.exchange = None
-        self._cancel_deadline(exchange)
-        if exchange.slot is not None:
-            exchange.slot.release()
-        self.in_flight.discard(exchange)
-        if self.settings.log_requests:
-            self._log_exchange(exchange)
-        if not self.in_flight:
-            waiters, self._drained = self._drained, []
-            for d in waiters:
-                d.callback(None)
-
-    def _log_exchange(self, exchange: Exchange) -> None:
-        request, relay = exchange.request, exchange.relay
-        log.info(
-            "{method} {path} {status} {outcome} {bytes}B {duration_ms}ms key={key_id} "
-            "id={request_id}",
-            method=request.method.decode("latin-1"),
-            path=request.path.decode("latin-1")[:200],
-            status=request.code if request.startedWriting or request.finished else 499,
-            outcome=exchange.outcome(),
-            bytes=relay.bytes_sent if relay is not None else 0,
-            duration_ms=round((self.clock.seconds() - exchange.started) * 1000, 1),
-            key_id=request.key_id,
-            request_id=request.request_id,
-        )
-
-    # -- shutdown ------------------------------------------------------------------------------
-
-    def wait_idle(self) -> Deferred[None]:
-        """A Deferred that fires when no proxied request is in flight."""
-        d: Deferred[None] = Deferred()
-        if not self.in_flight:
-            d.callback(None)
-        else:
-            self._drained.append(d)
-        return d
-
-    def abort_in_flight(self) -> None:
-        """Cut every exchange still running (the drain timeout passed)."""
-        # Waiting ones first: a slot freed by cutting a running one must not start them.
-        waiting_first = sorted(self.in_flight, key=lambda e: (e.parked is None, e.slot is not None))
-        for exchange in waiting_first:
-            if exchange.parked is not None:
-                exchange.parked.abort()
-            elif exchange.relay is not None:
-                exchange.relay.abort("shutdown")
-            elif exchange.task is not None:
-                exchange.aborted = True
-                exchange.task.cancel()
 
 
 def _body_of(request: GatewayRequest) -> bytes:
