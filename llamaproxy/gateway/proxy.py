@@ -68,6 +68,9 @@ _MODEL_LIST_LIMIT = 1 << 20
 
 MODEL_PREFIX = b"/v1/models/"
 
+#: The header a streamed request goes to its backend with (see ``_forward``).
+STREAM_CONNECTION = (b"Connection", b"close")
+
 #: Routes whose responses report token usage.
 _USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 
@@ -580,10 +583,14 @@ class ProxyExchanges:
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
             exchange.sent = True
+            extra = request.client_identity.forwarding_headers()
+            if request.facts.stream:
+                # llama-server closes the connection after a streamed (chunked) response although
+                # it answered "Keep-Alive": a request sent on it next would be lost, and one
+                # written whole is never sent again. Say so first: neither client reuses it.
+                extra.append(STREAM_CONNECTION)
             sending = forward.send(
-                self.agent, url, status.api_key, method, request.requestHeaders, body,
-                request.client_identity.forwarding_headers(),
-            )
+                self.agent, url, status.api_key, method, request.requestHeaders, body, extra)
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
                 response = await sending

@@ -372,6 +372,16 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.gw.admission.active, 0)
 
+    def test_streams_ask_the_backend_to_close_the_connection(self) -> None:
+        """llama-server closes a connection after a streamed response though it says
+        keep-alive; a streamed request says Connection: close so no client reuses it."""
+        self.gw.chat()
+        self.gw.chat(json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode())
+        stream, plain = self.gw.agent.requests
+        assert stream.headers is not None and plain.headers is not None
+        self.assertEqual(stream.headers.getRawHeaders(b"connection"), [b"close"])
+        self.assertIsNone(plain.headers.getRawHeaders(b"connection"))
+
     def test_stream_relayed_as_the_backend_sent_it(self) -> None:
         """Usage and timings events reach the client whether or not it asked for usage, and the
         request body reaches the backend unchanged (issue 16.1: nothing is forced)."""
