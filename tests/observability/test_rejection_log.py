@@ -1,4 +1,4 @@
-"""Tests for llamaproxy.observability.rejection_log: one line per reason, then a summary a window."""
+"""Tests for llamaproxy.observability.rejection_log: a line per reason, then summaries."""
 
 from __future__ import annotations
 
