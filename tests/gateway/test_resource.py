@@ -306,8 +306,10 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(record.headers.getRawHeaders(b"authorization"),
                          [b"Bearer gateway-backend-key"])
         self.assertEqual(record.headers.getRawHeaders(b"x-trace"), [b"abc"])
-        for dropped in (b"x-secret", b"connection", b"cookie", b"host", b"content-length"):
+        for dropped in (b"x-secret", b"cookie", b"host", b"content-length"):
             self.assertIsNone(record.headers.getRawHeaders(dropped), dropped)
+        # The client's Connection header is dropped; a stream goes with the gateway's own.
+        self.assertEqual(record.headers.getRawHeaders(b"connection"), [b"close"])
         assert record.body_producer is not None
         sent = StringTransport()
         record.body_producer.startProducing(sent)
