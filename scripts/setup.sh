@@ -23,11 +23,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# What only the tests need (scripts/test.sh sets LLAMAPROXY_SETUP_FOR_TESTS=1; the quick start
+# does not, so running the gateway never installs a browser or a Redis server):
+#
 # The operator page's browser tests (tests/e2e/test_operator_page.py) drive Debian's chromium
 # through chromium-driver (never a browser downloaded at run time). Installed when missing and we
 # are root; otherwise those tests are skipped, which LLAMAPROXY_REQUIRE_E2E=1 (CI) turns into a
 # failure.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+for_tests="${LLAMAPROXY_SETUP_FOR_TESTS:-0}"
+if [ "$for_tests" = 1 ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "Installing chromium and chromium-driver (browser tests of the operator page)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
@@ -42,7 +46,7 @@ fi
 # The shared-state tests (tests/state, tests/e2e/test_replicas.py) start Debian's redis-server on
 # a loopback port. Installed when missing and we are root; otherwise they are skipped, which
 # LLAMAPROXY_REQUIRE_E2E=1 (CI) turns into a failure.
-if ! command -v redis-server >/dev/null; then
+if [ "$for_tests" = 1 ] && ! command -v redis-server >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "Installing redis-server (tests of the state shared by replicas)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

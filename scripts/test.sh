@@ -7,7 +7,7 @@
 # LLAMAPROXY_DOCKER_TESTS=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+LLAMAPROXY_SETUP_FOR_TESTS=1 bash scripts/setup.sh
 VENV="${LLAMAPROXY_VENV:-.venv}"
 export PATH="$PWD/$VENV/bin:$PATH"
 export LLAMAPROXY_REQUIRE_E2E="${LLAMAPROXY_REQUIRE_E2E:-1}"
