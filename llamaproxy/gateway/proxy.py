@@ -222,6 +222,8 @@ class ProxyExchanges:
     def start(self, request: GatewayRequest, body: bytes) -> None:
         """Serve an API request whose body was checked: route it, then queue or send it."""
         exchange = Exchange(request, self.clock.seconds(), body=body)
+        if request.path in _USAGE_ROUTES:
+            exchange.usage = UsageCollector(request.facts.stream)  # counts what the answer used
         request.exchange = exchange
         if self.metrics is not None:
             key_id = request.key_id if request.key_id != AUTH_DISABLED else None
@@ -543,8 +545,6 @@ class ProxyExchanges:
     def _request_body(self, exchange: Exchange, member: Member) -> bytes:
         """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
-        if request.path in _USAGE_ROUTES and exchange.usage is None:
-            exchange.usage = UsageCollector(request.facts.stream)
         body = exchange.body
         slot = self.router.pinned_slot(exchange.model, request.facts.prefix_hash, member)
         if slot is not None:
