@@ -47,6 +47,10 @@ FINGERPRINTS = {
     "twisted.internet.tcp:Connection.connectionLost": "dd7a9a87035a2084",
     # (and the instance attributes it reads: _tempDataBuffer is set here)
     "twisted.internet.abstract:FileDescriptor.__init__": "6405435a8c04d4c9",
+    # backend_client cuts the wrapping factory's cycles when a connection is lost: the two
+    # attributes it clears are set here.
+    "twisted.internet.endpoints:_WrappingFactory.__init__": "0bbd6221855ef20f",
+    "twisted.internet.endpoints:_WrappingFactory.startedConnecting": "cde536743db20b04",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).
@@ -57,6 +61,7 @@ NAMES = {
     "twisted.internet.tcp:Connection._aborting": "attribute",
     "twisted.internet.tcp:Connection._writeDisconnecting": "attribute",
     "twisted.internet.tcp:Connection._writeDisconnected": "attribute",
+    "twisted.internet.endpoints:_WrappingFactory": "callable",
     "twisted.web._abnf:_istoken": "callable",
     "twisted.web._newclient:ExcessWrite": "callable",
     "twisted.web._newclient:ParseError": "callable",

@@ -75,8 +75,10 @@ class GatewayRequest(server.Request):
     #: Measures a JSON body's depth and size while it arrives (POSTs to JSON routes only).
     shape: JsonShape | None
     #: Gives back the rate-limit charge of this request if the gateway refuses it (set by the
-    #: early check when it charged one; see ``refuse``).
-    refund: Callable[[], None] | None
+    #: early check when it charged one; see ``refuse``). Called with the request, so it holds
+    #: no reference to it: a request must never sit in a reference cycle (the fast paths' GC
+    #: schedule collects cycles only once a minute, so each one would be held that long).
+    refund: Callable[[GatewayRequest], None] | None
     #: The X-Request-ID of this request (the client's when valid, else a new one).
     request_id: str
     #: The proxied exchange serving this request, when it reached one (for the access log).
@@ -382,7 +384,7 @@ class GatewayRequest(server.Request):
         self.error = error
         refund, self.refund = self.refund, None
         if refund is not None and not getattr(self.exchange, "sent", False):
-            refund()
+            refund(self)
 
     def render_error(self, error: GatewayError) -> bytes:
         """Set status and headers for ``error`` and return its body (for ``render``)."""

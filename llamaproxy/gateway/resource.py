@@ -227,14 +227,14 @@ class GatewayResource(Resource):
         if result.error is not None:
             return result.error
         if result.charged_at is not None:
-            request.refund = partial(self._refund, request, result)
+            request.refund = partial(self._refund, result)  # no cycle through the request
         if self.metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
             self.metrics.authenticated(result.key_id)  # type: ignore[arg-type]
         for name, value in result.headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return None
 
-    def _refund(self, request: GatewayRequest, access: Access) -> None:
+    def _refund(self, access: Access, request: GatewayRequest) -> None:
         """The gateway refused ``request`` itself: it costs no request from the key's window."""
         remaining = self.access.refund(access)
         if remaining is not None and not request.startedWriting:

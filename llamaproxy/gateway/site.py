@@ -190,6 +190,10 @@ class GatewayChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_arrival_timer()
         super().connectionLost(reason)
+        # A request answered before its body arrived leaves twisted.web's body decoder in
+        # place, holding a bound method of this channel: a reference cycle per connection
+        # that only a full collection frees (once a minute under the fast paths' GC schedule).
+        self._transferDecoder = None
 
     def _cancel_arrival_timer(self) -> None:
         if self._arrival_timer is not None and self._arrival_timer.active():

@@ -5,6 +5,7 @@ errors and cancellation (in memory), the keep-alive pool, and a few exchanges ov
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -1088,6 +1089,37 @@ class RealSocketTests(TestCase):
         port = self.raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body",
                         close_after=0.05)
         return Deferred.fromCoroutine(self._close_delimited(port))
+
+    async def _closed_freed(self, port: int) -> None:
+        response = await self.client.request(b"GET", b"http://127.0.0.1:%d/" % port)
+        body = Body()
+        response.deliverBody(body)
+        while not body.reasons:
+            await deferLater(self.reactor, 0.01, lambda: None)
+        del response
+        await deferLater(self.reactor, 0.01, lambda: None)  # the transport's loss is done
+        self.assertEqual(self.client.idle_connections(), 0)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            left = sorted({type(o).__name__ for o in gc.garbage}
+                          & {"Client", "Connector", "_WrappingFactory"})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(left, [])
+
+    def test_a_closed_connection_is_freed_without_the_collector(self) -> Deferred[None]:
+        # Seen in the gateway under load (issue 17.7): every backend connection that closed
+        # (every stream's: they go with Connection: close) left its TCP transport, connector,
+        # the endpoint's wrapping factory and its Deferred in reference cycles, held until the
+        # once-a-minute full collection of the fast paths' GC schedule.
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        port = self.raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        close_after=None)
+        return Deferred.fromCoroutine(self._closed_freed(port))
 
     async def _idle_closed(self, port: int) -> None:
         url = b"http://127.0.0.1:%d/" % port

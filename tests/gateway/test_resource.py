@@ -353,6 +353,44 @@ class ProxyTests(SynchronousTestCase):
             freed.append(weakref.ref(self.gw.resource))  # a control that must stay alive
             self.assertEqual([ref() is None for ref in freed], [True, True, False], streamed)
 
+    def test_rate_limited_requests_are_freed_without_the_garbage_collector(self) -> None:
+        # Seen in the gateway under load (issue 17.7): with a rate limit, every request held
+        # its refund as partial(resource._refund, request, ...), a cycle through the request
+        # that only a full collection frees (once a minute under the fast paths' GC schedule):
+        # +20 MB of RSS under 50 streams.
+        gw = GatewayFixture(limiter=RateLimiter(Clock(), default_limit=1000))
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for status in (200, 503):
+            client = gw.chat()
+            [exchange] = gw.resource.in_flight
+            self.assertIsNotNone(exchange.request.refund)
+            freed = [weakref.ref(exchange.request)]
+            del exchange
+            gw.agent.requests[-1].respond(status, b'{"ok": true}', Headers({
+                b"content-type": [b"application/json"]}))
+            self.assertTrue(client.response().complete)
+            self.assertEqual([ref() is None for ref in freed], [True], status)
+
+    def test_a_connection_answered_before_its_body_is_freed_without_the_collector(self) -> None:
+        # Seen the same way: a request refused from its headers (401 here) with its body
+        # still to come left twisted.web's body decoder on the channel, holding a bound method
+        # of the channel: a cycle per connection, one more full collection's worth of memory
+        # for a client that only sends bad keys.
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        client = self.gw.client()
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+                    b"Authorization: Bearer sk-wrong-key-0000000000000\r\n"
+                    b"Content-Length: 100\r\n\r\n")
+        self.assertEqual(client.response().status, 401)
+        channel = weakref.ref(client.channel)
+        client.disconnect()
+        del client
+        self.assertIsNone(channel())
+
     def test_stream_is_relayed_event_by_event(self) -> None:
         client = self.gw.chat()
         backend = StreamingResponse()
