@@ -260,6 +260,7 @@ def _parse_wrk(output: str) -> dict[str, Any]:
         "tool": "wrk",
         "requests": raw["requests"],
         "errors": errors,
+        "errors_by_kind": raw["errors"],
         "duration_s": duration,
         "rps": (raw["requests"] - raw["errors"]["status"]) / duration,
         "latency_ms": {name: latency[name] / 1000 for name in ("min", "mean", "p50", "p99",
