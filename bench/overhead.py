@@ -1,27 +1,36 @@
-"""What a proxy adds: the fake backend directly, behind nginx, and behind llamaproxy, in one run.
+"""What a proxy adds: the fake backend directly, behind nginx, the older gateway and llamaproxy.
 
-Three servers side by side, same load, same machine:
+The servers side by side, same load, same machine:
 
 - ``direct``: :mod:`bench.fake_backend` (raw asyncio, never the bottleneck);
 - ``nginx``: one worker, ``proxy_buffering off``, upstream keep-alive (:mod:`bench.nginx`;
   skipped with a note when nginx is not installed);
 - ``llamaproxy``: ``twistd -n llamaproxy`` with ``BACKEND_URL`` on the fake, every feature on:
   auth with a key, rate limit (set high), access log, JSON logs, metrics and usage ledger when the
-  build has them (unknown variables only produce a startup warning).
+  build has them (unknown variables only produce a startup warning); twice, with
+  ``FAST_PATHS=auto`` (``llamaproxy``) and ``FAST_PATHS=off`` (``llamaproxy-off``);
+- ``older``: the older stdlib gateway (``scripts/gateway.py`` of zepfu/llama-gguf-inference, auth
+  on with a one-key file), run from an export given with ``--older-gateway PATH`` or
+  ``BENCH_OLDER_GATEWAY`` (:mod:`bench.older_gateway`; never copied into this project); skipped
+  with a note when not given.
 
 Proxies run on core 0 (``taskset -c 0``); the backend and the load generators on core 1.
 Measurements: plain (non-streamed) chat requests with ``wrk`` and :file:`bench/wrk_post.lua` at
 concurrency 1 and 64 (latency p50/p99, requests/s, proxy CPU-seconds per 1 000 requests from
 /proc/<pid>/stat, RSS), then 500 concurrent SSE streams of 50 events 20 ms apart with
 :mod:`bench.load`, after one unmeasured round that fills the proxy's upstream pool (first-byte
-latency, gaps between events, delivery delay, arrival spread, proxy CPU and RSS). "Added"
-numbers are proxy minus direct. Output: a markdown table (stdout and ``--markdown``) and the
-JSON document (``--json``).
+latency, gaps between events, delivery delay, arrival spread, proxy CPU and RSS), and last, for
+each llamaproxy variant, the RSS that 10 000 queued requests add (:mod:`bench.queue_rss`).
+"Added" numbers are proxy minus direct. Issue 18's goals are then computed as ratios to the older
+gateway and nginx of the same run (:mod:`bench.ratios`), each with met / not met. Output: markdown
+tables (stdout and ``--markdown``) and the JSON document (``--json``).
 
-    .venv/bin/python -m bench.overhead [--smoke] [--json out.json] [--markdown out.md]
+    .venv/bin/python -m bench.overhead [--older-gateway PATH] [--smoke] [--json out.json]
+                                       [--markdown out.md]
 
-``--smoke`` runs the same thing small (a few seconds; no nginx needed; a Python load generator
-replaces wrk when it is absent) to record numbers in the CI log; nothing is asserted.
+``--smoke`` runs the same thing small (a few seconds; no nginx or older gateway needed; a Python
+load generator replaces wrk when it is absent) to record numbers in the CI log: the goals table
+is printed for what was measured, and nothing is judged or asserted.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import nginx
+from bench import nginx, older_gateway, ratios
 from bench.procs import (
     Process,
     cores,
@@ -74,24 +83,21 @@ class Plan:
     ramp: float = 0.5
     #: Measured rounds of streams per server; the round with the median first-byte p50 is shown.
     stream_rounds: int = 3
+    #: Requests queued behind one busy slot for the memory figure (0: not measured).
+    queued: int = 10_000
 
     @classmethod
     def smoke(cls) -> Plan:
         """A few seconds in all."""
         return cls(duration=0.5, warmup=0.2, streams=50, events=10, interval_ms=20.0, ramp=0.1,
-                   stream_rounds=1)
+                   stream_rounds=1, queued=200)
 
 
-#: The issue's targets for llamaproxy: (what, unit, limit, "max" = at most / "min" = at least);
-#: ``{streams}`` is the plan's stream count (500 in a full run).
-TARGETS = (
-    ("added latency, concurrency 1, p50", "ms", 0.4, "max"),
-    ("requests/s, concurrency 64", "req/s", 3000.0, "min"),
-    ("{streams} streams: added first byte, p50", "ms", 20.0, "max"),
-    ("{streams} streams: added p99 between events", "ms", 10.0, "max"),
-    ("{streams} streams: gateway CPU", "% of a core", 50.0, "max"),
-    ("{streams} streams: gateway RSS (peak)", "MB", 80.0, "max"),
-)
+#: The FAST_PATHS values llamaproxy is measured with; the server of each in the results.
+VARIANTS = ratios.VARIANTS
+#: Column titles of the servers, in table order.
+TITLES = {"direct": "direct", "nginx": "nginx", "older": "older gateway",
+          "llamaproxy": "llamaproxy (auto)", "llamaproxy-off": "llamaproxy (off)"}
 
 
 @dataclass
@@ -102,6 +108,8 @@ class Server:
     url: str
     process: Process
     api_key: str | None = None
+    #: The run directory of its data and logs (llamaproxy), when it has one.
+    root: Path | None = None
 
     def pids(self) -> list[int]:
         """Its processes (nginx: master and workers)."""
@@ -120,7 +128,8 @@ def start_backend(root: Path, plan: Plan, core: int | None) -> Server:
     return Server("direct", f"http://127.0.0.1:{port}", process)
 
 
-def gateway_env(root: Path, port: int, backend_url: str) -> dict[str, str]:
+def gateway_env(root: Path, port: int, backend_url: str, fast_paths: str = "auto"
+                ) -> dict[str, str]:
     """The llamaproxy environment: every feature on, limits out of the way."""
     keys = root / "api_keys.txt"
     keys.write_text(f"# bench\nbench:{API_KEY}\n")
@@ -141,22 +150,52 @@ def gateway_env(root: Path, port: int, backend_url: str) -> dict[str, str]:
         "LOG_FORMAT": "json",
         "METRICS_ENABLED": "true",
         "USAGE_LEDGER": str(root / "usage.sqlite3"),
+        "FAST_PATHS": fast_paths,
     }
 
 
-def start_gateway(root: Path, backend_url: str, core: int | None) -> Server:
-    """``twistd -n llamaproxy`` in front of ``backend_url``."""
+def start_gateway(root: Path, backend_url: str, core: int | None,
+                  fast_paths: str = "auto") -> Server:
+    """``twistd -n llamaproxy`` in front of ``backend_url`` (``FAST_PATHS=fast_paths``; other
+    than ``auto``, its data and logs go to a directory of its own under ``root``)."""
+    name = VARIANTS.get(fast_paths, f"llamaproxy-{fast_paths}")
+    if fast_paths != "auto":
+        root = root / name
+        root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [venv_script("twistd"), "-n", "--pidfile=", "--logfile", str(root / "twistd.log"),
                "llamaproxy"]
-    process = Process("llamaproxy", pinned(command, core), root / "twistd.out",
-                      env=gateway_env(root, port, backend_url), cwd=root)
-    wait_until(lambda: http_status(port, "/readyz") == 200, 30, "llamaproxy /readyz", process)
-    return Server("llamaproxy", f"http://127.0.0.1:{port}", process, API_KEY)
+    process = Process(name, pinned(command, core), root / "twistd.out",
+                      env=gateway_env(root, port, backend_url, fast_paths), cwd=root)
+    wait_until(lambda: http_status(port, "/readyz") == 200, 30, f"{name} /readyz", process)
+    return Server(name, f"http://127.0.0.1:{port}", process, API_KEY, root)
+
+
+def start_older(export: Path, root: Path, backend_url: str, core: int | None
+                ) -> tuple[Server, older_gateway.DataDirectory]:
+    """The older gateway (:mod:`bench.older_gateway`) in front of ``backend_url``."""
+    backend_port = int(backend_url.rsplit(":", 1)[1])
+    process, port, data = older_gateway.start(export, root / "older", backend_port, API_KEY,
+                                               sys.executable, core)
+    return Server("older", f"http://127.0.0.1:{port}", process, API_KEY, root / "older"), data
+
+
+def older_features(server: Server, data: older_gateway.DataDirectory) -> dict[str, Any]:
+    """What the older gateway really did: auth on (401 without a key), its access log."""
+    port = int(server.url.rsplit(":", 1)[1])
+    log = data.access_log
+    return {
+        "auth_without_key_status": http_status(port, PATH, 5.0, "POST", b"{}"),
+        "access_log": str(log) if log is not None else None,
+        "access_log_bytes": log.stat().st_size if log is not None and log.exists() else None,
+        "startup_output": [line[:200] for line in server.process.log_path.read_text(
+            errors="replace").splitlines()[:12]],
+    }
 
 
 def gateway_features(root: Path, server: Server) -> dict[str, Any]:
     """Which features were really on (checked, not assumed)."""
+    root = server.root or root
     port = int(server.url.rsplit(":", 1)[1])
     log = ""
     for name in ("twistd.log", "twistd.out"):
@@ -171,8 +210,24 @@ def gateway_features(root: Path, server: Server) -> dict[str, Any]:
         "metrics_status": http_status(port, "/metrics"),
         "access_log_bytes": access_log.stat().st_size if access_log.exists() else None,
         "usage_ledger": (root / "usage.sqlite3").exists(),
+        "fast_paths": _health(port).get("fast_paths"),
         "startup_warnings": warnings[:10],
     }
+
+
+def _health(port: int) -> dict[str, Any]:
+    """The gateway's ``/health`` document ({} when it does not answer)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/health")
+        document = json.loads(connection.getresponse().read())
+        return document if isinstance(document, dict) else {}
+    except (OSError, ValueError, http.client.HTTPException):
+        return {}
+    finally:
+        connection.close()
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -205,6 +260,7 @@ def _parse_wrk(output: str) -> dict[str, Any]:
         "tool": "wrk",
         "requests": raw["requests"],
         "errors": errors,
+        "errors_by_kind": raw["errors"],
         "duration_s": duration,
         "rps": (raw["requests"] - raw["errors"]["status"]) / duration,
         "latency_ms": {name: latency[name] / 1000 for name in ("min", "mean", "p50", "p99",
@@ -317,35 +373,6 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def measured_against_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, llamaproxy's numbers, and whether each is met and by how much."""
-    plain, streams = results["plain"], results["streams"]
-    gateway, direct = "llamaproxy", "direct"
-    values = [
-        _minus(_get(plain, gateway, "c1", "latency_ms", "p50"),
-               _get(plain, direct, "c1", "latency_ms", "p50")),
-        _get(plain, gateway, "c64", "rps"),
-        _minus(_get(streams, gateway, "first_byte_ms", "p50"),
-               _get(streams, direct, "first_byte_ms", "p50")),
-        _minus(_get(streams, gateway, "gap_ms", "p99"), _get(streams, direct, "gap_ms", "p99")),
-        _get(streams, gateway, "cpu_percent"),
-        _get(streams, gateway, "peak_rss_mb"),
-    ]
-    rows = []
-    for (what, unit, limit, kind), value in zip(TARGETS, values, strict=True):
-        if value is None:
-            verdict = "not measured"
-        else:
-            met = value <= limit if kind == "max" else value >= limit
-            margin = abs(limit - value)
-            verdict = (f"met ({margin:.3g} {unit} to spare)" if met
-                       else f"missed by {margin:.3g} {unit} ({margin / limit * 100:.0f} %)")
-        what = what.format(streams=results["plan"]["streams"])
-        rows.append({"target": what, "limit": f"{'≤' if kind == 'max' else '≥'} {limit:g} {unit}",
-                     "measured": value, "unit": unit, "verdict": verdict})
-    return rows
-
-
 def _cell(value: float | None, digits: int = 2, sign: bool = False) -> str:
     if value is None:
         return "-"
@@ -354,9 +381,10 @@ def _cell(value: float | None, digits: int = 2, sign: bool = False) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The tables docs/performance.md includes."""
-    names = [n for n in ("direct", "nginx", "llamaproxy") if n in results["plain"]]
+    names = [n for n in TITLES if n in results["plain"]]
     plain, streams = results["plain"], results["streams"]
-    head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    head = ("| | " + " | ".join(TITLES[n] for n in names) + " |\n|---|" + "---|" * len(names)
+            + "\n")
 
     def row(label: str, get: Callable[[str], float | None], digits: int = 2,
             sign: bool = False) -> str:
@@ -417,23 +445,31 @@ def markdown(results: dict[str, Any]) -> str:
     text += row("CPU-ms per 1 000 events (stream set-up included)",
                 lambda n: _get(streams, n, "cpu_ms_per_1000_events"), 1)
     text += row("RSS peak (MB)", lambda n: _get(streams, n, "peak_rss_mb"), 1)
+    queued = results.get("queued") or {}
+    if queued:
+        text += (f"\n{plan['queued']} requests queued behind one busy slot (one-slot gateway, "
+                 "real sockets; bench.queue_rss):\n\n| | RSS idle (MB) | RSS with them queued (MB) "
+                 "| added (MB) | KiB per queued request | waiting |\n|---|---|---|---|---|---|\n")
+        for name, q in queued.items():
+            text += (f"| {TITLES.get(name, name)} | {_cell(q['rss_before_mb'], 1)} | "
+                     f"{_cell(q['rss_mb'], 1)} | {_cell(q['rss_mb'] - q['rss_before_mb'], 1)} | "
+                     f"{_cell(q['kib_per_request'], 1)} | {q['waiting']} |\n")
+    text += ("\nIssue 18's goals, as ratios to the older gateway and nginx of this run (every "
+             "llamaproxy feature on, one core):\n\n" + ratios.table(results, results["goals"]))
     if results["smoke"]:
         # A few seconds of small load only show that the benchmark and the gateway work; the
-        # performance targets need the full run, so a smoke run does not judge them.
-        text += ("\nThis was a smoke run, to check that the benchmark and the gateway work. "
+        # goals need the full run, so a smoke run does not judge them.
+        text += ("\nThis was a smoke run, to check that the benchmark and the gateways work. "
                  "Its numbers come from a few seconds of small load and say little about "
-                 "performance; for that, run `python -m bench.overhead` (several minutes) and "
-                 "compare with docs/performance.md.\n")
-    else:
-        text += "\nllamaproxy against the targets (every feature on, one core):\n\n"
-        text += "| target | limit | measured | verdict |\n|---|---|---|---|\n"
-        for target in results["targets"]:
-            text += (f"| {target['target']} | {target['limit']} | "
-                     f"{_cell(target['measured'], 3)} {target['unit']} | {target['verdict']} |\n")
+                 "performance, so nothing is judged; for that, run `python -m bench.overhead "
+                 "--older-gateway PATH` (several minutes) and compare with docs/performance.md.\n")
     info = results["machine"]
     text += (f"\nMachine: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}, "
              f"Python {info['python']}, Twisted {info['twisted']}, {info['nginx']}, "
-             f"{info['wrk']}; {results['pinning']}.\n")
+             f"{info['wrk']}; {results['pinning']}; load average before "
+             f"{' '.join(results.get('load_average_before', ['?']))}, after "
+             f"{' '.join(results.get('load_average_after', ['?']))}; "
+             f"{results.get('busy_before_percent', 0):.0f} % busy before.\n")
     for note in results["notes"]:
         text += f"\nNote: {note}\n"
     return text
@@ -443,13 +479,17 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
-        use_wrk: bool = True, quiet_wait: float = 0.0) -> dict[str, Any]:
+        use_wrk: bool = True, quiet_wait: float = 0.0,
+        older_export: Path | None = None) -> dict[str, Any]:
     """Start everything, measure, stop everything; the results document."""
+    from bench import queue_rss  # it imports this module
+
     two_cores = cores() >= 2
     proxy_core, load_core = (0, 1) if two_cores else (None, None)
     notes: list[str] = []
     busy_before = (wait_quiet(quiet_wait) if quiet_wait > 0
                    else machine_busy_percent(0.5))
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     if busy_before >= 10:
         notes.append(f"the machine was {busy_before:.0f} % busy with other work before the run: "
                      "these numbers are noisy (see --wait-quiet)")
@@ -461,6 +501,11 @@ def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
                      "(bench.load plain) was used, its own cost limits the rates "
                      "(apt-get install -y wrk for the real numbers)")
     servers: list[Server] = []
+    gateways: list[Server] = []
+    older: Server | None = None
+    older_data: older_gateway.DataDirectory | None = None
+    queued: dict[str, Any] = {}
+    features: dict[str, Any] = {}
     try:
         backend = start_backend(root, plan, load_core)
         servers.append(backend)
@@ -472,8 +517,16 @@ def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
         else:
             notes.append("nginx not used (--no-nginx) or not installed: its column is skipped "
                          "(apt-get install -y nginx)")
-        gateway = start_gateway(root, backend.url, proxy_core)
-        servers.append(gateway)
+        if older_export is not None:
+            older, older_data = start_older(older_export, root, backend.url, proxy_core)
+            servers.append(older)
+            notes.extend(older_data.notes)
+        else:
+            notes.append("the older gateway was not given (--older-gateway PATH or "
+                         "BENCH_OLDER_GATEWAY): its column is skipped")
+        for fast_paths in VARIANTS:
+            gateways.append(start_gateway(root, backend.url, proxy_core, fast_paths))
+        servers.extend(gateways)
 
         for server in servers:  # warm-up: pools filled, code paths hot
             run_plain(server, max(plan.concurrencies), plan.warmup, load_core, use_wrk,
@@ -491,7 +544,16 @@ def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
             rounds = [run_streams(server, plan, load_core, backend.url)
                       for _ in range(plan.stream_rounds)]
             streams[server.name] = median_round(rounds)
-        features = gateway_features(root, gateway)
+        for gateway in gateways:
+            features[gateway.name] = gateway_features(root, gateway)
+        if older is not None and older_data is not None:
+            features["older"] = older_features(older, older_data)
+        for server in reversed(servers[1:]):  # the backend stays for the queue measurement
+            server.process.stop()
+        if plan.queued > 0:
+            for fast_paths, name in VARIANTS.items():
+                queued[name] = queue_rss.measure(root / f"queued-{fast_paths}", backend.url,
+                                                 plan.queued, {"FAST_PATHS": fast_paths}, name)
     finally:
         for server in reversed(servers):
             server.process.stop()
@@ -503,12 +565,14 @@ def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
                     else "not pinned"),
         "plain": plain,
         "streams": streams,
-        "llamaproxy_features": features,
+        "queued": queued,
+        "features": features,
         "busy_before_percent": busy_before,
+        "load_average_before": load_before,
         "load_average_after": Path("/proc/loadavg").read_text().split()[:3],
         "notes": notes,
     }
-    results["targets"] = measured_against_targets(results)
+    results["goals"] = ratios.goal_rows(results)
     return results
 
 
@@ -526,17 +590,30 @@ def main() -> None:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the machine to be under 10 %% busy")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--older-gateway", type=Path, metavar="PATH",
+                        default=os.environ.get("BENCH_OLDER_GATEWAY") or None,
+                        help="an export of zepfu/llama-gguf-inference: its scripts/gateway.py is "
+                             "measured too (default: $BENCH_OLDER_GATEWAY; none: skipped)")
+    parser.add_argument("--queued", type=int,
+                        help="requests queued for the memory figure (default 10000; 0: skip)")
     args = parser.parse_args()
+    if args.older_gateway is not None:
+        try:
+            older_gateway.script(args.older_gateway)
+        except ValueError as error:
+            parser.error(str(error))
     plan = Plan.smoke() if args.smoke else Plan()
     if args.duration is not None:
         plan = Plan(**{**asdict(plan), "duration": args.duration})
     if args.streams is not None:
         plan = Plan(**{**asdict(plan), "streams": args.streams})
+    if args.queued is not None:
+        plan = Plan(**{**asdict(plan), "queued": args.queued})
     root = Path(tempfile.mkdtemp(prefix="llamaproxy-bench-"))
     started = time.monotonic()
     try:
         results = run(plan, root, args.smoke, not args.no_nginx, not args.no_wrk,
-                      args.wait_quiet)
+                      args.wait_quiet, args.older_gateway)
     finally:
         if args.keep:
             print(f"kept {root}", file=sys.stderr)

@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bench.overhead import API_KEY, PATH, Plan, gateway_env, start_backend
 from bench.procs import Process, free_port, http_status, memory_kib, venv_script, wait_until
@@ -58,6 +59,46 @@ async def _queue(port: int, n: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
+def measure(root: Path, backend_url: str, n: int, extra_env: dict[str, str] | None = None,
+            name: str = "llamaproxy") -> dict[str, Any]:
+    """Start a one-slot gateway in front of ``backend_url``, queue ``n`` requests on real
+    sockets, and return its RSS idle and with them waiting (MB), how many waited, and the cost
+    per queued request (KiB). ``extra_env`` overrides the gateway's environment (FAST_PATHS)."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**gateway_env(root, port, backend_url), "MAX_CONCURRENT_REQUESTS": "1",
+           "MAX_QUEUE_SIZE": str(n + 100), "QUEUE_TIMEOUT": "600",
+           "CLIENT_HEADER_TIMEOUT": "600", **(extra_env or {})}
+    command = ["prlimit", f"--nofile={n + 1000}", venv_script("twistd"), "-n",
+               "--pidfile=", "--logfile", str(root / "twistd.log"), "llamaproxy"]
+    gateway = Process(name, command, root / "twistd.out", env=env, cwd=root)
+    try:
+        wait_until(lambda: http_status(port, "/readyz") == 200, 30, name, gateway)
+        pids = [gateway.pid]  # prlimit execs twistd: same process
+        time.sleep(1)
+        before = memory_kib(pids)
+
+        async def run() -> dict[str, Any]:
+            writers = await _queue(port, n)
+            try:
+                deadline = time.monotonic() + 120
+                while _waiting(port) < n and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                waiting = _waiting(port)
+                await asyncio.sleep(1)
+                after = memory_kib(pids)
+            finally:
+                for writer in writers:
+                    writer.transport.abort()
+            return {"requested": n, "waiting": waiting, "rss_before_mb": before * 1024 / 1e6,
+                    "rss_mb": after * 1024 / 1e6,
+                    "kib_per_request": (after - before) / max(waiting, 1)}
+
+        return asyncio.run(run())
+    finally:
+        gateway.stop()
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,37 +106,14 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="llamaproxy-queue-"))
     backend = start_backend(root, Plan(events=50, interval_ms=100.0), None)
-    port = free_port()
-    env = {**gateway_env(root, port, backend.url), "MAX_CONCURRENT_REQUESTS": "1",
-           "MAX_QUEUE_SIZE": str(args.n + 100), "QUEUE_TIMEOUT": "600",
-           "CLIENT_HEADER_TIMEOUT": "600"}
-    command = ["prlimit", f"--nofile={args.n + 1000}", venv_script("twistd"), "-n",
-               "--pidfile=", "--logfile", str(root / "twistd.log"), "llamaproxy"]
-    gateway = Process("llamaproxy", command, root / "twistd.out", env=env, cwd=root)
     try:
-        wait_until(lambda: http_status(port, "/readyz") == 200, 30, "llamaproxy", gateway)
-        pids = [gateway.pid]  # prlimit execs twistd: same process
-        time.sleep(1)
-        before = memory_kib(pids)
-
-        async def run() -> None:
-            writers = await _queue(port, args.n)
-            deadline = time.monotonic() + 120
-            while _waiting(port) < args.n and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-            waiting = _waiting(port)
-            await asyncio.sleep(1)
-            after = memory_kib(pids)
-            print(f"{waiting} requests queued on real sockets: gateway RSS {before / 1024:.1f} MB"
-                  f" → {after / 1024:.1f} MB, {(after - before) / max(waiting, 1):.1f} KiB per "
-                  f"queued request ({(after - before) / 1024:.1f} MB for all)")
-            for writer in writers:
-                writer.transport.abort()
-
-        asyncio.run(run())
+        result = measure(root, backend.url, args.n)
     finally:
-        gateway.stop()
         backend.process.stop()
+    before, after = result["rss_before_mb"], result["rss_mb"]
+    print(f"{result['waiting']} requests queued on real sockets: gateway RSS {before:.1f} MB"
+          f" → {after:.1f} MB, {result['kib_per_request']:.1f} KiB per queued request "
+          f"({after - before:.1f} MB for all)")
 
 
 if __name__ == "__main__":
