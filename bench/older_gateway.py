@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,16 +124,19 @@ def environment(run_dir: Path, port: int, backend_port: int, api_key: str) -> di
 
 
 def start(export: Path, run_dir: Path, backend_port: int, api_key: str, python: str,
-          core: int | None) -> tuple[Process, int, DataDirectory]:
+          core: int | None, wrapper: Sequence[str] = (), ready_timeout: float = 20.0,
+          ) -> tuple[Process, int, DataDirectory]:
     """Run the older gateway in front of the backend; wait until ``/ping`` answers.
 
+    ``wrapper`` goes before the Python command (e.g. valgrind, :mod:`bench.instructions`).
     Returns the process, its port and how its ``/data`` was arranged."""
     path = script(export)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = data_directory(run_dir)
     port = free_port()
-    command = pinned([*data.prefix, python, str(path)], core)
+    command = pinned([*data.prefix, *wrapper, python, str(path)], core)
     process = Process("older gateway", command, run_dir / "older_gateway.out",
                       env=environment(run_dir, port, backend_port, api_key), cwd=path.parent)
-    wait_until(lambda: http_status(port, "/ping") == 200, 20, "the older gateway's /ping", process)
+    wait_until(lambda: http_status(port, "/ping") == 200, ready_timeout,
+               "the older gateway's /ping", process)
     return process, port, data
