@@ -20,6 +20,7 @@ from twisted.logger import ILogObserver, Logger
 from llamaproxy.fastpath.gc_schedule import GcSchedule
 from llamaproxy.gateway.resource import GatewayResource
 from llamaproxy.observability.logs import install_observer
+from llamaproxy.stop_signals import StopSignals
 
 log = Logger()
 
@@ -48,6 +49,7 @@ class GatewayService(MultiService):
         background: Sequence[IService] = (),
         log_observer: ILogObserver | None = None,
         gc_schedule: GcSchedule | None = None,
+        stop_signals: StopSignals | None = None,
     ) -> None:
         super().__init__()
         self.clock = clock
@@ -63,11 +65,15 @@ class GatewayService(MultiService):
         self._stopping: Deferred[None] | None = None
         #: The garbage collector's schedule (a fast path: None when it is off).
         self.gc_schedule = gc_schedule
+        #: The handlers of SIGTERM/SIGINT (under twistd only), told when a drain cut requests.
+        self.stop_signals = stop_signals
         for child in self._in_start_order():
             child.setServiceParent(self)
 
     def _in_start_order(self) -> list[IService]:
         parts = [self.backend_service, *self.background, *self.gateway_listeners]
+        if self.stop_signals is not None:
+            parts.insert(0, self.stop_signals)
         if self.health_listener is not None:
             parts.append(self.health_listener)
         return parts
@@ -131,10 +137,10 @@ class GatewayService(MultiService):
             await _maybe(part.stopService())
         if self.gc_schedule is not None:
             self.gc_schedule.stopService()
-        if clean and getattr(self.clock, "_exitSignal", None) is not None:
-            # twistd re-raises the signal that stopped it (exit status 143 for SIGTERM). A drain
-            # that lost nothing is a normal exit: status 0. A drain that cut requests keeps 143.
-            self.clock._exitSignal = None  # type: ignore[attr-defined]
+        if not clean and self.stop_signals is not None:
+            # A drain that lost nothing is a normal exit (status 0); one that cut requests
+            # ends by the signal that stopped it (143 for SIGTERM).
+            self.stop_signals.requests_were_cut()
         log.info("Stopped" if clean else "Stopped after cutting requests still in flight")
 
 

@@ -52,6 +52,7 @@ from llamaproxy.observability.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.observability.usage import UsageLedger, resolve_ledger_path
 from llamaproxy.off_thread import OffThread
 from llamaproxy.service import ConnectionPool, GatewayService
+from llamaproxy.stop_signals import StopSignals
 from llamaproxy.supervision.child_metrics import BackendMetricsScraper
 from llamaproxy.tls import (
     CertificateWatcher,
@@ -263,6 +264,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, backends, listeners, health_listener, resource, pool, config.drain_timeout,
         background=background, log_observer=observer,
         gc_schedule=GcSchedule(reactor) if "gc_schedule" in fast else None,
+        # Under twistd (it gave the options a parent) the gateway's own signal handlers.
+        stop_signals=StopSignals(reactor) if getattr(options, "parent", None) else None,
     )
 
 

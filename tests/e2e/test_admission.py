@@ -155,6 +155,22 @@ class DrainTests(SynchronousTestCase):
         self.assertFalse(alive(child))
 
 
+    def test_a_drain_that_cuts_a_stream_exits_by_the_signal(self) -> None:
+        # The exit status tells an orchestrator whether anything was lost: 0 above, death by
+        # SIGTERM (143 in a shell) when DRAIN_TIMEOUT cut a stream its client was not reading.
+        gateway = Gateway(env={"PARALLEL": "1", "DRAIN_TIMEOUT": "1"})
+        gateway.keys_file.write_text(KEYS)
+        gateway.start()
+        self.addCleanup(gateway.stop)
+        held = HeldStream(gateway)
+        wait_for(lambda: gateway.health()["queue"]["active"] == 1, 10, "the held stream")  # type: ignore[index]
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGTERM)
+        self.assertEqual(gateway.process.wait(60), -signal.SIGTERM)
+        self.assertFalse(held.finish().complete)
+        self.assertIn("Stopped after cutting requests still in flight", gateway.output())
+
+
 class CrashTests(SynchronousTestCase):
     def test_queued_requests_survive_a_backend_crash(self) -> None:
         gateway = Gateway(env={"PARALLEL": "1", "BACKOFF_MAX": "2"})

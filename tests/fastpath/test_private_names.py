@@ -22,15 +22,13 @@ KNOWN = re.compile(
     r"_handleSignals)\b")
 
 #: Outside fastpath/, on purpose (docs/operations.md, "Fast paths"): the HTTP edge refines
-#: twisted.web's request-body framing through its hooks on both paths (until issue 18's parser),
-#: and a clean drain clears the exit signal twistd would re-raise.
+#: twisted.web's request-body framing through its hooks on both paths (until issue 18's parser).
 ALLOWED = {
     ("gateway/site.py", "_maybeChooseTransferDecoder"),
     ("gateway/site.py", "_ChunkedTransferDecoder"),
     ("gateway/site.py", "_MalformedChunkedDataError"),
     ("gateway/site.py", "_transferDecoder"),
     ("gateway/site.py", "_respondToBadRequestAndDisconnect"),
-    ("service.py", "_exitSignal"),
 }
 
 
