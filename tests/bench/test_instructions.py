@@ -29,7 +29,8 @@ class InstructionsTests(SynchronousTestCase):
 
     def test_stop_reads_the_totals(self) -> None:
         server = self._server(123456)
-        self.assertEqual(server.stop(), 123456)
+        self.patch(instructions, "collector_instructions", lambda path: 456)
+        self.assertEqual(server.stop(), (123456, 456))
         self.assertTrue(server.process.stopped)  # type: ignore[attr-defined]
 
     def test_measure_takes_the_differences_of_three_lives(self) -> None:
@@ -40,18 +41,23 @@ class InstructionsTests(SynchronousTestCase):
             calls.append(label)
             return self._server(lives[label])
 
+        collector = {1_000_000: 100, 1_000_000 + 300 * 2_000: 400, 1_000_000 + 4_000: 300}
+        self.patch(instructions, "collector_instructions",
+                   lambda path: collector[int(path.read_text().split()[-1])])
         self.patch(instructions, "plain_requests", lambda server, count: None)
         self.patch(instructions, "streams", lambda server, count, events: count * events)
         result = instructions.measure(start, 300, 2, 10)
         self.assertEqual(calls, ["base", "plain", "streams"])
-        self.assertEqual(result["instructions_per_request"], 2_000)
-        self.assertEqual(result["instructions_per_stream"], 2_000)
+        self.assertEqual(result["instructions_per_request"], 2_000 - 1)
+        self.assertEqual(result["instructions_per_stream"], 2_000 - 100)
+        self.assertEqual(result["collector_per_request"], 1)
+        self.assertEqual(result["collector_per_stream"], 100)
 
     def test_markdown_gives_ratios_to_the_first(self) -> None:
         text = instructions.markdown({
             "a": {"instructions_per_request": 2e6, "instructions_per_stream": 4e6, "events": 20},
             "b": {"instructions_per_request": 1e6, "instructions_per_stream": 6e6, "events": 20},
         })
-        self.assertIn("| a | 2.00 | 1.00 | 4.00 | 1.00 |", text)
-        self.assertIn("| b | 1.00 | 0.50 | 6.00 | 1.50 |", text)
+        self.assertIn("| a | 2.00 | 1.00 | 4.00 | 1.00 | 0.00 / 0.00 |", text)
+        self.assertIn("| b | 1.00 | 0.50 | 6.00 | 1.50 | 0.00 / 0.00 |", text)
         self.assertIn("(20 events)", text)
