@@ -12,12 +12,14 @@
 #     checks and `docker exec` debugging;
 #   - every shared library that any ELF file copied links against (ldd), plus libgcc_s, which glibc
 #     loads at run time when a thread exits;
-#   - CA certificates, /etc/passwd and /etc/group (the runtime user), nsswitch.conf, os-release.
+#   - CA certificates, /etc/passwd and /etc/group (the runtime user), nsswitch.conf, os-release;
+#   - ldconfig and the library cache, which ctypes.util.find_library reads.
 # Nothing else: no apt, dpkg, perl, bash, docs, man pages, locales, iconv modules or time zones.
 # The build fails if any ELF file has a library that cannot be found.
 set -euo pipefail
-dest="$1"; shift
+dest="$(realpath -m "$1")"; shift
 mkdir -p "$dest"
+cd /
 
 copy() {  # copy PATH...: each path (and, for a symlink, the chain it points through) under $dest
   local path target
@@ -81,6 +83,11 @@ while :; do
   [ "$(find "$dest" -xtype f | wc -l)" = "$before" ] && break
 done
 [ "$missing" = 0 ]
+
+# ldconfig and its cache: ctypes.util.find_library (Twisted's inotify, which watches the key file)
+# runs `ldconfig -p` to find libc.
+copy /sbin/ldconfig /etc/ld.so.conf /etc/ld.so.conf.d
+ldconfig -r "$dest"
 
 # Mount points and the writable places a container expects.
 mkdir -p "$dest/proc" "$dest/sys" "$dest/dev" "$dest/run" "$dest/tmp" "$dest/var/tmp"
