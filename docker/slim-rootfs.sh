@@ -1,13 +1,15 @@
 #!/bin/bash
-# Assemble the root filesystem of a final image that starts `FROM scratch` (docker/Dockerfile.gateway):
+# Assemble the root filesystem of a final image that starts `FROM scratch` (docker/Dockerfile.gateway,
+# docker/Dockerfile with ROOTFS=slim):
 #
 #   bash slim-rootfs.sh DEST PATH...
 #
 # Run in a stage of the same Debian as the base image, with the runtime packages installed (python3,
 # tini, ca-certificates), the venv in place and the runtime user created. DEST receives only:
 #   - the PATHs given (the venv, /data, extra executables), copied as they are;
-#   - Debian's Python 3.11 (interpreter + standard library with its bytecode, minus the parts a
-#     server never imports: test suite, pydoc topics, distutils, lib2to3, ensurepip, Tk, IDLE);
+#   - Debian's Python (/usr/bin/python3: the interpreter and the standard library with its bytecode,
+#     minus what a server never imports: test suite, pydoc topics, distutils, lib2to3, ensurepip,
+#     Tk, IDLE);
 #   - tini, a POSIX shell (dash) and the tools of coreutils, grep, sed and findutils, for health
 #     checks and `docker exec` debugging;
 #   - every shared library that any ELF file copied links against (ldd), plus libgcc_s, which glibc
@@ -43,16 +45,15 @@ done
 
 # The given paths, Python, tini, the shell and its tools.
 copy "$@"
-copy /usr/bin/python3 /usr/bin/python3.11 /usr/bin/tini /bin/sh /usr/bin/dash /etc/python3.11
-copy_stdlib() {
-  local stdlib=/usr/lib/python3.11
-  mkdir -p "$dest$stdlib"
-  tar -C "$stdlib" -c \
-    --exclude=./test --exclude=./pydoc_data --exclude=./distutils --exclude=./lib2to3 \
-    --exclude=./ensurepip --exclude=./tkinter --exclude=./idlelib --exclude=./turtledemo \
-    --exclude='./config-3.11*' . | tar -C "$dest$stdlib" -x
-}
-copy_stdlib
+python="$(readlink -f /usr/bin/python3)"  # /usr/bin/python3.11 on bookworm
+copy /usr/bin/python3 "$python" /usr/bin/tini /bin/sh /usr/bin/dash
+if [ -e "/etc/$(basename "$python")" ]; then copy "/etc/$(basename "$python")"; fi  # sitecustomize.py
+stdlib="$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+mkdir -p "$dest$stdlib"
+tar -C "$stdlib" -c \
+  --exclude=./test --exclude=./pydoc_data --exclude=./distutils --exclude=./lib2to3 \
+  --exclude=./ensurepip --exclude=./tkinter --exclude=./idlelib --exclude=./turtledemo \
+  --exclude='./config-*' . | tar -C "$dest$stdlib" -x
 for package in coreutils grep sed findutils; do
   dpkg-query -L "$package" | grep -E '^/(usr/)?s?bin/.' | while read -r tool; do
     [ -d "$tool" ] || copy "$tool"

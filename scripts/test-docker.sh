@@ -177,7 +177,8 @@ check "llamaproxy:gateway at most 100 MB" test "$(size_mb llamaproxy:gateway)" -
 # the same stages and runs.
 base_image_runs() {
   build llamaproxy:cpu-base docker/Dockerfile --build-arg ROOTFS=base || return 1
-  docker run --rm --label "$RUN_ID" llamaproxy:cpu-base --help | grep -q -- '--backend-url' \
+  docker run --rm --label "$RUN_ID" llamaproxy:cpu-base --help > "$work/help-base.txt" 2>&1
+  grep -q -- '--backend-url' "$work/help-base.txt" \
     && echo "    llamaproxy:cpu-base $(size_mb llamaproxy:cpu-base) MB; --help prints the options"
 }
 check "build and run llamaproxy:cpu-base (docker/Dockerfile, ROOTFS=base)" base_image_runs
