@@ -48,6 +48,7 @@ from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.observability.access_log import AccessLog, resolve_access_log
 from llamaproxy.observability.health import HealthState, health_port_site
 from llamaproxy.observability.logs import observer_for_twistd, parse_log_format
+from llamaproxy.observability.loop_probe import LoopProbe
 from llamaproxy.observability.metrics import GatewayMetrics, MetricsResource
 from llamaproxy.observability.usage import UsageLedger, resolve_ledger_path
 from llamaproxy.off_thread import OffThread
@@ -173,6 +174,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
     metrics.fast_paths(fast.active, fastpath.ALL)
+    background.append(LoopProbe(reactor, metrics.registry))
     metrics.watch_admission(admission)
     for member in router.members.values():
         metrics.watch_backend(member.status)
