@@ -57,7 +57,6 @@ NAMES = {
     "twisted.internet.tcp:Connection._aborting": "attribute",
     "twisted.internet.tcp:Connection._writeDisconnecting": "attribute",
     "twisted.internet.tcp:Connection._writeDisconnected": "attribute",
-    "twisted.web._abnf:_istoken": "callable",
     "twisted.web._newclient:ExcessWrite": "callable",
     "twisted.web._newclient:ParseError": "callable",
     "twisted.web._newclient:RequestGenerationFailed": "callable",
