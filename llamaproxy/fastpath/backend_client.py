@@ -108,14 +108,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
 #: A Content-Length field line, for the rare head llhttp refuses over it (see ``_one_length``).
 _LENGTH_LINE = re.compile(rb"(?im)^content-length:([^\r\n]*)\r?\n")
 
-#: What llhttp accepts beyond its strict defaults, to match Twisted's client: bare-LF line ends,
-#: spaces after a chunk size, and Transfer-Encoding with Content-Length (chunked wins, and the
-#: connection is not reused; see ``_start_response``).
-_LENIENCIES = {
-    "lenient_optional_cr_before_lf": True,
-    "lenient_spaces_after_chunk_size": True,
-    "lenient_chunked_length": True,
-}
+#: What llhttp accepts beyond its strict defaults, to match Twisted's client: bare-LF line ends
+#: and Transfer-Encoding with Content-Length (chunked wins, and the connection is not reused; see
+#: ``_start_response``) in a head that failed the strict parse; spaces after a chunk size always.
+_LENIENT_HEAD = {"lenient_optional_cr_before_lf": True, "lenient_chunked_length": True}
 
 _HTTP11 = (b"HTTP", 1, 1)
 _HTTP10 = (b"HTTP", 1, 0)
@@ -183,8 +179,6 @@ def _content_length(values: list[bytes]) -> int:
 def _one_length(head: bytes) -> bytes:
     """``head`` with its Content-Length fields, if equal (``_content_length``), as one."""
     values = _LENGTH_LINE.findall(head)
-    if not values:
-        raise ParseError("invalid response head", head[:100])
     length = _content_length([value.strip(b" \t") for value in values])
     head = _LENGTH_LINE.sub(b"", head)
     status_end = head.index(b"\n") + 1
@@ -721,14 +715,15 @@ class _Connection:
     def _start_response(self, head: bytes, rest: bytes) -> bool:
         """Handle one head (its blank line included); False for an interim (1xx) response."""
         try:
-            parser = self._parse_head(head)
-        except HttpParserError as e:
-            if "Content-Length" not in str(e):
-                raise ParseError(f"invalid response head: {e}", head[:100]) from None
-            # llhttp refuses any repeated Content-Length; RFC 9110 8.6 (and Twisted) accept
-            # equal ones. Rare: check them here, and parse the head again with one field.
+            parser = self._parse_head(head, False)
+        except HttpParserError:
+            # Strict llhttp refused it. Parse it again with Twisted's tolerances; and llhttp
+            # refuses any repeated Content-Length, where RFC 9110 8.6 (and Twisted) accept equal
+            # ones: those are checked here and merged first. (Rare: a wrong head costs twice.)
             try:
-                parser = self._parse_head(_one_length(head))
+                if _LENGTH_LINE.search(head):
+                    head = _one_length(head)
+                parser = self._parse_head(head, True)
             except HttpParserError as e:
                 raise ParseError(f"invalid response head: {e}", head[:100]) from None
         version_text = parser.get_http_version()
@@ -772,7 +767,8 @@ class _Connection:
             if lengths is not None or version is not _HTTP11:
                 keep_alive = False
         elif lengths is not None:
-            length = _content_length(lengths)
+            # (llhttp let through one Content-Length of digits; more were merged into one)
+            length = int(lengths[0])
             if length:
                 phase = _LENGTH
         else:
@@ -802,6 +798,7 @@ class _Connection:
             self._remaining = cast(int, length)
         elif phase == _CHUNKED:
             self._parser = parser  # it reads the chunks on from where the head ended
+            parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
             self._boundary = True
             self._in_trailer = False
             self._stalled = 0
@@ -815,7 +812,7 @@ class _Connection:
             self._await_claim()
         return True
 
-    def _parse_head(self, head: bytes) -> Any:
+    def _parse_head(self, head: bytes, lenient: bool) -> Any:
         """A new llhttp parser that has read ``head``; the fields are in ``_headers`` etc."""
         self._headers = Headers()
         self._phrase = b""
@@ -823,7 +820,8 @@ class _Connection:
         self._pieces = None
         self._complete = False
         parser = httptools.HttpResponseParser(self)
-        parser.set_dangerous_leniencies(**_LENIENCIES)
+        if lenient:
+            parser.set_dangerous_leniencies(**_LENIENT_HEAD)
         parser.feed_data(head)
         return parser
 
