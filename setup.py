@@ -35,6 +35,9 @@ setup(
         # and the C reply parser it uses when installed (a third of the CPU per call)
         "txredisapi>=1.6",
         "hiredis>=3.0",
+        # the backend client's response parser (llhttp; fast path only): 0.8 and 0.9 tested, each
+        # minor release may move llhttp, whose strictness decides what a malformed response does
+        "httptools>=0.8,<0.10",
     ],
     extras_require={
         "test": [

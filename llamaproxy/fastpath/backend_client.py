@@ -9,9 +9,10 @@ OpenAI-compatible upstreams) with a few Python calls per request and per body ch
   scheme and authority (pool key, endpoint, ``Host`` line) is cached per prefix;
 - a request whose body producer writes synchronously (``forward.BytesBody``) goes out in one
   ``transport.write``, head and body together;
-- one protocol object per connection parses the response head and body itself (Content-Length,
-  chunked with extensions and trailers, or read-until-close), and hands body pieces straight to
-  the protocol given to ``IResponse.deliverBody``.
+- one protocol object per connection reads the responses: llhttp (``httptools``, the C parser
+  behind uvicorn) parses each head and each chunked body (extensions, trailers); a
+  Content-Length body is counted and a read-until-close one passed on as it comes; body pieces
+  go straight to the protocol given to ``IResponse.deliverBody``.
 
 It behaves like Agent where the gateway relies on it: the same exception types for connection,
 transmission and response failures (so ``forward.not_processed`` and
@@ -22,14 +23,14 @@ Differences from Agent are listed in ``BackendClient``'s docstring.
 
 Replaces: ``twisted.web.client.Agent`` + ``HTTPConnectionPool`` (the stock path's client).
 Assumes: the private exception types of ``twisted.web._newclient`` and ``twisted.web.http`` it
-raises, ``twisted.web._abnf._istoken``, the endpoint's ``_WrappingFactory`` attributes it clears
-when a connection is lost (a cycle per closed connection otherwise), and the eager writes'
-contract (checked at startup by
-``llamaproxy.fastpath.contract``). Gain: about 40 % of the gateway's CPU per proxied request;
-``tests/fastpath/test_differential.py`` holds it to Agent's bytes and endings.
+raises (so that failures classify as Agent's do), the endpoint's ``_WrappingFactory`` attributes
+it clears when a connection is lost (a cycle per closed connection otherwise), and the eager
+writes' contract (checked at startup by ``llamaproxy.fastpath.contract``). Gain: about 40 % of
+the gateway's CPU per proxied request; ``tests/fastpath/test_differential.py`` holds it to
+Agent's bytes and endings.
 
-Over 500 lines because it is a whole HTTP/1.1 client (request writing, response parsing with all
-three body framings, the pool, cancellation); issue 18 replaces its parsing with a C parser.
+Over 500 lines because it is a whole HTTP/1.1 client (request writing, the body framings, the
+pool, cancellation); the parsing itself is llhttp's since issue 18.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, cast
 
+import httptools
+from httptools import HttpParserError
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import _WrappingFactory
@@ -58,7 +61,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._abnf import _istoken
 from twisted.web._newclient import (
     ExcessWrite,
     ParseError,
@@ -94,7 +96,8 @@ log = Logger()
 
 #: Largest response head (status line and header block) accepted, in bytes.
 MAX_HEAD_SIZE = 64 * 1024
-#: Largest chunk-size line (with chunk extensions), in bytes.
+#: Largest chunk-size line (with chunk extensions), in bytes: llhttp streams through a line of
+#: any length, so the client counts the bytes of a read that moved the parser nowhere.
 _MAX_CHUNK_LINE = 4096
 
 #: ``scheme://authority`` then the request target; every byte printable ASCII (no spaces or
@@ -103,6 +106,15 @@ _URI = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*://[!\"$-.0->@-~]*)([!-~]*)")
 #: The end of a response head: an empty line (CRLF or a bare LF, as Twisted accepts).
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+#: A method must be a token (RFC 9110 5.6.2); empty passes, as Twisted's check lets it.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+#: A Content-Length field line, for the rare head llhttp refuses over it (see ``_one_length``).
+_LENGTH_LINE = re.compile(rb"(?im)^content-length:([^\r\n]*)\r?\n")
+
+#: What llhttp accepts beyond its strict defaults, to match Twisted's client: bare-LF line ends
+#: and Transfer-Encoding with Content-Length (chunked wins, and the connection is not reused; see
+#: ``_start_response``) in a head that failed the strict parse; spaces after a chunk size always.
+_LENIENT_HEAD = {"lenient_optional_cr_before_lf": True, "lenient_chunked_length": True}
 
 _HTTP11 = (b"HTTP", 1, 1)
 _HTTP10 = (b"HTTP", 1, 0)
@@ -127,12 +139,6 @@ _UNTIL_CLOSE = 4  # reading a body delimited by the end of the connection
 _STOPPED = 5  # body abandoned (stopProducing, error): aborting, the body protocol told on close
 _CLOSING = 6  # no exchange, the connection is being closed
 _CLOSED = 7
-
-# Chunked body states.
-_CHUNK_SIZE = 0
-_CHUNK_DATA = 1
-_CHUNK_CRLF = 2
-_CHUNK_TRAILER = 3
 
 #: Methods known to be tokens; any other is checked on each request (nothing is cached).
 _KNOWN_METHODS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS"})
@@ -171,6 +177,15 @@ def _content_length(values: list[bytes]) -> int:
     if len(lengths) != 1:
         raise ParseError("conflicting Content-Length values", b",".join(values))
     return lengths.pop()
+
+
+def _one_length(head: bytes) -> bytes:
+    """``head`` with its Content-Length fields, if equal (``_content_length``), as one."""
+    values = _LENGTH_LINE.findall(head)
+    length = _content_length([value.strip(b" \t") for value in values])
+    head = _LENGTH_LINE.sub(b"", head)
+    status_end = head.index(b"\n") + 1
+    return b"%bContent-Length: %d\r\n%b" % (head[:status_end], length, head[status_end:])
 
 
 def whole_chunk(data: bytes) -> tuple[int, int] | None:
@@ -434,13 +449,19 @@ class _BodyWriter:
 
 @implementer(IProtocol)
 class _Connection:
-    """One backend connection: writes requests, parses responses, goes back to the pool."""
+    """One backend connection: writes requests, reads responses, goes back to the pool.
+
+    A response head (found by its blank line) and a chunked body are parsed by llhttp
+    (``httptools.HttpResponseParser``, a new one per head), which calls the ``on_*`` methods
+    below; a Content-Length or read-until-close body is only counted or passed on.
+    """
 
     __slots__ = (
-        "_chunk_buffer", "_chunk_state", "_client", "_close_waiters", "_consumer_paused",
-        "_got_bytes", "_head_buffer", "_keep_alive", "_meta", "_method", "_phase", "_protocol",
-        "_remaining", "_trailer_size", "_unclaimed_call", "_waiting", "_writer", "idle_call",
-        "key", "response", "sender", "transport",
+        "_boundary", "_client", "_close_waiters", "_complete", "_consumer_paused", "_control",
+        "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive", "_meta",
+        "_method", "_parser", "_phase", "_phrase", "_pieces", "_progress", "_protocol",
+        "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting", "_writer",
+        "idle_call", "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
@@ -460,8 +481,19 @@ class _Connection:
         self.response: _Response | None = None
         self._protocol: IProtocol | None = None
         self._remaining = 0
-        self._chunk_state = _CHUNK_SIZE
-        self._chunk_buffer = b""
+        # What llhttp reports, head by head (``_start_response``) and read by read (``_chunked``).
+        self._parser: Any = None
+        self._headers = Headers()
+        self._phrase = b""
+        #: The head's connection control fields (``_CONNECTION_CONTROL``), by lower-case name.
+        self._control: dict[bytes, list[bytes]] = {}
+        #: Chunk data of the read being parsed; None while a head is parsed.
+        self._pieces: list[bytes] | None = None
+        self._complete = False
+        self._progress = False
+        self._boundary = False
+        self._in_trailer = False
+        self._stalled = 0
         self._trailer_size = 0
         self._consumer_paused = False
         self._unclaimed_call: IDelayedCall | None = None
@@ -495,12 +527,7 @@ class _Connection:
         """True when this connection reads a chunked body for ``protocol`` and the next byte
         is a chunk's size line: a read that is exactly one chunk is then one piece of it, with
         nothing to change here (a read lane may pass it on itself)."""
-        return (
-            self._phase == _CHUNKED
-            and self._chunk_state == _CHUNK_SIZE
-            and not self._chunk_buffer
-            and self._protocol is protocol
-        )
+        return self._phase == _CHUNKED and self._boundary and self._protocol is protocol
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -694,7 +721,7 @@ class _Connection:
             if end.start() > MAX_HEAD_SIZE:
                 raise ParseError("response head too long", data[:100])
             rest = data[end.end():]
-            if self._start_response(data[: end.start()], rest):
+            if self._start_response(data[: end.end()], rest):
                 return
             if not rest:
                 return
@@ -702,60 +729,39 @@ class _Connection:
             start = 0
 
     def _start_response(self, head: bytes, rest: bytes) -> bool:
-        """Handle one parsed head; False for an interim (1xx) response."""
-        lines = head.replace(b"\r\n", b"\n").split(b"\n")
-        status = lines[0]
-        version_bytes, _, rest_of_status = status.partition(b" ")
-        if version_bytes == b"HTTP/1.1":
+        """Handle one head (its blank line included); False for an interim (1xx) response."""
+        try:
+            parser = self._parse_head(head, False)
+        except HttpParserError:
+            # Strict llhttp refused it. Parse it again with Twisted's tolerances; and llhttp
+            # refuses any repeated Content-Length, where RFC 9110 8.6 (and Twisted) accept equal
+            # ones: those are checked here and merged first. (Rare: a wrong head costs twice.)
+            try:
+                if _LENGTH_LINE.search(head):
+                    head = _one_length(head)
+                parser = self._parse_head(head, True)
+            except HttpParserError as e:
+                raise ParseError(f"invalid response head: {e}", head[:100]) from None
+        version_text = parser.get_http_version()
+        if version_text == "1.1":
             version = _HTTP11
-        elif version_bytes == b"HTTP/1.0":
+        elif version_text == "1.0":
             version = _HTTP10
-        elif version_bytes[:7] == b"HTTP/1." and len(version_bytes) == 8 and (
-            version_bytes[7:].isdigit()
-        ):
-            version = (b"HTTP", 1, int(version_bytes[7:]))
         else:
-            raise ParseError("not an HTTP/1.x status line", status)
-        code_bytes = rest_of_status[:3]
-        if not (len(code_bytes) == 3 and code_bytes.isdigit()) or rest_of_status[3:4] not in (
-            b"", b" "
-        ):
-            raise ParseError("invalid status code", status)
-        code = int(code_bytes)
+            raise ParseError("not an HTTP/1.x status line", head[:100])
+        code = parser.get_status_code()
         if code < 200:
-            if code == 101:
-                raise ParseError("unexpected 101 Switching Protocols", status)
-            return False
-        phrase = rest_of_status[4:]
-        headers = Headers()
-        add = headers.addRawHeader
-        lengths: list[bytes] | None = None
-        codings: list[bytes] | None = None
-        connection: list[bytes] | None = None
+            return False  # (101 failed in llhttp already: it pauses on an upgrade)
+        phrase = self._phrase
+        headers = self._headers
+        control = self._control
+        lengths = control.get(b"content-length")
+        codings = control.get(b"transfer-encoding")
+        connection = control.get(b"connection")
         method = self._method
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1] in b" \t" or line[0] in b" \t":
-                raise ParseError("invalid header line", line)
-            value = value.strip(b" \t")
-            lowered = name.lower()
-            if lowered in _CONNECTION_CONTROL:
-                if lowered == b"content-length":
-                    if lengths is None:
-                        lengths = []
-                    lengths.append(value)
-                    if method == b"HEAD":
-                        add(name, value)
-                elif lowered == b"transfer-encoding":
-                    if codings is None:
-                        codings = []
-                    codings.append(value)
-                elif lowered == b"connection":
-                    if connection is None:
-                        connection = []
-                    connection.append(value)
-            else:
-                add(name, value)  # raises InvalidHeaderName (a ValueError) for a bad name
+        if lengths is not None and method == b"HEAD":
+            for value in lengths:
+                headers.addRawHeader(b"Content-Length", value)
 
         keep_alive = self._keep_alive
         if connection is not None:
@@ -777,7 +783,8 @@ class _Connection:
             if lengths is not None or version is not _HTTP11:
                 keep_alive = False
         elif lengths is not None:
-            length = _content_length(lengths)
+            # (llhttp let through one Content-Length of digits; more were merged into one)
+            length = int(lengths[0])
             if length:
                 phase = _LENGTH
         else:
@@ -806,8 +813,11 @@ class _Connection:
         if phase == _LENGTH:
             self._remaining = cast(int, length)
         elif phase == _CHUNKED:
-            self._chunk_state = _CHUNK_SIZE
-            self._chunk_buffer = b""
+            self._parser = parser  # it reads the chunks on from where the head ended
+            parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+            self._boundary = True
+            self._in_trailer = False
+            self._stalled = 0
             self._trailer_size = 0
         waiting.callback(response)
         if self.response is not response or self._phase != phase:
@@ -817,6 +827,61 @@ class _Connection:
         if self.response is response and response._protocol is None and self._phase < _STOPPED:
             self._await_claim()
         return True
+
+    def _parse_head(self, head: bytes, lenient: bool) -> Any:
+        """A new llhttp parser that has read ``head``; the fields are in ``_headers`` etc."""
+        self._headers = Headers()
+        self._phrase = b""
+        self._control = {}
+        self._pieces = None
+        self._complete = False
+        parser = httptools.HttpResponseParser(self)
+        if lenient:
+            parser.set_dangerous_leniencies(**_LENIENT_HEAD)
+        parser.feed_data(head)
+        return parser
+
+    # -- llhttp's callbacks (an exception in one fails ``feed_data``) ------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise ParseError("bytes after the response", b"")  # (stops llhttp: not reused)
+
+    def on_status(self, status: bytes) -> None:
+        self._phrase = status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._pieces is not None:  # a trailer field: ignored, as Twisted does
+            self._progress = True
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_size > MAX_HEAD_SIZE:
+                raise ParseError("trailer section too long", b"")
+            return
+        value = value.rstrip(b" \t")  # (llhttp strips the leading whitespace)
+        lowered = name.lower()
+        if lowered in _CONNECTION_CONTROL:
+            self._control.setdefault(lowered, []).append(value)
+        else:
+            self._headers.addRawHeader(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        self._pieces.append(body)  # type: ignore[union-attr]  # (a head never has a body here)
+        self._boundary = False
+        self._in_trailer = False
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+        self._boundary = False
+        self._in_trailer = True  # until data comes: the last chunk's trailer section
+
+    def on_chunk_complete(self) -> None:
+        self._progress = True
+        self._boundary = True
+        self._in_trailer = False
+
+    def on_message_complete(self) -> None:
+        if self._pieces is not None:
+            self._complete = True
 
     # -- the response body -------------------------------------------------------------------
 
@@ -847,97 +912,48 @@ class _Connection:
         self._end_body(_done(), reusable=not rest)
 
     def _chunked(self, data: bytes) -> None:
-        if self._chunk_state == _CHUNK_SIZE and not self._chunk_buffer:
+        if self._boundary:
             # The common case on a stream: ``data`` is exactly one whole chunk (size line, data,
-            # CRLF). Deliver it without the general loop below.
+            # CRLF), read at a chunk boundary. Deliver it without the parser, which is left at
+            # a boundary as it was.
             span = whole_chunk(data)
             if span is not None:
                 protocol = self._protocol
                 if protocol is not None:
                     protocol.dataReceived(data[span[0]:span[1]])
                     return
-        # Otherwise the general loop. The data of every chunk in this read is delivered as one
-        # piece, once the read is parsed (or before the body ends or fails): the body protocol
-        # gets one call per read, as on a stream, and writes once (see StreamRelay).
+        # Otherwise llhttp. The data of every chunk in this read is delivered as one piece, once
+        # the read is parsed (or before the body ends or fails): the body protocol gets one call
+        # per read, as on a stream, and writes once (see StreamRelay).
         response = self.response
         pieces: list[bytes] = []
-        position = 0
-        size = len(data)
-        while position < size:
-            state = self._chunk_state
-            if state == _CHUNK_DATA:
-                remaining = self._remaining
-                end = position + remaining
-                if end <= size:
-                    pieces.append(data[position:end] if position or end != size else data)
-                    self._remaining = 0
-                    self._chunk_state = _CHUNK_CRLF
-                else:
-                    pieces.append(data[position:] if position else data)
-                    self._remaining = remaining - (size - position)
-                    end = size
-                position = end
-                continue
-            if self._chunk_buffer:
-                data = self._chunk_buffer + data[position:]
-                self._chunk_buffer = b""
-                position = 0
-                size = len(data)
-            if state == _CHUNK_CRLF:
-                if data[position:position + 2] == b"\r\n":
-                    position += 2
-                    self._chunk_state = _CHUNK_SIZE
-                elif size - position < 2 and data[position:] in (b"", b"\r"):
-                    self._chunk_buffer = data[position:]
-                    break
-                else:
-                    if self._deliver_pieces(pieces, response):
-                        self._body_error(ParseError("chunk data not followed by CRLF", b""))
-                    return
-                continue
-            newline = data.find(b"\r\n", position)
-            if newline < 0:
-                partial = data[position:]
-                limit = _MAX_CHUNK_LINE if state == _CHUNK_SIZE else MAX_HEAD_SIZE
-                if len(partial) + self._trailer_size > limit:
-                    if self._deliver_pieces(pieces, response):
-                        self._body_error(ParseError("chunk line too long", partial[:100]))
-                    return
-                self._chunk_buffer = partial
-                break
-            line = data[position:newline]
-            position = newline + 2
-            if state == _CHUNK_SIZE:
-                digits = line.partition(b";")[0].rstrip(b" \t")
-                if not digits or len(digits) > 16 or digits.strip(_HEX_DIGITS):
-                    if self._deliver_pieces(pieces, response):
-                        self._body_error(ParseError("invalid chunk size", line[:100]))
-                    return
-                chunk_size = int(digits, 16)
-                if chunk_size:
-                    self._remaining = chunk_size
-                    self._chunk_state = _CHUNK_DATA
-                else:
-                    self._chunk_state = _CHUNK_TRAILER
-            elif line:  # a trailer field: ignored, as Twisted does
-                self._trailer_size += len(line) + 2
-                if self._trailer_size > MAX_HEAD_SIZE:
-                    if self._deliver_pieces(pieces, response):
-                        self._body_error(ParseError("trailer section too long", b""))
-                    return
-            else:
-                if self._deliver_pieces(pieces, response):
-                    self._end_body(_done(), reusable=position == size)
-                return
-        self._deliver_pieces(pieces, response)
-
-    def _deliver_pieces(self, pieces: list[bytes], response: _Response | None) -> bool:
-        """Deliver the chunk data of one read as one piece; False if delivering it ended the
-        body (the body protocol stopped it), so the caller must not go on."""
+        self._pieces = pieces
+        self._progress = False
+        error: HttpParserError | None = None
+        try:
+            self._parser.feed_data(data)
+        except HttpParserError as e:
+            error = e
         if pieces:
             self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-            return self.response is response and self._phase == _CHUNKED
-        return True
+            if self.response is not response or self._phase != _CHUNKED:
+                return  # the body protocol stopped the body
+        if self._complete:
+            # (an error after the end: bytes nobody asked for followed it)
+            self._end_body(_done(), reusable=error is None)
+        elif error is not None:
+            self._body_error(ParseError(f"invalid chunked body: {error}", data[:100]))
+        elif self._progress or pieces:
+            self._stalled = 0
+            # At a boundary only if the read ended there: bytes after a chunk's end that moved
+            # no callback are the start of a size line, which cannot end in LF.
+            self._boundary = self._boundary and data[-1:] == b"\n"
+        else:
+            self._stalled += len(data)
+            if self._stalled > (MAX_HEAD_SIZE if self._in_trailer else _MAX_CHUNK_LINE):
+                self._body_error(ParseError("chunk line too long", data[:100]))
+            else:
+                self._boundary = False
 
     def _body_error(self, error: Exception) -> None:
         """A malformed body: fail it and abort the connection."""
@@ -952,6 +968,7 @@ class _Connection:
         assert response is not None
         self.response = None
         self._protocol = None
+        self._parser = None
         call = self._unclaimed_call
         if call is not None:
             self._unclaimed_call = None
@@ -1169,7 +1186,7 @@ class BackendClient:
         if method not in _KNOWN_METHODS:
             if not isinstance(method, bytes):
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
-            if not _istoken(method):
+            if _TOKEN.fullmatch(method) is None:
                 raise ValueError(f"Invalid method {method!r}")
         match = _URI.fullmatch(uri)
         if match is None:

@@ -62,7 +62,6 @@ NAMES = {
     "twisted.internet.tcp:Connection._writeDisconnecting": "attribute",
     "twisted.internet.tcp:Connection._writeDisconnected": "attribute",
     "twisted.internet.endpoints:_WrappingFactory": "callable",
-    "twisted.web._abnf:_istoken": "callable",
     "twisted.web._newclient:ExcessWrite": "callable",
     "twisted.web._newclient:ParseError": "callable",
     "twisted.web._newclient:RequestGenerationFailed": "callable",

@@ -1,0 +1,124 @@
+"""Issue 18.2: what the backend client's llhttp parsing adds to test_backend_client's contract.
+
+The strict parse and the tolerant retry, the chunk-line guard across reads (llhttp streams
+through chunk extensions of any length), the chunk-boundary tracking a stream lane relies on,
+and what may follow a chunked response on a kept connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionAborted
+from twisted.python.failure import Failure
+from twisted.web._newclient import ParseError
+from twisted.web.client import ResponseDone, ResponseFailed
+
+from tests.fastpath.test_backend_client import Base
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class HeadTests(Base):
+    def test_bare_lf_head_with_both_framings_goes_the_tolerant_way(self) -> None:
+        response, _, transport = self.respond(
+            b"HTTP/1.1 200 OK\nContent-Length: 9\nTransfer-Encoding: chunked\nX-A: b\n\n"
+            b"2\r\nok\r\n0\r\n\r\n")
+        self.assertEqual(response.headers.getRawHeaders(b"x-a"), [b"b"])
+        body = self.read(response)
+        self.assertEqual(body.data, b"ok")
+        body.reasons[0].trap(ResponseDone)
+        self.assertTrue(transport.disconnecting)  # both framings: never reused
+
+    def test_equal_lengths_in_one_field_and_a_head_request(self) -> None:
+        response, _, _ = self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nhi")
+        self.assertEqual((response.length, self.read(response).data), (2, b"hi"))
+        response, _, _ = self.respond(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nContent-Length: 7\r\n\r\n", b"HEAD")
+        self.assertEqual(response.length, 0)
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"7"])
+        self.assertEqual(self.client.idle_connections(), 1)
+
+    def test_a_refused_head_is_a_parse_error_either_way(self) -> None:
+        for raw in (b"HTTP/1.1 200 OK\r\nX:\x01\r\n\r\n", b"HTTP/2.0 200 OK\r\n\r\n",
+                    b"HTTP/1.1 200 OK\nContent-Length: 1\nContent-Length: 2\n\n"):
+            d, _, transport = self.send()
+            self.endpoints.endpoint.connections[-1][0].dataReceived(raw)
+            self.failureResultOf(d, ResponseFailed).value.reasons[0].trap(ParseError)
+            self.assertTrue(transport.aborted, raw)
+
+
+class ChunkedTests(Base):
+    def chunked(self) -> tuple[Any, Any, Any]:
+        response, protocol, transport = self.respond(CHUNKED_HEAD)
+        return self.read(response), protocol, transport
+
+    def test_a_chunk_line_spread_over_reads_is_limited(self) -> None:
+        body, protocol, transport = self.chunked()
+        protocol.dataReceived(b"5;")
+        for _ in range(4):
+            protocol.dataReceived(b"e" * 1000)
+        self.assertEqual(body.reasons, [])
+        protocol.dataReceived(b"e" * 100)
+        body.reasons[0].trap(ResponseFailed)
+        self.assertTrue(body.reasons[0].value.reasons[0].check(ParseError))
+        self.assertTrue(transport.aborted)
+
+    def test_a_long_trailer_field_is_read(self) -> None:
+        body, protocol, _ = self.chunked()
+        protocol.dataReceived(b"2\r\nok\r\n0\r\nX-T: ")
+        for _ in range(10):
+            protocol.dataReceived(b"t" * 1000)
+        protocol.dataReceived(b"\r\n\r\n")
+        self.assertEqual(body.data, b"ok")
+        body.reasons[0].trap(ResponseDone)
+        self.assertEqual(self.client.idle_connections(), 1)
+
+    def test_the_trailer_section_is_limited(self) -> None:
+        body, protocol, transport = self.chunked()
+        protocol.dataReceived(b"0\r\n")
+        for i in range(70):
+            protocol.dataReceived(b"X-T%d: %s\r\n" % (i, b"t" * 1000))
+        body.reasons[0].trap(ResponseFailed)
+        self.assertTrue(transport.aborted)
+
+    def test_chunk_boundaries_a_stream_lane_sees(self) -> None:
+        body, protocol, _ = self.chunked()
+        self.assertTrue(protocol.at_chunk_start(body))
+        self.assertFalse(protocol.at_chunk_start(object()))  # not its body protocol
+        for data, boundary in (
+            (b"5\r\nhel", False), (b"lo\r\n", True), (b"3\r\nabc\r\n", True),  # (whole chunk)
+            (b"2\r\nxy\r\n1", False), (b"\r\nz", False), (b"\r", False), (b"\n", True),
+            (b"1;e=1\r\nq\r\n", True),
+        ):
+            protocol.dataReceived(data)
+            self.assertEqual(protocol.at_chunk_start(body), boundary, data)
+        self.assertEqual(body.data, b"helloabcxyzq")
+        protocol.dataReceived(b"0\r\n\r\n")
+        self.assertFalse(protocol.at_chunk_start(body))
+        body.reasons[0].trap(ResponseDone)
+
+    def test_what_may_follow_a_chunked_response(self) -> None:
+        # An empty line is skipped by llhttp (nothing is left to confuse the next response);
+        # anything else means the connection is not reused.
+        body, protocol, transport = self.chunked()
+        protocol.dataReceived(b"2\r\nok\r\n0\r\n\r\n\r\n")
+        body.reasons[0].trap(ResponseDone)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 1)
+        body, protocol, transport = self.chunked()
+        self.assertEqual(self.client.idle_connections(), 0)
+        protocol.dataReceived(b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
+        self.assertEqual(body.data, b"ok")
+        body.reasons[0].trap(ResponseDone)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_a_body_error_after_data_in_the_same_read(self) -> None:
+        body, protocol, transport = self.chunked()
+        protocol.dataReceived(b"2\r\nok\r\n2\r\nabX")
+        self.assertEqual(body.pieces, [b"okab"])
+        body.reasons[0].trap(ResponseFailed)
+        self.assertTrue(transport.aborted)
+        protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(len(body.reasons), 1)
