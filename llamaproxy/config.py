@@ -336,6 +336,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue_timeout", "queue-timeout", ("QUEUE_TIMEOUT",), "60", _seconds,
             "Longest wait for a free slot, or for a restarting backend to be ready, before 503 "
             "queue_timeout with Retry-After."),
+    Setting("load_timeout", "load-timeout", ("LOAD_TIMEOUT",), "300", _seconds,
+            "Longest wait of a request for an on-demand model (start = \"on_demand\" in the "
+            "backends file) to be started or swapped in, before 503 model_loading with "
+            "Retry-After."),
     Setting("first_byte_timeout", "first-byte-timeout", ("FIRST_BYTE_TIMEOUT",), "300", _seconds,
             "Longest wait for the backend's response headers once a request was sent (then "
             "504)."),
@@ -471,6 +475,7 @@ class Config:
     max_queue_size: int
     max_queue_per_key: int
     queue_timeout: float
+    load_timeout: float
     first_byte_timeout: float
     client_header_timeout: float
     proxy_extra_paths: tuple[str, ...]
