@@ -194,6 +194,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
         queue_timeout=config.queue_timeout,
+        load_timeout=config.load_timeout,
         first_byte_timeout=config.first_byte_timeout,
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
         metrics_auth_enabled=config.metrics_auth_enabled,

@@ -50,6 +50,17 @@ class ProbeResult:
 TRANSIENT_STATES = frozenset({BackendState.STARTING, BackendState.LOADING, BackendState.BACKOFF})
 
 
+class ModelLoadFailedError(Exception):
+    """An on-demand backend's child failed to load its model (503 ``model_load_failed``)."""
+
+    def __init__(self, backend: str, reason: str, retry_at: float | None) -> None:
+        super().__init__(f"{backend}: {reason}")
+        self.backend = backend
+        self.reason = reason
+        #: When the next load may be tried (clock seconds), for Retry-After.
+        self.retry_at = retry_at
+
+
 @dataclass
 class Backend:
     """A backend's address, credentials and live status."""
@@ -68,6 +79,12 @@ class Backend:
     #: Its owner's reaction to a request that could not reach it (``send_failed``): mark it
     #: down and probe it at once. None: nobody probes it (tests, a static record).
     on_send_failure: Callable[[str], None] | None = field(default=None, repr=False)
+    #: On-demand backends (``llamaproxy.backends.on_demand``): called when a request waits for
+    #: the backend while it is not ready, to start it (or queue its swap-in). None: always-on.
+    on_demand: Callable[[], None] | None = field(default=None, repr=False)
+    #: True while an on-demand backend is being unloaded: it takes no new request (they wait
+    #: for its next start) though its child still runs its requests in flight.
+    draining: bool = False
     _last_probe: ProbeResult | None = field(default=None, repr=False)
     _ready_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
 
@@ -84,13 +101,15 @@ class Backend:
     @property
     def ready(self) -> bool:
         """True when requests can be sent: READY and the last probe did not fail."""
-        return self.state is BackendState.READY and (
+        return self.state is BackendState.READY and not self.draining and (
             self._last_probe is None or self._last_probe.outcome == "ready"
         )
 
     @property
     def recovering(self) -> bool:
         """True when the backend is expected to become ready by itself (worth waiting for)."""
+        if self.on_demand is not None:
+            return True  # a request for it starts it
         return self.state in TRANSIENT_STATES or (
             self.state is BackendState.READY and not self.ready
         )
@@ -99,6 +118,8 @@ class Backend:
     def condition(self) -> str:
         """The state in a word that agrees with ``ready``: "unresponsive" for a READY backend
         whose last health probe failed (e.g. a stopped process), else the state's value."""
+        if self.draining:
+            return "stopping"
         if self.state is BackendState.READY and not self.ready:
             return "unresponsive"
         return self.state.value
@@ -113,6 +134,19 @@ class Backend:
                 listener(self)
         self._wake_waiters()
 
+    def set_draining(self, draining: bool) -> None:
+        """Start or end an on-demand backend's unload (see ``draining``)."""
+        if draining is not self.draining:
+            self.draining = draining
+            for listener in list(self.listeners):
+                listener(self)
+            self._wake_waiters()
+
+    @property
+    def waited_for(self) -> bool:
+        """True while a request waits for the backend to be ready."""
+        return bool(self._ready_waiters)
+
     def send_failed(self, detail: str) -> None:
         """A request could not reach the backend (``detail``: "connection refused", ...).
 
@@ -123,12 +157,24 @@ class Backend:
             self.on_send_failure(detail)
 
     def wait_ready(self) -> Deferred[None]:
-        """A Deferred that fires when the backend is ready (cancel it to stop waiting)."""
+        """A Deferred that fires when the backend is ready (cancel it to stop waiting).
+
+        An on-demand backend is asked to start (``on_demand``); if its model fails to load the
+        Deferred fails with ``ModelLoadFailedError``.
+        """
         if self.ready:
             return succeed(None)
         waiter: Deferred[None] = Deferred(self._ready_waiters.remove)
         self._ready_waiters.append(waiter)
+        if self.on_demand is not None:
+            self.on_demand()
         return waiter
+
+    def fail_waiters(self, error: Exception) -> None:
+        """Fail every ``wait_ready`` Deferred with ``error`` (an on-demand load failed)."""
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
 
     def _wake_waiters(self) -> None:
         if not self.ready or not self._ready_waiters:

@@ -31,7 +31,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.backends import forward
 from llamaproxy.backends.admission import Admission, QueueFullError, Slot, Waiter
-from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.backend import Backend, BackendState, ModelLoadFailedError
 from llamaproxy.backends.breaker import BreakerState, Ticket
 from llamaproxy.backends.config_file import upstream_url_bytes
 from llamaproxy.backends.routing import (
@@ -126,6 +126,8 @@ class GatewaySettings:
     request_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
     queue_timeout: float = 60.0
+    #: Longest wait for an on-demand model to load (LOAD_TIMEOUT).
+    load_timeout: float = 300.0
     first_byte_timeout: float = 300.0
     metrics_auth_enabled: bool = False
     #: Strict-Transport-Security value for HTTPS responses (None: not sent).
@@ -490,7 +492,13 @@ class ProxyExchanges:
         timer = exchange.timer
         if not status.ready and timer is not None:
             timer.queued()
-        if not await self._member_ready(member, wait_until):
+        if status.on_demand is not None and not status.ready and not self.draining:
+            refused = await self._load(exchange, member)
+            if refused is not None:
+                return refused
+            # The load had its own budget (LOAD_TIMEOUT); the slot wait gets QUEUE_TIMEOUT.
+            wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
+        elif not await self._member_ready(member, wait_until):
             return self._not_ready(status)
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return None  # the model list uses no inference slot: it never waits behind one
@@ -506,6 +514,26 @@ class ProxyExchanges:
         except defer.TimeoutError:
             return errors.queue_timeout(status.retry_after(self.clock.seconds()))
         return None
+
+    async def _load(self, exchange: Exchange, member: Member) -> GatewayError | None:
+        """Wait for an on-demand backend to be started (or swapped in) and ready, up to
+        LOAD_TIMEOUT from the request's arrival; None once ready, else the 503 to answer."""
+        status = member.status
+        until = exchange.started + self.settings.load_timeout
+        while True:
+            try:
+                await self._within(status.wait_ready(), until)
+            except defer.TimeoutError:
+                now = self.clock.seconds()
+                return errors.model_loading(
+                    member.spec.canonical_model, now - exchange.started, status.retry_after(now))
+            except ModelLoadFailedError as e:
+                retry_after = 5 if e.retry_at is None else max(
+                    1, math.ceil(e.retry_at - self.clock.seconds()))
+                return errors.model_load_failed(member.spec.canonical_model, e.reason,
+                                                retry_after)
+            if status.ready:
+                return None
 
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
         """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
