@@ -85,6 +85,8 @@ class Backend:
     #: True while an on-demand backend is being unloaded: it takes no new request (they wait
     #: for its next start) though its child still runs its requests in flight.
     draining: bool = False
+    #: On-demand backends: their lifecycle's part of /health (``OnDemandModel.status_json``).
+    on_demand_status: Callable[[], dict[str, object]] | None = field(default=None, repr=False)
     _last_probe: ProbeResult | None = field(default=None, repr=False)
     _ready_waiters: list[Deferred[None]] = field(default_factory=list, repr=False)
 
@@ -189,12 +191,26 @@ class Backend:
             return max(1, int(self.retry_at - now + 0.999))
         return default
 
+    @property
+    def model_state(self) -> str:
+        """Its model's state for /v1/models: ``stopped``, ``loading``, ``ready``, ``failed`` or
+        ``stopping`` (an on-demand backend's lifecycle; an always-on one is ready, loading while
+        it starts or recovers, else stopped)."""
+        if self.on_demand_status is not None:
+            return str(self.on_demand_status()["state"])
+        if self.ready:
+            return "ready"
+        return "loading" if self.recovering else "stopped"
+
     def status_json(self) -> dict[str, object]:
         """The backend section of /health."""
-        return {
+        doc: dict[str, object] = {
             "name": self.name,
             "state": self.state.value,
             "restarts": self.restarts,
             "last_probe": self.last_probe.as_json() if self.last_probe else None,
             "last_exit": self.last_exit,
         }
+        if self.on_demand_status is not None:
+            doc["on_demand"] = self.on_demand_status()
+        return doc

@@ -115,6 +115,7 @@ class OnDemandModel(Service):
         #: Clock time of the latest ready (None while not ready).
         self.ready_since: float | None = None
         backend.on_demand = self.demand
+        backend.on_demand_status = self.status_json
         backend.listeners.append(self._backend_changed)
         if group is not None:
             group.add(self)
@@ -329,6 +330,7 @@ class OnDemandModel(Service):
         if self.group is not None:
             self.group.remove(self)
         self.backend.on_demand = None
+        self.backend.on_demand_status = None
         if self._backend_changed in self.backend.listeners:
             self.backend.listeners.remove(self._backend_changed)
         if not self.child.running:

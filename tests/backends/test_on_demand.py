@@ -78,17 +78,22 @@ class LifecycleTests(SynchronousTestCase):
         self.clock = Clock()
 
     def test_request_starts_a_stopped_model(self) -> None:
-        model, child = make_model("a", self.clock)
+        model, child = make_model("a", self.clock, idle_ttl=5)
         self.assertEqual(model.state, ModelState.STOPPED)
+        self.assertEqual(model.backend.model_state, "stopped")
+        self.assertEqual(model.backend.status_json()["on_demand"],
+                         {"state": "stopped", "idle_ttl": 5.0})
         self.assertTrue(model.backend.recovering)
         waiting = model.backend.wait_ready()
         self.assertEqual((child.starts, model.state), (1, ModelState.LOADING))
         self.assertNoResult(waiting)
         model.backend.wait_ready()  # a second request does not start it again
         self.assertEqual(child.starts, 1)
+        self.assertEqual(model.backend.model_state, "loading")
         child.loaded()
         self.successResultOf(waiting)
         self.assertEqual(model.state, ModelState.READY)
+        self.assertEqual(model.backend.model_state, "ready")
 
     def test_load_failure_fails_waiters_with_backoff(self) -> None:
         model, child = make_model("a", self.clock)
