@@ -172,6 +172,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
+    backends.add_model_events(metrics.models)
     metrics.fast_paths(fast.active, fastpath.ALL)
     metrics.watch_admission(admission)
     for member in router.members.values():

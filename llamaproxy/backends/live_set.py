@@ -32,7 +32,7 @@ from llamaproxy.backends.config_file import (
     load_backends_file,
     needs_restart,
 )
-from llamaproxy.backends.on_demand import OnDemandModel
+from llamaproxy.backends.on_demand import ModelEvents, OnDemandModel
 from llamaproxy.backends.routing import Router, status_for
 from llamaproxy.backends.swap_group import SwapGroup
 from llamaproxy.config import Config, ConfigError
@@ -76,6 +76,8 @@ class BackendSet(MultiService):
         self.models: dict[str, OnDemandModel] = {}
         #: The ``[[groups]]``, by name.
         self.groups: dict[str, SwapGroup] = {}
+        #: Told of every on-demand model's loads, unloads and swaps (``add_model_events``).
+        self.model_events: list[ModelEvents] = []
         #: Called with (name, base_url, admission, slots) for each new backend queue: how
         #: replicas lease a shared backend's slots from Redis (STATE_URL).
         self.on_admission: Callable[[str, str, Admission, int], object] | None = None
@@ -109,6 +111,15 @@ class BackendSet(MultiService):
         self.table = table
         return self.router
 
+    def add_model_events(self, events: ModelEvents) -> None:
+        """Tell ``events`` of the loads, unloads and swaps of every on-demand model, present
+        and future (the metrics)."""
+        self.model_events.append(events)
+        for model in self.models.values():
+            model.events.append(events)
+        for group in self.groups.values():
+            group.events.append(events)
+
     def reload(self, off_thread: OffThread) -> Deferred[Router | None]:
         """SIGHUP: re-read the backends file (read and checked by ``off_thread``) and apply it;
         the new Router, or None when the file does not load (the current one is kept)."""
@@ -137,7 +148,8 @@ class BackendSet(MultiService):
         for spec in table.groups:
             group = self.groups.get(spec.name)
             if group is None:
-                self.groups[spec.name] = SwapGroup(spec, self.reactor)
+                group = self.groups[spec.name] = SwapGroup(spec, self.reactor)
+                group.events.extend(self.model_events)
             elif group.spec != spec:
                 group.update(spec)
         for name in list(self.groups):
@@ -193,6 +205,7 @@ class BackendSet(MultiService):
                     backoff_max=config.backoff_max,
                     preload=group is not None and spec.name in group.spec.preload,
                 )
+                model.events.extend(self.model_events)
                 self.models[spec.name] = model
                 service = model
         else:

@@ -69,6 +69,8 @@ class ModelEvents(Protocol):
 
     def unloaded(self, backend: str, reason: str) -> None: ...
 
+    def swapped(self, group: str, stopped: str, started: str) -> None: ...
+
 
 class OnDemandModel(Service):
     """The lifecycle of one on-demand backend (see the module docstring).

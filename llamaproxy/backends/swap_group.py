@@ -16,13 +16,12 @@ a waiting model is running within about ``2 * swap_grace`` plus its load time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from llamaproxy.backends.config_file import GroupSpec
-from llamaproxy.backends.on_demand import ModelState, OnDemandModel
+from llamaproxy.backends.on_demand import ModelEvents, ModelState, OnDemandModel
 
 #: How often a group with a waiting model looks again whether a swap is due.
 TICK = 0.1
@@ -51,8 +50,8 @@ class SwapGroup:
         self._tick: IDelayedCall | None = None
         #: Swaps started (a model stopped to make room for another).
         self.swaps = 0
-        #: Called with (stopped model, started model) when a swap starts.
-        self.on_swap: list[Callable[[str, str], None]] = []
+        #: Told of each swap (the metrics).
+        self.events: list[ModelEvents] = []
 
     @property
     def name(self) -> str:
@@ -117,8 +116,8 @@ class SwapGroup:
             if self._due(wait, victim):
                 wait.swapped = True
                 self.swaps += 1
-                for listener in self.on_swap:
-                    listener(victim.backend_name, model.backend_name)
+                for events in self.events:
+                    events.swapped(self.name, victim.backend_name, model.backend_name)
                 victim.unload("swap", self.spec.swap_grace)
             else:
                 self._tick = self.clock.callLater(TICK, self.schedule)

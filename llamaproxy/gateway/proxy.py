@@ -518,8 +518,18 @@ class ProxyExchanges:
     async def _load(self, exchange: Exchange, member: Member) -> GatewayError | None:
         """Wait for an on-demand backend to be started (or swapped in) and ready, up to
         LOAD_TIMEOUT from the request's arrival; None once ready, else the 503 to answer."""
-        status = member.status
         until = exchange.started + self.settings.load_timeout
+        began = self.clock.seconds()
+        try:
+            return await self._wait_load(exchange, member, until)
+        finally:
+            if self.metrics is not None:
+                self.metrics.models.load_waited(self.clock.seconds() - began)
+
+    async def _wait_load(
+        self, exchange: Exchange, member: Member, until: float
+    ) -> GatewayError | None:
+        status = member.status
         while True:
             try:
                 await self._within(status.wait_ready(), until)
