@@ -69,9 +69,10 @@ class Start(enum.Enum):
     ON_DEMAND = "on_demand"
 
 
-#: A group's ``swap_grace`` and ``swap_batch`` when the file does not give them.
+#: A group's ``swap_grace``, ``swap_batch`` and ``swap_wait`` when the file does not give them.
 DEFAULT_SWAP_GRACE = 30.0
 DEFAULT_SWAP_BATCH = 4
+DEFAULT_SWAP_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class GroupSpec:
     swap_batch: int = DEFAULT_SWAP_BATCH
     #: Members started at boot (at most ``max_running`` when it is set).
     preload: tuple[str, ...] = ()
+    #: Longest wait of a waiting model for the running one's batch before the swap starts.
+    swap_wait: float = DEFAULT_SWAP_WAIT
 
 
 @dataclass(frozen=True)
@@ -506,7 +509,7 @@ def parse_backends_text(
 
 
 _TOP_KEYS = ("backends", "models", "breaker", "failover", "keys", "local", "affinity", "groups")
-_GROUP_KEYS = ("name", "max_running", "swap_grace", "swap_batch", "preload")
+_GROUP_KEYS = ("name", "max_running", "swap_grace", "swap_batch", "swap_wait", "preload")
 _AFFINITY_KEYS = (
     "prefix_chars", "prefix_messages", "min_prompt_chars", "load_factor", "remembered",
     "pin_slot",
@@ -871,6 +874,7 @@ def _parse_groups(raw: object, backends: Sequence[BackendSpec], source: str
             swap_grace=_default(table.seconds("swap_grace"), DEFAULT_SWAP_GRACE),
             swap_batch=_default(table.integer("swap_batch", 1, 1_000_000), DEFAULT_SWAP_BATCH),
             preload=preload,
+            swap_wait=_default(table.seconds("swap_wait"), DEFAULT_SWAP_WAIT),
         )
     for index, backend_spec in enumerate(backends):
         group = backend_spec.group if isinstance(backend_spec, LocalBackendSpec) else None

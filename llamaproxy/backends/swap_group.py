@@ -6,12 +6,12 @@ the one ready longest) and is swapped out once the swap is *due*:
 
 - it has no request in flight or queued (nothing is lost by stopping it), or
 - it served ``swap_batch`` more requests since the waiting model began to wait, or
-- the waiting model has waited ``swap_grace`` seconds (a waiting model is never starved).
+- the waiting model has waited ``swap_wait`` seconds (a waiting model is never starved).
 
 Swapping out drains it (its requests in flight finish, up to ``swap_grace``, and new requests for
 it wait for its next turn), stops it, and starts the waiting model. So when two models are asked
 for alternately, each runs for a batch of requests instead of being swapped on every request, and
-a waiting model is running within about ``2 * swap_grace`` plus its load time.
+a waiting model is running within ``swap_wait + swap_grace`` plus its load time.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class SwapGroup:
         served = victim.load.served - wait.served.get(victim.backend_name, victim.load.served)
         if served >= self.spec.swap_batch:
             return True
-        return self.clock.seconds() - wait.since >= self.spec.swap_grace
+        return self.clock.seconds() - wait.since >= self.spec.swap_wait
 
     def status_json(self) -> dict[str, object]:
         """The group's part of /health."""

@@ -476,6 +476,7 @@ name = "gpu0"
 max_running = 1
 swap_grace = 5
 swap_batch = 2
+swap_wait = 7
 preload = ["qwen"]
 
 [[backends]]
@@ -514,7 +515,7 @@ class OnDemandTests(SynchronousTestCase):
 
     def test_groups(self) -> None:
         table = parse(GROUPED)
-        self.assertEqual(table.groups, (GroupSpec("gpu0", 1, 5.0, 2, ("qwen",)),))
+        self.assertEqual(table.groups, (GroupSpec("gpu0", 1, 5.0, 2, ("qwen",), 7.0),))
         self.assertEqual([s.name for s in table.group_members("gpu0")], ["qwen", "llama"])
         qwen, solo = table.backend("qwen"), table.backend("solo")
         assert isinstance(qwen, LocalBackendSpec) and isinstance(solo, LocalBackendSpec)
@@ -559,6 +560,8 @@ class OnDemandTests(SynchronousTestCase):
                          "groups[0].max_running", "between 0 and 1000")
         self.assertError('[[groups]]\nname = "g"\nswap_grace = 0\n' + LOCAL,
                          "groups[0].swap_grace", "> 0")
+        self.assertError('[[groups]]\nname = "g"\nswap_wait = -1\n' + LOCAL,
+                         "groups[0].swap_wait", "> 0")
         self.assertError('[[groups]]\nname = "g"\nswap_batch = 0\n' + LOCAL,
                          "groups[0].swap_batch", "between 1 and")
         self.assertError('[[groups]]\nname = "g"\nspare = 1\n' + LOCAL,

@@ -53,7 +53,8 @@ class ModelsOnDemandTests(SynchronousTestCase):
         del self.gateway.env["MODEL_PATH"]
 
     def table(self, with_c: bool = False) -> str:
-        text = '[[groups]]\nname = "gpu0"\nmax_running = 1\nswap_batch = 2\nswap_grace = 8\n'
+        text = '[[groups]]\nname = "gpu0"\nmax_running = 1\nswap_batch = 2\nswap_wait = 1\n'
+        text += "swap_grace = 60\n"
         text += on_demand("a", tiny_model(), self.ports[0])
         text += on_demand("b", str(self.second), self.ports[1], idle_ttl=3)
         text += on_demand("bad", str(self.bad), self.ports[2], group="")
@@ -104,6 +105,7 @@ class ModelsOnDemandTests(SynchronousTestCase):
         worst = max(max(r) for r in results)
         print(f"alternating a/b, 2 clients x 6 requests: {swaps:.0f} swaps, worst wait "
               f"{worst:.1f} s")
+        self.assertGreaterEqual(swaps, 1)
         self.assertLessEqual(swaps, 12 / 2 + 1)  # swap_batch = 2: no swap per request
         self.assertLess(worst, 60)
         health = {b["name"]: b for b in gateway.health()["backends"]}  # type: ignore[union-attr]
@@ -113,11 +115,17 @@ class ModelsOnDemandTests(SynchronousTestCase):
 
         # A stream in progress on a finishes before a swaps out for b.
         self.assertEqual(self.complete("a").status_code, 200)
-        held = HeldStream(gateway, max_tokens=2000)
+        held = HeldStream(gateway)
+
+        def draining_with_stream() -> bool:
+            backends = {b["name"]: b for b in gateway.health()["backends"]}  # type: ignore[union-attr]
+            a = backends["a"]
+            return a["on_demand"]["state"] == "stopping" and a["in_flight"] >= 1  # type: ignore[index, operator]
+
         with ThreadPoolExecutor(1) as pool:
             waiting_b = pool.submit(self.complete, "b")
-            # swap_grace (8 s) later the swap is due: a drains, its stream still open.
-            wait_for(lambda: self.models()["a"] == "stopping", 20, "a to drain for b")
+            # swap_wait (1 s) later the swap is due: a drains, its stream still open.
+            wait_for(draining_with_stream, 20, "a to drain for b with its stream open")
             finished = held.finish()
             self.assertTrue(finished.complete)
             self.assertEqual(waiting_b.result(60).status_code, 200)
@@ -133,6 +141,7 @@ class ModelsOnDemandTests(SynchronousTestCase):
         error = failed.json()["error"]
         self.assertEqual(error["code"], "model_load_failed")
         self.assertIn("'bad'", error["message"])
+        print(f"bad model file: {error['message']}")
         self.assertIsNotNone(failed.headers.get("retry-after"))
         self.assertEqual(self.models()["bad"], "failed")
 
@@ -148,6 +157,7 @@ class ModelsOnDemandTests(SynchronousTestCase):
 
 
 def _metric(gateway: Gateway, name: str) -> float:
-    text = httpx.get(f"{gateway.url}/metrics", headers=HEADERS, timeout=10).text
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10,
+                     headers={**HEADERS, "Accept": "text/plain; version=0.0.4"}).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
