@@ -303,8 +303,9 @@ SETTINGS: tuple[Setting, ...] = (
             "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
             "file gives the key its own limit (429 beyond it)."),
     Setting("admin_key_ids", "admin-key-ids", ("ADMIN_KEY_IDS",), "", _words,
-            "Key ids allowed to call POST /reload and to log in to the operator page "
-            "(ADMIN_LISTEN; comma/space separated)."),
+            "Key ids allowed to call POST /reload, POST /v1/route and the /admin/models routes "
+            "(models on demand), and to log in to the operator page (ADMIN_LISTEN; comma/space "
+            "separated)."),
     Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
             _seconds, "Seconds between checks of the key file for changes (reloaded when its "
             "content changed); on Linux inotify sees changes at once, this is the fallback."),

@@ -34,6 +34,7 @@ from llamaproxy.backends.config_file import (
     single_backend_table,
 )
 from llamaproxy.backends.live_set import BackendSet, check_remote_tls
+from llamaproxy.backends.model_admin import ModelAdmin
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.eager_write import Cork
@@ -212,6 +213,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         router, agent, reactor, settings, access, health.document, health.ready, metrics=metrics
     )
     resource.local_model_list = options.backends_file is not None
+    resource.model_admin = ModelAdmin(backends, config.drain_timeout)
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
     if not config.metrics_auth_enabled:  # /health is public: the counters only if /metrics is

@@ -37,6 +37,8 @@ class _Wait:
     served: dict[str, int] = field(default_factory=dict)
     #: True once a model was swapped out to make room for it.
     swapped: bool = False
+    #: Why it was asked for (``request`` or ``operator``).
+    reason: str = "request"
 
 
 class SwapGroup:
@@ -83,12 +85,14 @@ class SwapGroup:
         """Names of the models waiting for room, first first."""
         return [w.model.backend_name for w in self._waiting]
 
-    def want(self, model: OnDemandModel) -> None:
-        """A request waits for ``model``: start it when the group has room (see ``schedule``)."""
+    def want(self, model: OnDemandModel, reason: str = "request") -> None:
+        """A request (or an operator) waits for ``model``: start it when the group has room
+        (see ``schedule``)."""
         if any(w.model is model for w in self._waiting):
             return
-        self._waiting.append(_Wait(model, self.clock.seconds(),
-                                   {m.backend_name: m.load.served for m in self.members.values()}))
+        self._waiting.append(_Wait(
+            model, self.clock.seconds(),
+            {m.backend_name: m.load.served for m in self.members.values()}, reason=reason))
         self.schedule()
 
     def schedule(self) -> None:
@@ -107,7 +111,7 @@ class SwapGroup:
             others = [m for m in self.members.values() if m is not model and m.occupies]
             if not self.spec.max_running or len(others) < self.spec.max_running:
                 self._waiting.pop(0)
-                model.start("swap" if wait.swapped else "request")
+                model.start("swap" if wait.swapped else wait.reason)
                 continue
             if any(m.state is ModelState.STOPPING for m in others):
                 break  # room is being made

@@ -8,6 +8,7 @@ on-demand model without touching the running one.
 
 from __future__ import annotations
 
+import io
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 from twisted.trial.unittest import SynchronousTestCase
 
+from llamaproxy.cli import main
 from tests.e2e.harness import API_KEY, Gateway, children_of, free_port, tiny_model, wait_for
 from tests.e2e.test_admission import HeldStream
 
@@ -41,7 +43,8 @@ start = "on_demand"
 
 class ModelsOnDemandTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.gateway = Gateway(env={"MAX_REQUESTS_PER_MINUTE": "100000", "LOAD_TIMEOUT": "60"})
+        self.gateway = Gateway(env={"MAX_REQUESTS_PER_MINUTE": "100000", "LOAD_TIMEOUT": "60",
+                                    "ADMIN_KEY_IDS": "tester"})
         root = self.gateway.root
         self.second = root / "tiny-b.gguf"
         self.second.write_bytes(Path(tiny_model()).read_bytes())
@@ -133,6 +136,20 @@ class ModelsOnDemandTests(SynchronousTestCase):
 
         # b's idle_ttl (3 s) unloads it.
         wait_for(lambda: self.models()["b"] == "stopped", 20, "b to be unloaded when idle")
+        self.assertEqual(self.children(), 0)
+
+        # An operator loads and unloads a model: `llamaproxy models load|list|unload`.
+        def cli(*argv: str) -> str:
+            out, err = io.StringIO(), io.StringIO()
+            code = main(["models", *argv, "--url", gateway.url, "--key", API_KEY],
+                        stdout=out, stderr=err)
+            self.assertEqual(code, 0, err.getvalue())
+            return out.getvalue()
+
+        cli("load", "a")
+        wait_for(lambda: self.models()["a"] == "ready", 30, "a loaded by the operator")
+        self.assertRegex(cli("list"), r"\ba +ready +gpu0 ")
+        self.assertEqual(cli("unload", "a"), "a: stopped\n")
         self.assertEqual(self.children(), 0)
 
         # A bad model file: 503 model_load_failed with the child's reason, not retried at once.

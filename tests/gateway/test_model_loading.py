@@ -1,13 +1,19 @@
-"""Requests for on-demand models through the gateway: start, LOAD_TIMEOUT, load failure."""
+"""Requests for on-demand models through the gateway: start, LOAD_TIMEOUT, load failure, and
+the admin routes that list, load and unload them."""
 
 from __future__ import annotations
+
+import json
+from types import SimpleNamespace
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaproxy.backends.backend import BackendState
+from llamaproxy.backends.model_admin import ModelAdmin
 from llamaproxy.backends.on_demand import ModelState, OnDemandModel
+from llamaproxy.testing import InMemoryClient
 from tests.backends.test_on_demand import FakeChild
-from tests.gateway.test_resource import GatewayFixture
+from tests.gateway.test_resource import KEY, OTHER_KEY, GatewayFixture
 
 
 class ModelLoadingTests(SynchronousTestCase):
@@ -55,3 +61,57 @@ class ModelLoadingTests(SynchronousTestCase):
         again = self.gw.chat().response()
         self.assertEqual(again.json()["error"]["code"], "model_load_failed")
         self.assertEqual(self.child.starts, 1)
+
+
+class ModelAdminRouteTests(SynchronousTestCase):
+    """/admin/models, /admin/models/load, /admin/models/unload (admin keys only)."""
+
+    def setUp(self) -> None:
+        self.gw = GatewayFixture()
+        self.gw.backend.set_state(BackendState.STOPPED)
+        self.child = FakeChild(self.gw.backend, self.gw.clock)
+        self.model = OnDemandModel(self.gw.backend, self.child, self.gw.admission, self.gw.clock,
+                                   idle_ttl=60)
+        backends = SimpleNamespace(models={"test": self.model}, router=self.gw.resource.router)
+        self.gw.resource.model_admin = ModelAdmin(backends, default_grace=10)
+
+    def call(self, method: str, path: str, body: dict[str, object] | None = None,
+             key: str = KEY) -> InMemoryClient:
+        client = self.gw.client()
+        client.request(method, path, json.dumps(body).encode() if body is not None else b"",
+                       {"Authorization": f"Bearer {key}"})
+        return client
+
+    def test_list_load_unload(self) -> None:
+        listed = self.call("GET", "/admin/models").response()
+        self.assertEqual(listed.status, 200)
+        self.assertEqual(listed.json()["data"], [{
+            "backend": "test", "models": ["fake"], "state": "stopped", "idle_ttl": 60.0,
+            "in_flight": 0, "queued": 0}])
+        # By model name: the backend serving it.
+        loaded = self.call("POST", "/admin/models/load", {"model": "fake"}).response()
+        self.assertEqual((loaded.status, loaded.json()["state"]), (200, "loading"))
+        self.assertEqual(self.child.starts, 1)
+        self.child.loaded()
+        slot = self.successResultOf(self.gw.admission.acquire("k"))
+        unloading = self.call("POST", "/admin/models/unload", {"model": "test"})
+        self.gw.clock.advance(1)
+        self.assertEqual(unloading.written, b"")  # drains first: a request is in flight
+        self.assertEqual(self.child.stops, 0)
+        slot.release()
+        self.gw.clock.advance(0.2)
+        answer = unloading.response()
+        self.assertEqual((answer.status, answer.json()["state"]), (200, "stopped"))
+        self.assertEqual(self.child.stops, 1)
+
+    def test_admin_keys_only_and_errors(self) -> None:
+        refused = self.call("GET", "/admin/models", key=OTHER_KEY).response()
+        self.assertEqual(refused.status, 403)
+        missing = self.call("POST", "/admin/models/load", {"model": "nope"}).response()
+        self.assertEqual((missing.status, missing.json()["error"]["code"]),
+                         (404, "model_not_found"))
+        bad = self.call("POST", "/admin/models/unload", {"model": 3}).response()
+        self.assertEqual(bad.status, 400)
+        wrong_method = self.call("POST", "/admin/models", {}).response()
+        self.assertEqual(wrong_method.status, 405)
+        self.assertEqual(self.child.starts, 0)
