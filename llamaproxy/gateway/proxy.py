@@ -47,6 +47,7 @@ from llamaproxy.backends.routing import (
 )
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.loading_comments import LoadingComments
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.request_body import with_model, with_slot
@@ -529,6 +530,20 @@ class ProxyExchanges:
     async def _wait_load(
         self, exchange: Exchange, member: Member, until: float
     ) -> GatewayError | None:
+        request = exchange.request
+        comments: LoadingComments | None = None
+        if request.facts.stream and request.method == b"POST" and not request.startedWriting:
+            comments = LoadingComments(request, member.name, self.clock)
+            comments.start()
+        try:
+            return await self._wait_ready_or_fail(exchange, member, until)
+        finally:
+            if comments is not None:
+                comments.stop()
+
+    async def _wait_ready_or_fail(
+        self, exchange: Exchange, member: Member, until: float
+    ) -> GatewayError | None:
         status = member.status
         while True:
             try:
@@ -731,11 +746,14 @@ class ProxyExchanges:
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
         request = exchange.request
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        is_stream = content_type.startswith(b"text/event-stream")
+        if request.loading_stream:
+            await self._relay_after_loading(exchange, response, is_stream)
+            return
         request.setResponseCode(response.code, response.phrase)
         for name, values in forward.filter_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_stream = content_type.startswith(b"text/event-stream")
         usage = exchange.usage
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
@@ -746,6 +764,25 @@ class ProxyExchanges:
             request.setHeader(b"X-Accel-Buffering", b"no")
             request.setHeader(b"Cache-Control", b"no-cache")
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
+        exchange.relay = relay
+        response.deliverBody(relay)
+        await relay.done
+
+    async def _relay_after_loading(
+        self, exchange: Exchange, response: IResponse, is_stream: bool
+    ) -> None:
+        """The answer to a stream whose head the gateway sent while the model loaded: the
+        backend's events follow the ``: loading`` comments; a whole body (an error, typically)
+        becomes one ``data:`` event."""
+        request = exchange.request
+        if not is_stream:
+            body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
+            if not request.gone:
+                request.write(b"data: " + b" ".join(body.split()) + b"\n\n")
+                request.finish()
+            return
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout,
+                            exchange.usage)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done

@@ -152,6 +152,16 @@ class ModelsOnDemandTests(SynchronousTestCase):
         self.assertEqual(cli("unload", "a"), "a: stopped\n")
         self.assertEqual(self.children(), 0)
 
+        # A streaming request for a stopped model: ": loading" comments, then the model's events.
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", headers=HEADERS, timeout=60,
+                          json={"model": "a", "prompt": "Hello", "max_tokens": 3,
+                                "stream": True}) as streamed:
+            self.assertEqual(streamed.headers["content-type"], "text/event-stream")
+            lines = [line for line in streamed.iter_lines() if line]
+        self.assertEqual(lines[0], ": loading a 0s")
+        self.assertTrue(any(line.startswith("data: {") for line in lines), lines)
+        self.assertEqual(lines[-1], "data: [DONE]")
+
         # A bad model file: 503 model_load_failed with the child's reason, not retried at once.
         failed = self.complete("bad")
         self.assertEqual(failed.status_code, 503, failed.text)

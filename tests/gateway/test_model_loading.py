@@ -7,16 +7,21 @@ import json
 from types import SimpleNamespace
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
 from llamaproxy.backends.backend import BackendState
 from llamaproxy.backends.model_admin import ModelAdmin
 from llamaproxy.backends.on_demand import ModelState, OnDemandModel
-from llamaproxy.testing import InMemoryClient
+from llamaproxy.testing import InMemoryClient, StreamingResponse, sse_chunk
 from tests.backends.test_on_demand import FakeChild
 from tests.gateway.test_resource import KEY, OTHER_KEY, GatewayFixture
 
+PLAIN = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+
 
 class ModelLoadingTests(SynchronousTestCase):
+    """Non-streaming requests just wait for their model."""
+
     def setUp(self) -> None:
         self.gw = GatewayFixture(load_timeout=30.0, queue_timeout=5.0)
         self.gw.backend.set_state(BackendState.STOPPED)
@@ -25,7 +30,7 @@ class ModelLoadingTests(SynchronousTestCase):
                                    jitter=lambda: 0.0)
 
     def test_request_starts_the_model_and_is_served_once_ready(self) -> None:
-        client = self.gw.chat()
+        client = self.gw.chat(PLAIN)
         self.assertEqual((self.child.starts, self.model.state), (1, ModelState.LOADING))
         self.gw.clock.advance(20)  # longer than QUEUE_TIMEOUT: loading has its own budget
         self.assertEqual((client.written, len(self.gw.agent.requests)), (b"", 0))
@@ -35,7 +40,7 @@ class ModelLoadingTests(SynchronousTestCase):
         self.assertEqual(client.response().status, 200)
 
     def test_load_timeout_is_503_model_loading(self) -> None:
-        client = self.gw.chat()
+        client = self.gw.chat(PLAIN)
         self.gw.clock.advance(29)
         self.assertEqual(client.written, b"")
         self.gw.clock.advance(1)
@@ -48,7 +53,7 @@ class ModelLoadingTests(SynchronousTestCase):
         self.assertEqual(len(self.gw.agent.requests), 0)
 
     def test_load_failure_is_503_model_load_failed_with_the_reason(self) -> None:
-        client = self.gw.chat()
+        client = self.gw.chat(PLAIN)
         self.child.crash("exit code 1: gguf_init_from_file: invalid magic characters")
         response = client.response()
         self.assertEqual(response.status, 503)
@@ -58,9 +63,69 @@ class ModelLoadingTests(SynchronousTestCase):
         self.assertIn("invalid magic characters", error["message"])
         self.assertEqual(response.header("retry-after"), "1")
         # Within the backoff the next request fails at once, without a new start.
-        again = self.gw.chat().response()
+        again = self.gw.chat(PLAIN).response()
         self.assertEqual(again.json()["error"]["code"], "model_load_failed")
         self.assertEqual(self.child.starts, 1)
+
+
+class LoadingCommentsTests(SynchronousTestCase):
+    """Streaming requests get ``: loading NAME Ns`` comments while their model loads."""
+
+    def setUp(self) -> None:
+        self.gw = GatewayFixture(load_timeout=30.0)
+        self.gw.backend.set_state(BackendState.STOPPED)
+        self.child = FakeChild(self.gw.backend, self.gw.clock)
+        self.model = OnDemandModel(self.gw.backend, self.child, self.gw.admission, self.gw.clock,
+                                   jitter=lambda: 0.0)
+
+    def test_comments_then_the_backend_stream(self) -> None:
+        client = self.gw.chat()  # "stream": true
+        self.assertIn(b"HTTP/1.1 200 OK", client.written)
+        self.assertIn(b"text/event-stream", client.written.lower())
+        self.assertIn(b": loading test 0s\n\n", client.written)
+        self.assertEqual(len(self.gw.agent.requests), 0)
+        self.gw.clock.advance(5)
+        self.gw.clock.advance(5)
+        self.assertIn(b": loading test 5s\n\n", client.written)
+        self.assertIn(b": loading test 10s\n\n", client.written)
+        self.child.loaded()
+        stream = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(stream)
+        stream.send(sse_chunk("Hello"))
+        stream.send(b"data: [DONE]\n\n")
+        stream.finish()
+        self.gw.clock.advance(60)  # no comment after the model is ready
+        body = client.response().body
+        self.assertEqual(body.count(b": loading"), 3)
+        self.assertTrue(body.endswith(sse_chunk("Hello") + b"data: [DONE]\n\n"), body)
+
+    def test_load_failure_ends_the_stream_with_an_error_event(self) -> None:
+        client = self.gw.chat()
+        self.child.crash("exit code 1: bad GGUF version")
+        response = client.response()
+        self.assertEqual(response.status, 200)
+        last = response.body.split(b"\n\n")[-2]
+        self.assertTrue(last.startswith(b"data: "), response.body)
+        error = json.loads(last[6:])["error"]
+        self.assertEqual(error["code"], "model_load_failed")
+        self.assertIn("bad GGUF version", error["message"])
+
+    def test_a_whole_body_answer_becomes_one_event(self) -> None:
+        client = self.gw.chat()
+        self.child.loaded()
+        self.gw.agent.requests[0].respond(
+            400, b'{"error": {"message": "bad",\n "code": 400}}',
+            Headers({b"content-type": [b"application/json"]}))
+        body = client.response().body
+        self.assertTrue(body.endswith(b'data: {"error": {"message": "bad", "code": 400}}\n\n'),
+                        body)
+
+    def test_a_ready_model_sends_no_comment(self) -> None:
+        self.model.backend.wait_ready()
+        self.child.loaded()
+        client = self.gw.chat()
+        self.assertEqual(client.written, b"")  # sent to the backend, no head of our own
+        self.assertEqual(len(self.gw.agent.requests), 1)
 
 
 class ModelAdminRouteTests(SynchronousTestCase):
