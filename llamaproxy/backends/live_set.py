@@ -165,6 +165,7 @@ class BackendSet(MultiService):
                 or old is None or needs_restart(old, spec):
             return False
         model.set_idle_ttl(spec.idle_ttl)
+        self.loads[spec.name].set_capacity(spec.max_concurrent)
         group = self.groups.get(spec.group) if spec.group is not None else None
         if group is not model.group:
             if model.group is not None:

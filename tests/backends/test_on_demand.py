@@ -4,70 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaproxy.backends.admission import Admission, Slot
-from llamaproxy.backends.backend import Backend, BackendState, ModelLoadFailedError
+from llamaproxy.backends.backend import Backend, ModelLoadFailedError
 from llamaproxy.backends.config_file import GroupSpec
 from llamaproxy.backends.on_demand import ModelState, OnDemandModel
 from llamaproxy.backends.swap_group import SwapGroup
-
-
-class FakeChild:
-    """A supervisor stand-in: starting moves the record to STARTING, ``loaded`` to READY,
-    ``crash`` to BACKOFF (as the supervisor does when the child ends), stopping to STOPPED
-    after ``stop_delay`` seconds."""
-
-    def __init__(self, backend: Backend, clock: Clock, load_time: float | None = None,
-                 stop_delay: float = 0.0) -> None:
-        self.backend = backend
-        self.clock = clock
-        self.running = 0
-        self.starts = 0
-        self.stops = 0
-        self.load_time = load_time
-        self.stop_delay = stop_delay
-
-    def startService(self) -> None:
-        self.running = 1
-        self.starts += 1
-        self.backend.set_state(BackendState.STARTING)
-        if self.load_time is not None:
-            self.clock.callLater(self.load_time, self.loaded)
-
-    def loaded(self) -> None:
-        if self.running:
-            self.backend.set_state(BackendState.READY)
-
-    def crash(self, why: str) -> None:
-        self.backend.last_exit = why
-        self.backend.set_state(BackendState.BACKOFF)
-
-    def stopService(self) -> Deferred[None]:
-        self.running = 0
-        self.stops += 1
-        if self.backend.state in (BackendState.STOPPED, BackendState.BACKOFF):
-            self.backend.set_state(BackendState.STOPPED)  # no process: stopped at once
-            return succeed(None)
-        self.backend.set_state(BackendState.STOPPING)
-        done: Deferred[None] = Deferred()
-
-        def stopped() -> None:
-            self.backend.set_state(BackendState.STOPPED)
-            done.callback(None)
-
-        self.clock.callLater(self.stop_delay, stopped)
-        return done
+from llamaproxy.testing import FakeSupervisor
 
 
 def make_model(
     name: str, clock: Clock, group: SwapGroup | None = None, idle_ttl: float = 0.0,
     load_time: float | None = None, slots: int = 1,
-) -> tuple[OnDemandModel, FakeChild]:
+) -> tuple[OnDemandModel, FakeSupervisor]:
     backend = Backend(name, "http://127.0.0.1:1")
-    child = FakeChild(backend, clock, load_time)
+    child = FakeSupervisor(backend, clock, load_time)
     model = OnDemandModel(backend, child, Admission(slots, clock=clock), clock,
                           idle_ttl=idle_ttl, group=group, jitter=lambda: 0.0)
     return model, child

@@ -12,8 +12,7 @@ from twisted.web.http_headers import Headers
 from llamaproxy.backends.backend import BackendState
 from llamaproxy.backends.model_admin import ModelAdmin
 from llamaproxy.backends.on_demand import ModelState, OnDemandModel
-from llamaproxy.testing import InMemoryClient, StreamingResponse, sse_chunk
-from tests.backends.test_on_demand import FakeChild
+from llamaproxy.testing import FakeSupervisor, InMemoryClient, StreamingResponse, sse_chunk
 from tests.gateway.test_resource import KEY, OTHER_KEY, GatewayFixture
 
 PLAIN = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -25,7 +24,7 @@ class ModelLoadingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.gw = GatewayFixture(load_timeout=30.0, queue_timeout=5.0)
         self.gw.backend.set_state(BackendState.STOPPED)
-        self.child = FakeChild(self.gw.backend, self.gw.clock)
+        self.child = FakeSupervisor(self.gw.backend, self.gw.clock)
         self.model = OnDemandModel(self.gw.backend, self.child, self.gw.admission, self.gw.clock,
                                    jitter=lambda: 0.0)
 
@@ -74,7 +73,7 @@ class LoadingCommentsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.gw = GatewayFixture(load_timeout=30.0)
         self.gw.backend.set_state(BackendState.STOPPED)
-        self.child = FakeChild(self.gw.backend, self.gw.clock)
+        self.child = FakeSupervisor(self.gw.backend, self.gw.clock)
         self.model = OnDemandModel(self.gw.backend, self.child, self.gw.admission, self.gw.clock,
                                    jitter=lambda: 0.0)
 
@@ -134,7 +133,7 @@ class ModelAdminRouteTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.gw = GatewayFixture()
         self.gw.backend.set_state(BackendState.STOPPED)
-        self.child = FakeChild(self.gw.backend, self.gw.clock)
+        self.child = FakeSupervisor(self.gw.backend, self.gw.clock)
         self.model = OnDemandModel(self.gw.backend, self.child, self.gw.admission, self.gw.clock,
                                    idle_ttl=60)
         backends = SimpleNamespace(models={"test": self.model}, router=self.gw.resource.router)
