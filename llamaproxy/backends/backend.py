@@ -108,6 +108,13 @@ class Backend:
         )
 
     @property
+    def serving(self) -> bool:
+        """``ready``, draining or not: the child still answers the requests it was given."""
+        return self.state is BackendState.READY and (
+            self._last_probe is None or self._last_probe.outcome == "ready"
+        )
+
+    @property
     def recovering(self) -> bool:
         """True when the backend is expected to become ready by itself (worth waiting for)."""
         if self.on_demand is not None:

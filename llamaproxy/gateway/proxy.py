@@ -572,10 +572,14 @@ class ProxyExchanges:
         waiting.addTimeout(remaining, self.clock)
         return await waiting
 
-    async def _member_ready(self, member: Member, until: float) -> bool:
-        """True once the backend is ready; a restarting one is waited for, up to ``until``."""
+    async def _member_ready(self, member: Member, until: float, admitted: bool = False) -> bool:
+        """True once the backend is ready; a restarting one is waited for, up to ``until``.
+
+        ``admitted``: the request holds one of the backend's slots already, so a backend being
+        drained (an on-demand model swapped out or idle) still serves it.
+        """
         status = member.status
-        if status.ready:
+        if status.ready or (admitted and status.draining and status.serving):
             return True
         if status.recovering and not self.draining:
             try:
@@ -626,7 +630,7 @@ class ProxyExchanges:
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
-            if not await self._member_ready(member, wait_until):
+            if not await self._member_ready(member, wait_until, admitted=True):
                 ticket.release()
                 return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:

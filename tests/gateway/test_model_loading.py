@@ -38,6 +38,29 @@ class ModelLoadingTests(SynchronousTestCase):
         self.gw.agent.requests[0].respond(200, b'{"ok": true}')
         self.assertEqual(client.response().status, 200)
 
+    def test_queued_requests_are_served_while_the_model_drains(self) -> None:
+        gw = GatewayFixture(concurrency=1)
+        gw.backend.set_state(BackendState.STOPPED)
+        child = FakeSupervisor(gw.backend, gw.clock)
+        model = OnDemandModel(gw.backend, child, gw.admission, gw.clock)
+        model.backend.wait_ready()
+        child.loaded()
+        first, queued = gw.chat(PLAIN), gw.chat(PLAIN)
+        self.assertEqual((len(gw.agent.requests), gw.admission.waiting), (1, 1))
+        model.unload("swap", grace=30)
+        late = gw.chat(PLAIN)  # arrives during the drain: waits for the next start
+        gw.agent.requests[0].respond(200, b"{}")
+        self.assertEqual(first.response().status, 200)
+        self.assertEqual(len(gw.agent.requests), 2)  # the queued one is served, not stuck
+        gw.agent.requests[1].respond(200, b"{}")
+        self.assertEqual(queued.response().status, 200)
+        gw.clock.advance(0.1)
+        self.assertEqual((child.stops, child.starts), (1, 2))  # stopped, then started for late
+        self.assertEqual(late.written, b"")
+        child.loaded()
+        gw.agent.requests[2].respond(200, b"{}")
+        self.assertEqual(late.response().status, 200)
+
     def test_load_timeout_is_503_model_loading(self) -> None:
         client = self.gw.chat(PLAIN)
         self.gw.clock.advance(29)
