@@ -195,6 +195,14 @@ class OnDemandModel(Service):
         self._arm_idle()
         return True
 
+    def restart(self) -> bool:
+        """Restart the running child at an operator's request (the operator page's button);
+        False when it does not run (a request or ``load`` starts it)."""
+        restart = getattr(self.child, "restart", None)
+        if not self.child.running or self._stopping is not None or not callable(restart):
+            return False
+        return bool(restart())
+
     def unload(self, reason: str, grace: float) -> Deferred[None]:
         """Drain (no new request; those in flight and queued finish, up to ``grace`` seconds),
         then stop the child. Fires once it has stopped."""

@@ -99,6 +99,15 @@ class LifecycleTests(SynchronousTestCase):
         child.loaded()
         self.successResultOf(waiting)
 
+    def test_restart_only_while_running(self) -> None:
+        model, child = make_model("a", self.clock)
+        restarted: list[bool] = []
+        child.restart = lambda: restarted.append(True) or True  # type: ignore[attr-defined]
+        self.assertFalse(model.restart())
+        model.backend.wait_ready()
+        self.assertTrue(model.restart())
+        self.assertEqual(restarted, [True])
+
     def test_unload_drains_first(self) -> None:
         model, child = make_model("a", self.clock, slots=2)
         model.backend.wait_ready()
