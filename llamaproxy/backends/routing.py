@@ -16,7 +16,8 @@ backends of a model by the model's strategy:
 Whatever the strategy, backends whose breaker refuses requests and backends that are down for good
 (stopped, stopping) are skipped; ready backends come first, and backends that are recovering by
 themselves (starting, loading, backing off) come last, by priority, so a request can wait for one
-when nothing is ready. External backends found unreachable come after those (only so that a
+when nothing is ready. On-demand backends (``Backend.on_demand``) always count as recovering: a
+request that waits for one starts it. External backends found unreachable come after those (only so that a
 request none can serve is answered with the reason at once). The failover helpers
 (``is_retryable``, ``within_budget``, ``breaker_outcome``, ``failure_reason``) are pure
 functions of what happened to one attempt. No I/O here.
