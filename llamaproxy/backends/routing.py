@@ -17,8 +17,8 @@ Whatever the strategy, backends whose breaker refuses requests and backends that
 (stopped, stopping) are skipped; ready backends come first, and backends that are recovering by
 themselves (starting, loading, backing off) come last, by priority, so a request can wait for one
 when nothing is ready. On-demand backends (``Backend.on_demand``) always count as recovering: a
-request that waits for one starts it. External backends found unreachable come after those (only so that a
-request none can serve is answered with the reason at once). The failover helpers
+request that waits for one starts it. External backends found unreachable come after those (only
+so that a request none can serve is answered with the reason at once). The failover helpers
 (``is_retryable``, ``within_budget``, ``breaker_outcome``, ``failure_reason``) are pure
 functions of what happened to one attempt. No I/O here.
 
