@@ -4,7 +4,9 @@ Models asked for wait in arrival order (``want``). The first waiting model start
 group has room. When it has none, a running model is chosen to make room (the least busy, then
 the one ready longest) and is swapped out once the swap is *due*:
 
-- it has no request in flight or queued (nothing is lost by stopping it), or
+- it has had no request in flight or queued for ``IDLE_BEFORE_SWAP`` seconds (nothing is lost
+  by stopping it; the short wait keeps a client that sends its next request as soon as the
+  last one is answered from being swapped out between the two), or
 - it served ``swap_batch`` more requests since the waiting model began to wait, or
 - the waiting model has waited ``swap_wait`` seconds (a waiting model is never starved).
 
@@ -25,6 +27,9 @@ from llamaproxy.backends.on_demand import ModelEvents, ModelState, OnDemandModel
 
 #: How often a group with a waiting model looks again whether a swap is due.
 TICK = 0.1
+#: How long a running model must stay idle (nothing in flight or queued) to be swapped out
+#: before its batch is served.
+IDLE_BEFORE_SWAP = 0.5
 
 
 @dataclass
@@ -50,6 +55,8 @@ class SwapGroup:
         self.members: dict[str, OnDemandModel] = {}
         self._waiting: list[_Wait] = []
         self._tick: IDelayedCall | None = None
+        #: When each idle running model was first seen idle (by name).
+        self._idle_since: dict[str, float] = {}
         #: Swaps started (a model stopped to make room for another).
         self.swaps = 0
         #: Told of each swap (the metrics).
@@ -118,6 +125,7 @@ class SwapGroup:
             victim = min(others, key=lambda m: (
                 m.load.active + m.load.waiting, m.ready_since or float("inf")))
             if self._due(wait, victim):
+                self._idle_since.pop(victim.backend_name, None)
                 wait.swapped = True
                 self.swaps += 1
                 for events in self.events:
@@ -128,12 +136,15 @@ class SwapGroup:
             break
 
     def _due(self, wait: _Wait, victim: OnDemandModel) -> bool:
-        if not victim.busy and not victim.backend.waited_for:
+        now = self.clock.seconds()
+        if victim.busy or victim.backend.waited_for:
+            self._idle_since.pop(victim.backend_name, None)
+        elif now - self._idle_since.setdefault(victim.backend_name, now) >= IDLE_BEFORE_SWAP:
             return True
         served = victim.load.served - wait.served.get(victim.backend_name, victim.load.served)
         if served >= self.spec.swap_batch:
             return True
-        return self.clock.seconds() - wait.since >= self.spec.swap_wait
+        return now - wait.since >= self.spec.swap_wait
 
     def status_json(self) -> dict[str, object]:
         """The group's part of /health."""
