@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=5, help="cold starts measured")
     args = parser.parse_args()
     path = tiny_model() if args.model == "tiny" else smollm2_path()
-    gateway = Gateway()
+    gateway = Gateway(env={"MAX_REQUESTS_PER_MINUTE": "100000"})  # it polls /v1/models
     config = gateway.root / "backends.toml"
     config.write_text(f"""
 [[backends]]

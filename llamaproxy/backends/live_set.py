@@ -10,10 +10,11 @@ that starts its supervisor when a request asks for it;
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -38,8 +39,13 @@ from llamaproxy.backends.swap_group import SwapGroup
 from llamaproxy.config import Config, ConfigError
 from llamaproxy.off_thread import OffThread
 from llamaproxy.supervision.probe import ExternalBackendMonitor
+from llamaproxy.supervision.supervisor import LlamaServerSupervisor
 
 log = Logger()
+
+#: Probe interval of an on-demand child while it starts (requests wait for it): 0.1 s rather
+#: than the supervisor's 0.5 s, which would be most of a small model's cold start.
+ON_DEMAND_PROBE_INTERVAL = 0.1
 
 
 class BackendSet(MultiService):
@@ -200,6 +206,10 @@ class BackendSet(MultiService):
             service: Service = supervisor_for(
                 child, self.llama_server, status, self.reactor, self.agent, spec.child_env)
             if spec.on_demand:
+                # A request waits for this start: probe often, so it learns of "ready" at once.
+                supervisor = cast(LlamaServerSupervisor, service)
+                supervisor.timings = dataclasses.replace(
+                    supervisor.timings, startup_probe_interval=ON_DEMAND_PROBE_INTERVAL)
                 group = self.groups.get(spec.group) if spec.group is not None else None
                 model = OnDemandModel(
                     status, service, self.loads[spec.name], self.reactor, spec.idle_ttl, group,

@@ -98,6 +98,8 @@ class OnDemandSetTests(SynchronousTestCase):
         self.assertEqual(len(reactor.spawned), 1)  # the preloaded "a" only
         self.assertEqual(backends.models["a"].state, ModelState.LOADING)
         self.assertEqual(backends.models["b"].state, ModelState.STOPPED)
+        self.assertEqual(backends.models["b"].child.timings.startup_probe_interval,  # type: ignore[attr-defined]
+                         0.1)  # a request waits for its start: probed often
         self.assertEqual(backends.groups["gpu0"].status_json()["running"], ["a"])
         model_b = backends.models["b"]
         # A reload: b's idle_ttl changes (in place), c is added (not started), a untouched.
