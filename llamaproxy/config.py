@@ -303,8 +303,9 @@ SETTINGS: tuple[Setting, ...] = (
             "100", _int_parser(1), "Requests per key per sliding 60 s window, unless the key "
             "file gives the key its own limit (429 beyond it)."),
     Setting("admin_key_ids", "admin-key-ids", ("ADMIN_KEY_IDS",), "", _words,
-            "Key ids allowed to call POST /reload and to log in to the operator page "
-            "(ADMIN_LISTEN; comma/space separated)."),
+            "Key ids allowed to call POST /reload, POST /v1/route and the /admin/models routes "
+            "(models on demand), and to log in to the operator page (ADMIN_LISTEN; comma/space "
+            "separated)."),
     Setting("keys_reload_interval", "keys-reload-interval", ("KEYS_RELOAD_INTERVAL",), "5",
             _seconds, "Seconds between checks of the key file for changes (reloaded when its "
             "content changed); on Linux inotify sees changes at once, this is the fallback."),
@@ -336,6 +337,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue_timeout", "queue-timeout", ("QUEUE_TIMEOUT",), "60", _seconds,
             "Longest wait for a free slot, or for a restarting backend to be ready, before 503 "
             "queue_timeout with Retry-After."),
+    Setting("load_timeout", "load-timeout", ("LOAD_TIMEOUT",), "300", _seconds,
+            "Longest wait of a request for an on-demand model (start = \"on_demand\" in the "
+            "backends file) to be started or swapped in, before 503 model_loading with "
+            "Retry-After."),
     Setting("first_byte_timeout", "first-byte-timeout", ("FIRST_BYTE_TIMEOUT",), "300", _seconds,
             "Longest wait for the backend's response headers once a request was sent (then "
             "504)."),
@@ -471,6 +476,7 @@ class Config:
     max_queue_size: int
     max_queue_per_key: int
     queue_timeout: float
+    load_timeout: float
     first_byte_timeout: float
     client_header_timeout: float
     proxy_extra_paths: tuple[str, ...]

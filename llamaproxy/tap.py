@@ -34,6 +34,7 @@ from llamaproxy.backends.config_file import (
     single_backend_table,
 )
 from llamaproxy.backends.live_set import BackendSet, check_remote_tls
+from llamaproxy.backends.model_admin import ModelAdmin
 from llamaproxy.config import SETTINGS, Config, ConfigError, load_config
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.eager_write import Cork
@@ -173,6 +174,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     access = _access_control(config, reactor, background, on_sighup, state)
     metrics = GatewayMetrics(reactor)
+    backends.add_model_events(metrics.models)
     metrics.fast_paths(fast.active, fastpath.ALL)
     background.append(LoopProbe(reactor, metrics.registry))
     metrics.watch_admission(admission)
@@ -196,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
         queue_timeout=config.queue_timeout,
+        load_timeout=config.load_timeout,
         first_byte_timeout=config.first_byte_timeout,
         extra_paths=frozenset(p.encode() for p in config.proxy_extra_paths),
         metrics_auth_enabled=config.metrics_auth_enabled,
@@ -212,6 +215,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         router, agent, reactor, settings, access, health.document, health.ready, metrics=metrics
     )
     resource.local_model_list = options.backends_file is not None
+    resource.model_admin = ModelAdmin(backends, config.drain_timeout)
     metrics.watch_router(lambda: resource.router)
     health.router = lambda: resource.router
     if not config.metrics_auth_enabled:  # /health is public: the counters only if /metrics is

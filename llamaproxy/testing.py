@@ -9,6 +9,8 @@
   pause/resume/stop from the receiver (backpressure and disconnect tests).
 - ``FakeLlamaServer``: a twisted.web resource answering like llama-server, SSE streams included.
 - ``InMemoryClient`` / ``parse_response``: a client connection to a Site over a StringTransport.
+- ``FakeSupervisor``: what an ``OnDemandModel`` starts and stops, moving a ``Backend`` record
+  through its states as a llama-server supervisor would.
 
 Its size is the number of fakes, each small and independent; they live in one public module as
 treq's testing module does.
@@ -23,7 +25,7 @@ from typing import Any, AnyStr, cast
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IProcessProtocol,
@@ -42,6 +44,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
+
+from llamaproxy.backends.backend import Backend, BackendState
 
 __all__ = [
     "AgentSpy",
@@ -669,3 +673,56 @@ def router_for(backend: Any, admission: Any, clock: Any) -> Any:
         route_unknown_models=True,
     )
     return Router.build(table, clock, {spec.name: backend}, {spec.name: admission})
+
+
+# --- an on-demand model's supervisor -----------------------------------------------------------
+
+
+class FakeSupervisor:
+    """A ``LlamaServerSupervisor`` stand-in for ``OnDemandModel``: starting moves the
+    ``Backend`` record to STARTING (and to READY after ``load_time`` seconds, if given),
+    ``loaded`` to READY, ``crash`` to BACKOFF (as the supervisor does when the child ends),
+    stopping to STOPPED after ``stop_delay`` seconds (at once from BACKOFF: no process)."""
+
+    def __init__(self, backend: Backend, clock: IReactorTime, load_time: float | None = None,
+                 stop_delay: float = 0.0) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.running = 0
+        self.starts = 0
+        self.stops = 0
+        self.load_time = load_time
+        self.stop_delay = stop_delay
+
+    def startService(self) -> None:
+        self.running = 1
+        self.starts += 1
+        self.backend.set_state(BackendState.STARTING)
+        if self.load_time is not None:
+            self.clock.callLater(self.load_time, self.loaded)
+
+    def loaded(self) -> None:
+        """The model finished loading: READY."""
+        if self.running:
+            self.backend.set_state(BackendState.READY)
+
+    def crash(self, why: str) -> None:
+        """The child ended while loading, ``why`` being its exit description."""
+        self.backend.last_exit = why
+        self.backend.set_state(BackendState.BACKOFF)
+
+    def stopService(self) -> Deferred[None]:
+        self.running = 0
+        self.stops += 1
+        if self.backend.state in (BackendState.STOPPED, BackendState.BACKOFF):
+            self.backend.set_state(BackendState.STOPPED)  # no process: stopped at once
+            return succeed(None)
+        self.backend.set_state(BackendState.STOPPING)
+        done: Deferred[None] = Deferred()
+
+        def stopped() -> None:
+            self.backend.set_state(BackendState.STOPPED)
+            done.callback(None)
+
+        self.clock.callLater(self.stop_delay, stopped)
+        return done

@@ -178,3 +178,31 @@ class AgentSpyTests(SynchronousTestCase):
 
     def test_empty_body(self) -> None:
         self.assertEqual(self.successResultOf(readBody(StubResponse(200))), b"")
+
+
+class FakeSupervisorTests(SynchronousTestCase):
+    def test_states(self) -> None:
+        from twisted.internet.task import Clock
+
+        from llamaproxy.backends.backend import Backend, BackendState
+        from llamaproxy.testing import FakeSupervisor
+
+        clock = Clock()
+        backend = Backend("b", "http://127.0.0.1:1")
+        child = FakeSupervisor(backend, clock, load_time=2, stop_delay=1)
+        child.startService()
+        self.assertEqual((child.running, child.starts, backend.state),
+                         (1, 1, BackendState.STARTING))
+        clock.advance(2)
+        self.assertEqual(backend.state, BackendState.READY)
+        stopped = child.stopService()
+        self.assertEqual((child.running, backend.state), (0, BackendState.STOPPING))
+        self.assertNoResult(stopped)
+        clock.advance(1)
+        self.successResultOf(stopped)
+        self.assertEqual(backend.state, BackendState.STOPPED)
+        child.startService()
+        child.crash("exit code 1")
+        self.assertEqual((backend.state, backend.last_exit), (BackendState.BACKOFF, "exit code 1"))
+        self.successResultOf(child.stopService())  # no process: at once
+        self.assertEqual((backend.state, child.stops), (BackendState.STOPPED, 2))

@@ -112,6 +112,8 @@ class Admission:
         self.clock = clock
         self.active = 0
         self.waiting = 0
+        #: Slots released so far: requests served (how a swap group counts a batch).
+        self.served = 0
         # Per key: its waiters in order (cancelled ones stay until reached) and how many are live.
         self._queues: OrderedDict[str, deque[Waiter]] = OrderedDict()
         self._counts: dict[str, int] = {}
@@ -209,6 +211,7 @@ class Admission:
 
     def _slot_freed(self) -> None:
         self.active -= 1
+        self.served += 1
         if self._handing_over:
             return  # released by a waiter being served: the loop below, up the stack, goes on
         self._handing_over = True

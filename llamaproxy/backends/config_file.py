@@ -3,11 +3,12 @@
 It declares supervised llama-server children (``model_path``) and remote OpenAI-compatible
 upstreams (``base_url``), the model names each serves, and per-model routing (``[models.<name>]``),
 circuit breaker defaults (``[breaker]``), failover (``[failover]``), per-key model allowlists
-(``[keys.<key_id>]``) and defaults for local children (``[local]``). Parsing is strict: a wrong
-type, a bad value or an unknown key is a ``BackendsFileError`` naming the file, the table and the
-key, e.g. ``backends.toml: backends[1].base_url: expected an http(s) URL``. Without a file,
-``single_backend_table`` builds the same structures from the environment-variable ``Config``.
-docs/routing.md describes every key.
+(``[keys.<key_id>]``), defaults for local children (``[local]``), and models started on demand
+(``start = "on_demand"``, ``idle_ttl``, ``group``) with their swap groups (``[[groups]]``).
+Parsing is strict: a wrong type, a bad value or an unknown key is a ``BackendsFileError``
+naming the file, the table and the key, e.g. ``backends.toml: backends[1].base_url: expected
+an http(s) URL``. Without a file, ``single_backend_table`` builds the same structures from the
+environment-variable ``Config``. docs/routing.md describes every key.
 
 Its size is the schema: every table and key of the file is parsed and validated here, with an error
 naming the file, the table and the key, so the rules stay in one place (splitting it would split
@@ -59,6 +60,36 @@ class Strategy(enum.Enum):
     LEAST_BUSY = "least-busy"  # fewest in-flight requests relative to slots
     # by prompt prefix (llamaproxy.backends.affinity), bounded load
     CACHE_AFFINITY = "cache_affinity"
+
+
+class Start(enum.Enum):
+    """When a local child runs: from boot (``always``) or when its model is asked for."""
+
+    ALWAYS = "always"
+    ON_DEMAND = "on_demand"
+
+
+#: A group's ``swap_grace``, ``swap_batch`` and ``swap_wait`` when the file does not give them.
+DEFAULT_SWAP_GRACE = 30.0
+DEFAULT_SWAP_BATCH = 4
+DEFAULT_SWAP_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A ``[[groups]]`` table: on-demand backends that share a budget (a GPU's memory)."""
+
+    name: str
+    #: Members running at once; a model asked for beyond it is swapped in. 0: no limit.
+    max_running: int = 0
+    #: Longest wait, once a swap is due, for the running model's requests in flight to end.
+    swap_grace: float = DEFAULT_SWAP_GRACE
+    #: Requests of the running model served, while another model waits, before the swap.
+    swap_batch: int = DEFAULT_SWAP_BATCH
+    #: Members started at boot (at most ``max_running`` when it is set).
+    preload: tuple[str, ...] = ()
+    #: Longest wait of a waiting model for the running one's batch before the swap starts.
+    swap_wait: float = DEFAULT_SWAP_WAIT
 
 
 @dataclass(frozen=True)
@@ -144,6 +175,17 @@ class LocalBackendSpec(_BackendCommon):
     #: Environment variables the operator gives the child on top of the allowlisted ones
     #: (``llama_server.child_environment``), as (name, value) pairs.
     child_env: tuple[tuple[str, str], ...] = ()
+    #: ``always``: started at boot and kept running; ``on_demand``: started by a request.
+    start: Start = Start.ALWAYS
+    #: On demand: seconds without a request before the child is stopped (0: never).
+    idle_ttl: float = 0.0
+    #: On demand: the ``[[groups]]`` it belongs to (None: none, no swapping).
+    group: str | None = None
+
+    @property
+    def on_demand(self) -> bool:
+        """True when the child runs only while its model is asked for."""
+        return self.start is Start.ON_DEMAND
 
     @property
     def base_url(self) -> str:
@@ -245,6 +287,20 @@ class BackendsTable:
     route_unknown_models: bool = False
     #: The ``[affinity]`` table (models whose strategy is ``cache_affinity``).
     affinity: AffinitySettings = field(default_factory=AffinitySettings)
+    #: The ``[[groups]]`` of on-demand backends.
+    groups: tuple[GroupSpec, ...] = ()
+
+    def group(self, name: str) -> GroupSpec:
+        """The group called ``name`` (KeyError when there is none)."""
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def group_members(self, name: str) -> tuple[LocalBackendSpec, ...]:
+        """The backends of group ``name``, in declaration order."""
+        return tuple(spec for spec in self.backends
+                     if isinstance(spec, LocalBackendSpec) and spec.group == name)
 
     @cached_property
     def prefix_rule(self) -> PrefixRule | None:
@@ -323,8 +379,8 @@ def needs_restart(old: BackendSpec, new: BackendSpec) -> bool:
 
     Local: model_path, port, ctx, ngl, threads, parallel, extra_args, child_env or the canonical
     model (its ``--alias``). Remote: base_url, the key or verify_tls. Anything else (models,
-    priority, weight, slots, timeouts, breaker, upstream_models, retry_non_idempotent) is
-    applied without a restart.
+    priority, weight, slots, timeouts, breaker, upstream_models, retry_non_idempotent, start,
+    idle_ttl, group) is applied without a restart.
     """
     return _launch_identity(old) != _launch_identity(new)
 
@@ -452,7 +508,8 @@ def parse_backends_text(
     )
 
 
-_TOP_KEYS = ("backends", "models", "breaker", "failover", "keys", "local", "affinity")
+_TOP_KEYS = ("backends", "models", "breaker", "failover", "keys", "local", "affinity", "groups")
+_GROUP_KEYS = ("name", "max_running", "swap_grace", "swap_batch", "swap_wait", "preload")
 _AFFINITY_KEYS = (
     "prefix_chars", "prefix_messages", "min_prompt_chars", "load_factor", "remembered",
     "pin_slot",
@@ -462,7 +519,7 @@ _COMMON_KEYS = (
     "first_byte_timeout", "request_timeout", "upstream_models",
 )
 _LOCAL_KEYS = ("model_path", "port", "ctx", "ngl", "threads", "parallel", "extra_args",
-               "child_env")
+               "child_env", "start", "idle_ttl", "group")
 _REMOTE_KEYS = ("base_url", "api_key_env", "verify_tls", "retry_non_idempotent")
 _BREAKER_KEYS = ("failure_threshold", "reset_timeout", "success_threshold", "half_open_max",
                  "enabled")
@@ -747,9 +804,84 @@ def _parse_backend(
         parallel=_default(table.integer("parallel", 0), local.parallel),
         extra_args=extra_args,
         child_env=_child_env(table),
+        **_on_demand(table),
         **common,
     )
     return _ParsedBackend(spec, port is not None)
+
+
+def _on_demand(table: _Table) -> dict[str, Any]:
+    """``start``, ``idle_ttl`` and ``group`` of a local backend (the group is checked later)."""
+    text = table.string("start")
+    start = Start.ALWAYS
+    if text is not None:
+        try:
+            start = Start(text)
+        except ValueError:
+            raise table.error(
+                "start", f"expected \"always\" or \"on_demand\", got {text!r}") from None
+    idle_ttl = 0.0
+    if table.has("idle_ttl"):
+        value = table.data["idle_ttl"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise table.error("idle_ttl", f"expected a number of seconds, got {_type_name(value)}")
+        if not math.isfinite(value) or value < 0:
+            raise table.error("idle_ttl", f"expected a number of seconds >= 0, got {value}")
+        idle_ttl = float(value)
+    group = table.string("group")
+    if start is Start.ALWAYS:
+        for key in ("idle_ttl", "group"):
+            if table.has(key):
+                raise table.error(key, "only for start = \"on_demand\" backends")
+    return {"start": start, "idle_ttl": idle_ttl, "group": group}
+
+
+def _parse_groups(raw: object, backends: Sequence[BackendSpec], source: str
+                  ) -> tuple[GroupSpec, ...]:
+    """The ``[[groups]]`` array, checked against the backends that name a group."""
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise BackendsFileError(f"{source}: groups: expected an array of tables ([[groups]])")
+    groups: dict[str, GroupSpec] = {}
+    members = {spec.name: spec for spec in backends if isinstance(spec, LocalBackendSpec)}
+    for index, item in enumerate(raw):
+        table = _Table(item, f"groups[{index}]", source)
+        table.check_keys(_GROUP_KEYS)
+        name = table.string("name")
+        if name is None:
+            raise table.error("name", "missing: name the group")
+        if not _BACKEND_NAME.fullmatch(name):
+            raise table.error(
+                "name", f"invalid group name {name!r} (1-64 letters, digits, '.', '_', '-')")
+        if name in groups:
+            raise table.error("name", f"duplicate group name {name!r}")
+        max_running = _default(table.integer("max_running", 0, 1000), 0)
+        preload = _default(table.strings("preload"), ())
+        for position, backend in enumerate(preload):
+            where = f"{table.path('preload')}[{position}]"
+            spec = members.get(backend)
+            if spec is None or spec.group != name:
+                raise table.error_at(where, f"{backend!r} is not a backend of group {name!r}")
+            if backend in preload[:position]:
+                raise table.error_at(where, f"{backend!r} is listed twice")
+        if max_running and len(preload) > max_running:
+            raise table.error(
+                "preload", f"{len(preload)} backends preloaded but max_running is {max_running}")
+        groups[name] = GroupSpec(
+            name=name,
+            max_running=max_running,
+            swap_grace=_default(table.seconds("swap_grace"), DEFAULT_SWAP_GRACE),
+            swap_batch=_default(table.integer("swap_batch", 1, 1_000_000), DEFAULT_SWAP_BATCH),
+            preload=preload,
+            swap_wait=_default(table.seconds("swap_wait"), DEFAULT_SWAP_WAIT),
+        )
+    for index, backend_spec in enumerate(backends):
+        group = backend_spec.group if isinstance(backend_spec, LocalBackendSpec) else None
+        if group is not None and group not in groups:
+            raise BackendsFileError(
+                f"{source}: backends[{index}].group: no [[groups]] is called {group!r}")
+    return tuple(groups.values())
 
 
 def _child_env(table: _Table) -> tuple[tuple[str, str], ...]:
@@ -882,6 +1014,7 @@ def parse_backends(
         names[item.spec.name] = index
         parsed.append(item)
     backends = _assign_ports(parsed, local, source)
+    groups = _parse_groups(top.data.get("groups"), backends, source)
 
     served: list[str] = []
     for spec in backends:
@@ -896,6 +1029,7 @@ def parse_backends(
         failover=failover,
         source=source,
         affinity=affinity,
+        groups=groups,
     )
     key_models = _parse_keys(top.table("keys"), draft)
     return dataclasses.replace(draft, key_models=key_models)

@@ -2,16 +2,19 @@
 status records and queues, updated in place when the backends file is reloaded.
 
 ``BackendSet.apply(table)`` makes the live objects of a backends table and returns its Router;
+a local backend with ``start = "on_demand"`` gets an ``OnDemandModel`` (in its ``SwapGroup``)
+that starts its supervisor when a request asks for it;
 ``reload`` re-reads the file off the reactor thread and applies it (SIGHUP). The composition root
 (``llamaproxy.tap``) builds one and wires its reload to SIGHUP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -28,13 +31,21 @@ from llamaproxy.backends.config_file import (
     RemoteBackendSpec,
     diff,
     load_backends_file,
+    needs_restart,
 )
+from llamaproxy.backends.on_demand import ModelEvents, OnDemandModel
 from llamaproxy.backends.routing import Router, status_for
+from llamaproxy.backends.swap_group import SwapGroup
 from llamaproxy.config import Config, ConfigError
 from llamaproxy.off_thread import OffThread
 from llamaproxy.supervision.probe import ExternalBackendMonitor
+from llamaproxy.supervision.supervisor import LlamaServerSupervisor
 
 log = Logger()
+
+#: Probe interval of an on-demand child while it starts (requests wait for it): 0.1 s rather
+#: than the supervisor's 0.5 s, which would be most of a small model's cold start.
+ON_DEMAND_PROBE_INTERVAL = 0.1
 
 
 class BackendSet(MultiService):
@@ -67,6 +78,12 @@ class BackendSet(MultiService):
         self.statuses: dict[str, Backend] = {}
         self.loads: dict[str, Admission] = {}
         self.by_name: dict[str, Service] = {}
+        #: The on-demand backends' lifecycles, by backend name.
+        self.models: dict[str, OnDemandModel] = {}
+        #: The ``[[groups]]``, by name.
+        self.groups: dict[str, SwapGroup] = {}
+        #: Told of every on-demand model's loads, unloads and swaps (``add_model_events``).
+        self.model_events: list[ModelEvents] = []
         #: Called with (name, base_url, admission, slots) for each new backend queue: how
         #: replicas lease a shared backend's slots from Redis (STATE_URL).
         self.on_admission: Callable[[str, str, Admission, int], object] | None = None
@@ -82,11 +99,14 @@ class BackendSet(MultiService):
             added = {s.name for s in table.backends}
         else:
             added, removed, changed = diff(self.table, table)
+        self._apply_groups(table)
         for name in removed:
             self._retire(*self._detach(name))
         for spec in table.backends:
             if spec.name in added:
                 self._add(spec)
+            elif spec.name in changed and self._update_on_demand(spec):
+                pass  # idle_ttl or group changed: applied to the running model
             elif spec.name in changed:
                 # The new child may need the old one's port: start it once the old one is gone.
                 # Meanwhile requests for it wait (its new status says "starting").
@@ -96,6 +116,15 @@ class BackendSet(MultiService):
         self.router = Router.build(table, self.reactor, self.statuses, self.loads, self.router)
         self.table = table
         return self.router
+
+    def add_model_events(self, events: ModelEvents) -> None:
+        """Tell ``events`` of the loads, unloads and swaps of every on-demand model, present
+        and future (the metrics)."""
+        self.model_events.append(events)
+        for model in self.models.values():
+            model.events.append(events)
+        for group in self.groups.values():
+            group.events.append(events)
 
     def reload(self, off_thread: OffThread) -> Deferred[Router | None]:
         """SIGHUP: re-read the backends file (read and checked by ``off_thread``) and apply it;
@@ -119,6 +148,38 @@ class BackendSet(MultiService):
                       error=failure.getErrorMessage())
 
         return off_thread(read).addCallbacks(apply, refused)
+
+    def _apply_groups(self, table: BackendsTable) -> None:
+        """Make the new ``[[groups]]`` and update the settings of the others."""
+        for spec in table.groups:
+            group = self.groups.get(spec.name)
+            if group is None:
+                group = self.groups[spec.name] = SwapGroup(spec, self.reactor)
+                group.events.extend(self.model_events)
+            elif group.spec != spec:
+                group.update(spec)
+        for name in list(self.groups):
+            if all(spec.name != name for spec in table.groups):
+                del self.groups[name]  # its members are removed or moved by this reload
+
+    def _update_on_demand(self, spec: BackendSpec) -> bool:
+        """A changed on-demand backend whose process settings did not change: update its
+        lifecycle in place (True), keeping its child, status and queue."""
+        model = self.models.get(spec.name)
+        old = self.table.backend(spec.name) if self.table is not None else None
+        if model is None or not isinstance(spec, LocalBackendSpec) or not spec.on_demand \
+                or old is None or needs_restart(old, spec):
+            return False
+        model.set_idle_ttl(spec.idle_ttl)
+        self.loads[spec.name].set_capacity(spec.max_concurrent)
+        group = self.groups.get(spec.group) if spec.group is not None else None
+        if group is not model.group:
+            if model.group is not None:
+                model.group.remove(model)
+            model.group = group
+            if group is not None:
+                group.add(model)
+        return True
 
     def _prepare(self, spec: BackendSpec) -> Backend:
         """The status record and queue a backend is routed with."""
@@ -144,6 +205,20 @@ class BackendSet(MultiService):
             child = config if self.backends_file is None else spec.child_config(config)
             service: Service = supervisor_for(
                 child, self.llama_server, status, self.reactor, self.agent, spec.child_env)
+            if spec.on_demand:
+                # A request waits for this start: probe often, so it learns of "ready" at once.
+                supervisor = cast(LlamaServerSupervisor, service)
+                supervisor.timings = dataclasses.replace(
+                    supervisor.timings, startup_probe_interval=ON_DEMAND_PROBE_INTERVAL)
+                group = self.groups.get(spec.group) if spec.group is not None else None
+                model = OnDemandModel(
+                    status, service, self.loads[spec.name], self.reactor, spec.idle_ttl, group,
+                    backoff_max=config.backoff_max,
+                    preload=group is not None and spec.name in group.spec.preload,
+                )
+                model.events.extend(self.model_events)
+                self.models[spec.name] = model
+                service = model
         else:
             service = ExternalBackendMonitor(
                 status, self.agent, self.reactor, config.probe_interval, config.health_timeout,
@@ -155,6 +230,7 @@ class BackendSet(MultiService):
     def _detach(self, name: str) -> tuple[str, Service | None, Admission | None]:
         """Take a backend out of the set (the next Router will not route to it)."""
         self.statuses.pop(name, None)
+        self.models.pop(name, None)
         return name, self.by_name.pop(name, None), self.loads.pop(name, None)
 
     def _retire(

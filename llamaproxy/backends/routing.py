@@ -16,8 +16,9 @@ backends of a model by the model's strategy:
 Whatever the strategy, backends whose breaker refuses requests and backends that are down for good
 (stopped, stopping) are skipped; ready backends come first, and backends that are recovering by
 themselves (starting, loading, backing off) come last, by priority, so a request can wait for one
-when nothing is ready. External backends found unreachable come after those (only so that a
-request none can serve is answered with the reason at once). The failover helpers
+when nothing is ready. On-demand backends (``Backend.on_demand``) always count as recovering: a
+request that waits for one starts it. External backends found unreachable come after those (only
+so that a request none can serve is answered with the reason at once). The failover helpers
 (``is_retryable``, ``within_budget``, ``breaker_outcome``, ``failure_reason``) are pure
 functions of what happened to one attempt. No I/O here.
 
@@ -135,6 +136,9 @@ class ModelEntry:
     #: Backends serving it, in priority order.
     backends: tuple[str, ...]
     aliases: tuple[str, ...] = ()
+    #: ``ready`` when a backend serving it is ready, else its first backend's model state
+    #: (``stopped``, ``loading``, ``failed``, ``stopping``; see ``Backend.model_state``).
+    state: str = "ready"
 
     @property
     def owned_by(self) -> str:
@@ -142,7 +146,7 @@ class ModelEntry:
         return self.backends[0]
 
     def as_json(self, created: int) -> dict[str, object]:
-        """The OpenAI model object (``aliases`` and ``backends`` are llamaproxy's additions)."""
+        """The OpenAI model object (``aliases``, ``backends``, ``state``: llamaproxy's)."""
         return {
             "id": self.id,
             "object": "model",
@@ -150,6 +154,7 @@ class ModelEntry:
             "owned_by": self.owned_by,
             "aliases": list(self.aliases),
             "backends": list(self.backends),
+            "state": self.state,
         }
 
 
@@ -290,7 +295,10 @@ class Router:
             if not self.allowed(key_id, model.name):
                 continue
             specs = sorted(self.table.backends_for(model.name), key=self._priority_key_spec)
-            entries.append(ModelEntry(model.name, tuple(s.name for s in specs), model.aliases))
+            states = [self.members[s.name].status.model_state for s in specs]
+            state = "ready" if "ready" in states else states[0]
+            entries.append(ModelEntry(model.name, tuple(s.name for s in specs), model.aliases,
+                                      state))
         return entries
 
     # -- candidates ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The ``llamaproxy`` command line: operator tools that run beside the gateway (``keys`` today).
+"""The ``llamaproxy`` command line: operator tools that run beside the gateway (``keys``,
+``usage``, ``bench``, ``models``).
 
 The gateway itself runs under ``twistd llamaproxy``; this entry point (the ``llamaproxy`` console
 script and ``python -m llamaproxy``) never starts a reactor. Each sub-command module registers its
@@ -15,10 +16,11 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from llamaproxy import __version__
-from llamaproxy.cli import bench, keys, usage
+from llamaproxy.cli import bench, keys, models, usage
 
 #: Sub-commands and the functions that add their parsers.
-COMMANDS = {"keys": keys.register, "usage": usage.register, "bench": bench.register}
+COMMANDS = {"keys": keys.register, "usage": usage.register, "bench": bench.register,
+            "models": models.register}
 
 PROG = "llamaproxy"
 

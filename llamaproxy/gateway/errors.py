@@ -171,6 +171,28 @@ def queue_timeout(retry_after: int) -> GatewayError:
     )
 
 
+def model_loading(model: str, waited: float, retry_after: int) -> GatewayError:
+    """503 when a request waited LOAD_TIMEOUT for an on-demand model to start."""
+    return GatewayError(
+        503,
+        f"The model '{model}' is loading (waited {waited:.0f} s); try again later",
+        "server_error",
+        "model_loading",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
+def model_load_failed(model: str, reason: str, retry_after: int) -> GatewayError:
+    """503 when an on-demand model's child failed to load it (the reason from its log)."""
+    return GatewayError(
+        503,
+        f"The model '{model}' failed to load: {reason}",
+        "server_error",
+        "model_load_failed",
+        headers=(("Retry-After", str(retry_after)),),
+    )
+
+
 def payload_too_large(limit: int) -> GatewayError:
     """413 before the body is read (older gateway message)."""
     return GatewayError(

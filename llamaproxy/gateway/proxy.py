@@ -31,7 +31,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.backends import forward
 from llamaproxy.backends.admission import Admission, QueueFullError, Slot, Waiter
-from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.backend import Backend, BackendState, ModelLoadFailedError
 from llamaproxy.backends.breaker import BreakerState, Ticket
 from llamaproxy.backends.config_file import upstream_url_bytes
 from llamaproxy.backends.routing import (
@@ -47,6 +47,7 @@ from llamaproxy.backends.routing import (
 )
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.loading_comments import LoadingComments
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.request_body import with_model, with_slot
@@ -126,6 +127,8 @@ class GatewaySettings:
     request_timeout: float = 300.0
     stream_idle_timeout: float = 120.0
     queue_timeout: float = 60.0
+    #: Longest wait for an on-demand model to load (LOAD_TIMEOUT).
+    load_timeout: float = 300.0
     first_byte_timeout: float = 300.0
     metrics_auth_enabled: bool = False
     #: Strict-Transport-Security value for HTTPS responses (None: not sent).
@@ -490,7 +493,13 @@ class ProxyExchanges:
         timer = exchange.timer
         if not status.ready and timer is not None:
             timer.queued()
-        if not await self._member_ready(member, wait_until):
+        if status.on_demand is not None and not status.ready and not self.draining:
+            refused = await self._load(exchange, member)
+            if refused is not None:
+                return refused
+            # The load had its own budget (LOAD_TIMEOUT); the slot wait gets QUEUE_TIMEOUT.
+            wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
+        elif not await self._member_ready(member, wait_until):
             return self._not_ready(status)
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return None  # the model list uses no inference slot: it never waits behind one
@@ -507,6 +516,50 @@ class ProxyExchanges:
             return errors.queue_timeout(status.retry_after(self.clock.seconds()))
         return None
 
+    async def _load(self, exchange: Exchange, member: Member) -> GatewayError | None:
+        """Wait for an on-demand backend to be started (or swapped in) and ready, up to
+        LOAD_TIMEOUT from the request's arrival; None once ready, else the 503 to answer."""
+        until = exchange.started + self.settings.load_timeout
+        began = self.clock.seconds()
+        try:
+            return await self._wait_load(exchange, member, until)
+        finally:
+            if self.metrics is not None:
+                self.metrics.models.load_waited(self.clock.seconds() - began)
+
+    async def _wait_load(
+        self, exchange: Exchange, member: Member, until: float
+    ) -> GatewayError | None:
+        request = exchange.request
+        comments: LoadingComments | None = None
+        if request.facts.stream and request.method == b"POST" and not request.startedWriting:
+            comments = LoadingComments(request, member.name, self.clock)
+            comments.start()
+        try:
+            return await self._wait_ready_or_fail(exchange, member, until)
+        finally:
+            if comments is not None:
+                comments.stop()
+
+    async def _wait_ready_or_fail(
+        self, exchange: Exchange, member: Member, until: float
+    ) -> GatewayError | None:
+        status = member.status
+        while True:
+            try:
+                await self._within(status.wait_ready(), until)
+            except defer.TimeoutError:
+                now = self.clock.seconds()
+                return errors.model_loading(
+                    member.spec.canonical_model, now - exchange.started, status.retry_after(now))
+            except ModelLoadFailedError as e:
+                retry_after = 5 if e.retry_at is None else max(
+                    1, math.ceil(e.retry_at - self.clock.seconds()))
+                return errors.model_load_failed(member.spec.canonical_model, e.reason,
+                                                retry_after)
+            if status.ready:
+                return None
+
     async def _within(self, waiting: Deferred[_T], until: float) -> _T:
         """Await ``waiting``, cancelling it (defer.TimeoutError) when ``until`` passes."""
         if waiting.called:
@@ -519,10 +572,14 @@ class ProxyExchanges:
         waiting.addTimeout(remaining, self.clock)
         return await waiting
 
-    async def _member_ready(self, member: Member, until: float) -> bool:
-        """True once the backend is ready; a restarting one is waited for, up to ``until``."""
+    async def _member_ready(self, member: Member, until: float, admitted: bool = False) -> bool:
+        """True once the backend is ready; a restarting one is waited for, up to ``until``.
+
+        ``admitted``: the request holds one of the backend's slots already, so a backend being
+        drained (an on-demand model swapped out or idle) still serves it.
+        """
         status = member.status
-        if status.ready:
+        if status.ready or (admitted and status.draining and status.serving):
             return True
         if status.recovering and not self.draining:
             try:
@@ -573,7 +630,7 @@ class ProxyExchanges:
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
-            if not await self._member_ready(member, wait_until):
+            if not await self._member_ready(member, wait_until, admitted=True):
                 ticket.release()
                 return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:
@@ -693,11 +750,14 @@ class ProxyExchanges:
 
     async def _relay(self, exchange: Exchange, response: IResponse) -> None:
         request = exchange.request
+        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        is_stream = content_type.startswith(b"text/event-stream")
+        if request.loading_stream:
+            await self._relay_after_loading(exchange, response, is_stream)
+            return
         request.setResponseCode(response.code, response.phrase)
         for name, values in forward.filter_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_stream = content_type.startswith(b"text/event-stream")
         usage = exchange.usage
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
@@ -708,6 +768,25 @@ class ProxyExchanges:
             request.setHeader(b"X-Accel-Buffering", b"no")
             request.setHeader(b"Cache-Control", b"no-cache")
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
+        exchange.relay = relay
+        response.deliverBody(relay)
+        await relay.done
+
+    async def _relay_after_loading(
+        self, exchange: Exchange, response: IResponse, is_stream: bool
+    ) -> None:
+        """The answer to a stream whose head the gateway sent while the model loaded: the
+        backend's events follow the ``: loading`` comments; a whole body (an error, typically)
+        becomes one ``data:`` event."""
+        request = exchange.request
+        if not is_stream:
+            body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
+            if not request.gone:
+                request.write(b"data: " + b" ".join(body.split()) + b"\n\n")
+                request.finish()
+            return
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout,
+                            exchange.usage)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done

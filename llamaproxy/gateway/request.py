@@ -62,8 +62,8 @@ class GatewayRequest(server.Request):
         "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
         "_held",
         "_recorded", "_site",
-        "early_error", "error", "exchange", "facts", "first_byte_at", "key_id", "on_lost",
-        "refund", "request_id", "route", "shape", "started_at",
+        "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
+        "loading_stream", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )
 
     #: Set by the early check: the caller's key id ("auth-disabled" without authentication).
@@ -94,6 +94,10 @@ class GatewayRequest(server.Request):
     started_at: float
     #: Where the early check routed it (a ``resource.Route``), so ``render`` need not again.
     route: Any
+    #: True once the gateway started this streaming request's response (200,
+    #: text/event-stream) itself, to send ``: loading`` comments while its model loads: the
+    #: backend's answer is appended, and an error becomes an SSE ``data:`` event.
+    loading_stream: bool
 
     # Never let twisted.web invent a text/html content type for a response.
     defaultContentType = None
@@ -105,6 +109,7 @@ class GatewayRequest(server.Request):
         self.key_id = None
         self.route = None
         self.early_error = None
+        self.loading_stream = False
         self.facts = NO_FACTS
         self.shape = None
         self.refund = None
@@ -400,6 +405,12 @@ class GatewayRequest(server.Request):
     def send_error(self, error: GatewayError) -> None:
         """Write ``error`` as the whole response (asynchronous handlers), unless too late."""
         if self.finished or self._disconnected:
+            return
+        if self.startedWriting and self.loading_stream:
+            # Our own event stream (a model was loading): the error is its last event.
+            self.refuse(error)
+            self.write(b"data: " + error.body() + b"\n\n")
+            self.finish()
             return
         if self.startedWriting:
             # Headers are out: an error appended to a partial body would corrupt it.

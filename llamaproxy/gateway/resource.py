@@ -27,6 +27,7 @@ from llamaproxy.auth.access import Access, AccessControl
 from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.auth.store import KeyLoadError
 from llamaproxy.backends.backend import Backend
+from llamaproxy.backends.model_admin import ModelAdmin, UnknownOnDemandModelError
 from llamaproxy.backends.routing import (
     Router,
 )
@@ -57,7 +58,14 @@ API_ROUTES: dict[bytes, tuple[bytes, ...]] = {
 PUBLIC_ROUTES = (b"/ping", b"/health", b"/readyz")
 
 #: Admin routes: a key listed in ADMIN_KEY_IDS, never touch a backend.
-ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {b"/reload": (b"POST",), b"/v1/route": (b"POST",)}
+ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {
+    b"/reload": (b"POST",),
+    b"/v1/route": (b"POST",),
+    # Models started on demand (docs/models.md): list, load, unload.
+    b"/admin/models": (b"GET",),
+    b"/admin/models/load": (b"POST",),
+    b"/admin/models/unload": (b"POST",),
+}
 
 _JSON = b"application/json"
 
@@ -91,7 +99,8 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
         return Route("metrics", path)
     if path in ADMIN_ROUTES:
         if method not in ADMIN_ROUTES[path]:
-            return errors.method_not_allowed(method.decode("latin-1")[:20], ("POST",))
+            return errors.method_not_allowed(
+                method.decode("latin-1")[:20], tuple(m.decode() for m in ADMIN_ROUTES[path]))
         return Route("admin", path)
     allowed = API_ROUTES.get(path)
     if allowed is None and path in extra_paths:
@@ -134,6 +143,8 @@ class GatewayResource(Resource):
         self.health_document = health_document
         self.ready = ready
         #: The proxied requests: routing, queueing, sending, relaying (``gateway.proxy``).
+        #: Lists, loads and unloads on-demand models (None: the admin model routes are 404).
+        self.model_admin: ModelAdmin | None = None
         self.exchanges = ProxyExchanges(router, agent, clock, settings, metrics)
         #: API requests whose large bodies wait for their turn to be parsed.
         self._large_bodies: deque[tuple[GatewayRequest, bytes]] = deque()
@@ -260,6 +271,8 @@ class GatewayResource(Resource):
             return self._render_public(request, route.path)
         if route.kind == "admin" and route.path == b"/v1/route":
             return self._explain_route(request)
+        if route.kind == "admin" and route.path.startswith(b"/admin/models"):
+            return self._model_admin(request, route.path)
         if route.kind == "admin":
             return self._reload_keys(request)
         if route.kind == "metrics":
@@ -355,6 +368,38 @@ class GatewayResource(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps(answer).encode() + b"\n"
 
+    def _model_admin(self, request: GatewayRequest, path: bytes) -> bytes | int:
+        """/admin/models (GET: list), /admin/models/load and /admin/models/unload (POST with
+        ``{"model": NAME}``): the on-demand models (admin keys only)."""
+        admin = self.model_admin
+        if admin is None:
+            return request.render_error(errors.not_found(path.decode("latin-1")))
+        if path == b"/admin/models":
+            return _json_answer(request, {"object": "list", "data": admin.list()})
+        body = parse_object(_body_of(request) or b"{}")
+        if isinstance(body, GatewayError):
+            return request.render_error(body)
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            return request.render_error(errors.bad_request(
+                "'model' must name an on-demand model", "invalid_model", "model"))
+        try:
+            if path == b"/admin/models/load":
+                return _json_answer(request, admin.load(name))
+            unloading = admin.unload(name)
+        except UnknownOnDemandModelError:
+            return request.render_error(errors.model_not_found(name))
+
+        def unloaded(doc: dict[str, object]) -> None:
+            if not request.gone:
+                request.setHeader(b"Content-Type", _JSON)
+                request.setHeader(b"Cache-Control", b"no-store")
+                answer_whole(request, json.dumps(doc).encode() + b"\n")
+
+        unloading.addCallback(unloaded).addErrback(
+            lambda f: log.failure("Unloading {model} failed", f, model=name))
+        return NOT_DONE_YET
+
     def _reload_keys(self, request: GatewayRequest) -> int:
         """POST /reload: re-read the key file now (admin keys only), off the reactor thread."""
         reloading = self.access.store.refresh(f"POST /reload by {request.key_id}")
@@ -376,6 +421,12 @@ class GatewayResource(Resource):
 
         reloading.addCallbacks(loaded, failed)
         return NOT_DONE_YET
+
+
+def _json_answer(request: GatewayRequest, doc: object) -> bytes:
+    request.setHeader(b"Content-Type", _JSON)
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(doc).encode() + b"\n"
 
 
 def _body_of(request: GatewayRequest) -> bytes:

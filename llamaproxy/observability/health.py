@@ -2,7 +2,8 @@
 
 The health site (PORT_HEALTH) answers 200 to any GET without touching a backend, so a platform's
 liveness check never wakes or loads a model. ``/readyz`` on either site is the readiness signal:
-200 only when a backend is ready and the gateway is not draining.
+200 only when a backend is ready (or is an on-demand one, which a request starts) and the
+gateway is not draining.
 
 The health port is served by the gateway's own channel and request (``health_port_site``): the
 same request-line, header and arrival-time limits, JSON errors, no ``TwistedWeb`` banner, and no
@@ -59,10 +60,14 @@ class HealthState:
         self.state_store_ready: Callable[[], bool] | None = None
 
     def ready(self) -> bool:
-        """True when requests can be served: backend ready and not draining."""
+        """True when requests can be served: backend ready (or started on demand by the first
+        request for it) and not draining."""
         if self.state_store_ready is not None and not self.state_store_ready():
             return False
-        return self.backend.ready and not self.draining()
+        return self._serving() and not self.draining()
+
+    def _serving(self) -> bool:
+        return self.backend.ready or self.backend.on_demand is not None
 
     def document(self) -> dict[str, object]:
         """The /health JSON: no key ids, no key counts.
@@ -73,7 +78,7 @@ class HealthState:
         draining = self.draining()
         if draining:
             status = "draining"
-        elif self.backend.ready:
+        elif self._serving():
             status = "ok"
         else:
             status = "unavailable"

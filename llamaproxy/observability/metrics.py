@@ -54,6 +54,7 @@ from llamaproxy.backends.admission import Admission
 from llamaproxy.backends.affinity_metrics import prompt_cache_families
 from llamaproxy.backends.backend import Backend, BackendState
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.observability.model_metrics import ModelMetrics
 from llamaproxy.supervision.child_metrics import BackendMetricsScraper
 
 log = Logger()
@@ -136,6 +137,8 @@ FIRST_BYTE_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
 #: Queue wait: zero for most requests, up to QUEUE_TIMEOUT (60 s default) and beyond.
+#: What ``llamaproxy_model_state`` reports (``on_demand.ModelState`` values).
+MODEL_STATES = ("stopped", "loading", "ready", "failed", "stopping")
 QUEUE_WAIT_BUCKETS = (
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )
@@ -543,6 +546,8 @@ class GatewayMetrics:
         self._tokens = Counter(
             "llamaproxy_tokens_total", "Tokens reported by the backend, by kind and model.",
             ["kind", "model"], registry=reg)
+        #: On-demand models' loads, unloads, swaps and load waits.
+        self.models = ModelMetrics(reg)
         self._series = {route: _RouteSeries(self, route) for route in ROUTES}
         self._rejection_children = {
             reason: self._rejections.labels(reason=reason) for reason in REJECTION_REASONS
@@ -810,6 +815,10 @@ class GatewayMetrics:
         waiting = GaugeMetricFamily("llamaproxy_backend_queue_waiting",
                                     "Requests waiting for one of the backend's slots.",
                                     labels=["backend"])
+        model_state = GaugeMetricFamily(
+            "llamaproxy_model_state",
+            "1 for an on-demand backend's model state (stopped, loading, ready, failed, "
+            "stopping), 0 for the others.", labels=["backend", "state"])
         for name, member in router.members.items():
             breaker = member.breaker
             for value in ("closed", "open", "half_open"):
@@ -823,7 +832,11 @@ class GatewayMetrics:
             if member.load is not None:
                 active.add_metric([name], member.load.active)
                 waiting.add_metric([name], member.load.waiting)
-        yield from (state, attempts, opens, skipped, active, slots, waiting)
+            if member.status.on_demand_status is not None:
+                current = member.status.model_state
+                for value in MODEL_STATES:
+                    model_state.add_metric([name, value], 1.0 if current == value else 0.0)
+        yield from (state, attempts, opens, skipped, active, slots, waiting, model_state)
         yield from prompt_cache_families(router)
 
     def watch_certificate(self, seconds_until_expiry: Callable[[], float]) -> None:

@@ -14,12 +14,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaproxy.backends import config_file as backends_file
 from llamaproxy.backends.breaker import BreakerSettings
 from llamaproxy.backends.config_file import (
+    DEFAULT_SWAP_BATCH,
+    DEFAULT_SWAP_GRACE,
     BackendsFileError,
     BackendsTable,
+    GroupSpec,
     LocalBackendSpec,
     LocalDefaults,
     ModelSpec,
     RemoteBackendSpec,
+    Start,
     Strategy,
     Timeouts,
     diff,
@@ -128,7 +132,8 @@ class ExampleTests(SynchronousTestCase):
             self.assertIn(f"`[{table}", text.replace("`[[", "`["))
         keys = (backends_file._COMMON_KEYS + backends_file._LOCAL_KEYS
                 + backends_file._REMOTE_KEYS + backends_file._BREAKER_KEYS
-                + backends_file._MODEL_KEYS + backends_file._LOCAL_DEFAULT_KEYS + ("max_attempts",))
+                + backends_file._MODEL_KEYS + backends_file._LOCAL_DEFAULT_KEYS + ("max_attempts",)
+                + backends_file._GROUP_KEYS)
         for key in keys:
             self.assertIn(f"`{key}`", text)
         for strategy in Strategy:
@@ -289,7 +294,7 @@ class ValidationTests(SynchronousTestCase):
 
     def test_top_level(self) -> None:
         self.assertError("backend = 1\n" + LOCAL, "backend", "unknown key (expected one of: "
-                         "backends, models, breaker, failover, keys, local, affinity)")
+                         "backends, models, breaker, failover, keys, local, affinity, groups)")
         self.assertError("", "backends", "missing")
         self.assertError("backends = []\n", "backends", "non-empty array of tables")
         self.assertError("backends = 3\n", "backends", "non-empty array of tables")
@@ -463,6 +468,108 @@ class ValidationTests(SynchronousTestCase):
         self.assertError(LOCAL + '[keys."a b"]\nmodels = []\n', 'keys."a b"', "invalid key id")
         self.assertError(LOCAL + "[keys.alice]\nmodels = 'a'\n", "keys.alice.models",
                          "expected a list of strings")
+
+
+GROUPED = """
+[[groups]]
+name = "gpu0"
+max_running = 1
+swap_grace = 5
+swap_batch = 2
+swap_wait = 7
+preload = ["qwen"]
+
+[[backends]]
+name = "qwen"
+model_path = "/m/qwen.gguf"
+models = ["qwen"]
+group = "gpu0"
+start = "on_demand"
+idle_ttl = 600
+
+[[backends]]
+name = "llama"
+model_path = "/m/llama.gguf"
+models = ["llama"]
+group = "gpu0"
+start = "on_demand"
+
+[[backends]]
+name = "solo"
+model_path = "/m/solo.gguf"
+models = ["solo"]
+start = "on_demand"
+idle_ttl = 0.5
+"""
+
+
+class OnDemandTests(SynchronousTestCase):
+    """``start``, ``idle_ttl``, ``group`` and ``[[groups]]``."""
+
+    def test_defaults_change_nothing(self) -> None:
+        spec = parse(LOCAL).backend("a")
+        assert isinstance(spec, LocalBackendSpec)
+        self.assertEqual((spec.start, spec.idle_ttl, spec.group, spec.on_demand),
+                         (Start.ALWAYS, 0.0, None, False))
+        self.assertEqual(parse(LOCAL).groups, ())
+
+    def test_groups(self) -> None:
+        table = parse(GROUPED)
+        self.assertEqual(table.groups, (GroupSpec("gpu0", 1, 5.0, 2, ("qwen",), 7.0),))
+        self.assertEqual([s.name for s in table.group_members("gpu0")], ["qwen", "llama"])
+        qwen, solo = table.backend("qwen"), table.backend("solo")
+        assert isinstance(qwen, LocalBackendSpec) and isinstance(solo, LocalBackendSpec)
+        self.assertEqual((qwen.start, qwen.idle_ttl, qwen.group), (Start.ON_DEMAND, 600.0, "gpu0"))
+        self.assertEqual((solo.on_demand, solo.idle_ttl, solo.group), (True, 0.5, None))
+        defaults = parse('[[groups]]\nname = "g"\n' + LOCAL.replace(
+            'models', 'start = "on_demand"\ngroup = "g"\nmodels')).group("g")
+        self.assertEqual(defaults, GroupSpec("g", 0, DEFAULT_SWAP_GRACE, DEFAULT_SWAP_BATCH, ()))
+
+    def test_reload_needs_no_restart(self) -> None:
+        old = parse(GROUPED)
+        new = parse(GROUPED.replace("idle_ttl = 600", "idle_ttl = 60"))
+        self.assertEqual(diff(old, new).changed, frozenset({"qwen"}))
+        self.assertFalse(needs_restart(old.backend("qwen"), new.backend("qwen")))
+
+    def assertError(self, text: str, where: str, fragment: str) -> None:
+        message = str(self.assertRaises(BackendsFileError, parse, text))
+        self.assertTrue(message.startswith(f"backends.toml: {where}: "), message)
+        self.assertIn(fragment, message)
+
+    def test_invalid(self) -> None:
+        on_demand = LOCAL.replace("models", 'start = "on_demand"\nmodels')
+        self.assertError(LOCAL.replace("models", 'start = "lazy"\nmodels'),
+                         "backends[0].start", 'expected "always" or "on_demand"')
+        self.assertError(LOCAL.replace("models", "idle_ttl = 5\nmodels"),
+                         "backends[0].idle_ttl", 'only for start = "on_demand"')
+        self.assertError(LOCAL.replace("models", 'group = "g"\nmodels'),
+                         "backends[0].group", 'only for start = "on_demand"')
+        self.assertError(on_demand.replace("models", "idle_ttl = -1\nmodels"),
+                         "backends[0].idle_ttl", ">= 0")
+        self.assertError(on_demand.replace("models", 'idle_ttl = "1"\nmodels'),
+                         "backends[0].idle_ttl", "expected a number")
+        self.assertError(on_demand.replace("models", 'group = "g"\nmodels'),
+                         "backends[0].group", "no [[groups]] is called 'g'")
+        self.assertError(REMOTE.replace("models", 'start = "on_demand"\nmodels'),
+                         "backends[0].start", "only for local backends")
+        self.assertError("groups = 1\n" + LOCAL, "groups", "array of tables")
+        self.assertError("[[groups]]\nmax_running = 1\n" + LOCAL, "groups[0].name", "missing")
+        self.assertError('[[groups]]\nname = "g"\n[[groups]]\nname = "g"\n' + LOCAL,
+                         "groups[1].name", "duplicate")
+        self.assertError('[[groups]]\nname = "g"\nmax_running = -1\n' + LOCAL,
+                         "groups[0].max_running", "between 0 and 1000")
+        self.assertError('[[groups]]\nname = "g"\nswap_grace = 0\n' + LOCAL,
+                         "groups[0].swap_grace", "> 0")
+        self.assertError('[[groups]]\nname = "g"\nswap_wait = -1\n' + LOCAL,
+                         "groups[0].swap_wait", "> 0")
+        self.assertError('[[groups]]\nname = "g"\nswap_batch = 0\n' + LOCAL,
+                         "groups[0].swap_batch", "between 1 and")
+        self.assertError('[[groups]]\nname = "g"\nspare = 1\n' + LOCAL,
+                         "groups[0].spare", "unknown key")
+        self.assertError('[[groups]]\nname = "g"\npreload = ["a"]\n' + LOCAL,
+                         "groups[0].preload[0]", "'a' is not a backend of group 'g'")
+        self.assertError(GROUPED.replace('preload = ["qwen"]', 'preload = ["qwen", "llama"]'),
+                         "groups[0].preload", "2 backends preloaded but max_running is 1")
 
 
 class SingleBackendTests(SynchronousTestCase):

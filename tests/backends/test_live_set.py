@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
@@ -47,6 +48,71 @@ class BackendSetTests(SynchronousTestCase):
         slot.release()
         reactor.advance(0.2)
         self.assertFalse(old_r2.running)
+        backends.stopService()
+
+
+ON_DEMAND = """
+[[groups]]
+name = "gpu0"
+max_running = 1
+preload = ["a"]
+
+[[backends]]
+name = "a"
+model_path = "/m/a.gguf"
+models = ["a"]
+start = "on_demand"
+group = "gpu0"
+
+[[backends]]
+name = "b"
+model_path = "/m/b.gguf"
+models = ["b"]
+start = "on_demand"
+group = "gpu0"
+idle_ttl = 60
+"""
+
+
+class OnDemandSetTests(SynchronousTestCase):
+    """On-demand backends: not started at boot (except preloaded ones), updated in place."""
+
+    def test_preload_and_reload(self) -> None:
+        from llamaproxy.backends.config_file import parse_backends_text
+        from llamaproxy.backends.on_demand import ModelState
+        from llamaproxy.config import load_config
+        from llamaproxy.testing import FakeProcessReactor
+
+        reactor = FakeProcessReactor()
+        key_dir = self.mktemp()
+        os.makedirs(key_dir, mode=0o700)
+        config = load_config({}, {"BACKEND_KEY_DIR": key_dir, "BACKEND_URL": "http://127.0.0.1:1"})
+
+        def table(text: str):  # type: ignore[no-untyped-def]
+            return parse_backends_text(text, "backends.toml", {}, is_file=lambda p: True)
+
+        backends = BackendSet(config, reactor, agent=None, llama_server="/bin/llama-server",
+                              backends_file="backends.toml")
+        backends.apply(table(ON_DEMAND))
+        backends.startService()
+        self.assertEqual(len(reactor.spawned), 1)  # the preloaded "a" only
+        self.assertEqual(backends.models["a"].state, ModelState.LOADING)
+        self.assertEqual(backends.models["b"].state, ModelState.STOPPED)
+        self.assertEqual(backends.models["b"].child.timings.startup_probe_interval,  # type: ignore[attr-defined]
+                         0.1)  # a request waits for its start: probed often
+        self.assertEqual(backends.groups["gpu0"].status_json()["running"], ["a"])
+        model_b = backends.models["b"]
+        # A reload: b's idle_ttl changes (in place), c is added (not started), a untouched.
+        router = backends.apply(table(ON_DEMAND.replace("idle_ttl = 60", "idle_ttl = 5")
+                                      + '[[backends]]\nname = "c"\nmodel_path = "/m/c.gguf"\n'
+                                      'models = ["c"]\nstart = "on_demand"\n'))
+        self.assertEqual(sorted(router.members), ["a", "b", "c"])
+        self.assertIs(backends.models["b"], model_b)
+        self.assertEqual(model_b.idle_ttl, 5.0)
+        self.assertEqual(backends.models["c"].state, ModelState.STOPPED)
+        self.assertEqual(len(reactor.spawned), 1)
+        self.assertTrue(reactor.process.alive)
+        self.assertTrue(router.members["c"].status.recovering)  # a request would start it
         backends.stopService()
 
 

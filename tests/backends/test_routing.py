@@ -143,7 +143,7 @@ class ResolveTests(SynchronousTestCase):
         ])
         self.assertEqual(entries[0].as_json(123), {
             "id": "m", "object": "model", "created": 123, "owned_by": "p2",
-            "aliases": ["gpt-4o", "mm"], "backends": ["p2", "p3", "p1"],
+            "aliases": ["gpt-4o", "mm"], "backends": ["p2", "p3", "p1"], "state": "ready",
         })
 
 

@@ -77,6 +77,17 @@ class HealthTests(SynchronousTestCase):
         self.draining = True
         self.assertEqual(self.get("/readyz")[0], 503)
 
+    def test_on_demand_default_backend_is_ready_while_stopped(self) -> None:
+        self.assertEqual(self.get("/readyz")[0], 503)  # stopped, always-on
+        self.backend.on_demand = lambda: None  # a request would start it
+        self.backend.on_demand_status = lambda: {"state": "stopped", "idle_ttl": 0.0}
+        self.assertEqual(self.get("/readyz")[0], 200)
+        self.assertEqual(self.state.document()["status"], "ok")
+        self.assertEqual(self.state.document()["backend"]["on_demand"],  # type: ignore[index]
+                         {"state": "stopped", "idle_ttl": 0.0})
+        self.draining = True
+        self.assertEqual(self.get("/readyz")[0], 503)
+
     def test_listeners_hear_state_changes(self) -> None:
         heard: list[str] = []
         self.backend.listeners.append(lambda b: heard.append(b.state.value))
