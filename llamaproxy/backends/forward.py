@@ -9,7 +9,7 @@ did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``sen
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -19,7 +19,9 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -33,6 +35,8 @@ from llamaproxy.fastpath.eager_write import Cork
 from llamaproxy.gateway.client_address import FORWARDING_HEADERS
 
 log = Logger()
+
+_DONE = Failure(ConnectionDone())
 
 #: How long an idle backend connection is kept: under llama-server's 5 s keep-alive.
 _IDLE_TIMEOUT = 4.0
@@ -166,7 +170,7 @@ def make_client(
 
 def make_agent(
     reactor: Any, max_idle_per_host: int, connect_timeout: float
-) -> tuple[Agent, HTTPConnectionPool]:
+) -> tuple[StockAgent, HTTPConnectionPool]:
     """The stock client (fast paths off): Twisted's ``Agent`` over a persistent
     ``HTTPConnectionPool``, with the same endpoints and idle timeout as ``make_client``. Twisted's
     own retry of a failed idempotent request is off: re-sends are the gateway's decision
@@ -175,8 +179,82 @@ def make_agent(
     pool.maxPersistentPerHost = max(2, max_idle_per_host)
     pool.cachedConnectionTimeout = int(_IDLE_TIMEOUT)
     pool.retryAutomatically = False
-    agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout), pool)
-    return agent, pool
+    return StockAgent(reactor, CachedEndpoints(reactor, connect_timeout), pool), pool
+
+
+@implementer(IAgent)
+class StockAgent:
+    """Twisted's ``Agent`` with its keep-alive pool, minus one defect: Twisted pools the
+    connection of an HTTP/1.0 response that did not say ``keep-alive``, which the server closes
+    after it (RFC 9112 9.3), and a POST written there before the close is seen is lost (and,
+    written whole, never sent again: a 502). The first such response from an upstream closes
+    the pool's idle connections as its body ends, and later requests to that upstream go on
+    fresh connections that are not pooled. (``BackendClient``, the fast path, reads the
+    version itself.)"""
+
+    def __init__(self, reactor: Any, endpoints: CachedEndpoints, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
+        self._pooled = Agent.usingEndpointFactory(reactor, endpoints, pool)
+        self._unpooled = Agent.usingEndpointFactory(
+            reactor, endpoints, HTTPConnectionPool(reactor, persistent=False))
+        #: Upstreams (scheme, host, port) that close the connection after each response.
+        self.closing: set[tuple[bytes, bytes, int]] = set()
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,  # noqa: N803 - IAgent's name
+    ) -> Deferred[IResponse]:
+        parsed = URI.fromBytes(uri)
+        upstream = (parsed.scheme, parsed.host, parsed.port)
+        if upstream in self.closing:
+            return self._unpooled.request(method, uri, headers, bodyProducer)
+        sending = self._pooled.request(method, uri, headers, bodyProducer)
+        return sending.addCallback(self._checked, upstream)
+
+    def _checked(self, response: IResponse,
+                 upstream: tuple[bytes, bytes, int]) -> IResponse:
+        if tuple(response.version[1:]) >= (1, 1):
+            return response
+        tokens = b",".join(response.headers.getRawHeaders(b"connection", [])).lower()
+        if b"keep-alive" in tokens:
+            return response
+        self.closing.add(upstream)
+        return cast(IResponse, _ClosingResponse(response, self.pool))
+
+
+@implementer(IResponse)
+class _ClosingResponse:
+    """A response whose connection must not be used again: when its body ends (by then
+    Twisted has put the connection back in the pool), the pool's idle connections close."""
+
+    def __init__(self, response: IResponse, pool: HTTPConnectionPool) -> None:
+        self._response = response
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._response, name)
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._response.deliverBody(_BodyThenClose(protocol, self._pool))
+
+
+class _BodyThenClose(Protocol):
+    """Passes a body on; closes the pool's idle connections before telling the body ended."""
+
+    def __init__(self, inner: Any, pool: HTTPConnectionPool) -> None:
+        self.inner = inner
+        self.pool = pool
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.pool.closeCachedConnections()
+        self.inner.connectionLost(reason)
 
 
 #: Methods whose repetition changes nothing (RFC 9110 9.2.2) and that the gateway sends bodiless.
