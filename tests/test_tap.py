@@ -170,9 +170,10 @@ class FastPathSwitchTests(SynchronousTestCase):
 
     def assert_stock(self, service: GatewayService, reactor: MemoryReactorClock) -> None:
         from twisted.internet.testing import StringTransport
-        from twisted.web.client import Agent
 
-        self.assertIsInstance(service.resource.agent, Agent)
+        from llamaproxy.backends.forward import StockAgent
+
+        self.assertIsInstance(service.resource.agent, StockAgent)
         self.assertIsNone(service.gc_schedule)
         [(_, factory, *_)] = reactor.tcpServers
         self.assertIsNone(factory.cork)

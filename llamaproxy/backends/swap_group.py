@@ -68,8 +68,19 @@ class SwapGroup:
         return self.spec.name
 
     def update(self, spec: GroupSpec) -> None:
-        """A reload changed the group's settings."""
+        """A reload changed the group's settings; a model newly in ``preload`` starts now
+        when the group has room (otherwise its first request starts it, as for any model)."""
+        added = [name for name in spec.preload if name not in self.spec.preload]
         self.spec = spec
+        for model in self.members.values():
+            model.preload = model.backend_name in spec.preload
+        for name in added:
+            member = self.members.get(name)
+            if member is None or member.state is not ModelState.STOPPED:
+                continue  # a backend this reload adds is preloaded when it starts
+            running = [m for m in self.members.values() if m.occupies]
+            if not spec.max_running or len(running) < spec.max_running:
+                member.start("preload")
         self.schedule()
 
     def add(self, model: OnDemandModel) -> None:

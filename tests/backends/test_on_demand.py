@@ -154,6 +154,18 @@ class GroupTests(SynchronousTestCase):
         self.successResultOf(waiting)
         self.assertEqual(group.status_json()["running"], ["b"])
 
+    def test_a_reload_that_adds_to_preload_starts_the_model_when_there_is_room(self) -> None:
+        group = SwapGroup(GroupSpec("g", max_running=1), self.clock)
+        a, child_a = make_model("a", self.clock, group)
+        b, child_b = make_model("b", self.clock, group)
+        group.update(GroupSpec("g", max_running=1, preload=("a",)))
+        self.assertEqual((child_a.starts, a.preload), (1, True))
+        child_a.loaded()
+        # No room for b now: it waits for its first request (no swap for a preload).
+        group.update(GroupSpec("g", max_running=1, preload=("b",)))
+        self.assertEqual((child_b.starts, b.preload, a.preload), (0, True, False))
+        self.assertEqual(child_a.stops, 0)
+
     def test_no_limit(self) -> None:
         group = SwapGroup(GroupSpec("g", max_running=0), self.clock)
         models = [make_model(n, self.clock, group) for n in "abc"]

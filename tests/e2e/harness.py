@@ -51,11 +51,21 @@ def tiny_model() -> str:
     return _model_path
 
 
+#: Ports already handed out by ``free_port`` in this test run.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port nothing listens on right now, and never one handed out before in this run:
+    the kernel may give the same free port to two binds in a row, and a gateway whose child
+    got its own port (seen: "Address already in use" at start) fails."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def twistd() -> str:
