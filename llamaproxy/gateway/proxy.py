@@ -518,28 +518,22 @@ class ProxyExchanges:
 
     async def _load(self, exchange: Exchange, member: Member) -> GatewayError | None:
         """Wait for an on-demand backend to be started (or swapped in) and ready, up to
-        LOAD_TIMEOUT from the request's arrival; None once ready, else the 503 to answer."""
-        until = exchange.started + self.settings.load_timeout
-        began = self.clock.seconds()
-        try:
-            return await self._wait_load(exchange, member, until)
-        finally:
-            if self.metrics is not None:
-                self.metrics.models.load_waited(self.clock.seconds() - began)
-
-    async def _wait_load(
-        self, exchange: Exchange, member: Member, until: float
-    ) -> GatewayError | None:
+        LOAD_TIMEOUT from the request's arrival; None once ready, else the 503 to answer. A
+        stream gets ``: loading`` comments meanwhile."""
         request = exchange.request
+        began = self.clock.seconds()
         comments: LoadingComments | None = None
         if request.facts.stream and request.method == b"POST" and not request.startedWriting:
             comments = LoadingComments(request, member.name, self.clock)
             comments.start()
         try:
-            return await self._wait_ready_or_fail(exchange, member, until)
+            return await self._wait_ready_or_fail(
+                exchange, member, exchange.started + self.settings.load_timeout)
         finally:
             if comments is not None:
                 comments.stop()
+            if self.metrics is not None:
+                self.metrics.models.load_waited(self.clock.seconds() - began)
 
     async def _wait_ready_or_fail(
         self, exchange: Exchange, member: Member, until: float
