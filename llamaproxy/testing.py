@@ -638,7 +638,9 @@ class InMemoryClient:
         return bool(self.transport.disconnecting or getattr(self.transport, "disconnected", False))
 
     def disconnect(self) -> None:
-        """The client goes away."""
+        """The client goes away (the transport lets go of its producer, as TCP's does)."""
+        if self.transport.producer is not None:
+            self.transport.unregisterProducer()
         self.channel.connectionLost(Failure(error.ConnectionLost()))
 
 

@@ -73,7 +73,7 @@ class StreamRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         request = self.request
-        if self.outcome is not None or request._disconnected or request.finished:
+        if self.outcome is not None or request.lost or request.finished:
             return  # (request.gone, inline: this runs once per event of every stream)
         if self.usage is not None:
             self.usage.feed(data)

@@ -18,7 +18,6 @@ from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import datetimeToString
@@ -63,7 +62,7 @@ class GatewayRequest(server.Request):
         "_held",
         "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
-        "loading_stream", "on_lost", "refund", "request_id", "route", "shape", "started_at",
+        "loading_stream", "lost", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )
 
     #: Set by the early check: the caller's key id ("auth-disabled" without authentication).
@@ -90,6 +89,8 @@ class GatewayRequest(server.Request):
     #: Called once if the connection is lost before the response ends (a parked exchange's
     #: way to leave its queue without a notifyFinish Deferred).
     on_lost: Callable[[], None] | None
+    #: True once the client's connection was lost (twisted.web keeps that private).
+    lost: bool
     #: When the request line arrived (clock seconds).
     started_at: float
     #: Where the early check routed it (a ``resource.Route``), so ``render`` need not again.
@@ -118,6 +119,7 @@ class GatewayRequest(server.Request):
         self.error = None
         self.first_byte_at = None
         self.on_lost = None
+        self.lost = False
         self._closed_early = False
         #: While an asynchronous early check runs: "waiting", or "process" once the request
         #: is complete and waits for the decision to be rendered; None otherwise.
@@ -138,7 +140,6 @@ class GatewayRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         """Headers are in: apply the body limit and the site's early check before any body."""
-        # Site.buildProtocol sets ``site`` on the channel; HTTPChannel does not declare it.
         site = self._site = cast(Any, self.channel).site
         # The request line is parsed but not yet copied onto the request; do it now.
         self.method, self.uri = self.channel.request_target()  # type: ignore[attr-defined]
@@ -172,13 +173,13 @@ class GatewayRequest(server.Request):
         if body_expected:
             # Twisted answers "Expect: 100-continue" right after this; not before the decision.
             self.requestHeaders.removeHeader(b"expect")
-            LineReceiver.pauseProducing(self.channel)
+            self.channel.pause_parsing()  # type: ignore[attr-defined]
         else:
             super().gotLength(length)  # the channel completes the request at once: render waits
 
         def decided(error: GatewayError | None) -> None:
             waiting, self._checking = self._checking, None
-            if self._disconnected or self.channel is None or self.channel.transport is None:
+            if self.lost or self.channel is None or self.channel.transport is None:
                 return  # the client left meanwhile (connectionLost recorded it)
             if not body_expected:
                 if error is None and self.key_id is not None:
@@ -195,7 +196,7 @@ class GatewayRequest(server.Request):
             transport = self.channel.transport
             if expect and expect[0].lower() == b"100-continue" and transport is not None:
                 transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            LineReceiver.resumeProducing(self.channel)
+            self.channel.resume_parsing()  # type: ignore[attr-defined]
 
         def failed(failure: Failure) -> None:
             log.failure("Early check failed", failure)
@@ -404,7 +405,7 @@ class GatewayRequest(server.Request):
 
     def send_error(self, error: GatewayError) -> None:
         """Write ``error`` as the whole response (asynchronous handlers), unless too late."""
-        if self.finished or self._disconnected:
+        if self.finished or self.lost:
             return
         if self.startedWriting and self.loading_stream:
             # Our own event stream (a model was loading): the error is its last event.
@@ -430,7 +431,7 @@ class GatewayRequest(server.Request):
     # -- the end of a request --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.startedWriting and not self.finished and not self._disconnected:
+        if self.startedWriting and not self.finished and not self.lost:
             # The head is out: a body piece goes to the transport in one write (twisted.web
             # would pass a chunk's size line, data and CRLF through three calls).
             if data:
@@ -452,8 +453,8 @@ class GatewayRequest(server.Request):
         the same bytes as ``write``. Before the head is out, or on a connection without its
         own eager sender (TLS), this is ``write``.
         """
-        sender = getattr(self.channel, "sender", None)  # (None as well for a plain HTTPChannel)
-        if sender is None or not self.startedWriting or self.finished or self._disconnected:
+        sender = getattr(self.channel, "sender", None)  # (None as well for another channel)
+        if sender is None or not self.startedWriting or self.finished or self.lost:
             self.write(data)
         elif data:
             sender.write_through(self._body_bytes(data))
@@ -474,6 +475,7 @@ class GatewayRequest(server.Request):
             self._record()
 
     def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
         super().connectionLost(reason)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
@@ -503,7 +505,7 @@ class GatewayRequest(server.Request):
     @property
     def gone(self) -> bool:
         """True once the client disconnected or the response finished."""
-        return bool(self._disconnected or self.finished)
+        return bool(self.lost or self.finished)
 
 
 @lru_cache(maxsize=2)

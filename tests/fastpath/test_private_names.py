@@ -19,17 +19,11 @@ KNOWN = re.compile(
     r"_IdentityTransferDecoder|_respondToBadRequestAndDisconnect|_exitSignal|_newclient|_abnf|"
     r"_DataLoss|_selectables|_poller|_doReadOrWrite|_disconnectSelectable|_tempDataBuffer|"
     r"_writeDisconnect\w*|_aborting|_NO_FILEDESC|_transferDecoder|_command|_dataReceived|"
-    r"_handleSignals)\b")
+    r"_handleSignals|_disconnected|_handlingRequest|_networkProducer|_dataBuffer|"
+    r"_savedTimeOut|_requestProducer|_finishRequestBody|_send100Continue)\b")
 
-#: Outside fastpath/, on purpose (docs/operations.md, "Fast paths"): the HTTP edge refines
-#: twisted.web's request-body framing through its hooks on both paths (until issue 18's parser).
-ALLOWED = {
-    ("gateway/site.py", "_maybeChooseTransferDecoder"),
-    ("gateway/site.py", "_ChunkedTransferDecoder"),
-    ("gateway/site.py", "_MalformedChunkedDataError"),
-    ("gateway/site.py", "_transferDecoder"),
-    ("gateway/site.py", "_respondToBadRequestAndDisconnect"),
-}
+#: Outside fastpath/, on purpose: none (the HTTP edge is gateway/channel.py, public APIs only).
+ALLOWED: set[tuple[str, str]] = set()
 
 
 class PrivateNamesTests(SynchronousTestCase):
