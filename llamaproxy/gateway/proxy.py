@@ -642,7 +642,8 @@ class ProxyExchanges:
                 extra.append(STREAM_CONNECTION)
             sending = forward.send(
                 self.agent, url, status.api_key, method, request.requestHeaders, body, extra)
-            sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+            if self._first_byte_timer_needed(exchange):
+                sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
                 response = await sending
                 if exchange.timer is not None:
@@ -810,6 +811,19 @@ class ProxyExchanges:
             exchange.relay.abort("timeout")
         elif exchange.task is not None:
             exchange.task.cancel()
+
+    def _first_byte_timer_needed(self, exchange: Exchange) -> bool:
+        """Whether a send needs its own FIRST_BYTE_TIMEOUT timer.
+
+        Not when the request's deadline (REQUEST_TIMEOUT, armed before the send) is due no
+        later: it fires first (a timer armed earlier for the same time runs first) and cancels
+        the send, so the first-byte timer could only be armed and cancelled. With the defaults
+        (both 300 s) that is every send: one timer and two callbacks less per request.
+        """
+        deadline = exchange.deadline
+        if deadline is None or not deadline.active():
+            return True
+        return self.clock.seconds() + self.settings.first_byte_timeout < deadline.getTime()
 
     def _cancel_deadline(self, exchange: Exchange) -> None:
         if exchange.deadline is not None and exchange.deadline.active():

@@ -587,6 +587,23 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(gw.agent.requests[0].cancelled)
         self.assertEqual(client.response().status, 504)
 
+    def test_first_byte_timer_only_when_it_can_fire_first(self) -> None:
+        # REQUEST_TIMEOUT is armed before the send: a first-byte timeout due no earlier could
+        # only be armed and cancelled, so the send gets no timer of its own.
+        timers = {}
+        for first_byte in (10.0, 30.0, 60.0):
+            gw = GatewayFixture(first_byte_timeout=first_byte, request_timeout=30.0)
+            client = gw.chat()
+            timers[first_byte] = len(gw.clock.getDelayedCalls())
+            due = min(first_byte, 30.0)
+            gw.clock.advance(due - 0.1)
+            self.assertFalse(gw.agent.requests[0].cancelled)
+            gw.clock.advance(0.1)
+            self.assertTrue(gw.agent.requests[0].cancelled)
+            self.assertEqual(client.response().status, 504)
+        self.assertEqual(timers[30.0], timers[10.0] - 1)
+        self.assertEqual(timers[60.0], timers[10.0] - 1)
+
     def test_timeout_before_headers_is_504(self) -> None:
         client = self.gw.chat()
         self.gw.clock.advance(30)
