@@ -119,6 +119,17 @@ class Exchange:
             return "shutdown"
         return "client_gone" if self.request.gone and not self.request.finished else "answered"
 
+    def client_left(self) -> None:
+        """The client disconnected before the response ended (``GatewayRequest.on_lost``):
+        stop the relay, or the exchange's coroutine."""
+        if self.request.finished:
+            return
+        if self.relay is not None:
+            # Usually the transport already told the relay (stopProducing); make sure.
+            self.relay.stopProducing()
+        elif self.task is not None:
+            self.task.cancel()
+
 
 @dataclass
 class GatewaySettings:
@@ -240,21 +251,22 @@ class ProxyExchanges:
             self._run(exchange, self._attempts(exchange, candidates))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends."""
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends.
+
+        One callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
+        ``notifyFinish`` Deferred): the plain path's Deferred layers kept to the one it needs.
+        """
         task = Deferred.fromCoroutine(work)
         exchange.task = task
-        task.addErrback(self._unexpected, exchange)
-        task.addBoth(self._exchange_done, exchange)
-        exchange.request.notifyFinish().addErrback(self._client_gone, exchange)
+        exchange.request.on_lost = exchange.client_left
+        task.addBoth(self._task_ended, exchange)
 
     # -- the end of an exchange ----------------------------------------------------------------
 
-    def _client_gone(self, reason: Failure, exchange: Exchange) -> None:
-        if exchange.relay is not None:
-            # Usually the transport already told the relay (stopProducing); make sure.
-            exchange.relay.stopProducing()
-        elif exchange.task is not None:
-            exchange.task.cancel()
+    def _task_ended(self, result: object, exchange: Exchange) -> None:
+        if isinstance(result, Failure):
+            self._unexpected(result, exchange)
+        self._exchange_done(None, exchange)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request
@@ -270,6 +282,8 @@ class ProxyExchanges:
 
     def _exchange_done(self, result: object, exchange: Exchange) -> None:
         exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
+        if exchange.request.on_lost == exchange.client_left:
+            exchange.request.on_lost = None  # (and request -> exchange)
         if exchange.request.recorded:
             # The access log and metrics have read it: break request <-> exchange too, so the
             # request's objects are freed now rather than by a garbage collection.
@@ -499,12 +513,17 @@ class ProxyExchanges:
                 return refused
             # The load had its own budget (LOAD_TIMEOUT); the slot wait gets QUEUE_TIMEOUT.
             wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
-        elif not await self._member_ready(member, wait_until):
+        elif not status.ready and not await self._member_ready(member, wait_until):
             return self._not_ready(status)
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return None  # the model list uses no inference slot: it never waits behind one
+        admission = cast(Admission, member.load)
+        slot = admission.take()
+        if slot is not None:  # a free slot: no Deferred to wait on
+            exchange.slot = slot
+            return None
         try:
-            waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
+            waiting = admission.acquire(request.key_id or AUTH_DISABLED)
         except QueueFullError:
             return errors.queue_full()
         if not waiting.called and timer is not None:
@@ -624,7 +643,9 @@ class ProxyExchanges:
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
-            if not await self._member_ready(member, wait_until, admitted=True):
+            # (status.ready inline: a ready backend needs no coroutine to say so)
+            if not status.ready and not await self._member_ready(member, wait_until,
+                                                                 admitted=True):
                 ticket.release()
                 return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:

@@ -479,6 +479,20 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(self.gw.admission.active, 0)
         self.assertEqual(self.gw.resource.in_flight, set())
 
+    def test_the_exchange_hooks_the_request_only_while_in_flight(self) -> None:
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        request = exchange.request
+        self.assertEqual(request.on_lost, exchange.client_left)
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hi"))
+        backend.finish()
+        self.assertEqual(client.response().status, 200)
+        self.assertIsNone(request.on_lost)  # no request -> exchange reference left behind
+        self.assertEqual(self.gw.resource.in_flight, set())
+        self.assertEqual(self.gw.admission.active, 0)
+
     def test_client_disconnect_before_headers_cancels(self) -> None:
         client = self.gw.chat()
         client.disconnect()
