@@ -85,7 +85,10 @@ class Exchange:
     started: float
     relay: StreamRelay | None = None
     timed_out: bool = False
+    #: The exchange's one timer (see ``ProxyExchanges._arm_deadline``).
     deadline: IDelayedCall | None = None
+    #: When REQUEST_TIMEOUT passes (clock seconds), while ``deadline`` is armed.
+    deadline_at: float = 0.0
     slot: Slot | None = None
     #: The request body as sent to the backend.
     body: bytes = b""
@@ -649,9 +652,7 @@ class ProxyExchanges:
                 ticket.release()
                 return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:
-                exchange.deadline = self.clock.callLater(
-                    self.settings.request_timeout, self._deadline_passed, exchange
-                )
+                self._arm_deadline(exchange)
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
             exchange.sent = True
@@ -783,7 +784,8 @@ class ProxyExchanges:
         if is_stream:
             request.setHeader(b"X-Accel-Buffering", b"no")
             request.setHeader(b"Cache-Control", b"no-cache")
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage,
+                            watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done
@@ -802,7 +804,7 @@ class ProxyExchanges:
                 request.finish()
             return
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout,
-                            exchange.usage)
+                            exchange.usage, watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done
@@ -819,8 +821,39 @@ class ProxyExchanges:
 
     # -- ends of an exchange -------------------------------------------------------------------
 
-    def _deadline_passed(self, exchange: Exchange) -> None:
+    def _arm_deadline(self, exchange: Exchange) -> None:
+        """Arm the exchange's one timer: REQUEST_TIMEOUT, and the relay's idle timeout.
+
+        One timer per exchange instead of one for the deadline and one for the relay: it is
+        armed for the sooner of the two timeouts from now (the relay, once there, starts later
+        than now, so it can never be due sooner) and, when it fires before the deadline, asks
+        the relay (``StreamRelay.watch``), then waits again for whichever comes next.
+        """
+        settings = self.settings
+        exchange.deadline_at = self.clock.seconds() + settings.request_timeout
+        wait = settings.request_timeout
+        if 0 < settings.stream_idle_timeout < wait:
+            wait = settings.stream_idle_timeout
+        exchange.deadline = self.clock.callLater(wait, self._timer_fired, exchange)
+
+    def _timer_fired(self, exchange: Exchange) -> None:
         exchange.deadline = None
+        left = exchange.deadline_at - self.clock.seconds()
+        if left <= 0.001:
+            self._deadline_passed(exchange)
+            return
+        relay = exchange.relay
+        if relay is not None:
+            idle_left = relay.watch()
+            if relay.outcome is not None:
+                return  # it was idle: aborted (or it ended and the exchange ends with it)
+            if idle_left is not None and idle_left < left:
+                left = idle_left
+        elif 0 < self.settings.stream_idle_timeout < left:
+            left = self.settings.stream_idle_timeout  # (no relay yet: it starts later)
+        exchange.deadline = self.clock.callLater(left, self._timer_fired, exchange)
+
+    def _deadline_passed(self, exchange: Exchange) -> None:
         exchange.timed_out = True
         log.warn(
             "Request exceeded {timeout}s: {method} {path}",
@@ -844,7 +877,7 @@ class ProxyExchanges:
         deadline = exchange.deadline
         if deadline is None or not deadline.active():
             return True
-        return self.clock.seconds() + self.settings.first_byte_timeout < deadline.getTime()
+        return self.clock.seconds() + self.settings.first_byte_timeout < exchange.deadline_at
 
     def _cancel_deadline(self, exchange: Exchange) -> None:
         if exchange.deadline is not None and exchange.deadline.active():

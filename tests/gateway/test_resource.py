@@ -524,6 +524,46 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(backend.transport.stopped)
         self.assertFalse(client.response().complete)
 
+    def test_one_timer_watches_the_deadline_and_the_relay(self) -> None:
+        # The relay starts 3 s after the send: its idle timeout still counts from then.
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        self.gw.clock.advance(3)
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        timers = [call for call in self.gw.clock.getDelayedCalls()
+                  if getattr(call, "args", None) == (exchange,)]
+        self.assertEqual(len(timers), 1)  # one timer for the deadline and the relay's idleness
+        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
+                          if getattr(call, "func", None) == exchange.relay._idle_expired], [])
+        self.gw.clock.advance(4.9)  # 7.9 s: 4.9 s after the relay's last data
+        self.assertFalse(client.closed)
+        self.gw.clock.advance(0.2)
+        self.assertTrue(client.closed)
+        self.assertEqual(exchange.relay.outcome, "idle_timeout")
+        self.assertEqual(self.gw.resource.in_flight, set())
+        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
+                          if getattr(call, "args", None) == (exchange,)], [])
+
+    def test_a_long_stream_meets_its_deadline(self) -> None:
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        for _ in range(7):  # never idle for 5 s, but the request's 30 s pass
+            backend.send(sse_chunk("x"))
+            self.gw.clock.advance(4)
+        self.assertFalse(client.closed)  # 28 s
+        backend.send(sse_chunk("x"))
+        self.gw.clock.advance(1.9)
+        self.assertFalse(client.closed)
+        self.gw.clock.advance(0.1)
+        self.assertTrue(client.closed)
+        self.assertTrue(backend.transport.stopped)
+        assert exchange.relay is not None
+        self.assertEqual(exchange.relay.outcome, "timeout")
+
     def test_connection_refused_is_502(self) -> None:
         client = self.gw.chat()
         self.gw.agent.requests[0].fail(ConnectionRefusedError())
