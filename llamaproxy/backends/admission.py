@@ -143,15 +143,23 @@ class Admission:
         """True when a new request would have to wait (every slot held, or others waiting)."""
         return self.active >= self.max_concurrent or self.waiting > 0
 
+    def take(self) -> Slot | None:
+        """A free slot now, or None when the request would have to wait (see ``acquire``)."""
+        if self.full:
+            return None
+        self.active += 1
+        return Slot(self)
+
     def acquire(self, key_id: str) -> Deferred[Slot]:
         """A Deferred firing with a Slot; raises QueueFullError when no slot and no room to wait.
 
-        Cancelling the Deferred takes it out of the queue.
+        Cancelling the Deferred takes it out of the queue. (``take`` is the synchronous way to
+        get a free slot.)
         """
-        if not self.full:
-            self.active += 1
+        slot = self.take()
+        if slot is not None:
             d: Deferred[Slot] = Deferred()
-            d.callback(Slot(self))
+            d.callback(slot)
             return d
         self._check_room(key_id)
         waiter = _DeferredWaiter(key_id, self)

@@ -85,7 +85,10 @@ class Exchange:
     started: float
     relay: StreamRelay | None = None
     timed_out: bool = False
+    #: The exchange's one timer (see ``ProxyExchanges._arm_deadline``).
     deadline: IDelayedCall | None = None
+    #: When REQUEST_TIMEOUT passes (clock seconds), while ``deadline`` is armed.
+    deadline_at: float = 0.0
     slot: Slot | None = None
     #: The request body as sent to the backend.
     body: bytes = b""
@@ -118,6 +121,17 @@ class Exchange:
         if self.aborted:
             return "shutdown"
         return "client_gone" if self.request.gone and not self.request.finished else "answered"
+
+    def client_left(self) -> None:
+        """The client disconnected before the response ended (``GatewayRequest.on_lost``):
+        stop the relay, or the exchange's coroutine."""
+        if self.request.finished:
+            return
+        if self.relay is not None:
+            # Usually the transport already told the relay (stopProducing); make sure.
+            self.relay.stopProducing()
+        elif self.task is not None:
+            self.task.cancel()
 
 
 @dataclass
@@ -240,21 +254,22 @@ class ProxyExchanges:
             self._run(exchange, self._attempts(exchange, candidates))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends."""
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends.
+
+        One callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
+        ``notifyFinish`` Deferred): the plain path's Deferred layers kept to the one it needs.
+        """
         task = Deferred.fromCoroutine(work)
         exchange.task = task
-        task.addErrback(self._unexpected, exchange)
-        task.addBoth(self._exchange_done, exchange)
-        exchange.request.notifyFinish().addErrback(self._client_gone, exchange)
+        exchange.request.on_lost = exchange.client_left
+        task.addBoth(self._task_ended, exchange)
 
     # -- the end of an exchange ----------------------------------------------------------------
 
-    def _client_gone(self, reason: Failure, exchange: Exchange) -> None:
-        if exchange.relay is not None:
-            # Usually the transport already told the relay (stopProducing); make sure.
-            exchange.relay.stopProducing()
-        elif exchange.task is not None:
-            exchange.task.cancel()
+    def _task_ended(self, result: object, exchange: Exchange) -> None:
+        if isinstance(result, Failure):
+            self._unexpected(result, exchange)
+        self._exchange_done(None, exchange)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request
@@ -270,6 +285,8 @@ class ProxyExchanges:
 
     def _exchange_done(self, result: object, exchange: Exchange) -> None:
         exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
+        if exchange.request.on_lost == exchange.client_left:
+            exchange.request.on_lost = None  # (and request -> exchange)
         if exchange.request.recorded:
             # The access log and metrics have read it: break request <-> exchange too, so the
             # request's objects are freed now rather than by a garbage collection.
@@ -499,12 +516,17 @@ class ProxyExchanges:
                 return refused
             # The load had its own budget (LOAD_TIMEOUT); the slot wait gets QUEUE_TIMEOUT.
             wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
-        elif not await self._member_ready(member, wait_until):
+        elif not status.ready and not await self._member_ready(member, wait_until):
             return self._not_ready(status)
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return None  # the model list uses no inference slot: it never waits behind one
+        admission = cast(Admission, member.load)
+        slot = admission.take()
+        if slot is not None:  # a free slot: no Deferred to wait on
+            exchange.slot = slot
+            return None
         try:
-            waiting = cast(Admission, member.load).acquire(request.key_id or AUTH_DISABLED)
+            waiting = admission.acquire(request.key_id or AUTH_DISABLED)
         except QueueFullError:
             return errors.queue_full()
         if not waiting.called and timer is not None:
@@ -624,13 +646,13 @@ class ProxyExchanges:
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
-            if not await self._member_ready(member, wait_until, admitted=True):
+            # (status.ready inline: a ready backend needs no coroutine to say so)
+            if not status.ready and not await self._member_ready(member, wait_until,
+                                                                 admitted=True):
                 ticket.release()
                 return self._give_up(exchange, self._not_ready(status), last)
             if exchange.deadline is None:
-                exchange.deadline = self.clock.callLater(
-                    self.settings.request_timeout, self._deadline_passed, exchange
-                )
+                self._arm_deadline(exchange)
             if exchange.timer is not None:
                 exchange.timer.backend_sent()
             exchange.sent = True
@@ -642,7 +664,8 @@ class ProxyExchanges:
                 extra.append(STREAM_CONNECTION)
             sending = forward.send(
                 self.agent, url, status.api_key, method, request.requestHeaders, body, extra)
-            sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+            if self._first_byte_timer_needed(exchange):
+                sending.addTimeout(self.settings.first_byte_timeout, self.clock)
             try:
                 response = await sending
                 if exchange.timer is not None:
@@ -761,7 +784,8 @@ class ProxyExchanges:
         if is_stream:
             request.setHeader(b"X-Accel-Buffering", b"no")
             request.setHeader(b"Cache-Control", b"no-cache")
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage)
+        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage,
+                            watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done
@@ -780,7 +804,7 @@ class ProxyExchanges:
                 request.finish()
             return
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout,
-                            exchange.usage)
+                            exchange.usage, watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
         await relay.done
@@ -797,8 +821,39 @@ class ProxyExchanges:
 
     # -- ends of an exchange -------------------------------------------------------------------
 
-    def _deadline_passed(self, exchange: Exchange) -> None:
+    def _arm_deadline(self, exchange: Exchange) -> None:
+        """Arm the exchange's one timer: REQUEST_TIMEOUT, and the relay's idle timeout.
+
+        One timer per exchange instead of one for the deadline and one for the relay: it is
+        armed for the sooner of the two timeouts from now (the relay, once there, starts later
+        than now, so it can never be due sooner) and, when it fires before the deadline, asks
+        the relay (``StreamRelay.watch``), then waits again for whichever comes next.
+        """
+        settings = self.settings
+        exchange.deadline_at = self.clock.seconds() + settings.request_timeout
+        wait = settings.request_timeout
+        if 0 < settings.stream_idle_timeout < wait:
+            wait = settings.stream_idle_timeout
+        exchange.deadline = self.clock.callLater(wait, self._timer_fired, exchange)
+
+    def _timer_fired(self, exchange: Exchange) -> None:
         exchange.deadline = None
+        left = exchange.deadline_at - self.clock.seconds()
+        if left <= 0.001:
+            self._deadline_passed(exchange)
+            return
+        relay = exchange.relay
+        if relay is not None:
+            idle_left = relay.watch()
+            if relay.outcome is not None:
+                return  # it was idle: aborted (or it ended and the exchange ends with it)
+            if idle_left is not None and idle_left < left:
+                left = idle_left
+        elif 0 < self.settings.stream_idle_timeout < left:
+            left = self.settings.stream_idle_timeout  # (no relay yet: it starts later)
+        exchange.deadline = self.clock.callLater(left, self._timer_fired, exchange)
+
+    def _deadline_passed(self, exchange: Exchange) -> None:
         exchange.timed_out = True
         log.warn(
             "Request exceeded {timeout}s: {method} {path}",
@@ -810,6 +865,19 @@ class ProxyExchanges:
             exchange.relay.abort("timeout")
         elif exchange.task is not None:
             exchange.task.cancel()
+
+    def _first_byte_timer_needed(self, exchange: Exchange) -> bool:
+        """Whether a send needs its own FIRST_BYTE_TIMEOUT timer.
+
+        Not when the request's deadline (REQUEST_TIMEOUT, armed before the send) is due no
+        later: it fires first (a timer armed earlier for the same time runs first) and cancels
+        the send, so the first-byte timer could only be armed and cancelled. With the defaults
+        (both 300 s) that is every send: one timer and two callbacks less per request.
+        """
+        deadline = exchange.deadline
+        if deadline is None or not deadline.active():
+            return True
+        return self.clock.seconds() + self.settings.first_byte_timeout < exchange.deadline_at
 
     def _cancel_deadline(self, exchange: Exchange) -> None:
         if exchange.deadline is not None and exchange.deadline.active():

@@ -44,6 +44,7 @@ class StreamRelay(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         usage: UsageCollector | None = None,
+        watched: bool = False,
     ) -> None:
         self.request = request
         self.usage = usage
@@ -54,11 +55,14 @@ class StreamRelay(Protocol):
         self._paused = False
         self._idle_call: IDelayedCall | None = None
         self._registered = False
-        self._last_data = 0.0
+        self._last_data = clock.seconds()
         #: The fast lane while it is open (see llamaproxy.fastpath.stream_lane); whether to
         #: try one (until StreamLane.possible says this relay never can).
         self._lane: StreamLane | None = None
         self._try_lane = True
+        #: True when the exchange's one timer checks for idleness (``watch``): the relay arms
+        #: no timer of its own.
+        self._watched = watched
 
     # -- backend side (IProtocol) ----------------------------------------------------------
 
@@ -160,6 +164,8 @@ class StreamRelay(Protocol):
         if self._paused or self.outcome is not None or self.idle_timeout <= 0:
             return
         self._last_data = self.clock.seconds()
+        if self._watched:
+            return  # (the exchange's timer calls watch)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(self.idle_timeout)
         else:
@@ -170,16 +176,37 @@ class StreamRelay(Protocol):
             self._idle_call.cancel()
         self._idle_call = None
 
-    def _idle_expired(self) -> None:
+    def watch(self) -> float | None:
+        """For a watched relay, the exchange's timer: abort the relay if it has been idle for
+        the idle timeout; else the seconds until it could be (None: nothing left to watch)."""
+        if self.outcome is not None or self.idle_timeout <= 0:
+            return None
+        if self._paused:
+            return self.idle_timeout  # a paused relay is not idle (resuming restarts the wait)
+        left = self._idle_left()
+        if left is not None:
+            return left
+        self._abort_idle()
+        return None
+
+    def _idle_left(self) -> float | None:
+        """Seconds of the idle timeout left since the last data, or None when it has passed."""
         last = self._last_data
         if self._lane is not None and self._lane.last_piece_at > last:
             last = self._lane.last_piece_at
-        quiet = self.clock.seconds() - last
-        if self.idle_timeout - quiet > 0.001:
+        left = self.idle_timeout - (self.clock.seconds() - last)
+        return left if left > 0.001 else None
+
+    def _idle_expired(self) -> None:
+        left = self._idle_left()
+        if left is not None:
             # Data came since the timer was armed: wait out the rest of the timeout.
-            self._idle_call = self.clock.callLater(self.idle_timeout - quiet, self._idle_expired)
+            self._idle_call = self.clock.callLater(left, self._idle_expired)
             return
         self._idle_call = None
+        self._abort_idle()
+
+    def _abort_idle(self) -> None:
         self._close_lane()  # (its count first: the message says how much was sent)
         log.warn(
             "Backend sent nothing for {seconds}s after {bytes} bytes; aborting",

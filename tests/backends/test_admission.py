@@ -30,6 +30,19 @@ class AdmissionTests(SynchronousTestCase):
         self.successResultOf(third).release()
         self.assertEqual((admission.active, admission.waiting), (0, 0))
 
+    def test_take_is_a_free_slot_or_none(self) -> None:
+        admission = Admission(max_concurrent=1, max_queue_size=1)
+        slot = admission.take()
+        assert slot is not None
+        self.assertEqual(admission.active, 1)
+        self.assertIsNone(admission.take())  # full: nothing taken, nothing queued
+        waiting = admission.acquire("a")
+        self.assertEqual((admission.active, admission.waiting), (1, 1))
+        slot.release()
+        self.assertIsNone(admission.take())  # the slot went to the one waiting, not to take()
+        self.successResultOf(waiting).release()
+        self.assertEqual((admission.active, admission.waiting), (0, 0))
+
     def test_round_robin_across_keys(self) -> None:
         admission = Admission(max_concurrent=1)
         holder = self.successResultOf(admission.acquire("hog"))

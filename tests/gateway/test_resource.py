@@ -479,6 +479,20 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(self.gw.admission.active, 0)
         self.assertEqual(self.gw.resource.in_flight, set())
 
+    def test_the_exchange_hooks_the_request_only_while_in_flight(self) -> None:
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        request = exchange.request
+        self.assertEqual(request.on_lost, exchange.client_left)
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hi"))
+        backend.finish()
+        self.assertEqual(client.response().status, 200)
+        self.assertIsNone(request.on_lost)  # no request -> exchange reference left behind
+        self.assertEqual(self.gw.resource.in_flight, set())
+        self.assertEqual(self.gw.admission.active, 0)
+
     def test_client_disconnect_before_headers_cancels(self) -> None:
         client = self.gw.chat()
         client.disconnect()
@@ -509,6 +523,46 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(client.closed)
         self.assertTrue(backend.transport.stopped)
         self.assertFalse(client.response().complete)
+
+    def test_one_timer_watches_the_deadline_and_the_relay(self) -> None:
+        # The relay starts 3 s after the send: its idle timeout still counts from then.
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        self.gw.clock.advance(3)
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        backend.send(sse_chunk("Hel"))
+        timers = [call for call in self.gw.clock.getDelayedCalls()
+                  if getattr(call, "args", None) == (exchange,)]
+        self.assertEqual(len(timers), 1)  # one timer for the deadline and the relay's idleness
+        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
+                          if getattr(call, "func", None) == exchange.relay._idle_expired], [])
+        self.gw.clock.advance(4.9)  # 7.9 s: 4.9 s after the relay's last data
+        self.assertFalse(client.closed)
+        self.gw.clock.advance(0.2)
+        self.assertTrue(client.closed)
+        self.assertEqual(exchange.relay.outcome, "idle_timeout")
+        self.assertEqual(self.gw.resource.in_flight, set())
+        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
+                          if getattr(call, "args", None) == (exchange,)], [])
+
+    def test_a_long_stream_meets_its_deadline(self) -> None:
+        client = self.gw.chat()
+        [exchange] = self.gw.resource.in_flight
+        backend = StreamingResponse()
+        self.gw.agent.requests[0].deferred.callback(backend)
+        for _ in range(7):  # never idle for 5 s, but the request's 30 s pass
+            backend.send(sse_chunk("x"))
+            self.gw.clock.advance(4)
+        self.assertFalse(client.closed)  # 28 s
+        backend.send(sse_chunk("x"))
+        self.gw.clock.advance(1.9)
+        self.assertFalse(client.closed)
+        self.gw.clock.advance(0.1)
+        self.assertTrue(client.closed)
+        self.assertTrue(backend.transport.stopped)
+        assert exchange.relay is not None
+        self.assertEqual(exchange.relay.outcome, "timeout")
 
     def test_connection_refused_is_502(self) -> None:
         client = self.gw.chat()
@@ -586,6 +640,23 @@ class ProxyTests(SynchronousTestCase):
         gw.clock.advance(10)
         self.assertTrue(gw.agent.requests[0].cancelled)
         self.assertEqual(client.response().status, 504)
+
+    def test_first_byte_timer_only_when_it_can_fire_first(self) -> None:
+        # REQUEST_TIMEOUT is armed before the send: a first-byte timeout due no earlier could
+        # only be armed and cancelled, so the send gets no timer of its own.
+        timers = {}
+        for first_byte in (10.0, 30.0, 60.0):
+            gw = GatewayFixture(first_byte_timeout=first_byte, request_timeout=30.0)
+            client = gw.chat()
+            timers[first_byte] = len(gw.clock.getDelayedCalls())
+            due = min(first_byte, 30.0)
+            gw.clock.advance(due - 0.1)
+            self.assertFalse(gw.agent.requests[0].cancelled)
+            gw.clock.advance(0.1)
+            self.assertTrue(gw.agent.requests[0].cancelled)
+            self.assertEqual(client.response().status, 504)
+        self.assertEqual(timers[30.0], timers[10.0] - 1)
+        self.assertEqual(timers[60.0], timers[10.0] - 1)
 
     def test_timeout_before_headers_is_504(self) -> None:
         client = self.gw.chat()
