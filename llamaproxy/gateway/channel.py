@@ -21,6 +21,10 @@ which llhttp does not expose), so a pipelined request or a body behind an unfini
 waits unparsed in the channel's buffer, as it did in twisted.web, and the transport stops reading
 when that buffer passes 16 KiB. llhttp validates every byte it is given; the channel's own
 reading of sizes only decides how much to give it next.
+
+(Over 500 lines: it is one state machine, the connection, whose parts (feeding llhttp, its
+callbacks, the producer sides, the one timer) share its state; split, one class would span
+modules. The framing rules are apart, in ``gateway.framing``.)
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -41,6 +44,7 @@ from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.cors import CorsPolicy
 from llamaproxy.gateway.errors import GatewayError
+from llamaproxy.gateway.framing import TRANSFER_ENCODING, framing_header, llhttp_refusal
 from llamaproxy.gateway.limits import RequestLimits
 from llamaproxy.gateway.request import raw_response
 
@@ -48,16 +52,11 @@ log = Logger()
 
 _CONNECTION_DONE = Failure(ConnectionDone())
 
-#: Bits of GatewayChannel._framing: which body-framing header the current request had.
-_CONTENT_LENGTH = 1
-_TRANSFER_ENCODING = 2
-
-_BOTH_FRAMINGS = errors.bad_request(
-    "Content-Length and Transfer-Encoding together: a request may have only one of them"
-)
-
 #: What the channel gives llhttp next (GatewayChannel._state).
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
+
+#: What the connection's timer waits for (GatewayChannel._waiting_for).
+_NOTHING, _IDLE, _ARRIVAL = range(3)
 
 #: Why reading from the transport is paused (bits of GatewayChannel._read_paused).
 _WRITES_BLOCKED = 1  # the client does not read its responses (not while a request is handled)
@@ -77,48 +76,20 @@ _DEFAULT_LIMITS = RequestLimits()
 _NO_CORS = CorsPolicy()
 
 
-def _shown(value: bytes) -> str:
-    """A header value for an error message: quoted, at most 100 characters."""
-    return repr(value[:100].decode("latin-1"))
-
-
-def _head_error(reason: str, framing: int) -> GatewayError:
-    """The error for a head llhttp refused, in the gateway's words where it has them.
-
-    llhttp stops at some framing headers before the channel sees them (a second
-    Content-Length, a malformed one, an empty Transfer-Encoding); its reason names the header,
-    and the framing headers seen before say which rule it broke. (The reasons are llhttp's
-    messages, pinned with httptools' range and by tests/gateway/test_channel.py.)
-    """
-    if "Content-Length" in reason:
-        if framing & _TRANSFER_ENCODING:
-            return _BOTH_FRAMINGS
-        if framing & _CONTENT_LENGTH or "Duplicate" in reason:
-            return errors.bad_request("Repeated Content-Length header: a request has one")
-        return errors.bad_request("Malformed Content-Length header: it must be digits only")
-    if "Transfer-Encoding" in reason:
-        if framing & _CONTENT_LENGTH:
-            return _BOTH_FRAMINGS
-        if "Empty" in reason:
-            return errors.bad_request("Empty Transfer-Encoding header")
-        return errors.bad_request(f"Malformed Transfer-Encoding header: {reason}")
-    return errors.bad_request(f"Malformed request: {reason}")
-
-
 class _Refused(Exception):  # noqa: N818 - a signal, not an error
     """Raised from an llhttp callback to stop parsing once the request was refused."""
 
 
-class GatewayChannel(Protocol, TimeoutMixin):
+class GatewayChannel(Protocol):
     """One client connection: requests parsed by llhttp, one at a time, answered by the
     site's Request class; the gateway's limits, timeouts and JSON errors."""
 
     # Per open connection: slots keep its dict small.
     __slots__ = (
-        "_abort_call", "_arrival_timer", "_buffer", "_chunk_left", "_declared", "_framing",
+        "_abort_call", "_buffer", "_chunk_left", "_deadline", "_declared", "_framing",
         "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
         "_host", "_in_parse", "_line_length", "_parser", "_producer", "_read_paused", "_request",
-        "_saved_timeout", "_state", "_stopped", "_url", "_writes_blocked", "callLater", "cork",
+        "_state", "_stopped", "_url", "_waiting_for", "_writes_blocked", "callLater", "cork",
         "cors", "factory", "limits", "persistent", "requestFactory", "sender", "site",
     )
 
@@ -152,9 +123,12 @@ class GatewayChannel(Protocol, TimeoutMixin):
         self._writes_blocked = False
         self._stopped = False
         self._in_parse = False
-        self._arrival_timer: IDelayedCall | None = None
+        #: The connection's one timer, for what it waits for (``_waiting_for``): the next
+        #: request (idle, ``timeOut``) or the rest of one (``client_timeout``). Moved, not
+        #: made anew, per request.
+        self._deadline: IDelayedCall | None = None
+        self._waiting_for = _NOTHING
         self._abort_call: IDelayedCall | None = None
-        self._saved_timeout: float | None = None
         self._host: Any = None
         self._reset_message()
 
@@ -191,12 +165,15 @@ class GatewayChannel(Protocol, TimeoutMixin):
         # with its reasons and statuses: without them llhttp refuses first, with its own.
         self._parser.set_dangerous_leniencies(
             lenient_transfer_encoding=True, lenient_chunked_length=True)
-        self.setTimeout(self.timeOut)
+        if self.timeOut:
+            self._expect(_IDLE, self.timeOut)
         transport.registerProducer(self, True)
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
-        self.setTimeout(None)
-        self._cancel_arrival_timer()
+        self._waiting_for = _NOTHING
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
@@ -288,9 +265,8 @@ class GatewayChannel(Protocol, TimeoutMixin):
             self.loseConnection()
             return
         self._resume_reading(_PIPELINED)
-        if self._saved_timeout is not None:
-            self.setTimeout(self._saved_timeout)
-            self._saved_timeout = None
+        if self.timeOut:
+            self._expect(_IDLE, self.timeOut)
         if self._buffer and not self._stopped:
             self._parse()
 
@@ -354,7 +330,8 @@ class GatewayChannel(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
             return
-        self.resetTimeout()
+        if self._waiting_for == _IDLE and self.limits.client_timeout <= 0 and self.timeOut:
+            self._expect(_IDLE, self.timeOut)  # (no arrival timeout: any byte is activity)
         if self._buffer:
             self._buffer += data
         else:
@@ -366,19 +343,23 @@ class GatewayChannel(Protocol, TimeoutMixin):
             return
         self._parse()
 
-    def _start_arrival_timer(self) -> None:
-        timeout = self.limits.client_timeout
-        if timeout > 0 and self.callLater is not None:
-            self._arrival_timer = self.callLater(timeout, self._too_slow)
+    def _expect(self, what: int, seconds: float) -> None:
+        """Wait ``seconds`` for ``what`` (_IDLE: a next request; _ARRIVAL: the rest of this
+        one), on the connection's one timer."""
+        self._waiting_for = what
+        call = self._deadline
+        if call is not None and call.active():
+            call.reset(seconds)
+        elif self.callLater is not None:
+            self._deadline = self.callLater(seconds, self._deadline_passed)
 
-    def _cancel_arrival_timer(self) -> None:
-        if self._arrival_timer is not None and self._arrival_timer.active():
-            self._arrival_timer.cancel()
-        self._arrival_timer = None
-
-    def _too_slow(self) -> None:
-        self._arrival_timer = None
-        self._reject(errors.request_timeout(self.limits.client_timeout))
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        waited, self._waiting_for = self._waiting_for, _NOTHING
+        if waited == _ARRIVAL:
+            self._reject(errors.request_timeout(self.limits.client_timeout))
+        elif waited == _IDLE:
+            self.timeoutConnection()
 
     def _parse(self) -> None:
         """Give llhttp what it may have next, one message at a time."""
@@ -442,14 +423,15 @@ class GatewayChannel(Protocol, TimeoutMixin):
                 self._reject(errors.internal_error())
                 return
             reason = str(e)
-            self._reject(_head_error(reason, self._framing) if not what
+            self._reject(llhttp_refusal(reason, self._framing) if not what
                          else errors.bad_request(what + reason))
 
     def _feed_head(self, buffer: bytes, view: Any, at: int, end: int) -> int:
         """Feed a request head up to its empty line (all of it when it is in); the new
         offset, or -1 if refused."""
-        if self._arrival_timer is None:  # a request's first byte: its time to arrive starts
-            self._start_arrival_timer()
+        if self._waiting_for != _ARRIVAL and self.limits.client_timeout > 0:
+            # A request's first byte: its time to arrive starts.
+            self._expect(_ARRIVAL, self.limits.client_timeout)
         tail = self._head_tail
         found = -1
         if tail:  # the empty line may straddle two reads
@@ -586,44 +568,10 @@ class GatewayChannel(Protocol, TimeoutMixin):
         self._headers.addRawHeader(name, value)
 
     def _note_framing(self, name: bytes, value: bytes) -> None:
-        """Accept exactly one body framing: one Content-Length, or one ``chunked`` coding.
-
-        Anything else could be read differently by a proxy in front or behind (request
-        smuggling), so it is refused once the head is in and the connection closed: both
-        headers together whatever the coding (400), a repeated or malformed Content-Length, a
-        repeated Transfer-Encoding header, a list of codings (400), or a single coding other
-        than chunked (501, RFC 9112 6.1).
-        """
-        seen = self._framing
-        if name == b"content-length":
-            self._framing |= _CONTENT_LENGTH
-            if seen & _TRANSFER_ENCODING:
-                self._framing_error = _BOTH_FRAMINGS
-            elif not value.isdigit():
-                self._note(errors.bad_request(
-                    f"Malformed Content-Length header {_shown(value)}: it must be digits only"))
-            elif seen & _CONTENT_LENGTH:
-                self._note(errors.bad_request("Repeated Content-Length header: a request has one"))
-            return
-        self._framing |= _TRANSFER_ENCODING
-        coding = value.lower()
-        if seen & _CONTENT_LENGTH:
-            self._framing_error = _BOTH_FRAMINGS
-        elif seen & _TRANSFER_ENCODING:
-            self._note(errors.bad_request(
-                "Repeated Transfer-Encoding header: only a single 'chunked' is accepted"))
-        elif not coding.strip(b" \t,"):
-            self._note(errors.bad_request("Empty Transfer-Encoding header"))
-        elif b"," in coding:
-            self._note(errors.bad_request(
-                f"Transfer-Encoding {_shown(value)} lists several codings: only a single "
-                "'chunked' is accepted"))
-        elif coding != b"chunked":
-            self._note(errors.unsupported_transfer_encoding(value.decode("latin-1")))
-
-    def _note(self, error: GatewayError) -> None:
-        """Remember the first framing problem of the request being parsed."""
-        if self._framing_error is None:
+        """Remember the first framing problem of the request being parsed (both framings
+        together is always the one said)."""
+        self._framing, error, decisive = framing_header(self._framing, name, value)
+        if error is not None and (decisive or self._framing_error is None):
             self._framing_error = error
 
     def on_headers_complete(self) -> None:
@@ -639,7 +587,7 @@ class GatewayChannel(Protocol, TimeoutMixin):
             raise _Refused()
         headers = self._headers
         assert headers is not None
-        chunked = bool(self._framing & _TRANSFER_ENCODING)
+        chunked = bool(self._framing & TRANSFER_ENCODING)
         length: int | None = None
         if not chunked:
             length = int(headers.getRawHeaders(b"content-length", (b"0",))[0])
@@ -691,20 +639,18 @@ class GatewayChannel(Protocol, TimeoutMixin):
         request = self._request
         if request is None or self._stopped:
             return
-        self._cancel_arrival_timer()
+        self._waiting_for = _NOTHING  # (the timer fires for nothing, or is moved first)
         self._state = _HEAD
         method, url = self.request_target()
         version = _HTTP_VERSIONS[self._parser.get_http_version()]
         self._reset_message()
-        if self.timeOut:
-            self._saved_timeout = self.setTimeout(None)
         request.requestReceived(method, url, version)
 
     # -- answering without a request -------------------------------------------------------
 
     def _reject(self, error: GatewayError) -> None:
         """Write ``error`` as the whole response, stop reading, and close once it is sent."""
-        self._cancel_arrival_timer()
+        self._waiting_for = _NOTHING
         transport: Any = self.transport
         if self._stopped or transport is None or getattr(transport, "disconnecting", False):
             self._stopped = True

@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from llamaproxy.gateway.channel import _PIPELINE_BUFFER, _head_error
+from llamaproxy.gateway.channel import _PIPELINE_BUFFER
+from llamaproxy.gateway.framing import llhttp_refusal
 from llamaproxy.gateway.limits import RequestLimits
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.site import GatewaySite
@@ -194,7 +195,7 @@ class ChannelTests(SynchronousTestCase):
             self.assertEqual(response.status, 400, headers)
             self.assertIn(message, response.json()["error"]["message"], headers)
             self.assertTrue(client.closed)
-        self.assertIn("Malformed request", _head_error("Invalid header token", 0).message)
+        self.assertIn("Malformed request", llhttp_refusal("Invalid header token", 0).message)
 
     def test_a_closed_connection_leaves_no_reference_cycle(self) -> None:
         gc.collect()
