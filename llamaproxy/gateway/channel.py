@@ -160,11 +160,6 @@ class GatewayChannel(Protocol):
             # to write to.
             if sender is not None and sender.connection is transport:
                 self.sender = sender
-        self._parser = httptools.HttpRequestParser(self)
-        # The gateway's own framing rules (on_header) refuse everything these let through,
-        # with its reasons and statuses: without them llhttp refuses first, with its own.
-        self._parser.set_dangerous_leniencies(
-            lenient_transfer_encoding=True, lenient_chunked_length=True)
         if self.timeOut:
             self._expect(_IDLE, self.timeOut)
         transport.registerProducer(self, True)
@@ -406,10 +401,24 @@ class GatewayChannel(Protocol):
             ):
                 self._pause_reading(_PIPELINED)
 
+    def _new_parser(self) -> Any:
+        """A parser for the next request (one per request, not per connection: a connection
+        that waits, idle or queued, holds none)."""
+        parser = httptools.HttpRequestParser(self)
+        # The gateway's own framing rules (on_header) refuse everything these let through,
+        # with its reasons and statuses: without them llhttp refuses first, with its own.
+        parser.set_dangerous_leniencies(
+            lenient_transfer_encoding=True, lenient_chunked_length=True)
+        self._parser = parser
+        return parser
+
     def _feed(self, piece: Any, what: str) -> None:
         """Give llhttp ``piece``; a refusal in its words (prefixed by ``what``) if it fails."""
+        parser = self._parser
+        if parser is None:
+            parser = self._new_parser()
         try:
-            self._parser.feed_data(piece)
+            parser.feed_data(piece)
         except HttpParserUpgrade:
             # "Connection: upgrade" (or CONNECT): llhttp stops after the message, which the
             # gateway answered as any other; the connection goes on with HTTP/1.1.
@@ -644,6 +653,9 @@ class GatewayChannel(Protocol):
         method, url = self.request_target()
         version = _HTTP_VERSIONS[self._parser.get_http_version()]
         self._reset_message()
+        # Dropped between requests: ~1 KiB (the parser, its C state, a bound method per
+        # callback) per waiting connection, 10 000 queued requests' worth of 10 MB.
+        self._parser = None
         request.requestReceived(method, url, version)
 
     # -- answering without a request -------------------------------------------------------
