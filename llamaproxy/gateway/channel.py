@@ -332,11 +332,15 @@ class GatewayChannel(Protocol):
         else:
             self._buffer = data
         if self._request is not None and self._state == _HEAD:
-            # A request is being handled: what follows waits (twisted.web's behaviour).
-            if len(self._buffer) > _PIPELINE_BUFFER:
-                self._pause_reading(_PIPELINED)
+            self._bound_pipelined()  # a request is being handled: what follows waits
             return
         self._parse()
+
+    def _bound_pipelined(self) -> None:
+        """Stop reading once over 16 KiB wait behind the request being handled (as
+        twisted.web's channel does: a client leaving must still be noticed before that)."""
+        if len(self._buffer) > _PIPELINE_BUFFER:
+            self._pause_reading(_PIPELINED)
 
     def _expect(self, what: int, seconds: float) -> None:
         """Wait ``seconds`` for ``what`` (_IDLE: a next request; _ARRIVAL: the rest of this
@@ -396,10 +400,8 @@ class GatewayChannel(Protocol):
             self._buffer = b""
         else:
             self._buffer = buffer[at:] if at else buffer
-            if self._buffer and self._request is not None and self._state == _HEAD and (
-                len(self._buffer) > _PIPELINE_BUFFER
-            ):
-                self._pause_reading(_PIPELINED)
+            if self._request is not None and self._state == _HEAD:
+                self._bound_pipelined()
 
     def _new_parser(self) -> Any:
         """A parser for the next request (one per request, not per connection: a connection
@@ -460,13 +462,6 @@ class GatewayChannel(Protocol):
             return end
         self._head_tail = b""
         self._feed(view[at:found], "")
-        if self._state == _HEAD and not self._stopped and self._request is None and (
-            self._headers is not None
-        ):
-            # The empty line was fed but llhttp's head goes on (it cannot: it would have
-            # completed or failed); refuse rather than guess.
-            self._reject(errors.bad_request("Malformed request head"))
-            return -1
         return found
 
     def _head_within_limits(self, buffer: bytes, at: int, end: int) -> bool:
@@ -605,8 +600,6 @@ class GatewayChannel(Protocol):
             # next request.
             self._reject(errors.bad_request(
                 "An Upgrade or CONNECT request with a body is not supported"))
-            raise _Refused()
-        if self._stopped:
             raise _Refused()
         request = self.requestFactory(self)
         request.requestHeaders = headers

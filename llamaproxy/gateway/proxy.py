@@ -199,7 +199,7 @@ class ParkedExchange(Waiter):
         """The client disconnected while waiting: leave the queue, end the exchange."""
         self.admission.cancel(self)
         exchanges, exchange = self._leave()
-        exchanges._exchange_done(None, exchange)
+        exchanges._exchange_done(exchange)
 
     def abort(self) -> None:
         """The drain timed out: answer 503 "stopping" and leave the queue."""
@@ -207,7 +207,7 @@ class ParkedExchange(Waiter):
         exchanges, exchange = self._leave()
         exchange.aborted = True
         exchange.request.send_error(errors.backend_unavailable("stopping", 5))
-        exchanges._exchange_done(None, exchange)
+        exchanges._exchange_done(exchange)
 
 
 class ProxyExchanges:
@@ -247,7 +247,7 @@ class ProxyExchanges:
             exchange.timer = self.metrics.request_started(route_label(request.path), key_id)
         candidates = self._route(exchange)
         if candidates is None:  # answered already (the model list, or a model error)
-            self._exchange_done(None, exchange)
+            self._exchange_done(exchange)
             return
         self.in_flight.add(exchange)
         if not self._park(exchange, candidates):
@@ -269,7 +269,7 @@ class ProxyExchanges:
     def _task_ended(self, result: object, exchange: Exchange) -> None:
         if isinstance(result, Failure):
             self._unexpected(result, exchange)
-        self._exchange_done(None, exchange)
+        self._exchange_done(exchange)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
         request = exchange.request
@@ -283,7 +283,7 @@ class ProxyExchanges:
         request.send_error(errors.internal_error())
         return None
 
-    def _exchange_done(self, result: object, exchange: Exchange) -> None:
+    def _exchange_done(self, exchange: Exchange) -> None:
         exchange.task = None  # break the exchange <-> coroutine cycle (less work for the GC)
         if exchange.request.on_lost == exchange.client_left:
             exchange.request.on_lost = None  # (and request -> exchange)

@@ -91,7 +91,7 @@ class GatewayRequest(server.Request):
     on_lost: Callable[[], None] | None
     #: True once the client's connection was lost (twisted.web keeps that private).
     lost: bool
-    #: When the request line arrived (clock seconds).
+    #: When its head was in (clock seconds).
     started_at: float
     #: Where the early check routed it (a ``resource.Route``), so ``render`` need not again.
     route: Any

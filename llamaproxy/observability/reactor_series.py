@@ -16,6 +16,7 @@ Never update them from another thread (the pool, a scraper's thread): nothing pr
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
@@ -87,8 +88,9 @@ class _Family(Collector):
             series = self._series[labelvalues] = self._new_series()
         return series
 
+    @abstractmethod
     def _new_series(self) -> CounterSeries | HistogramSeries:
-        raise NotImplementedError
+        """A new series at zero, of the family's kind."""
 
     def _metric_name(self) -> str:
         return self.name
@@ -106,7 +108,7 @@ class _Family(Collector):
 
     def _add_samples(self, metric: Metric, labels: dict[str, str],
                      series: CounterSeries | HistogramSeries, created: bool) -> None:
-        raise NotImplementedError
+        """Add one series' samples (prometheus-client's names and labels) to ``metric``."""
 
 
 class ReactorCounter(_Family):
