@@ -348,7 +348,14 @@ class GatewayChannel(Protocol):
         self._waiting_for = what
         call = self._deadline
         if call is not None and call.active():
-            call.reset(seconds)
+            if call.getTime() <= call.seconds() + seconds:
+                call.reset(seconds)  # later: the reactor re-files it only once it comes due
+                return
+            # Sooner (the arrival timeout after a longer idle one): a reset would make the
+            # reactor search its whole timer heap for the call (linear, per request); a new
+            # call costs a push.
+            call.cancel()
+            self._deadline = self.callLater(seconds, self._deadline_passed)
         elif self.callLater is not None:
             self._deadline = self.callLater(seconds, self._deadline_passed)
 

@@ -171,6 +171,39 @@ class ChannelTests(SynchronousTestCase):
         self.clock.advance(2)
         self.assertTrue(client.closed)
 
+    def test_the_arrival_timeout_never_moves_a_timer_sooner(self) -> None:
+        # Moving a reactor timer sooner (DelayedCall.reset to an earlier time) makes the reactor
+        # search its whole heap of timers for it: per request, with thousands of connections.
+        sooner: list[float] = []
+        real_call_later = self.clock.callLater
+
+        def call_later(delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+            call = real_call_later(delay, f, *args, **kw)
+            real_reset = call.reset
+
+            def reset(seconds: float) -> None:
+                if self.clock.seconds() + seconds < call.getTime():
+                    sooner.append(seconds)
+                real_reset(seconds)
+
+            call.reset = reset  # type: ignore[method-assign]
+            return call
+
+        self.clock.callLater = call_later  # type: ignore[method-assign]
+        self.site.timeOut = 60
+        client = self.client()
+        client.send(b"GET /a HTTP/1.1\r\n\r\n")
+        self.clock.advance(1)
+        client.send(b"GET /b HTTP/1.1\r\n")  # idle (60 s) -> arrival (30 s): sooner
+        self.assertEqual(sooner, [])
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [31.0])
+        self.clock.advance(29.9)
+        self.assertFalse(client.closed)
+        self.clock.advance(0.2)
+        second = client.written[client.written.index(b"HTTP/1.1", 1):]
+        self.assertEqual(parse_response(second).status, 408)
+        self.assertTrue(client.closed)
+
     def test_a_declared_chunk_over_the_limit_is_refused_at_its_size_line(self) -> None:
         client = self.client()
         client.send(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n")
