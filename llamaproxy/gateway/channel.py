@@ -90,7 +90,7 @@ class GatewayChannel(Protocol):
         "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
         "_host", "_in_parse", "_line_length", "_parser", "_producer", "_read_paused", "_request",
         "_state", "_stopped", "_url", "_waiting_for", "_writes_blocked", "callLater", "cork",
-        "cors", "factory", "limits", "persistent", "requestFactory", "sender", "site",
+        "cors", "factory", "limits", "persistent", "requestFactory", "seconds", "sender", "site",
     )
 
     #: Idle time allowed between requests (seconds; the site's ``timeOut`` replaces it).
@@ -106,6 +106,8 @@ class GatewayChannel(Protocol):
         self.requestFactory: Any = None
         self.factory: Any = None
         self.callLater: Any = None
+        #: The reactor's clock (the site sets both).
+        self.seconds: Any = None
         #: The connection's eager sender (None when it is not plain TCP, e.g. TLS, or the
         #: eager-write fast path is off).
         self.sender: EagerSender | None = None
@@ -348,7 +350,7 @@ class GatewayChannel(Protocol):
         self._waiting_for = what
         call = self._deadline
         if call is not None and call.active():
-            if call.getTime() <= call.seconds() + seconds:
+            if self.seconds is None or call.getTime() <= self.seconds() + seconds:
                 call.reset(seconds)  # later: the reactor re-files it only once it comes due
                 return
             # Sooner (the arrival timeout after a longer idle one): a reset would make the
