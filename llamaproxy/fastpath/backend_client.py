@@ -461,7 +461,7 @@ class _Connection:
         "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive", "_meta",
         "_method", "_parser", "_phase", "_phrase", "_pieces", "_progress", "_protocol",
         "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting", "_writer",
-        "idle_call", "key", "response", "sender", "transport",
+        "idle_since", "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
@@ -497,7 +497,8 @@ class _Connection:
         self._trailer_size = 0
         self._consumer_paused = False
         self._unclaimed_call: IDelayedCall | None = None
-        self.idle_call: IDelayedCall | None = None
+        #: When it went back to the pool (the reactor's clock); None while not in the pool.
+        self.idle_since: float | None = None
         self._close_waiters: list[Deferred[None]] | None = None
 
     # -- IProtocol ---------------------------------------------------------------------------
@@ -577,7 +578,7 @@ class _Connection:
             if isinstance(wrapping, _WrappingFactory):
                 wrapping._connector = None
                 wrapping._onConnection = None  # type: ignore[assignment]
-        if self.idle_call is not None:
+        if self.idle_since is not None:
             self._client.forget(self)
         if self._unclaimed_call is not None:
             if self._unclaimed_call.active():
@@ -1073,12 +1074,6 @@ class _Connection:
             return True
         return True  # end of stream, or stray bytes on an idle connection
 
-    def idle_expired(self) -> None:
-        """The idle timer fired: close this pooled connection."""
-        self.idle_call = None
-        self._client.forget(self)
-        self.close()
-
     def close(self) -> Deferred[None]:
         """Close this idle connection; the Deferred fires once it is closed."""
         closed: Deferred[None] = Deferred()
@@ -1167,6 +1162,8 @@ class BackendClient:
         self._targets: dict[bytes, _Target] = {}
         self._factories: dict[tuple[bytes, bytes, int], _ConnectionFactory] = {}
         self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
+        #: The pool's one idle timer, due when its longest-idle connection is.
+        self._sweep: IDelayedCall | None = None
 
     def request(
         self,
@@ -1235,10 +1232,7 @@ class BackendClient:
         idle = self._idle.get(target.key)
         while idle:
             connection = idle.pop()
-            call = connection.idle_call
-            connection.idle_call = None
-            if call is not None and call.active():
-                call.cancel()
+            connection.idle_since = None
             if connection.peer_closed():
                 # The backend closed it (its keep-alive ran out) and the reactor has not seen
                 # that yet: a request written there would be lost, and then nobody could know
@@ -1289,7 +1283,12 @@ class BackendClient:
     # -- the pool ----------------------------------------------------------------------------
 
     def put(self, connection: _Connection) -> None:
-        """Keep an idle connection for reuse (closing the oldest beyond the limit)."""
+        """Keep an idle connection for reuse (closing the oldest beyond the limit).
+
+        Each list is oldest first (a connection is reused from the end, the most recently
+        used). Idle connections share one timer, not one each: a timer armed and cancelled per
+        request costs a heap push and a cancellation per request under load.
+        """
         idle = self._idle.get(connection.key)
         if idle is None:
             idle = self._idle[connection.key] = []
@@ -1298,23 +1297,43 @@ class BackendClient:
                 connection.close()
                 return
             oldest = idle.pop(0)
-            call = oldest.idle_call
-            oldest.idle_call = None
-            if call is not None and call.active():
-                call.cancel()
+            oldest.idle_since = None
             oldest.close()
+        connection.idle_since = self.reactor.seconds()
         idle.append(connection)
-        connection.idle_call = self.reactor.callLater(self.idle_timeout, connection.idle_expired)
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(self.idle_timeout, self._expire_idle)
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for ``idle_timeout``; wait for the next one to be."""
+        self._sweep = None
+        now = self.reactor.seconds()
+        timeout = self.idle_timeout
+        next_due: float | None = None
+        for idle in self._idle.values():
+            while idle:
+                since = idle[0].idle_since
+                if since is not None and since + timeout > now:
+                    if next_due is None or since + timeout < next_due:
+                        next_due = since + timeout
+                    break
+                expired = idle.pop(0)
+                expired.idle_since = None
+                expired.close()
+        if next_due is not None:
+            self._sweep = self.reactor.callLater(next_due - now, self._expire_idle)
 
     def forget(self, connection: _Connection) -> None:
-        """Take a connection out of the pool (it closed, timed out or misbehaved)."""
-        call = connection.idle_call
-        connection.idle_call = None
-        if call is not None and call.active():
-            call.cancel()
+        """Take a connection out of the pool (it closed or misbehaved)."""
+        connection.idle_since = None
         idle = self._idle.get(connection.key)
         if idle is not None and connection in idle:
             idle.remove(connection)
+        sweep = self._sweep
+        if sweep is not None and not any(self._idle.values()):
+            self._sweep = None  # (rare: no timer left behind by a pool that emptied this way)
+            if sweep.active():
+                sweep.cancel()
 
     def idle_connections(self) -> int:
         """How many connections are in the pool."""
@@ -1323,12 +1342,13 @@ class BackendClient:
     def closeCachedConnections(self) -> Deferred[None]:
         """Close every idle connection; the Deferred fires once they are all closed."""
         closing = []
+        if self._sweep is not None:
+            if self._sweep.active():
+                self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for connection in idle:
-                call = connection.idle_call
-                connection.idle_call = None
-                if call is not None and call.active():
-                    call.cancel()
+                connection.idle_since = None
                 closing.append(connection.close())
         self._idle = {}
         return gatherResults(closing).addCallback(lambda _: None)

@@ -850,6 +850,40 @@ class PoolTests(Base):
         self.send()
         self.assertEqual(self.connections(), 2)
 
+    def test_idle_connections_share_one_timer(self) -> None:
+        # One timer for the pool, due when its longest-idle connection is: none armed and
+        # cancelled per request.
+        sent = [self.send() for _ in range(3)]
+        for d, protocol, _ in sent:
+            self.clock.advance(1)
+            self.finish(protocol)
+            self.read(self.successResultOf(d))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        closed = [[transport.disconnecting for _, _, transport in sent]]
+        for _ in range(4):  # idle since 1, 2 and 3 s; now 4.05, 5.1, 6.15, 7.2 s
+            self.clock.advance(1.05)  # each is closed 4 s after it went idle, not before
+            closed.append([transport.disconnecting for _, _, transport in sent])
+        self.assertEqual(closed, [[False, False, False], [False, False, False],
+                                  [True, False, False],
+                                  [True, True, False], [True, True, True]])
+        self.assertEqual(self.client.idle_connections(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_reused_connection_idles_anew(self) -> None:
+        d, protocol, transport = self.send()
+        self.finish(protocol)
+        self.read(self.successResultOf(d))
+        self.clock.advance(3)
+        d, protocol2, _ = self.send()
+        self.assertIs(protocol2, protocol)
+        self.finish(protocol)
+        self.read(self.successResultOf(d))
+        self.clock.advance(3.9)  # the pool's timer came at 4 s: this one had idled 1 s
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 1)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
     def test_reuse_cancels_the_idle_timer(self) -> None:
         d, protocol, transport = self.send()
         self.finish(protocol)
