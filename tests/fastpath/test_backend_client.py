@@ -1295,3 +1295,50 @@ class ResendOnRealSocketsTests(TestCase):
 
     def test_pooled_connection_closed_by_the_backend_is_not_written_to(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._closed_while_idle())
+
+    async def _stray_bytes_while_idle(self) -> None:
+        import socket
+        import threading
+        import time
+
+        server = socket.create_server(("127.0.0.1", 0))
+        server.settimeout(10)
+        self.addCleanup(server.close)
+        seen: list[int] = []
+        stray_sent = threading.Event()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+        kept: list[socket.socket] = []
+
+        def serve() -> None:
+            for number in range(2):
+                conn, _ = server.accept()
+                kept.append(conn)
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                seen.append(number)
+                conn.sendall(answer)
+                if number == 0:  # then bytes nobody asked for, the connection left open
+                    time.sleep(0.05)
+                    conn.sendall(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+                    stray_sent.set()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: [conn.close() for conn in kept])
+        url = b"http://127.0.0.1:%d/" % server.getsockname()[1]
+        response = await self.client.request(b"GET", url)
+        self.assertEqual(await readBody(response), b"ok")
+        self.assertEqual(self.client.idle_connections(), 1)
+        # Block the reactor until the stray bytes are in the pooled socket, unseen by it.
+        self.assertTrue(stray_sent.wait(10))
+        time.sleep(0.05)
+        response = await self.client.request(b"GET", url)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await readBody(response), b"ok")
+        thread.join(10)
+        self.assertEqual(seen, [0, 1])  # a new connection: the stray bytes were not the answer
+
+    def test_pooled_connection_with_stray_bytes_is_not_written_to(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stray_bytes_while_idle())
