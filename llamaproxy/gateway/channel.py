@@ -55,8 +55,10 @@ _CONNECTION_DONE = Failure(ConnectionDone())
 #: What the channel gives llhttp next (GatewayChannel._state).
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER = range(5)
 
-#: What the connection's timer waits for (GatewayChannel._waiting_for).
-_NOTHING, _IDLE, _ARRIVAL = range(3)
+#: What the connection's timer waits for (GatewayChannel._waiting_for); _STARTED: a request's
+#: first byte came in the read being parsed, and its arrival timer is armed only if the request
+#: is still incomplete once that read is parsed (most come whole in one read, and need none).
+_NOTHING, _IDLE, _ARRIVAL, _STARTED = range(4)
 
 #: Why reading from the transport is paused (bits of GatewayChannel._read_paused).
 _WRITES_BLOCKED = 1  # the client does not read its responses (not while a request is handled)
@@ -90,7 +92,7 @@ class GatewayChannel(Protocol):
         "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
         "_host", "_in_parse", "_line_length", "_parser", "_producer", "_read_paused", "_request",
         "_state", "_stopped", "_url", "_waiting_for", "_writes_blocked", "callLater", "cork",
-        "cors", "factory", "limits", "persistent", "requestFactory", "seconds", "sender", "site",
+        "cors", "factory", "limits", "persistent", "requestFactory", "sender", "site",
     )
 
     #: Idle time allowed between requests (seconds; the site's ``timeOut`` replaces it).
@@ -106,8 +108,6 @@ class GatewayChannel(Protocol):
         self.requestFactory: Any = None
         self.factory: Any = None
         self.callLater: Any = None
-        #: The reactor's clock (the site sets both).
-        self.seconds: Any = None
         #: The connection's eager sender (None when it is not plain TCP, e.g. TLS, or the
         #: eager-write fast path is off).
         self.sender: EagerSender | None = None
@@ -350,12 +350,12 @@ class GatewayChannel(Protocol):
         self._waiting_for = what
         call = self._deadline
         if call is not None and call.active():
-            if self.seconds is None or call.getTime() <= self.seconds() + seconds:
+            if what != _ARRIVAL:
                 call.reset(seconds)  # later: the reactor re-files it only once it comes due
                 return
-            # Sooner (the arrival timeout after a longer idle one): a reset would make the
-            # reactor search its whole timer heap for the call (linear, per request); a new
-            # call costs a push.
+            # The arrival timeout is sooner than the idle one (seconds against hours): a reset
+            # sooner makes the reactor search its whole timer heap for the call; a new call
+            # costs a push.
             call.cancel()
             self._deadline = self.callLater(seconds, self._deadline_passed)
         elif self.callLater is not None:
@@ -364,7 +364,7 @@ class GatewayChannel(Protocol):
     def _deadline_passed(self) -> None:
         self._deadline = None
         waited, self._waiting_for = self._waiting_for, _NOTHING
-        if waited == _ARRIVAL:
+        if waited in (_ARRIVAL, _STARTED):
             self._reject(errors.request_timeout(self.limits.client_timeout))
         elif waited == _IDLE:
             self.timeoutConnection()
@@ -411,6 +411,8 @@ class GatewayChannel(Protocol):
             self._buffer = buffer[at:] if at else buffer
             if self._request is not None and self._state == _HEAD:
                 self._bound_pipelined()
+            if self._waiting_for == _STARTED:  # a request not all in yet: its time runs
+                self._expect(_ARRIVAL, self.limits.client_timeout)
 
     def _new_parser(self) -> Any:
         """A parser for the next request (one per request, not per connection: a connection
@@ -449,9 +451,10 @@ class GatewayChannel(Protocol):
     def _feed_head(self, buffer: bytes, view: Any, at: int, end: int) -> int:
         """Feed a request head up to its empty line (all of it when it is in); the new
         offset, or -1 if refused."""
-        if self._waiting_for != _ARRIVAL and self.limits.client_timeout > 0:
-            # A request's first byte: its time to arrive starts.
-            self._expect(_ARRIVAL, self.limits.client_timeout)
+        if self._waiting_for < _ARRIVAL and self.limits.client_timeout > 0:
+            # A request's first byte: its time to arrive starts (the timer, if the read being
+            # parsed does not bring all of it: see the end of _parse).
+            self._waiting_for = _STARTED
         tail = self._head_tail
         found = -1
         if tail:  # the empty line may straddle two reads

@@ -74,7 +74,6 @@ class GatewaySite(server.Site):
         channel.limits = self.limits
         channel.cors = self.cors
         channel.cork = self.cork
-        channel.seconds = self.reactor.seconds
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -204,6 +204,32 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(parse_response(second).status, 408)
         self.assertTrue(client.closed)
 
+    def test_requests_that_come_whole_arm_no_arrival_timer(self) -> None:
+        # The connection's one timer is made once; a request that comes in one read needs no
+        # arrival timer (it is complete before the read is done), so the timer only ever moves
+        # later (idle after each response): no call made or cancelled per request.
+        made: list[float] = []
+        real_call_later = self.clock.callLater
+
+        def call_later(delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+            made.append(delay)
+            return real_call_later(delay, f, *args, **kw)
+
+        self.clock.callLater = call_later  # type: ignore[method-assign]
+        self.site.timeOut = 60
+        client = self.client()
+        for path in (b"/a", b"/b", b"/c"):
+            self.clock.advance(1)
+            client.send(b"POST " + path + b" HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertEqual(responses(client.written), [b"POST /a hi", b"POST /b hi", b"POST /c hi"])
+        self.assertEqual(made, [60])
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [63.0])
+        client.send(b"POST /d HTTP/1.1\r\nContent-Length: 2\r\n\r\n")  # the body to come
+        self.assertEqual(made, [60, 30])
+        self.clock.advance(30)
+        self.assertEqual(parse_response(client.written[client.written.rindex(b"HTTP/1.1 "):])
+                         .status, 408)
+
     def test_a_declared_chunk_over_the_limit_is_refused_at_its_size_line(self) -> None:
         client = self.client()
         client.send(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n")
