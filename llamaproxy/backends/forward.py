@@ -206,6 +206,14 @@ class StockAgent:
     ) -> Deferred[IResponse]:
         parsed = URI.fromBytes(uri)
         upstream = (parsed.scheme, parsed.host, parsed.port)
+        if headers is not None and _says_close(headers):
+            # The caller will not reuse this connection (a stream: llama-server closes after
+            # it). Twisted's pool would still take it back, unless the response says close,
+            # and the next request written there before the close is seen is lost (RFC 9112
+            # 9.6: no request after one that says close). Twisted's unpooled Agent says it.
+            kept = headers.copy()
+            kept.removeHeader(b"Connection")
+            return self._unpooled.request(method, uri, kept, bodyProducer)
         if upstream in self.closing:
             return self._unpooled.request(method, uri, headers, bodyProducer)
         sending = self._pooled.request(method, uri, headers, bodyProducer)
@@ -220,6 +228,14 @@ class StockAgent:
             return response
         self.closing.add(upstream)
         return cast(IResponse, _ClosingResponse(response, self.pool))
+
+
+def _says_close(headers: Headers) -> bool:
+    """True when ``headers`` have a ``Connection: close``."""
+    values = headers.getRawHeaders(b"Connection")
+    if values is None:
+        return False
+    return b"close" in b",".join(values).lower().replace(b" ", b"").split(b",")
 
 
 @implementer(IResponse)
