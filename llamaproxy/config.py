@@ -220,6 +220,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Interface the default gateway and health listeners bind to (empty: all interfaces)."),
     Setting("port", "port", ("PORT", "GATEWAY_PORT"), "8000", _port,
             "Gateway port, used when no --listen is given."),
+    Setting("listen_backlog", "listen-backlog", ("LISTEN_BACKLOG",), "511", _int_parser(1, 65535),
+            "Connections the kernel holds for the gateway's listeners before they are accepted "
+            "(PORT, and TLS on it; an --listen tcp/ssl string may say its own backlog=N). Past "
+            "it, a burst of new connections waits for SYN retransmits (1 s, then 3 s); the "
+            "kernel caps it at net.core.somaxconn."),
     Setting("health_port", "health-port", ("PORT_HEALTH",), "8001", _port,
             "Port of the health site for platform liveness checks (0 disables it)."),
     Setting("backend_port", "backend-port", ("PORT_BACKEND",), "8080", _port,
@@ -432,6 +437,7 @@ class Config:
     listen: tuple[str, ...]
     host: str
     port: int
+    listen_backlog: int
     health_port: int
     backend_port: int
     backend_url: str | None
@@ -521,7 +527,7 @@ class Config:
         """Gateway endpoint strings: --listen, else tcp:PORT on HOST."""
         if self.listen:
             return self.listen
-        return (_tcp_endpoint(self.port, self.host),)
+        return (_tcp_endpoint(self.port, self.host) + f":backlog={self.listen_backlog}",)
 
     @property
     def health_endpoint(self) -> str | None:

@@ -421,7 +421,8 @@ def _gateway_listeners(
     """--listen endpoints; PORT over TLS beside them when a certificate is configured."""
     listeners: list[IService] = []
     if tls is not None:
-        endpoint = tls_server_endpoint(reactor, config.port, config.host or "0.0.0.0", tls)
+        endpoint = tls_server_endpoint(reactor, config.port, config.host or "0.0.0.0", tls,
+                                       backlog=config.listen_backlog)
         listener = StreamServerEndpointService(endpoint, site)
         listener._raiseSynchronously = True  # a bind failure is a startup error, as strports
         listeners.append(listener)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from llamaproxy.config import (
     SETTINGS,
@@ -36,7 +36,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         config = self.load()
-        self.assertEqual(config.endpoints, ("tcp:8000",))
+        self.assertEqual(config.endpoints, ("tcp:8000:backlog=511",))
         self.assertEqual(config.health_endpoint, "tcp:8001")
         self.assertEqual(config.backend_base_url, "http://127.0.0.1:8080")
         self.assertTrue(config.auth_enabled)
@@ -55,8 +55,14 @@ class ConfigTests(SynchronousTestCase):
 
     def test_listen_and_host(self) -> None:
         self.assertEqual(self.load({"HOST": "127.0.0.1"}).endpoints,
-                         ("tcp:8000:interface=127.0.0.1",))
-        self.assertEqual(self.load({"HOST": "::1"}).endpoints, ("tcp:8000:interface=\\:\\:1",))
+                         ("tcp:8000:interface=127.0.0.1:backlog=511",))
+        self.assertEqual(self.load({"HOST": "::1"}).endpoints,
+                         ("tcp:8000:interface=\\:\\:1:backlog=511",))
+        self.assertEqual(self.load({"LISTEN_BACKLOG": "4096"}).endpoints,
+                         ("tcp:8000:backlog=4096",))
+        for bad in ("0", "-1", "65536", "lots"):
+            with self.assertRaises(ConfigError):
+                self.load({"LISTEN_BACKLOG": bad})
         config = self.load({"LISTEN": "tcp:1, unix:/tmp/s"})
         self.assertEqual(config.endpoints, ("tcp:1", "unix:/tmp/s"))
         self.assertEqual(self.load(listen=["tcp:2", "tcp:3"]).endpoints, ("tcp:2", "tcp:3"))
@@ -214,3 +220,41 @@ class AdminPageConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as raised:
                 self.load(env)
             self.assertIn(words, str(raised.exception), env)
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """The default listener's backlog reaches the kernel (Twisted's own default is 50)."""
+
+    def test_the_kernel_holds_listen_backlog_connections(self) -> None:
+        import shutil
+        import subprocess
+
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.protocol import Factory, Protocol
+
+        if shutil.which("ss") is None:
+            raise SkipTest("ss (iproute2) is not installed")
+        model = self.mktemp() + ".gguf"
+        Path(model).write_bytes(b"GGUF")
+        config = load_config({}, {"MODEL_PATH": model, "PORT": "0", "HOST": "127.0.0.1",
+                                  "LISTEN_BACKLOG": "700"}, path_exists=lambda p: False)
+        ours = self.successResultOf(serverFromString(reactor, config.endpoints[0])
+                                    .listen(Factory.forProtocol(Protocol)))
+        self.addCleanup(ours.stopListening)
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol),  # type: ignore[attr-defined]
+                                 interface="127.0.0.1")  # (Twisted's default: 50)
+        self.addCleanup(port.stopListening)
+        listening = ours.getHost().port  # type: ignore[attr-defined]
+        lines = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+
+        def backlog(number: int) -> int:
+            for line in lines:
+                fields = line.split()
+                if fields[3].endswith(f":{number}"):
+                    return int(fields[2])
+            raise AssertionError(f"port {number} not listening: {lines}")
+
+        self.assertEqual(backlog(port.getHost().port), 50)
+        self.assertEqual(backlog(listening), 700)
