@@ -201,26 +201,36 @@ class ClosesAfterEachStream(Protocol):
 class StockAgentTests(TestCase):
     """The stock path's client (fast paths off) on real sockets."""
 
-    async def _twice(self) -> None:
+    def stock_agent(self, protocol: type[Protocol]) -> tuple[forward.StockAgent, bytes]:
+        """The stock client, and a URL served by ``protocol`` on a real socket."""
         from twisted.internet import reactor
 
         port = reactor.listenTCP(  # type: ignore[attr-defined]
-            0, Factory.forProtocol(OneResponsePerConnection), interface="127.0.0.1")
+            0, Factory.forProtocol(protocol), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         agent, pool = forward.make_agent(reactor, 4, 5)
         self.addCleanup(pool.closeCachedConnections)
-        url = b"http://127.0.0.1:%d/v1/chat/completions" % port.getHost().port
+        return agent, b"http://127.0.0.1:%d/v1/chat/completions" % port.getHost().port
+
+    async def _then_another_at_once(self, agent: forward.StockAgent, url: bytes,
+                                    extra: list[tuple[bytes, bytes]]) -> None:
+        """A POST (with ``extra`` headers), and as its body ends another: both answered."""
+        second: list[Deferred[IResponse]] = []
+
+        def again(body: bytes) -> bytes:
+            # The next request (the health probe, another client's), at once: before the
+            # reactor has seen the backend's close.
+            second.append(forward.send(agent, url, None, b"POST", Headers(), b"{}"))
+            return body
+
+        response = await forward.send(agent, url, None, b"POST", Headers(), b"{}", extra)
+        self.assertEqual(await readBody(response).addCallback(again), b"ok")
+        self.assertEqual(await readBody(await second[0]), b"ok")
+
+    async def _twice(self) -> None:
+        agent, url = self.stock_agent(OneResponsePerConnection)
         for _ in range(2):  # the first response teaches it; the second goes unpooled
-            second: list[Deferred[IResponse]] = []
-
-            def again(body: bytes, second: list[Deferred[IResponse]] = second) -> bytes:
-                # The next request, at once: before the reactor has seen the server's close.
-                second.append(forward.send(agent, url, None, b"POST", Headers(), b"{}"))
-                return body
-
-            response = await forward.send(agent, url, None, b"POST", Headers(), b"{}")
-            self.assertEqual(await readBody(response).addCallback(again), b"ok")
-            self.assertEqual(await readBody(await second[0]), b"ok")
+            await self._then_another_at_once(agent, url, [])
 
     def test_an_http_1_0_answer_is_never_followed_on_its_connection(self) -> Deferred[None]:
         # Seen as a flaky 502 ("connection closed without a response") in the routing e2e test
@@ -230,27 +240,9 @@ class StockAgentTests(TestCase):
         return Deferred.fromCoroutine(self._twice())
 
     async def _after_a_stream(self) -> None:
-        from twisted.internet import reactor
-
         ClosesAfterEachStream.heads = []
-        port = reactor.listenTCP(  # type: ignore[attr-defined]
-            0, Factory.forProtocol(ClosesAfterEachStream), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        agent, pool = forward.make_agent(reactor, 4, 5)
-        self.addCleanup(pool.closeCachedConnections)
-        url = b"http://127.0.0.1:%d/v1/chat/completions" % port.getHost().port
-        second: list[Deferred[IResponse]] = []
-
-        def again(body: bytes) -> bytes:
-            # The next request (the health probe, another stream), at once: before the
-            # reactor has seen the backend's close.
-            second.append(forward.send(agent, url, None, b"POST", Headers(), b"{}"))
-            return body
-
-        response = await forward.send(agent, url, None, b"POST", Headers(), b"{}",
-                                      [STREAM_CONNECTION])
-        self.assertEqual(await readBody(response).addCallback(again), b"ok")
-        self.assertEqual(await readBody(await second[0]), b"ok")
+        agent, url = self.stock_agent(ClosesAfterEachStream)
+        await self._then_another_at_once(agent, url, [STREAM_CONNECTION])
         first = ClosesAfterEachStream.heads[0].lower()
         self.assertEqual(first.count(b"connection: close"), 1)
 

@@ -869,21 +869,6 @@ class PoolTests(Base):
         self.assertEqual(self.client.idle_connections(), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_a_reused_connection_idles_anew(self) -> None:
-        d, protocol, transport = self.send()
-        self.finish(protocol)
-        self.read(self.successResultOf(d))
-        self.clock.advance(3)
-        d, protocol2, _ = self.send()
-        self.assertIs(protocol2, protocol)
-        self.finish(protocol)
-        self.read(self.successResultOf(d))
-        self.clock.advance(3.9)  # the pool's timer came at 4 s: this one had idled 1 s
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.client.idle_connections(), 1)
-        self.clock.advance(0.2)
-        self.assertTrue(transport.disconnecting)
-
     def test_reuse_cancels_the_idle_timer(self) -> None:
         d, protocol, transport = self.send()
         self.finish(protocol)
@@ -894,6 +879,12 @@ class PoolTests(Base):
         self.clock.advance(3)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.finish(protocol)  # back in the pool at 6 s: idle anew, closed 4 s later
+        self.read(self.successResultOf(d))
+        self.clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
 
     def test_idle_connection_closed_by_server_is_dropped(self) -> None:
         d, protocol, _ = self.send()
