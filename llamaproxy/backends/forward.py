@@ -206,7 +206,7 @@ class StockAgent:
     ) -> Deferred[IResponse]:
         parsed = URI.fromBytes(uri)
         upstream = (parsed.scheme, parsed.host, parsed.port)
-        if headers is not None and _says_close(headers):
+        if headers is not None and b"close" in _connection_tokens(headers):
             # The caller will not reuse this connection (a stream: llama-server closes after
             # it). Twisted's pool would still take it back, unless the response says close,
             # and the next request written there before the close is seen is lost (RFC 9112
@@ -228,14 +228,6 @@ class StockAgent:
             return response
         self.closing.add(upstream)
         return cast(IResponse, _ClosingResponse(response, self.pool))
-
-
-def _says_close(headers: Headers) -> bool:
-    """True when ``headers`` have a ``Connection: close``."""
-    values = headers.getRawHeaders(b"Connection")
-    if values is None:
-        return False
-    return b"close" in b",".join(values).lower().replace(b" ", b"").split(b",")
 
 
 @implementer(IResponse)

@@ -126,8 +126,8 @@ class GatewayChannel(Protocol):
         self._stopped = False
         self._in_parse = False
         #: The connection's one timer, for what it waits for (``_waiting_for``): the next
-        #: request (idle, ``timeOut``) or the rest of one (``client_timeout``). Moved, not
-        #: made anew, per request.
+        #: request (idle, ``timeOut``: moved later after each response) or the rest of one
+        #: (``client_timeout``: armed only for a request not all in after the read it began in).
         self._deadline: IDelayedCall | None = None
         self._waiting_for = _NOTHING
         self._abort_call: IDelayedCall | None = None
@@ -451,7 +451,7 @@ class GatewayChannel(Protocol):
     def _feed_head(self, buffer: bytes, view: Any, at: int, end: int) -> int:
         """Feed a request head up to its empty line (all of it when it is in); the new
         offset, or -1 if refused."""
-        if self._waiting_for < _ARRIVAL and self.limits.client_timeout > 0:
+        if self._waiting_for in (_NOTHING, _IDLE) and self.limits.client_timeout > 0:
             # A request's first byte: its time to arrive starts (the timer, if the read being
             # parsed does not bring all of it: see the end of _parse).
             self._waiting_for = _STARTED
