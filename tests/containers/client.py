@@ -173,13 +173,13 @@ def dashboard(prometheus: str, path: str) -> int:
         panels = json.load(f)["panels"]
     # Prometheus needs two scrapes in the window before rate() has a value.
     deadline = time.monotonic() + 60
-    # A Prometheus just started (or just installed) takes a moment to listen: refused
-    # connections count as "not yet", not as a failure, until the deadline.
+    # A Prometheus just started (or just installed) takes a moment to listen, then answers 503
+    # (plain text) until its storage is open: both count as "not yet" until the deadline.
     while time.monotonic() < deadline:
         try:
             up = httpx.get(f"{prometheus}/api/v1/query", timeout=10,
                            params={"query": 'sum_over_time(up{job="llamaproxy"}[1m]) >= 3'}).json()
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):
             up = {"data": {"result": []}}
         if up["data"]["result"]:
             break
