@@ -181,7 +181,7 @@ def dashboard(prometheus: str, path: str) -> int:
                            params={"query": 'sum_over_time(up{job="llamaproxy"}[1m]) >= 3'}).json()
         except (httpx.TransportError, ValueError):
             up = {"data": {"result": []}}
-        if up["data"]["result"]:
+        if up.get("data", {}).get("result"):
             break
         time.sleep(1)
     else:
