@@ -179,8 +179,8 @@ def dashboard(prometheus: str, path: str) -> int:
         try:
             up = httpx.get(f"{prometheus}/api/v1/query", timeout=10,
                            params={"query": 'sum_over_time(up{job="llamaproxy"}[1m]) >= 3'}).json()
-        except (httpx.TransportError, ValueError):
-            up = {"data": {"result": []}}
+        except (httpx.HTTPError, ValueError):
+            up = {}
         if up.get("data", {}).get("result"):
             break
         time.sleep(1)
