@@ -29,6 +29,7 @@ modules. The framing rules are apart, in ``gateway.framing``.)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import httptools
@@ -217,8 +218,8 @@ class GatewayChannel(Protocol):
         """A piece of a response."""
         self.transport.write(data)  # type: ignore[union-attr]
 
-    def writeSequence(self, data: list[bytes]) -> None:
-        """Pieces of a response."""
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """Pieces of a response (twisted.web's chunked writes pass a tuple)."""
         self.transport.writeSequence(data)  # type: ignore[union-attr]
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
