@@ -3,14 +3,15 @@
 Starts the fake backend and ``twistd -n llamaproxy`` exactly as :mod:`bench.overhead` does
 (gateway on core 0, every feature on), drives it with ``wrk`` at concurrency 64 (``--connections``
 to change it; or, with ``--load streams``, with back-to-back rounds of 500 concurrent SSE
-streams) and samples it
-with ``py-spy record --format raw --function --idle``. Prints the functions with the most self time
-and the most inclusive time, and self time per file, as markdown; ``--svg`` also records a flame
-graph in a second pass. ``--idle`` keeps the samples taken in system calls (a socket ``send``,
-the log file's ``write``), which py-spy would otherwise drop as idle; the reactor waiting in
-``epoll`` and pool threads waiting for work are counted apart as idle. py-spy pauses the gateway
-for each sample (consistent stacks; the gateway runs about 20 % slower while sampled), so the
-proportions are right and the absolute rates are not: take those from :mod:`bench.overhead`.
+streams) and samples it with ``py-spy record --format raw --idle`` (each frame at its current
+line). Prints the functions with the most self time and the most inclusive time, and self time
+per file, as markdown; ``--svg`` also records a flame graph in a second pass. ``--idle`` keeps
+the samples taken in system calls (a socket ``send``, the log file's ``write``), which py-spy
+would otherwise drop as idle; the reactor waiting in ``epoll`` (the line of its loop that calls
+``poll``, stock or ``FAST_PATHS``' lean loop) and pool threads waiting for work are counted apart
+as idle. py-spy pauses the gateway for each sample (consistent stacks; the gateway runs about
+20 % slower while sampled), so the proportions are right and the absolute rates are not: take
+those from :mod:`bench.overhead`.
 
     .venv/bin/pip install py-spy
     .venv/bin/python -m bench.profile_gateway [--duration 15] [--svg profile.svg]
@@ -24,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -48,16 +50,39 @@ def short_file(path: str) -> str:
     return path
 
 
-def parse_frame(frame: str) -> tuple[str, str]:
-    """(function, short file) of one py-spy frame ``function (file:line)``."""
+def parse_frame(frame: str) -> tuple[str, str, int | None]:
+    """(function, short file, line) of one py-spy frame ``function (file:line)``."""
     match = _FRAME.match(frame.strip())
     if match is None:
-        return frame.strip(), "?"
-    return match["function"], short_file(match["file"])
+        return frame.strip(), "?", None
+    line = match["line"]
+    return match["function"], short_file(match["file"]), int(line) if line else None
 
 
-#: Leaf frames of a thread with nothing to do: the reactor in epoll, a pool thread waiting.
-IDLE_FRAMES = frozenset({"EPollReactor.doPoll", "Condition.wait", "Event.wait"})
+#: Leaf frames of a pool thread with nothing to do.
+IDLE_FRAMES = frozenset({"Condition.wait", "Event.wait"})
+#: The reactor's loops, (function, file): the stock one, and the lean one of ``FAST_PATHS``.
+POLL_LOOPS = {
+    ("EPollReactor.doPoll", "twisted/internet/epollreactor.py"),
+    ("install.<locals>.do_poll", "llamaproxy/fastpath/lean_poll.py"),
+}
+
+
+def _poll_line(function: str, file: str, cache: dict[tuple[str, str], int | None]) -> int | None:
+    """The line of ``function`` (one of ``POLL_LOOPS``) that waits in ``epoll``: a sample
+    there is the reactor waiting; anywhere else in the loop it is dispatching events."""
+    key = (function, file)
+    if key not in cache:
+        cache[key] = None
+        root = (Path(__file__).resolve().parent.parent if file.startswith("llamaproxy/")
+                else Path(sysconfig.get_paths()["purelib"]))
+        source = root / file
+        if source.is_file():
+            for number, text in enumerate(source.read_text().splitlines(), 1):
+                if "_poller.poll(" in text:
+                    cache[key] = number
+                    break
+    return cache[key]
 
 
 @dataclass
@@ -74,8 +99,11 @@ class Profile:
 
 
 def analyse(raw: str) -> Profile:
-    """Collapsed stacks recorded with ``--threads`` (first frame ``thread (id): name``)."""
+    """Collapsed stacks recorded with ``--threads`` (first frame ``thread (id): name``) and
+    the current line of each frame (not py-spy's ``--function``: the reactor loop's own line
+    tells waiting from dispatching)."""
     profile = Profile()
+    poll_lines: dict[tuple[str, str], int | None] = {}
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -83,8 +111,11 @@ def analyse(raw: str) -> Profile:
         count = int(count_text)
         thread, *rest = stack.split(";")
         name = thread.split(": ", 1)[-1].strip()
-        frames = [parse_frame(f) for f in rest if f.strip()]
-        idle = not frames or frames[-1][0] in IDLE_FRAMES
+        located = [parse_frame(f) for f in rest if f.strip()]
+        frames = [(function, file) for function, file, _ in located]
+        idle = not frames or frames[-1][0] in IDLE_FRAMES or (
+            frames[-1] in POLL_LOOPS
+            and located[-1][2] == _poll_line(*frames[-1], poll_lines))
         counts = profile.threads.setdefault(name, [0, 0])
         counts[0] += count
         counts[1] += 0 if idle else count
@@ -163,8 +194,8 @@ def record(pid: int, url: str, api_key: str, duration: float, rate: int, output:
     try:
         subprocess.run(
             pinned([venv_script("py-spy"), "record", "--pid", str(pid), "--duration",
-                    str(round(duration)), "--rate", str(rate), "--format", form, "--function",
-                    "--idle", "--threads", "-o", str(output)], load_core),
+                    str(round(duration)), "--rate", str(rate), "--format", form, "--idle",
+                    "--threads", "-o", str(output)], load_core),
             check=True, capture_output=True, timeout=duration + 60,
         )
     finally:
