@@ -52,7 +52,7 @@ from bench import nginx, older_gateway, ratios
 from bench.procs import (
     Process,
     cores,
-    cpu_seconds,
+    cpu_user_system,
     free_port,
     http_status,
     machine,
@@ -288,10 +288,12 @@ def run_plain(server: Server, concurrency: int, duration: float, core: int | Non
     env = {**os.environ, "BENCH_API_KEY": server.api_key or ""}
     pids = server.pids()
     opened = upstream_connections(backend_url)
-    cpu_before = cpu_seconds(pids)
+    user_before, system_before = cpu_user_system(pids)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
                           timeout=duration + 60, cwd=Path(__file__).resolve().parent.parent)
-    cpu = cpu_seconds(pids) - cpu_before
+    user_after, system_after = cpu_user_system(pids)
+    system = system_after - system_before
+    cpu = user_after - user_before + system
     after = upstream_connections(backend_url)
     if use_wrk:
         result = _parse_wrk(done.stdout)
@@ -304,6 +306,7 @@ def run_plain(server: Server, concurrency: int, duration: float, core: int | Non
         cpu_s=cpu,
         cpu_s_per_1000=cpu / result["requests"] * 1000 if result["requests"] else None,
         cpu_percent=cpu / result["duration_s"] * 100,
+        cpu_system_percent=system / result["duration_s"] * 100,
         rss_mb=memory_kib(pids) * 1024 / 1e6,
         upstream_connections_opened=(None if opened is None or after is None
                                      else after - opened - 1),  # - the /stats call itself
@@ -321,10 +324,12 @@ def run_streams(server: Server, plan: Plan, core: int | None, backend_url: str) 
     command = pinned(command, core)
     pids = server.pids()
     opened = upstream_connections(backend_url)
-    cpu_before = cpu_seconds(pids)
+    user_before, system_before = cpu_user_system(pids)
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
-    cpu = cpu_seconds(pids) - cpu_before
+    user_after, system_after = cpu_user_system(pids)
+    system = system_after - system_before
+    cpu = user_after - user_before + system
     after = upstream_connections(backend_url)
     if done.returncode != 0:
         raise RuntimeError(f"stream load failed:\n{done.stderr[-2000:]}")
@@ -333,6 +338,7 @@ def run_streams(server: Server, plan: Plan, core: int | None, backend_url: str) 
         command=" ".join(command).replace(API_KEY, "$KEY"),
         cpu_s=cpu,
         cpu_percent=cpu / result["wall_s"] * 100 if result["wall_s"] else None,
+        cpu_system_percent=system / result["wall_s"] * 100 if result["wall_s"] else None,
         cpu_ms_per_1000_events=(cpu * 1e6 / result["events_received"]
                                 if result["events_received"] else None),
         rss_mb=memory_kib(pids) * 1024 / 1e6,
@@ -410,6 +416,8 @@ def markdown(results: dict[str, Any]) -> str:
                     lambda n, k=key: _get(plain, n, k, "cpu_s_per_1000"), 3)
         text += row(f"c={c}: CPU (% of a core)", lambda n, k=key: _get(plain, n, k, "cpu_percent"),
                     0)
+        text += row(f"c={c}: of which in the kernel (% of a core)",
+                    lambda n, k=key: _get(plain, n, k, "cpu_system_percent"), 0)
     text += row(f"c={results['plan']['concurrencies'][-1]}: upstream connections opened",
                 lambda n: _get(plain, n, f"c{results['plan']['concurrencies'][-1]}",
                                "upstream_connections_opened"), 0)
@@ -442,6 +450,8 @@ def markdown(results: dict[str, Any]) -> str:
     text += row("upstream connections opened",
                 lambda n: _get(streams, n, "upstream_connections_opened"), 0)
     text += row("CPU (% of a core)", lambda n: _get(streams, n, "cpu_percent"), 0)
+    text += row("of which in the kernel (% of a core)",
+                lambda n: _get(streams, n, "cpu_system_percent"), 0)
     text += row("CPU-ms per 1 000 events (stream set-up included)",
                 lambda n: _get(streams, n, "cpu_ms_per_1000_events"), 1)
     text += row("RSS peak (MB)", lambda n: _get(streams, n, "peak_rss_mb"), 1)

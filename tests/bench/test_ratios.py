@@ -220,6 +220,15 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| llamaproxy (auto) | 61.5 | 141.7 | 80.2 | 8.2 | 10000 |", text)
         self.assertNotIn("smoke run", text)
 
+    def test_the_kernels_share_of_the_cpu(self) -> None:
+        document = self.document(smoke=False)
+        document["streams"]["nginx"]["cpu_system_percent"] = 30.0
+        document["streams"]["llamaproxy"]["cpu_system_percent"] = 24.0
+        document["plain"]["older"]["c64"]["cpu_system_percent"] = 40.0
+        text = overhead.markdown(document)
+        self.assertIn("| of which in the kernel (% of a core) | - | 30 | - | 24 | - |", text)
+        self.assertIn("| c=64: of which in the kernel (% of a core) | - | - | 40 | - | - |", text)
+
     def test_smoke_report_without_the_older_gateway(self) -> None:
         document = results(smoke=True)
         for part in ("plain", "streams"):
