@@ -12,15 +12,19 @@ The servers side by side, same load, same machine:
 - ``older``: the older stdlib gateway (``scripts/gateway.py`` of zepfu/llama-gguf-inference, auth
   on with a one-key file), run from an export given with ``--older-gateway PATH`` or
   ``BENCH_OLDER_GATEWAY`` (:mod:`bench.older_gateway`; never copied into this project); skipped
-  with a note when not given.
+  with a note when not given;
+- ``floor``: :file:`bench/floor_relay.py`, a raw-epoll relay in Python with no feature and no
+  HTTP parsing (``--no-floor`` skips it). It is judged by the same goals: one it does not meet
+  on a host is out of reach of any Python gateway there.
 
 Proxies run on core 0 (``taskset -c 0``); the backend and the load generators on core 1.
 Measurements: plain (non-streamed) chat requests with ``wrk`` and :file:`bench/wrk_post.lua` at
 concurrency 1 and 64 (latency p50/p99, requests/s, proxy CPU-seconds per 1 000 requests from
-/proc/<pid>/stat, RSS), then 500 concurrent SSE streams of 50 events 20 ms apart with
-:mod:`bench.load`, after one unmeasured round that fills the proxy's upstream pool (first-byte
-latency, gaps between events, delivery delay, arrival spread, proxy CPU and RSS), and last, for
-each llamaproxy variant, the RSS that 10 000 queued requests add (:mod:`bench.queue_rss`).
+/proc/<pid>/stat and how much of it was the kernel's, RSS), then 500 concurrent SSE streams of
+50 events 20 ms apart with :mod:`bench.load`, after one unmeasured round that fills the proxy's
+upstream pool (first-byte latency, gaps between events, delivery delay, arrival spread, proxy CPU
+and RSS), and last, for each llamaproxy variant, the RSS that 10 000 queued requests add
+(:mod:`bench.queue_rss`).
 "Added" numbers are proxy minus direct. Issue 18's goals are then computed as ratios to the older
 gateway and nginx of the same run (:mod:`bench.ratios`), each with met / not met. Output: markdown
 tables (stdout and ``--markdown``) and the JSON document (``--json``).
@@ -97,7 +101,9 @@ class Plan:
 VARIANTS = ratios.VARIANTS
 #: Column titles of the servers, in table order.
 TITLES = {"direct": "direct", "nginx": "nginx", "older": "older gateway",
-          "llamaproxy": "llamaproxy (auto)", "llamaproxy-off": "llamaproxy (off)"}
+          ratios.FLOOR: "floor relay", "llamaproxy": "llamaproxy (auto)",
+          "llamaproxy-off": "llamaproxy (off)"}
+FLOOR_RELAY = Path(__file__).with_name("floor_relay.py")
 
 
 @dataclass
@@ -126,6 +132,16 @@ def start_backend(root: Path, plan: Plan, core: int | None) -> Server:
                       cwd=Path(__file__).resolve().parent.parent)
     wait_until(lambda: http_status(port, "/health") == 200, 10, "the fake backend", process)
     return Server("direct", f"http://127.0.0.1:{port}", process)
+
+
+def start_floor(root: Path, backend_url: str, core: int | None) -> Server:
+    """``bench/floor_relay.py`` in front of ``backend_url``: no feature, one backend connection
+    per client connection (wrk's keep-alive passes through it as bytes)."""
+    port = free_port()
+    command = [sys.executable, str(FLOOR_RELAY), str(port), backend_url.rsplit(":", 1)[1]]
+    process = Process("floor relay", pinned(command, core), root / "floor.log")
+    wait_until(lambda: http_status(port, "/health") == 200, 10, "the floor relay", process)
+    return Server(ratios.FLOOR, f"http://127.0.0.1:{port}", process)
 
 
 def gateway_env(root: Path, port: int, backend_url: str, fast_paths: str = "auto"
@@ -490,7 +506,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
         use_wrk: bool = True, quiet_wait: float = 0.0,
-        older_export: Path | None = None) -> dict[str, Any]:
+        older_export: Path | None = None, use_floor: bool = True) -> dict[str, Any]:
     """Start everything, measure, stop everything; the results document."""
     from bench import queue_rss  # it imports this module
 
@@ -534,6 +550,8 @@ def run(plan: Plan, root: Path, smoke: bool, use_nginx: bool = True,
         else:
             notes.append("the older gateway was not given (--older-gateway PATH or "
                          "BENCH_OLDER_GATEWAY): its column is skipped")
+        if use_floor:
+            servers.append(start_floor(root, backend.url, proxy_core))
         for fast_paths in VARIANTS:
             gateways.append(start_gateway(root, backend.url, proxy_core, fast_paths))
         servers.extend(gateways)
@@ -595,6 +613,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results document here")
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx column")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the floor relay (bench/floor_relay.py) column")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -623,7 +643,7 @@ def main() -> None:
     started = time.monotonic()
     try:
         results = run(plan, root, args.smoke, not args.no_nginx, not args.no_wrk,
-                      args.wait_quiet, args.older_gateway)
+                      args.wait_quiet, args.older_gateway, not args.no_floor)
     finally:
         if args.keep:
             print(f"kept {root}", file=sys.stderr)

@@ -16,6 +16,12 @@ from typing import Any, Literal
 
 #: The llamaproxy variants of a run: the FAST_PATHS value → the server's name in the results.
 VARIANTS = {"auto": "llamaproxy", "off": "llamaproxy-off"}
+#: The reference judged by the same goals: ``bench/floor_relay.py``, a raw-epoll relay in Python
+#: with no feature at all. A goal it does not meet on a host is out of reach of any Python
+#: gateway there (what it pays is system calls and the interpreter's loop, nothing else).
+FLOOR = "floor"
+#: Column titles of the judged servers.
+COLUMN_TITLES = {"auto": "FAST_PATHS=auto", "off": "FAST_PATHS=off", FLOOR: "floor relay"}
 OLDER = "older"
 NGINX = "nginx"
 DIRECT = "direct"
@@ -179,7 +185,8 @@ def goal_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     A verdict is ``"met"``, ``"not met"`` or ``"not measured"``; a smoke run judges nothing
     (``verdict`` is None)."""
     judged = not results.get("smoke", False)
-    variants = {name: server for name, server in VARIANTS.items() if server in results["plain"]}
+    variants = {name: server for name, server in {**VARIANTS, FLOOR: FLOOR}.items()
+                if server in results["plain"]}
     rows = []
     for goal in GOALS:
         row: dict[str, Any] = {"figure": goal.label(results), "goal": goal.limit_text(),
@@ -221,7 +228,7 @@ def table(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     head = "| figure | goal |"
     rule = "|---|---|"
     for name in variants:
-        head += f" FAST_PATHS={name} | from |"
+        head += f" {COLUMN_TITLES[name]} | from |"
         rule += "---|---|"
         if judged:
             head += f" {name}: met? |"
@@ -238,7 +245,7 @@ def table(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if judged and variants:
         for name in variants:
             verdicts = [row["variants"][name]["verdict"] for row in rows]
-            text += (f"\nFAST_PATHS={name}: {verdicts.count('met')} of {len(rows)} goals met, "
+            text += (f"\n{COLUMN_TITLES[name]}: {verdicts.count('met')} of {len(rows)} goals met, "
                      f"{verdicts.count('not met')} not met, "
                      f"{verdicts.count('not measured')} not measured.\n")
     for reason in missing(results):

@@ -229,6 +229,23 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| of which in the kernel (% of a core) | - | 30 | - | 24 | - |", text)
         self.assertIn("| c=64: of which in the kernel (% of a core) | - | - | 40 | - | - |", text)
 
+    def test_the_floor_relay_is_judged_by_the_same_goals(self) -> None:
+        document = results()
+        document["plain"]["floor"] = _plain(0.50, 20_000, 0.03)
+        document["streams"]["floor"] = _streams(5.0, 30.0, 20.0, 12.0)
+        document["goals"] = ratios.goal_rows(document)
+        floor = {row["figure"]: row["variants"]["floor"] for row in document["goals"]}
+        self.assertEqual(floor["c=64 req/s vs the older gateway"]["text"], "27.78x")
+        self.assertEqual(floor["c=1 added p50 vs the older gateway's added"]["verdict"],
+                         "not met")  # +0.40 / +1.68 ms: 0.24x
+        self.assertEqual(floor["10000 queued requests: RSS they add"]["verdict"], "not measured")
+        text = overhead.markdown(document)
+        self.assertIn("| figure | goal | FAST_PATHS=auto | from | auto: met? | FAST_PATHS=off "
+                      "| from | off: met? | floor relay | from | floor: met? |", text)
+        self.assertIn("\nfloor relay: 6 of 8 goals met, 1 not met, 1 not measured.", text)
+        self.assertIn("| | direct | nginx | older gateway | floor relay | llamaproxy (auto) |",
+                      text)
+
     def test_smoke_report_without_the_older_gateway(self) -> None:
         document = results(smoke=True)
         for part in ("plain", "streams"):
