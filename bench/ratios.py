@@ -2,10 +2,10 @@
 
 Absolute speed targets do not survive a change of host; ratios measured side by side do. From the
 overhead harness's results document (:mod:`bench.overhead`), each goal gives one figure per
-llamaproxy variant (``FAST_PATHS=auto`` and ``off``): a ratio, a difference in ms, or (memory does
-not depend on the host's speed) an absolute size. A figure whose inputs are missing (no older
-gateway given, no nginx installed, a denominator that is not positive) is not measured, never
-guessed.
+llamaproxy variant (``FAST_PATHS=auto`` and ``off``), and one for the floor relay when it ran: a
+ratio, a difference in ms, or (memory does not depend on the host's speed) an absolute size. A
+figure whose inputs are missing (no older gateway given, no nginx installed, a denominator that is
+not positive) is not measured, never guessed.
 """
 
 from __future__ import annotations
