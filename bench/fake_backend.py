@@ -16,8 +16,12 @@ timer per due time, however many streams are open.
 - ``GET /stats`` → ``{"connections": …, "requests": …}`` accepted so far (whether a proxy reuses
   its upstream connections).
 - Anything else → 404 JSON. Request bodies must have a Content-Length (411 otherwise).
+- Connections stay open unless a request says ``Connection: close``; with
+  ``--close-after-stream`` they also close after each streamed answer, as llama-server's do
+  (although it answers ``Keep-Alive``).
 
     python -m bench.fake_backend --port 9100 [--events 50] [--interval-ms 20]
+                                 [--close-after-stream]
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class BackendConfig:
     events: int = 50
     interval_ms: float = 20.0
     model: str = "fake"
+    #: Close the connection after each streamed answer, as llama-server does although it
+    #: answers ``Keep-Alive`` (a proxy cannot reuse it: one connection per stream).
+    close_after_stream: bool = False
 
 
 def _response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
@@ -238,7 +245,7 @@ class BackendProtocol(asyncio.Protocol):
     def stream_done(self) -> None:
         """The current stream ended: go on with pipelined requests."""
         self.stream = None
-        if self.close_after:
+        if self.close_after or self.config.close_after_stream:
             self._close()
         elif self.buffer:
             self._process()
@@ -350,7 +357,8 @@ class BackendThread:
 
 
 async def _main(args: argparse.Namespace) -> None:
-    config = BackendConfig(args.events, args.interval_ms)
+    config = BackendConfig(args.events, args.interval_ms,
+                           close_after_stream=args.close_after_stream)
     server = await serve(config, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -372,6 +380,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--events", type=int, default=50, help="events per stream by default")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="ms between events")
+    parser.add_argument("--close-after-stream", action="store_true",
+                        help="close the connection after each streamed answer (as llama-server)")
     parser.add_argument("--lifetime", type=float, default=3600.0,
                         help="exit after this many seconds at the latest (0: never)")
     asyncio.run(_main(parser.parse_args()))

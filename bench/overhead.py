@@ -89,6 +89,9 @@ class Plan:
     stream_rounds: int = 3
     #: Requests queued behind one busy slot for the memory figure (0: not measured).
     queued: int = 10_000
+    #: The fake backend closes the connection after each stream, as llama-server does: no proxy
+    #: can then reuse a backend connection for the next stream.
+    backend_closes_after_streams: bool = False
 
     @classmethod
     def smoke(cls) -> Plan:
@@ -128,6 +131,8 @@ def start_backend(root: Path, plan: Plan, core: int | None) -> Server:
     command = [sys.executable, "-m", "bench.fake_backend", "--port", str(port),
                "--events", str(plan.events), "--interval-ms", str(plan.interval_ms),
                "--lifetime", "3600"]
+    if plan.backend_closes_after_streams:
+        command.append("--close-after-stream")
     process = Process("fake backend", pinned(command, core), root / "backend.log",
                       cwd=Path(__file__).resolve().parent.parent)
     wait_until(lambda: http_status(port, "/health") == 200, 10, "the fake backend", process)
@@ -442,7 +447,10 @@ def markdown(results: dict[str, Any]) -> str:
     plan = results["plan"]
     text += (f"\n{plan['streams']} concurrent SSE streams ({plan['events']} events, "
              f"{plan['interval_ms']:g} ms apart, started over {plan['ramp']:g} s; the median of "
-             f"{plan['stream_rounds']} measured round(s) by first-byte p50):\n\n" + head)
+             f"{plan['stream_rounds']} measured round(s) by first-byte p50"
+             + ("; the backend closes its connection after each stream, as llama-server does"
+                if plan.get("backend_closes_after_streams") else "")
+             + "):\n\n" + head)
     for label, series, stat in (("first byte p50 (ms)", "first_byte_ms", "p50"),
                                 ("first byte p99 (ms)", "first_byte_ms", "p99")):
         text += row(label, lambda n, s=series, t=stat: _get(streams, n, s, t), 2)
@@ -624,6 +632,8 @@ def main() -> None:
                         default=os.environ.get("BENCH_OLDER_GATEWAY") or None,
                         help="an export of zepfu/llama-gguf-inference: its scripts/gateway.py is "
                              "measured too (default: $BENCH_OLDER_GATEWAY; none: skipped)")
+    parser.add_argument("--backend-closes-after-streams", action="store_true",
+                        help="the fake backend closes after each stream, as llama-server does")
     parser.add_argument("--queued", type=int,
                         help="requests queued for the memory figure (default 10000; 0: skip)")
     args = parser.parse_args()
@@ -639,6 +649,8 @@ def main() -> None:
         plan = Plan(**{**asdict(plan), "streams": args.streams})
     if args.queued is not None:
         plan = Plan(**{**asdict(plan), "queued": args.queued})
+    if args.backend_closes_after_streams:
+        plan = Plan(**{**asdict(plan), "backend_closes_after_streams": True})
     root = Path(tempfile.mkdtemp(prefix="llamaproxy-bench-"))
     started = time.monotonic()
     try:

@@ -220,6 +220,13 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| llamaproxy (auto) | 61.5 | 141.7 | 80.2 | 8.2 | 10000 |", text)
         self.assertNotIn("smoke run", text)
 
+    def test_the_streams_say_when_the_backend_closed_after_each(self) -> None:
+        document = self.document(smoke=False)
+        self.assertNotIn("closes its connection", overhead.markdown(document))
+        document["plan"]["backend_closes_after_streams"] = True
+        self.assertIn("by first-byte p50; the backend closes its connection after each stream, "
+                      "as llama-server does):", overhead.markdown(document))
+
     def test_the_kernels_share_of_the_cpu(self) -> None:
         document = self.document(smoke=False)
         document["streams"]["nginx"]["cpu_system_percent"] = 30.0

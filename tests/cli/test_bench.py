@@ -211,6 +211,48 @@ class MeasuredRequestTests(BackendTestCase):
         self.assertEqual(asyncio.run(go()), [True, True, True])
 
 
+def _stream_then_ask_again(url: str) -> tuple[bytes, bytes]:
+    """A streamed chat request on a raw keep-alive connection, read to its last chunk, then a
+    ``GET /health`` on the same connection: (the stream's answer, what the second got)."""
+    port = int(url.rsplit(":", 1)[1])
+    body = chat_body("hi", max_tokens=2)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while not answer.endswith(b"\r\n0\r\n\r\n"):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = sock.recv(65536)
+        except ConnectionError:
+            second = b""
+    return answer, second
+
+
+class CloseAfterStreamTests(SynchronousTestCase):
+    """The fake keeps a connection open after a stream, or closes it as llama-server does."""
+
+    def answers(self, config: BackendConfig) -> tuple[bytes, bytes]:
+        backend = BackendThread(config).start()
+        self.addCleanup(backend.stop)
+        return _stream_then_ask_again(backend.url)
+
+    def test_kept_open_by_default(self) -> None:
+        answer, second = self.answers(BackendConfig(events=2, interval_ms=1.0))
+        self.assertIn(b"data: [DONE]", answer)
+        self.assertTrue(second.startswith(b"HTTP/1.1 200 OK"), second)
+
+    def test_closed_after_the_stream_like_llama_server(self) -> None:
+        answer, second = self.answers(
+            BackendConfig(events=2, interval_ms=1.0, close_after_stream=True))
+        self.assertIn(b"data: [DONE]", answer)
+        self.assertEqual(second, b"")
+
+
 class IdleCloseTests(SynchronousTestCase):
     """A keep-alive connection the server closes just as the next request arrives (llama-server
     closes after 5 idle seconds): the request is sent again on a new connection, not failed."""
