@@ -56,6 +56,7 @@ from bench import nginx, older_gateway, ratios
 from bench.procs import (
     Process,
     cores,
+    cpu_since,
     cpu_user_system,
     free_port,
     http_status,
@@ -309,12 +310,10 @@ def run_plain(server: Server, concurrency: int, duration: float, core: int | Non
     env = {**os.environ, "BENCH_API_KEY": server.api_key or ""}
     pids = server.pids()
     opened = upstream_connections(backend_url)
-    user_before, system_before = cpu_user_system(pids)
+    before = cpu_user_system(pids)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
                           timeout=duration + 60, cwd=Path(__file__).resolve().parent.parent)
-    user_after, system_after = cpu_user_system(pids)
-    system = system_after - system_before
-    cpu = user_after - user_before + system
+    cpu, system = cpu_since(pids, before)
     after = upstream_connections(backend_url)
     if use_wrk:
         result = _parse_wrk(done.stdout)
@@ -345,12 +344,10 @@ def run_streams(server: Server, plan: Plan, core: int | None, backend_url: str) 
     command = pinned(command, core)
     pids = server.pids()
     opened = upstream_connections(backend_url)
-    user_before, system_before = cpu_user_system(pids)
+    before = cpu_user_system(pids)
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
-    user_after, system_after = cpu_user_system(pids)
-    system = system_after - system_before
-    cpu = user_after - user_before + system
+    cpu, system = cpu_since(pids, before)
     after = upstream_connections(backend_url)
     if done.returncode != 0:
         raise RuntimeError(f"stream load failed:\n{done.stderr[-2000:]}")
@@ -358,6 +355,7 @@ def run_streams(server: Server, plan: Plan, core: int | None, backend_url: str) 
     result.update(
         command=" ".join(command).replace(API_KEY, "$KEY"),
         cpu_s=cpu,
+        cpu_system_s=system,
         cpu_percent=cpu / result["wall_s"] * 100 if result["wall_s"] else None,
         cpu_system_percent=system / result["wall_s"] * 100 if result["wall_s"] else None,
         cpu_ms_per_1000_events=(cpu * 1e6 / result["events_received"]

@@ -156,6 +156,13 @@ def cpu_user_system(pids: Sequence[int]) -> tuple[float, float]:
     return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
+def cpu_since(pids: Sequence[int], before: tuple[float, float]) -> tuple[float, float]:
+    """(user + system, system) CPU seconds used by ``pids`` since ``before``, a reading of
+    :func:`cpu_user_system`."""
+    user, system = cpu_user_system(pids)
+    return user - before[0] + system - before[1], system - before[1]
+
+
 def memory_kib(pids: Sequence[int], field: str = "VmRSS") -> int:
     """Sum of ``field`` (VmRSS, VmHWM) in KiB over ``pids`` (from /proc/<pid>/status)."""
     total = 0

@@ -28,40 +28,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.overhead import Plan, Server, run_streams, start_backend, start_gateway
-from bench.procs import (
-    Process,
-    cores,
-    cpu_user_system,
-    free_port,
-    http_status,
-    pinned,
-    wait_until,
+from bench.overhead import (
+    Plan,
+    Server,
+    run_streams,
+    start_backend,
+    start_floor,
+    start_gateway,
 )
+from bench.procs import cores
 
-FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 SHORT, LONG = 5, 50
-
-
-def start_floor(root: Path, backend_url: str, core: int | None) -> Server:
-    """The raw-epoll relay in front of ``backend_url``."""
-    port = free_port()
-    backend_port = backend_url.rsplit(":", 1)[1]
-    command = pinned([sys.executable, str(FLOOR), str(port), backend_port], core)
-    process = Process("floor relay", command, root / "floor.out")
-    wait_until(lambda: http_status(port, "/health") == 200, 10, "the floor relay", process)
-    return Server("floor", f"http://127.0.0.1:{port}", process)
 
 
 def _round(proxy: Server, plan: Plan, core: int | None, backend_url: str) -> dict[str, Any]:
     """One measured round, with the proxy's user and system CPU seconds."""
-    pids = proxy.pids()
-    user, system = cpu_user_system(pids)
     result = run_streams(proxy, plan, core, backend_url)
-    user_after, system_after = cpu_user_system(pids)
     if result["complete"] != result["streams"]:
         raise RuntimeError(f"{proxy.name}: incomplete streams: {result['errors']}")
-    return {"user": user_after - user, "system": system_after - system,
+    return {"user": result["cpu_s"] - result["cpu_system_s"], "system": result["cpu_system_s"],
             "percent": result["cpu_percent"]}
 
 
