@@ -19,7 +19,7 @@ from llamaproxy.auth.keys import AUTH_DISABLED
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.tokens import estimate_prompt_tokens
-from llamaproxy.observability.access_log import AccessEntry, AccessLog
+from llamaproxy.observability.access_log import AccessEntry, AccessFields, AccessLog
 from llamaproxy.observability.metrics import GatewayMetrics, rejection_reason
 from llamaproxy.observability.rejection_log import RejectionLog
 from llamaproxy.observability.usage import UsageLedger
@@ -73,30 +73,38 @@ class RequestRecorder:
         charge = _charge(request, exchange)
         prompt, completion, estimated = charge if charge is not None else (None, None, False)
         key_id = request.key_id
-        if self.access_log is not None or self.observers:
-            entry = AccessEntry(
-                ts=request.started_at,
-                request_id=request.request_id,
-                key_id=key_id,
-                method=request.method.decode("latin-1"),
-                path=request.path.decode("latin-1"),
-                status=status,
-                duration_ms=(now - request.started_at) * 1000,
-                ttfb_ms=None if request.first_byte_at is None
-                else (request.first_byte_at - request.started_at) * 1000,
-                bytes=request.sentLength,
-                model=model,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                outcome=outcome,
-                tokens_estimated=estimated,
-                client=request.client_identity.address,
-                route=exchange.route if exchange is not None else None,
+        access_log = self.access_log
+        observers = self.observers
+        if access_log is not None or observers:
+            started = request.started_at
+            first_byte_at = request.first_byte_at
+            # AccessEntry's fields, in order: the entry object is built only for observers.
+            fields: AccessFields = (
+                started,
+                request.request_id,
+                key_id,
+                request.method.decode("latin-1"),
+                request.path.decode("latin-1"),
+                status,
+                (now - started) * 1000,  # duration_ms
+                None if first_byte_at is None else (first_byte_at - started) * 1000,  # ttfb_ms
+                request.sentLength,
+                model,
+                prompt,
+                completion,
+                outcome,
+                estimated,
+                request.client_identity.address,
+                exchange.route if exchange is not None else None,
             )
-            if self.access_log is not None:
-                self.access_log.record(entry)
-            for observer in self.observers:
-                observer(entry, request)
+            if observers:
+                entry = AccessEntry(*fields)
+                if access_log is not None:
+                    access_log.record(entry)
+                for observer in observers:
+                    observer(entry, request)
+            elif access_log is not None:
+                access_log.record_fields(fields)
         if request.error is not None:
             reason = rejection_reason(request.error)
             if reason is not None:

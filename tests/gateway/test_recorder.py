@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaproxy.auth.access import TokenLimits
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
 from llamaproxy.gateway.recorder import CLIENT_CLOSED, RequestRecorder
-from llamaproxy.observability.access_log import AccessLog
+from llamaproxy.observability.access_log import AccessLog, format_access_json
 from llamaproxy.observability.metrics import GatewayMetrics
 from llamaproxy.testing import StreamingResponse, sse_chunk
 from tests.gateway.test_resource import AUTH, GatewayFixture
@@ -168,6 +168,44 @@ class ObserverTests(SynchronousTestCase):
         self.gw.client().request("GET", "/v1/models")
         self.assertEqual(len(seen), 1)
         self.assertIs(seen[0], recorded[0])
+
+
+    def test_the_access_line_is_the_same_without_observers(self) -> None:
+        """Without observers the recorder hands the access log the entry's fields instead of
+        an entry: the line is the one the observers' entry makes."""
+        path = self.mktemp()
+        access_log = AccessLog(path, "json", self.gw.clock, "test", "w")
+        self.recorder.access_log = access_log
+        self.recorder.observers = []
+        self.chat_with_usage()
+        seen: list[Any] = []
+        self.recorder.observers.append(lambda entry, request: seen.append(entry))
+        self.chat_with_usage()
+        access_log.flush()
+        with open(path) as f:
+            without, with_observer = f.read().splitlines(keepends=True)
+        [entry] = seen
+        self.assertEqual(with_observer, format_access_json(entry, "w", "test"))
+        first, second = json.loads(without), json.loads(with_observer)
+        self.assertNotEqual(first["ts"], second["ts"])
+        self.assertEqual(
+            without.replace(first["request_id"], second["request_id"])
+            .replace(first["ts"], second["ts"]),
+            with_observer,
+        )
+        self.assertEqual((entry.status, entry.prompt_tokens, entry.completion_tokens,
+                          entry.client, entry.ttfb_ms), (200, 4, 9, "127.0.0.1", 500.0))
+
+    def chat_with_usage(self) -> None:
+        client = self.gw.chat()
+        backend = StreamingResponse()
+        self.gw.clock.advance(0.5)
+        self.gw.agent.requests[-1].deferred.callback(backend)
+        backend.send(b'data: {"choices": [], "model": "fake", "usage": {"prompt_tokens": 4, '
+                     b'"completion_tokens": 9}}\n\ndata: [DONE]\n\n')
+        self.gw.clock.advance(0.25)
+        backend.finish()
+        self.assertTrue(client.response().complete)
 
 
 class RejectionLoggingTests(SynchronousTestCase):
