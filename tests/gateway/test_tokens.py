@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.gateway.tokens import UsageCollector, estimate_prompt_tokens
+from llamaproxy.gateway.tokens import UsageCollector, estimate_prompt_tokens, parse_json
 from llamaproxy.testing import sse_chunk
 
 USAGE_EVENT = b"data: " + json.dumps({
@@ -131,3 +132,43 @@ class CachedTokensTests(SynchronousTestCase):
         collector = UsageCollector(streaming=True)
         run(collector, [STREAM])
         self.assertEqual((collector.cached_tokens, collector.evaluated_tokens), (None, 7))
+
+
+#: JSON documents and text around them (whitespace, garbage, byte-order marks, NULs).
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+_AROUND = st.sampled_from([b"", b" ", b"\n", b" \t\r\n", b"x", b"\x00", b"{", b"}",
+                           b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\xed\xa0\x80"])
+
+
+def _loads_outcome(parse: Any, body: bytes) -> tuple[str, Any]:
+    try:
+        return "value", parse(body)
+    except (ValueError, RecursionError) as error:
+        return "error", type(error) if isinstance(error, RecursionError) else ValueError
+
+
+class ParseJSONTests(SynchronousTestCase):
+    """``parse_json`` is ``json.loads`` for every body (it only skips loads' Python layers)."""
+
+    @given(_AROUND, _JSON_VALUES, st.booleans(), _AROUND)
+    def test_documents(self, before: bytes, value: Any, ascii: bool, after: bytes) -> None:
+        body = before + json.dumps(value, ensure_ascii=ascii).encode("utf-8", "surrogatepass") \
+            + after
+        self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body))
+
+    @given(st.binary(max_size=40))
+    def test_any_bytes(self, body: bytes) -> None:
+        self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body))
+
+    def test_examples(self) -> None:
+        for body in [b'{"usage": {"prompt_tokens": 1}}', b' {"a": 1} \n', b'{"a": 1}x',
+                     b'{"a": 1} {}', b"{", b"{\x00\x00\x00", b" \x00{}", b"[1, 2]",
+                     b"{\"a\": \"\xed\xa0\x80\"}", b"{" * 100_000,
+                     '{"a": "h\u00e9"}'.encode("utf-16"), '{"a": 1}'.encode("utf-16-le"),
+                     ' {"a": 1}'.encode("utf-32-le")]:
+            self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body),
+                             body[:20])
