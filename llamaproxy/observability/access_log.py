@@ -201,6 +201,12 @@ def format_access_json(
     return line
 
 
+#: Below this, ``repr(round(ms, 1))`` (what the JSON encoder writes for ``_round_ms``) is
+#: ``f"{ms:.1f}"``: ``round`` is the correctly rounded one-decimal value, and floats are closer
+#: than 0.05 apart there, so no shorter decimal names the same float; the f-string costs half.
+_SHORT_MS = 1e14
+
+
 def _json_line(
     ts: float, request_id: str, key_id: str | None, method: str, path: str, status: int,
     duration_ms: float, ttfb_ms: float | None, size: int, model: str | None,
@@ -224,8 +230,10 @@ def _json_line(
             path if len(path) <= cut else path[:cut - 3] + "..."),
         ',"status":', str(int(status)),
         ',"duration_ms":', "null" if duration_ms is None or not isfinite(duration_ms)
+        else f"{duration_ms:.1f}" if -_SHORT_MS < duration_ms < _SHORT_MS
         else repr(round(duration_ms, 1)),
         ',"ttfb_ms":', "null" if ttfb_ms is None or not isfinite(ttfb_ms)
+        else f"{ttfb_ms:.1f}" if -_SHORT_MS < ttfb_ms < _SHORT_MS
         else repr(round(ttfb_ms, 1)),
         ',"bytes":', str(int(size)),
         ',"model":', "null" if model is None else encode_basestring(

@@ -202,6 +202,13 @@ class FormatHelpersTests(SynchronousTestCase):
         self.assertEqual(iso_timestamp(T0), "2026-05-28T20:26:40.250Z")
         self.assertEqual(iso_timestamp(0), "1970-01-01T00:00:00.000Z")
         self.assertEqual(iso_timestamp(float("inf")), "1970-01-01T00:00:00.000Z")
+        self.assertEqual(iso_timestamp(T0 + 0.7499996), "2026-05-28T20:26:41.000Z")
+        self.assertEqual(iso_timestamp(1e300), "1970-01-01T00:00:00.000Z")
+
+    def test_iso_timestamp_every_millisecond(self) -> None:
+        for ms in range(1000):
+            self.assertEqual(iso_timestamp(1_780_000_000 + ms / 1000 + 0.0004),
+                             f"2026-05-28T20:26:40.{ms:03d}Z")
 
     def test_parse_log_format(self) -> None:
         self.assertEqual(parse_log_format(" JSON "), "json")
@@ -436,6 +443,16 @@ class AccessFormatTests(SynchronousTestCase):
         record = json.loads(line)
         self.assertEqual((record["path"], record["key_id"]), (path, key_id))
 
+
+    @given(st.one_of(st.floats(), st.floats(min_value=-2e14, max_value=2e14),
+                     st.integers(min_value=-10**16, max_value=10**16).map(lambda n: n / 20)))
+    def test_json_durations_are_the_json_encoder_output(self, duration: float) -> None:
+        """Durations below 1e14 ms are written with ``:.1f`` instead of ``repr(round())``."""
+        record = entry(duration_ms=duration, ttfb_ms=-duration)
+        self.assertEqual(
+            format_access_json(record),
+            logs.dumps_compact(access_log.access_record(record)) + "\n",
+        )
 
     @given(
         st.text(max_size=40), st.one_of(st.none(), st.text(max_size=40)), st.text(max_size=300),
