@@ -52,6 +52,17 @@ class LedgerTests(TestCase):
         ledger.startService()
         return ledger
 
+    def test_odd_counts_are_stored_as_tokens_says(self) -> None:
+        """``record`` reads a non-negative int itself and leaves the rest to ``_tokens``."""
+        ledger = UsageLedger(self.path, self.clock, reactor, self.pool)
+        odd: list[Any] = [True, 2.9, "x", -1, 2**70, None, 0, 7]
+        for value in odd:
+            ledger.record("a", "m", value, value)
+        total = sum(usage._tokens(value) for value in odd)
+        self.assertEqual(total, 1 + 2 + 2**70 + 7)
+        self.assertEqual(ledger.pending,
+                         [UsageRow("2026-06-01", "a", "m", len(odd), total, total)])
+
     async def test_record_flush_query(self) -> None:
         ledger = self.ledger()
         ledger.record("alice", "qwen", 10, 20)
