@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 
-from llamaproxy.auth.keys import AUTH_DISABLED, authenticate, presented_key
+from llamaproxy.auth.keys import AUTH_DISABLED, authenticate_headers
 from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
 from llamaproxy.auth.tokenlimit import TokenRateLimiter
@@ -78,9 +78,7 @@ class AccessControl:
         if not self.auth_enabled:
             # No keys, no identities: every caller is "auth-disabled" and nothing is limited.
             return Access(AUTH_DISABLED)
-        result = authenticate(
-            self.store.keys, presented_key(authorization, x_api_key), self.now()
-        )
+        result = authenticate_headers(self.store.keys, authorization, x_api_key, self.now)
         if isinstance(result, GatewayError):
             return Access(None, error=result)
         key_id = result.key_id

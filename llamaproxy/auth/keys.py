@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -144,6 +144,23 @@ def authenticate(keys: KeySet, presented: str | None, now: datetime) -> ApiKey |
 
     The checks and their messages follow the older gateway, in order.
     """
+    return _authenticate(keys, presented, lambda: now)
+
+
+def authenticate_headers(
+    keys: KeySet,
+    authorization: bytes | None,
+    x_api_key: bytes | None,
+    now: Callable[[], datetime],
+) -> ApiKey | GatewayError:
+    """``authenticate(keys, presented_key(authorization, x_api_key), now())``, with ``now``
+    called only for a key that has an expiration (most have none)."""
+    return _authenticate(keys, presented_key(authorization, x_api_key), now)
+
+
+def _authenticate(
+    keys: KeySet, presented: str | None, now: Callable[[], datetime]
+) -> ApiKey | GatewayError:
     if not keys:
         return errors.unauthorized("Authentication misconfigured: no API keys loaded")
     if presented is None:
@@ -153,6 +170,6 @@ def authenticate(keys: KeySet, presented: str | None, now: datetime) -> ApiKey |
     key = keys.lookup(presented)
     if key is None:
         return errors.unauthorized("Invalid API key")
-    if key.expired(now):
+    if key.expires is not None and key.expired(now()):
         return errors.unauthorized("API key has expired")
     return key

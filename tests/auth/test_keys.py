@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from llamaproxy.auth.keys import authenticate, parse_expiration, parse_keys, presented_key
+from llamaproxy.auth.keys import (
+    KeySet,
+    authenticate,
+    authenticate_headers,
+    parse_expiration,
+    parse_keys,
+    presented_key,
+)
 from llamaproxy.auth.store import KeyLoadError, KeyStore
 from llamaproxy.gateway.errors import GatewayError
 
@@ -87,6 +94,55 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(presented_key(None, b" xyz "), "xyz")
         self.assertEqual(presented_key(b"", b"xyz"), "xyz")
         self.assertIsNone(presented_key(None, None))
+
+
+class AuthenticateHeadersTests(SynchronousTestCase):
+    """``authenticate_headers``: ``authenticate`` from the raw headers, reading the clock only
+    when it matters."""
+
+    def setUp(self) -> None:
+        self.keys = parse_keys([f"a:{KEY}", "soon:sk-ssssssssssssssss::2026-06-01T00:00:10"])[0]
+        self.now = NOW
+        self.clock_reads = 0
+
+    def read_clock(self) -> datetime:
+        self.clock_reads += 1
+        return self.now
+
+    def check(self, authorization: bytes | None, x_api_key: bytes | None = None,
+              keys: KeySet | None = None) -> str:
+        result = authenticate_headers(self.keys if keys is None else keys, authorization,
+                                      x_api_key, self.read_clock)
+        return result.message if isinstance(result, GatewayError) else result.key_id
+
+    def test_same_answers_as_authenticate(self) -> None:
+        empty = parse_keys([])[0]
+        pairs: list[tuple[bytes | None, bytes | None]] = [
+            (f"Bearer {KEY}".encode(), None), (KEY.encode(), None), (None, KEY.encode()),
+            (b"", KEY.encode()), (b"Bearer  ", KEY.encode()), (b"Bearer bad key!", None),
+            (b"Bearer sk-zzzzzzzzzzzzzzzz", None), (None, None), (b"   ", None),
+            (b"Bearer sk-ssssssssssssssss", None), (f"Bearer {KEY}".encode(), b"other"),
+        ]
+        for now in (NOW, NOW + timedelta(seconds=10)):
+            self.now = now
+            for keys in (self.keys, empty):
+                for _ in range(2):  # the same again (answered from the memo, where there is one)
+                    for authorization, x_api_key in pairs:
+                        expected = authenticate(
+                            keys, presented_key(authorization, x_api_key), now)
+                        want = (expected.message if isinstance(expected, GatewayError)
+                                else expected.key_id)
+                        self.assertEqual(self.check(authorization, x_api_key, keys), want)
+
+    def test_the_clock_is_read_only_for_keys_that_expire(self) -> None:
+        self.check(f"Bearer {KEY}".encode())
+        self.check(f"Bearer {KEY}".encode())
+        self.assertEqual(self.clock_reads, 0)
+        self.assertEqual(self.check(b"Bearer sk-ssssssssssssssss"), "soon")
+        self.assertEqual(self.clock_reads, 1)
+        self.now = NOW + timedelta(seconds=10)
+        self.assertEqual(self.check(b"Bearer sk-ssssssssssssssss"), "API key has expired")
+        self.assertEqual(self.clock_reads, 2)
 
 
 class WatcherTests(SynchronousTestCase):
