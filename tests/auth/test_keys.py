@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from llamaproxy.auth.keys import (
+    HEADER_MEMO_SIZE,
+    HEADER_MEMO_VALUE_MAX,
     KeySet,
     authenticate,
     authenticate_headers,
@@ -143,6 +145,69 @@ class AuthenticateHeadersTests(SynchronousTestCase):
         self.now = NOW + timedelta(seconds=10)
         self.assertEqual(self.check(b"Bearer sk-ssssssssssssssss"), "API key has expired")
         self.assertEqual(self.clock_reads, 2)
+
+
+class HeaderMemoTests(AuthenticateHeadersTests):
+    """``KeySet.matched``: what ``authenticate_headers`` remembers, and when it forgets."""
+
+    def test_only_matches_are_remembered(self) -> None:
+        self.check(b"Bearer sk-zzzzzzzzzzzzzzzz")
+        self.check(b"Bearer bad key!")
+        self.check(None)
+        self.check(b"", b"sk-zzzzzzzzzzzzzzzz")
+        self.assertEqual(self.keys.matched, {})
+        self.check(f"Bearer {KEY}".encode())
+        self.assertEqual(list(self.keys.matched), [(f"Bearer {KEY}".encode(), None)])
+
+    def test_a_remembered_key_still_expires(self) -> None:
+        authorization = b"Bearer sk-ssssssssssssssss"
+        self.assertEqual(self.check(authorization), "soon")
+        self.assertIn((authorization, None), self.keys.matched)
+        self.now = NOW + timedelta(seconds=10)
+        self.assertEqual(self.check(authorization), "API key has expired")
+
+    def test_a_reload_forgets_removed_keys(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        store = KeyStore(path)
+        store.load()
+        authorization = f"Bearer {KEY}".encode()
+        self.assertEqual(self.check(authorization, keys=store.keys), "a")
+        self.assertIn((authorization, None), store.keys.matched)
+        with open(path, "w") as f:
+            f.write("b:sk-bbbbbbbbbbbbbbbb\n")
+        store.load("reload")
+        self.assertEqual(self.check(authorization, keys=store.keys), "Invalid API key")
+        self.assertEqual(self.check(b"Bearer sk-bbbbbbbbbbbbbbbb", keys=store.keys), "b")
+
+    def test_a_reload_that_changes_a_key_id_or_limit_is_seen(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}:10\n")
+        store = KeyStore(path)
+        store.load()
+        authorization = f"Bearer {KEY}".encode()
+        for _ in range(2):
+            result = authenticate_headers(store.keys, authorization, None, self.read_clock)
+            assert not isinstance(result, GatewayError)
+            self.assertEqual((result.key_id, result.rate_limit), ("a", 10))
+        with open(path, "w") as f:
+            f.write(f"renamed:{KEY}:20\n")
+        store.load("reload")
+        result = authenticate_headers(store.keys, authorization, None, self.read_clock)
+        assert not isinstance(result, GatewayError)
+        self.assertEqual((result.key_id, result.rate_limit), ("renamed", 20))
+
+    def test_bounded(self) -> None:
+        # One valid key, any number of spellings (or of junk X-Api-Key values beside it).
+        for n in range(HEADER_MEMO_SIZE + 10):
+            self.assertEqual(self.check(f"Bearer {KEY}".encode(), str(n).encode()), "a")
+            self.assertLessEqual(len(self.keys.matched), HEADER_MEMO_SIZE)
+        self.assertEqual(len(self.keys.matched), 10)  # started over once, when full
+        long = b" " * HEADER_MEMO_VALUE_MAX
+        self.assertEqual(self.check(f"Bearer {KEY}".encode(), long), "a")
+        self.assertNotIn((f"Bearer {KEY}".encode(), long), self.keys.matched)
 
 
 class WatcherTests(SynchronousTestCase):
