@@ -317,10 +317,14 @@ class Router:
         spec = self._model(model)
         if not self.allowed(key_id, model):
             raise ModelNotAllowedError(model)
-        plan = self._plan(spec, commit=True, why=False, prefix=prefix)
+        plan = _Plan()
+        ready, recovering, unreachable = self._sorted(spec, plan, why=False)
+        ready = self._order_ready(spec, ready, commit=True, prefix=prefix, plan=plan)
         if plan.decision is not None:
             self.memory.decided(model, plan.decision)
-        return Choice([member for member, _ in plan.candidates], plan.decision)
+        if recovering or unreachable:
+            ready += recovering + unreachable
+        return Choice(ready, plan.decision)
 
     def served(
         self, model: str | None, prefix: int | None, member: Member,
@@ -363,44 +367,12 @@ class Router:
     def _priority_key_spec(self, spec: BackendSpec) -> tuple[int, int]:
         return spec.priority, self._order[spec.name]
 
-    def _plan(
-        self, model: ModelSpec, commit: bool, why: bool = True, prefix: int | None = None
-    ) -> _Plan:
-        """Order the model's backends; ``why=False`` (the request path) skips the reasons."""
+    def _plan(self, model: ModelSpec, commit: bool, prefix: int | None = None) -> _Plan:
+        """Order the model's backends, each with why (``explain``; ``choose``, the request
+        path, orders them the same way without the reasons)."""
         plan = _Plan()
-        ready: list[Member] = []
-        recovering: list[Member] = []
-        unreachable: list[Member] = []
-        for spec in self.table.backends_for(model.name):
-            member = self.members[spec.name]
-            breaker = member.breaker
-            if not breaker.allow():
-                plan.skipped.append((member, _breaker_refusal(breaker)))
-            elif member.status.ready:
-                ready.append(member)
-            elif member.status.recovering:
-                recovering.append(member)
-            elif member.status.state is BackendState.UNREACHABLE:
-                unreachable.append(member)
-            else:
-                plan.skipped.append((member, f"backend is {member.status.state.value}"))
-        if len(ready) > 1:
-            ready.sort(key=self._priority_key)
-        if len(recovering) > 1:
-            recovering.sort(key=self._priority_key)
-        if len(unreachable) > 1:
-            unreachable.sort(key=self._priority_key)
-        if model.strategy is Strategy.ROUND_ROBIN and ready:
-            pick = self._round_robin_pick(model.name, ready, commit)
-            ready.remove(pick)
-            ready.insert(0, pick)
-        elif model.strategy is Strategy.LEAST_BUSY and len(ready) > 1:
-            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
-        elif model.strategy is Strategy.CACHE_AFFINITY:
-            ready = self._affinity_order(model.name, ready, prefix, plan)
-        if not why:
-            plan.candidates = [(m, "") for m in ready + recovering + unreachable]
-            return plan
+        ready, recovering, unreachable = self._sorted(model, plan, why=True)
+        ready = self._order_ready(model, ready, commit, prefix, plan)
         trial = " (breaker half-open: trial request)"
         note = {m.name: trial if m.breaker.state is BreakerState.HALF_OPEN else "" for m in ready}
         if model.strategy is Strategy.ROUND_ROBIN and ready:
@@ -443,6 +415,55 @@ class Router:
             (m, "unreachable: a request gets 502 at once, without waiting") for m in unreachable
         ]
         return plan
+
+    def _sorted(
+        self, model: ModelSpec, plan: _Plan, why: bool
+    ) -> tuple[list[Member], list[Member], list[Member]]:
+        """The model's backends that may be tried: ready, recovering and unreachable ones, each
+        by priority; the others go to ``plan.skipped`` (with their reason when ``why``)."""
+        ready: list[Member] = []
+        recovering: list[Member] = []
+        unreachable: list[Member] = []
+        members = self.members
+        for spec in self.table.backends_for(model.name):
+            member = members[spec.name]
+            breaker = member.breaker
+            if not breaker.allow():
+                plan.skipped.append((member, _breaker_refusal(breaker) if why else ""))
+            elif member.status.ready:
+                ready.append(member)
+            elif member.status.recovering:
+                recovering.append(member)
+            elif member.status.state is BackendState.UNREACHABLE:
+                unreachable.append(member)
+            else:
+                plan.skipped.append(
+                    (member, f"backend is {member.status.state.value}" if why else ""))
+        if len(ready) > 1:
+            ready.sort(key=self._priority_key)
+        if len(recovering) > 1:
+            recovering.sort(key=self._priority_key)
+        if len(unreachable) > 1:
+            unreachable.sort(key=self._priority_key)
+        return ready, recovering, unreachable
+
+    def _order_ready(
+        self, model: ModelSpec, ready: list[Member], commit: bool, prefix: int | None,
+        plan: _Plan,
+    ) -> list[Member]:
+        """``ready`` (by priority) in the order the model's strategy tries them."""
+        strategy = model.strategy
+        if strategy is Strategy.PRIORITY:
+            return ready
+        if strategy is Strategy.ROUND_ROBIN and ready:
+            pick = self._round_robin_pick(model.name, ready, commit)
+            ready.remove(pick)
+            ready.insert(0, pick)
+        elif strategy is Strategy.LEAST_BUSY and len(ready) > 1:
+            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
+        elif strategy is Strategy.CACHE_AFFINITY:
+            ready = self._affinity_order(model.name, ready, prefix, plan)
+        return ready
 
     def _affinity_order(
         self, model: str, ready: list[Member], prefix: int | None, plan: _Plan
