@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from twisted.internet.defer import Deferred
 
@@ -26,9 +26,12 @@ if TYPE_CHECKING:
     from llamaproxy.state.limits import SharedLimits
 
 
-@dataclass(frozen=True)
-class Access:
-    """The decision for one request: its key id (when known), response headers, any refusal."""
+class Access(NamedTuple):
+    """The decision for one request: its key id (when known), response headers, any refusal.
+
+    (Immutable; a NamedTuple rather than a frozen dataclass, whose field-by-field
+    ``object.__setattr__`` made one per request cost about 11 000 instructions.)
+    """
 
     key_id: str | None
     headers: tuple[tuple[str, str], ...] = ()

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class SecondsClock(Protocol):
@@ -79,9 +79,12 @@ class SecondsClock(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class RateDecision:
-    """The outcome of one check, with the numbers for the response headers."""
+class RateDecision(NamedTuple):
+    """The outcome of one check, with the numbers for the response headers.
+
+    (Immutable; a NamedTuple rather than a frozen dataclass, which cost about 8 500
+    instructions to make, once per request.)
+    """
 
     allowed: bool
     limit: int
