@@ -3,8 +3,11 @@
 Format (the older gateway's, unchanged): one key per line,
 ``key_id:api_key[:rate_limit][:expiration]``, ``#`` comments and blank lines ignored. Keys are held
 as SHA-256 digests in a dict, so a lookup costs the same with 1 or 100 000 keys; the match is
-confirmed with ``hmac.compare_digest``. Invalid lines are skipped with a warning naming the line
-number, never the key.
+confirmed with ``hmac.compare_digest``. A KeySet also remembers the header values that matched one
+of its keys (``authenticate_headers``; bounded, matches only), so a client presenting the same
+key again costs one dict lookup instead of a parse and a SHA-256; a reload replaces the KeySet
+and its memo with it. Invalid lines are skipped with a warning naming the line number, never
+the key.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from llamaproxy.gateway import errors
@@ -24,6 +27,17 @@ _API_KEY = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 #: The key id requests get when authentication is off.
 AUTH_DISABLED = "auth-disabled"
+
+#: Header pairs a KeySet remembers as matching a key (``authenticate_headers``); when full, the
+#: memo starts over.
+HEADER_MEMO_SIZE = 1024
+
+#: The longest header pair remembered, in bytes (a key is at most 128 characters): longer ones
+#: are authenticated in full every time.
+HEADER_MEMO_VALUE_MAX = 512
+
+#: A request's ``Authorization`` and ``X-Api-Key`` values as they came (None: absent).
+HeaderPair = tuple[bytes | None, bytes | None]
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,13 @@ class KeySet:
     """The keys loaded from one read of the key file."""
 
     by_digest: Mapping[bytes, ApiKey]
+    #: Header pairs that matched a key (``authenticate_headers``): the next request with the
+    #: same headers needs no parse and no SHA-256. Only matches are remembered, never what
+    #: failed, at most ``HEADER_MEMO_SIZE`` pairs of at most ``HEADER_MEMO_VALUE_MAX`` bytes; a
+    #: reload makes a new KeySet, so a key removed from the file is forgotten with the old set.
+    matched: dict[HeaderPair, ApiKey] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __len__(self) -> int:
         return len(self.by_digest)
@@ -144,6 +165,37 @@ def authenticate(keys: KeySet, presented: str | None, now: datetime) -> ApiKey |
 
     The checks and their messages follow the older gateway, in order.
     """
+    return _authenticate(keys, presented, lambda: now)
+
+
+def authenticate_headers(
+    keys: KeySet,
+    authorization: bytes | None,
+    x_api_key: bytes | None,
+    now: Callable[[], datetime],
+) -> ApiKey | GatewayError:
+    """``authenticate(keys, presented_key(authorization, x_api_key), now())``, with ``now``
+    called only for a key that has an expiration (most have none), and matches remembered in
+    ``keys.matched`` (the expiration is still checked on every request)."""
+    pair = (authorization, x_api_key)
+    key = keys.matched.get(pair)
+    if key is not None:
+        if key.expires is not None and key.expired(now()):
+            return errors.unauthorized("API key has expired")
+        return key
+    result = _authenticate(keys, presented_key(authorization, x_api_key), now)
+    if isinstance(result, ApiKey) and (
+        len(authorization or b"") + len(x_api_key or b"") <= HEADER_MEMO_VALUE_MAX
+    ):
+        if len(keys.matched) >= HEADER_MEMO_SIZE:
+            keys.matched.clear()
+        keys.matched[pair] = result
+    return result
+
+
+def _authenticate(
+    keys: KeySet, presented: str | None, now: Callable[[], datetime]
+) -> ApiKey | GatewayError:
     if not keys:
         return errors.unauthorized("Authentication misconfigured: no API keys loaded")
     if presented is None:
@@ -153,6 +205,6 @@ def authenticate(keys: KeySet, presented: str | None, now: datetime) -> ApiKey |
     key = keys.lookup(presented)
     if key is None:
         return errors.unauthorized("Invalid API key")
-    if key.expired(now):
+    if key.expires is not None and key.expired(now()):
         return errors.unauthorized("API key has expired")
     return key

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class SecondsClock(Protocol):
@@ -79,9 +79,12 @@ class SecondsClock(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class RateDecision:
-    """The outcome of one check, with the numbers for the response headers."""
+class RateDecision(NamedTuple):
+    """The outcome of one check, with the numbers for the response headers.
+
+    (Immutable; a NamedTuple rather than a frozen dataclass, which cost about 8 500
+    instructions to make, once per request.)
+    """
 
     allowed: bool
     limit: int
@@ -247,21 +250,45 @@ class RateLimiter(SlidingWindowCounter):
             limit = self.default_limit
         else:
             _check_limit(limit)
+        # The arithmetic of ``_bucket``, ``_estimate``, ``_remaining`` and ``_reset`` inlined (it
+        # runs on every request): the same operations on the same floats, so the same answers.
         now = self._clock.seconds()
-        self._sweep_if_due(now)
-        bucket = self._bucket(key_id, now)
-        start, previous = bucket.start, bucket.previous
-        estimate = self._estimate(start, previous, bucket.current, now)
-        allowed = estimate < limit
+        if now - self._last_sweep >= self.cleanup_interval or now < self._last_sweep:
+            self.purge()
+        window = self.window
+        bucket = self._buckets.get(key_id)
+        if bucket is None:
+            bucket = self._buckets[key_id] = _Bucket(now, 0, 0, now)
+        else:
+            if not 0 <= now - bucket.start < window:
+                self._roll(bucket, now)
+            bucket.last_seen = now
+        start, previous, current = bucket.start, bucket.previous, bucket.current
+        offset = now - start
+        if offset < 0.0:
+            offset = 0.0
+        elif offset > window:
+            offset = window
+        share = previous * ((window - offset) / window)  # E = share + current
+        allowed = share + current < limit
         if allowed:
-            bucket.current += 1
-        current = bucket.current
+            current += 1
+            bucket.current = current
+        # remaining: the smallest k >= 0 with E + k >= limit (see ``_remaining``).
+        remaining = max(0, math.ceil(limit - (share + current)))
+        while remaining > 0 and share + (current + remaining - 1) >= limit:
+            remaining -= 1
+        while share + (current + remaining) < limit:
+            remaining += 1
+        if current > 0:
+            reset = math.ceil(2 * window - offset)
+        elif previous > 0:
+            reset = math.ceil(window - offset)
+        else:
+            reset = 0
         return RateDecision(
-            allowed=allowed,
-            limit=limit,
-            remaining=self._remaining(start, previous, current, now, limit),
-            reset=self._reset(start, previous, current, now),
-            retry_after=None if allowed else self._retry_after(bucket, now, limit),
+            allowed, limit, remaining, reset,
+            None if allowed else self._retry_after(bucket, now, limit),
         )
 
     def refund(self, key_id: str, charged_at: float) -> None:

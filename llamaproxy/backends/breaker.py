@@ -171,6 +171,8 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """Would ``acquire()`` give a ticket now? (No side effect besides open → half-open.)"""
+        if self._state is BreakerState.CLOSED:
+            return True  # (``state`` changes only an open breaker)
         state = self.state
         if state is BreakerState.CLOSED:
             return True

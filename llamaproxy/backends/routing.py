@@ -32,7 +32,7 @@ import builtins
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from twisted.internet import defer
 from twisted.internet import error as internet_error
@@ -170,9 +170,11 @@ class _Plan:
     home: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """The backends to try for one request, best first, and the affinity decision if any."""
+class Choice(NamedTuple):
+    """The backends to try for one request, best first, and the affinity decision if any.
+
+    (A NamedTuple: made once per request, it costs a third of a frozen dataclass.)
+    """
 
     members: list[Member]
     decision: str | None = None
@@ -317,10 +319,16 @@ class Router:
         spec = self._model(model)
         if not self.allowed(key_id, model):
             raise ModelNotAllowedError(model)
-        plan = self._plan(spec, commit=True, why=False, prefix=prefix)
+        ready, recovering, unreachable = self._sorted(spec, None)
+        recovering += unreachable  # (tried after the ready ones, in this order)
+        if spec.strategy is not Strategy.CACHE_AFFINITY:
+            ready = self._order_ready(spec, ready, commit=True)
+            return Choice(ready + recovering if recovering else ready)
+        plan = _Plan()
+        ready = self._affinity_order(model, ready, prefix, plan)
         if plan.decision is not None:
             self.memory.decided(model, plan.decision)
-        return Choice([member for member, _ in plan.candidates], plan.decision)
+        return Choice(ready + recovering if recovering else ready, plan.decision)
 
     def served(
         self, model: str | None, prefix: int | None, member: Member,
@@ -363,44 +371,15 @@ class Router:
     def _priority_key_spec(self, spec: BackendSpec) -> tuple[int, int]:
         return spec.priority, self._order[spec.name]
 
-    def _plan(
-        self, model: ModelSpec, commit: bool, why: bool = True, prefix: int | None = None
-    ) -> _Plan:
-        """Order the model's backends; ``why=False`` (the request path) skips the reasons."""
+    def _plan(self, model: ModelSpec, commit: bool, prefix: int | None = None) -> _Plan:
+        """Order the model's backends, each with why (``explain``; ``choose``, the request
+        path, orders them the same way without the reasons)."""
         plan = _Plan()
-        ready: list[Member] = []
-        recovering: list[Member] = []
-        unreachable: list[Member] = []
-        for spec in self.table.backends_for(model.name):
-            member = self.members[spec.name]
-            breaker = member.breaker
-            if not breaker.allow():
-                plan.skipped.append((member, _breaker_refusal(breaker)))
-            elif member.status.ready:
-                ready.append(member)
-            elif member.status.recovering:
-                recovering.append(member)
-            elif member.status.state is BackendState.UNREACHABLE:
-                unreachable.append(member)
-            else:
-                plan.skipped.append((member, f"backend is {member.status.state.value}"))
-        if len(ready) > 1:
-            ready.sort(key=self._priority_key)
-        if len(recovering) > 1:
-            recovering.sort(key=self._priority_key)
-        if len(unreachable) > 1:
-            unreachable.sort(key=self._priority_key)
-        if model.strategy is Strategy.ROUND_ROBIN and ready:
-            pick = self._round_robin_pick(model.name, ready, commit)
-            ready.remove(pick)
-            ready.insert(0, pick)
-        elif model.strategy is Strategy.LEAST_BUSY and len(ready) > 1:
-            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
-        elif model.strategy is Strategy.CACHE_AFFINITY:
+        ready, recovering, unreachable = self._sorted(model, plan.skipped)
+        if model.strategy is Strategy.CACHE_AFFINITY:
             ready = self._affinity_order(model.name, ready, prefix, plan)
-        if not why:
-            plan.candidates = [(m, "") for m in ready + recovering + unreachable]
-            return plan
+        else:
+            ready = self._order_ready(model, ready, commit)
         trial = " (breaker half-open: trial request)"
         note = {m.name: trial if m.breaker.state is BreakerState.HALF_OPEN else "" for m in ready}
         if model.strategy is Strategy.ROUND_ROBIN and ready:
@@ -443,6 +422,49 @@ class Router:
             (m, "unreachable: a request gets 502 at once, without waiting") for m in unreachable
         ]
         return plan
+
+    def _sorted(
+        self, model: ModelSpec, skipped: list[tuple[Member, str]] | None
+    ) -> tuple[list[Member], list[Member], list[Member]]:
+        """The model's backends that may be tried: ready, recovering and unreachable ones, each
+        by priority; the others go to ``skipped`` with their reason (None: not wanted)."""
+        ready: list[Member] = []
+        recovering: list[Member] = []
+        unreachable: list[Member] = []
+        members = self.members
+        for spec in self.table.backends_for(model.name):
+            member = members[spec.name]
+            breaker = member.breaker
+            if not breaker.allow():
+                if skipped is not None:
+                    skipped.append((member, _breaker_refusal(breaker)))
+            elif member.status.ready:
+                ready.append(member)
+            elif member.status.recovering:
+                recovering.append(member)
+            elif member.status.state is BackendState.UNREACHABLE:
+                unreachable.append(member)
+            elif skipped is not None:
+                skipped.append((member, f"backend is {member.status.state.value}"))
+        if len(ready) > 1:
+            ready.sort(key=self._priority_key)
+        if len(recovering) > 1:
+            recovering.sort(key=self._priority_key)
+        if len(unreachable) > 1:
+            unreachable.sort(key=self._priority_key)
+        return ready, recovering, unreachable
+
+    def _order_ready(self, model: ModelSpec, ready: list[Member], commit: bool) -> list[Member]:
+        """``ready`` (by priority) in the order a ``priority``, ``round-robin`` or
+        ``least-busy`` model tries them (``cache_affinity``: ``_affinity_order``)."""
+        strategy = model.strategy
+        if strategy is Strategy.ROUND_ROBIN and ready:
+            pick = self._round_robin_pick(model.name, ready, commit)
+            ready.remove(pick)
+            ready.insert(0, pick)
+        elif strategy is Strategy.LEAST_BUSY and len(ready) > 1:
+            ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
+        return ready
 
     def _affinity_order(
         self, model: str, ready: list[Member], prefix: int | None, plan: _Plan

@@ -89,10 +89,18 @@ class Route:
     path: bytes
 
 
+#: The Route of each proxied OpenAI path (frozen: one object serves every request).
+_API_ROUTE_OF = {path: Route("api", path) for path in API_ROUTES}
+assert not set(API_ROUTES) & {*PUBLIC_ROUTES, b"/metrics", *ADMIN_ROUTES}
+
+
 def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route | GatewayError:
     """Map method and path to a Route, or the 404/405 to answer with."""
     if method == b"OPTIONS":
         return Route("preflight", path)
+    allowed = API_ROUTES.get(path)
+    if allowed is not None and method in allowed:
+        return _API_ROUTE_OF[path]  # (no public, admin or metrics path is an API path)
     if path in PUBLIC_ROUTES:
         return Route("public", path)
     if path == b"/metrics":
@@ -102,7 +110,6 @@ def resolve(method: bytes, path: bytes, extra_paths: frozenset[bytes]) -> Route 
             return errors.method_not_allowed(
                 method.decode("latin-1")[:20], tuple(m.decode() for m in ADMIN_ROUTES[path]))
         return Route("admin", path)
-    allowed = API_ROUTES.get(path)
     if allowed is None and path in extra_paths:
         allowed = (b"POST",)
     if allowed is None and path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
@@ -239,8 +246,9 @@ class GatewayResource(Resource):
             return result.error
         if result.charged_at is not None:
             request.refund = partial(self._refund, result)  # no cycle through the request
-        if self.metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
-            self.metrics.authenticated(result.key_id)  # type: ignore[arg-type]
+        metrics = self.exchanges.metrics
+        if metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
+            metrics.authenticated(result.key_id)  # type: ignore[arg-type]
         for name, value in result.headers:
             request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         return None

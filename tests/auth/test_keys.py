@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from llamaproxy.auth.keys import authenticate, parse_expiration, parse_keys, presented_key
+from llamaproxy.auth.keys import (
+    HEADER_MEMO_SIZE,
+    HEADER_MEMO_VALUE_MAX,
+    KeySet,
+    authenticate,
+    authenticate_headers,
+    parse_expiration,
+    parse_keys,
+    presented_key,
+)
 from llamaproxy.auth.store import KeyLoadError, KeyStore
 from llamaproxy.gateway.errors import GatewayError
 
@@ -87,6 +96,118 @@ class AuthenticateTests(SynchronousTestCase):
         self.assertEqual(presented_key(None, b" xyz "), "xyz")
         self.assertEqual(presented_key(b"", b"xyz"), "xyz")
         self.assertIsNone(presented_key(None, None))
+
+
+class AuthenticateHeadersTests(SynchronousTestCase):
+    """``authenticate_headers``: ``authenticate`` from the raw headers, reading the clock only
+    when it matters."""
+
+    def setUp(self) -> None:
+        self.keys = parse_keys([f"a:{KEY}", "soon:sk-ssssssssssssssss::2026-06-01T00:00:10"])[0]
+        self.now = NOW
+        self.clock_reads = 0
+
+    def read_clock(self) -> datetime:
+        self.clock_reads += 1
+        return self.now
+
+    def check(self, authorization: bytes | None, x_api_key: bytes | None = None,
+              keys: KeySet | None = None) -> str:
+        result = authenticate_headers(self.keys if keys is None else keys, authorization,
+                                      x_api_key, self.read_clock)
+        return result.message if isinstance(result, GatewayError) else result.key_id
+
+    def test_same_answers_as_authenticate(self) -> None:
+        empty = parse_keys([])[0]
+        pairs: list[tuple[bytes | None, bytes | None]] = [
+            (f"Bearer {KEY}".encode(), None), (KEY.encode(), None), (None, KEY.encode()),
+            (b"", KEY.encode()), (b"Bearer  ", KEY.encode()), (b"Bearer bad key!", None),
+            (b"Bearer sk-zzzzzzzzzzzzzzzz", None), (None, None), (b"   ", None),
+            (b"Bearer sk-ssssssssssssssss", None), (f"Bearer {KEY}".encode(), b"other"),
+        ]
+        for now in (NOW, NOW + timedelta(seconds=10)):
+            self.now = now
+            for keys in (self.keys, empty):
+                for _ in range(2):  # the same again (answered from the memo, where there is one)
+                    for authorization, x_api_key in pairs:
+                        expected = authenticate(
+                            keys, presented_key(authorization, x_api_key), now)
+                        want = (expected.message if isinstance(expected, GatewayError)
+                                else expected.key_id)
+                        self.assertEqual(self.check(authorization, x_api_key, keys), want)
+
+    def test_the_clock_is_read_only_for_keys_that_expire(self) -> None:
+        self.check(f"Bearer {KEY}".encode())
+        self.check(f"Bearer {KEY}".encode())
+        self.assertEqual(self.clock_reads, 0)
+        self.assertEqual(self.check(b"Bearer sk-ssssssssssssssss"), "soon")
+        self.assertEqual(self.clock_reads, 1)
+        self.now = NOW + timedelta(seconds=10)
+        self.assertEqual(self.check(b"Bearer sk-ssssssssssssssss"), "API key has expired")
+        self.assertEqual(self.clock_reads, 2)
+
+
+class HeaderMemoTests(AuthenticateHeadersTests):
+    """``KeySet.matched``: what ``authenticate_headers`` remembers, and when it forgets."""
+
+    def test_only_matches_are_remembered(self) -> None:
+        self.check(b"Bearer sk-zzzzzzzzzzzzzzzz")
+        self.check(b"Bearer bad key!")
+        self.check(None)
+        self.check(b"", b"sk-zzzzzzzzzzzzzzzz")
+        self.assertEqual(self.keys.matched, {})
+        self.check(f"Bearer {KEY}".encode())
+        self.assertEqual(list(self.keys.matched), [(f"Bearer {KEY}".encode(), None)])
+
+    def test_a_remembered_key_still_expires(self) -> None:
+        authorization = b"Bearer sk-ssssssssssssssss"
+        self.assertEqual(self.check(authorization), "soon")
+        self.assertIn((authorization, None), self.keys.matched)
+        self.now = NOW + timedelta(seconds=10)
+        self.assertEqual(self.check(authorization), "API key has expired")
+
+    def test_a_reload_forgets_removed_keys(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}\n")
+        store = KeyStore(path)
+        store.load()
+        authorization = f"Bearer {KEY}".encode()
+        self.assertEqual(self.check(authorization, keys=store.keys), "a")
+        self.assertIn((authorization, None), store.keys.matched)
+        with open(path, "w") as f:
+            f.write("b:sk-bbbbbbbbbbbbbbbb\n")
+        store.load("reload")
+        self.assertEqual(self.check(authorization, keys=store.keys), "Invalid API key")
+        self.assertEqual(self.check(b"Bearer sk-bbbbbbbbbbbbbbbb", keys=store.keys), "b")
+
+    def test_a_reload_that_changes_a_key_id_or_limit_is_seen(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"a:{KEY}:10\n")
+        store = KeyStore(path)
+        store.load()
+        authorization = f"Bearer {KEY}".encode()
+        for _ in range(2):
+            result = authenticate_headers(store.keys, authorization, None, self.read_clock)
+            assert not isinstance(result, GatewayError)
+            self.assertEqual((result.key_id, result.rate_limit), ("a", 10))
+        with open(path, "w") as f:
+            f.write(f"renamed:{KEY}:20\n")
+        store.load("reload")
+        result = authenticate_headers(store.keys, authorization, None, self.read_clock)
+        assert not isinstance(result, GatewayError)
+        self.assertEqual((result.key_id, result.rate_limit), ("renamed", 20))
+
+    def test_bounded(self) -> None:
+        # One valid key, any number of spellings (or of junk X-Api-Key values beside it).
+        for n in range(HEADER_MEMO_SIZE + 10):
+            self.assertEqual(self.check(f"Bearer {KEY}".encode(), str(n).encode()), "a")
+            self.assertLessEqual(len(self.keys.matched), HEADER_MEMO_SIZE)
+        self.assertEqual(len(self.keys.matched), 10)  # started over once, when full
+        long = b" " * HEADER_MEMO_VALUE_MAX
+        self.assertEqual(self.check(f"Bearer {KEY}".encode(), long), "a")
+        self.assertNotIn((f"Bearer {KEY}".encode(), long), self.keys.matched)
 
 
 class WatcherTests(SynchronousTestCase):
