@@ -8,9 +8,11 @@ bodies are read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from llamaproxy.fastpath.eager_write import Cork
@@ -46,10 +48,13 @@ class GatewaySite(server.Site):
         early_check: EarlyCheck | None = None,
         trusted_proxies: TrustedProxies | None = None,
         cork: Cork | None = None,
+        fill_headers: Callable[[Headers, list[tuple[bytes, bytes]]], None] | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         #: The eager-write fast path's shared state (None: connections write the stock way).
         self.cork = cork
+        #: The header_fill fast path's ``fill`` (None: the stock ``Headers.addRawHeader``).
+        self.fill_headers = fill_headers
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
@@ -74,6 +79,7 @@ class GatewaySite(server.Site):
         channel.limits = self.limits
         channel.cors = self.cors
         channel.cork = self.cork
+        channel.fill_headers = self.fill_headers
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:
