@@ -243,7 +243,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
         trusted_proxies=TrustedProxies(parse_trusted_proxies(config.trusted_proxies)),
-        cork=cork, fill_headers=_header_fill(fast),
+        cork=cork, fast_headers=bool(fast.active),
     )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:
@@ -413,16 +413,6 @@ def _cors(config: Config) -> CorsPolicy:
     for warning in cors.warnings():
         log.warn("Configuration: {warning}", warning=warning)
     return cors
-
-
-def _header_fill(fast: fastpath.FastPaths) -> Any:
-    """The header_fill fast path's ``fill`` when the fast paths run (imported only then: it
-    imports Twisted's private header encoder), else None."""
-    if not fast.active:
-        return None
-    from llamaproxy.fastpath.header_fill import fill
-
-    return fill
 
 
 def _gateway_listeners(

@@ -59,8 +59,7 @@ class GatewayRequest(server.Request):
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
         "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
-        "_forms", "_held",
-        "_recorded", "_site",
+        "_forms", "_held", "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
         "loading_stream", "lost", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )

@@ -8,11 +8,11 @@ bodies are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import io
+import tempfile
+from typing import Any, BinaryIO
 
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from llamaproxy.fastpath.eager_write import Cork
@@ -48,13 +48,19 @@ class GatewaySite(server.Site):
         early_check: EarlyCheck | None = None,
         trusted_proxies: TrustedProxies | None = None,
         cork: Cork | None = None,
-        fill_headers: Callable[[Headers, list[tuple[bytes, bytes]]], None] | None = None,
+        fast_headers: bool = False,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         #: The eager-write fast path's shared state (None: connections write the stock way).
         self.cork = cork
-        #: The header_fill fast path's ``fill`` (None: the stock ``Headers.addRawHeader``).
-        self.fill_headers = fill_headers
+        #: The header_fill fast path's ``fill`` for the channels (None: the stock
+        #: ``Headers.addRawHeader``). Imported only when asked for: it reads Twisted's private
+        #: header encoder.
+        self.fill_headers: Any = None
+        if fast_headers:
+            from llamaproxy.fastpath import header_fill
+
+            self.fill_headers = header_fill.fill
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
@@ -68,6 +74,14 @@ class GatewaySite(server.Site):
         self.early_check: EarlyCheck | None = (
             early_check if early_check is not None else getattr(resource, "early_check", None)
         )
+
+    def getContentFile(self, length: int | None) -> BinaryIO:
+        """Where a request's body is kept while it arrives: in memory under 100 000 bytes,
+        else a temporary file (twisted.web's own rule; defined here because its Request looks
+        for the site's first, and not finding it costs an exception per request)."""
+        if length is not None and length < 100_000:
+            return io.BytesIO()
+        return tempfile.TemporaryFile()
 
     @property
     def max_request_body_size(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -59,7 +61,8 @@ class FillTests(SynchronousTestCase):
 
 
 class _WithHeaderFill:
-    """Runs a gateway test case with the channel filling headers the fast way."""
+    """Runs a gateway test case with the header_fill fast path on (as ``GatewaySite`` with
+    ``fast_headers=True`` has it)."""
 
     def setUp(self) -> None:
         build = GatewaySite.buildProtocol
@@ -85,8 +88,20 @@ class HostileInputTests(_WithHeaderFill, test_hostile.HostileInputTests):
     """test_hostile's table with header_fill on."""
 
 
-class FuzzTests(_WithHeaderFill, test_hostile.FuzzTests):
-    """test_hostile's fuzzing with header_fill on."""
+def _inner(test: Any) -> Any:
+    """The undecorated body of one of test_hostile's property-based tests."""
+    return test.hypothesis.inner_test
+
+
+class FuzzTests(_WithHeaderFill, SynchronousTestCase):
+    """test_hostile's fuzzing with header_fill on: the same test bodies and strategies (given
+    again here: Hypothesis refuses one test run from two classes)."""
+
+    test_any_request_gets_a_sane_answer = settings(max_examples=300)(
+        given(st.lists(test_hostile._LINE, max_size=6), st.binary(max_size=64), st.booleans())(
+            _inner(test_hostile.FuzzTests.test_any_request_gets_a_sane_answer)))
+    test_any_body_to_chat = settings(max_examples=200)(
+        given(st.binary(max_size=200))(_inner(test_hostile.FuzzTests.test_any_body_to_chat)))
 
 
 class CorsTests(_WithHeaderFill, test_hostile.CorsTests):
@@ -107,3 +122,16 @@ class AsyncEarlyCheckTests(_WithHeaderFill, test_async_early_check.AsyncEarlyChe
 
 class ThroughTheGatewayTests(_WithHeaderFill, test_client_address.ThroughTheGatewayTests):
     """test_client_address's forwarding headers with header_fill on."""
+
+
+class SiteSwitchTests(SynchronousTestCase):
+    def test_fast_headers_gives_the_channels_the_fast_path(self) -> None:
+        from twisted.internet.task import Clock
+        from twisted.web.resource import Resource
+
+        from llamaproxy.testing import InMemoryClient
+
+        for fast, expected in ((False, None), (True, fill)):
+            site = GatewaySite(Resource(), reactor=Clock(), fast_headers=fast)
+            channel = InMemoryClient(site).channel
+            self.assertEqual(channel.fill_headers, expected)
