@@ -243,7 +243,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         resource, _limits(config), _cors(config), reactor=reactor, recorder=recorder,
         body_budget=BodyBudget(config.max_queue_bytes, config.max_queue_bytes_per_key),
         trusted_proxies=TrustedProxies(parse_trusted_proxies(config.trusted_proxies)),
-        cork=cork,
+        cork=cork, fast_headers=bool(fast.active),
     )
     listeners = _gateway_listeners(config, site, reactor, tls)
     if config.metrics_listen:

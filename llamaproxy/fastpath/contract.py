@@ -51,6 +51,10 @@ FINGERPRINTS = {
     # attributes it clears are set here.
     "twisted.internet.endpoints:_WrappingFactory.__init__": "0bbd6221855ef20f",
     "twisted.internet.endpoints:_WrappingFactory.startedConnecting": "cde536743db20b04",
+    # header_fill does what addRawHeader does, minus the sanitizing llhttp made needless.
+    "twisted.web.http_headers:Headers.addRawHeader": "c4fe96cc1a6e7950",
+    "twisted.web.http_headers:_NameEncoder.encode": "7b453627217624ac",
+    "twisted.web.http_headers:_sanitizeLinearWhitespace": "eae40a7049d09f94",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).
@@ -68,6 +72,9 @@ NAMES = {
     "twisted.web._newclient:RequestTransmissionFailed": "callable",
     "twisted.web._newclient:WrongBodyLength": "callable",
     "twisted.web.http:_DataLoss": "callable",
+    "twisted.web.http_headers:Headers._rawHeaders": "attribute",
+    "twisted.web.http_headers:_nameEncoder": "attribute",
+    "twisted.web.http_headers:_nameEncoder._canonicalHeaderCache": "attribute",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).
@@ -79,6 +86,7 @@ MODULES = (
     "llamaproxy.fastpath.eager_write",
     "llamaproxy.fastpath.stream_lane",
     "llamaproxy.fastpath.backend_client",
+    "llamaproxy.fastpath.header_fill",
 )
 
 

@@ -29,7 +29,7 @@ modules. The framing rules are apart, in ``gateway.framing``.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httptools
@@ -75,6 +75,11 @@ _MAX_CHUNK_SIZE_LINE = 4096
 
 _HTTP_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
+#: The headers the channel reads itself (their first value, lower-case name: what
+#: ``getRawHeaders(name)[0]`` gives), noted as they are parsed rather than looked up after.
+_NOTED = frozenset({
+    b"content-length", b"transfer-encoding", b"connection", b"expect", b"cookie"})
+
 _DEFAULT_LIMITS = RequestLimits()
 _NO_CORS = CorsPolicy()
 
@@ -91,9 +96,10 @@ class GatewayChannel(Protocol):
     __slots__ = (
         "_abort_call", "_buffer", "_chunk_left", "_deadline", "_declared", "_framing",
         "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
-        "_host", "_in_parse", "_line_length", "_parser", "_producer", "_read_paused", "_request",
-        "_state", "_stopped", "_url", "_waiting_for", "_writes_blocked", "callLater", "cork",
-        "cors", "factory", "limits", "persistent", "requestFactory", "sender", "site",
+        "_host", "_in_parse", "_line_length", "_noted", "_parser", "_peer", "_producer",
+        "_read_paused", "_request", "_secure", "_state", "_stopped", "_url", "_waiting_for",
+        "_writes_blocked", "callLater", "cork", "cors", "direct_client", "factory",
+        "fill_headers", "limits", "persistent", "requestFactory", "sender", "site",
     )
 
     #: Idle time allowed between requests (seconds; the site's ``timeOut`` replaces it).
@@ -114,6 +120,12 @@ class GatewayChannel(Protocol):
         self.sender: EagerSender | None = None
         #: The eager writes' shared state when that fast path is on (the site's), else None.
         self.cork: Cork | None = None
+        #: Puts a head's header lines in its request's Headers when the fast paths are on
+        #: (``llamaproxy.fastpath.header_fill.fill``); None: ``Headers.addRawHeader`` each.
+        self.fill_headers: Callable[[Headers, list[tuple[bytes, bytes]]], None] | None = None
+        #: Who the client is when no proxy is trusted (the same for every request on the
+        #: connection: its peer, and TLS or not), kept by the first request that asked.
+        self.direct_client: Any = None
         #: False once a request asked for the connection to end after its response.
         self.persistent = True
         self._parser: Any = None
@@ -133,12 +145,18 @@ class GatewayChannel(Protocol):
         self._waiting_for = _NOTHING
         self._abort_call: IDelayedCall | None = None
         self._host: Any = None
+        self._peer: Any = None
+        self._secure: bool | None = None
         self._reset_message()
 
     def _reset_message(self) -> None:
         """Forget the request being parsed (the next bytes start a new one)."""
         self._url = b""
-        self._headers: Headers | None = None
+        #: The head's header lines as llhttp gave them (name, value), in order, until the
+        #: request that gets them is made.
+        self._headers: list[tuple[bytes, bytes]] = []
+        #: The first value of each header the channel itself reads (_NOTED), by lower-case name.
+        self._noted: dict[bytes, bytes] = {}
         self._framing = 0
         #: The error to answer once the head is in (None: no framing problem seen).
         self._framing_error: GatewayError | None = None
@@ -201,8 +219,11 @@ class GatewayChannel(Protocol):
     # -- what a twisted.web Request uses -----------------------------------------------------
 
     def getPeer(self) -> Any:
-        """The client's address."""
-        return self.transport.getPeer()  # type: ignore[union-attr]
+        """The client's address, asked of the transport once per connection (it does not
+        change; each asking builds a new address object)."""
+        if self._peer is None:
+            self._peer = self.transport.getPeer()  # type: ignore[union-attr]
+        return self._peer
 
     def getHost(self) -> Any:
         """The local address, asked of the socket once per connection, not once per request."""
@@ -211,8 +232,10 @@ class GatewayChannel(Protocol):
         return self._host
 
     def isSecure(self) -> bool:
-        """True when the connection is TLS."""
-        return ISSLTransport.providedBy(self.transport)
+        """True when the connection is TLS (decided once per connection)."""
+        if self._secure is None:
+            self._secure = bool(ISSLTransport.providedBy(self.transport))
+        return self._secure
 
     def write(self, data: bytes) -> None:
         """A piece of a response."""
@@ -223,13 +246,14 @@ class GatewayChannel(Protocol):
         self.transport.writeSequence(data)  # type: ignore[union-attr]
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
-        """A response's status line and headers, in one write."""
+        """A response's status line and headers, in one write (joined here: a transport's
+        writeSequence checks each of the ~40 pieces in a Python loop)."""
         sequence = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 sequence.extend((name, b": ", value, b"\r\n"))
         sequence.append(b"\r\n")
-        self.transport.writeSequence(sequence)  # type: ignore[union-attr]
+        self.transport.write(b"".join(sequence))  # type: ignore[union-attr]
 
     def loseConnection(self) -> None:
         """Close once everything written is sent."""
@@ -558,7 +582,8 @@ class GatewayChannel(Protocol):
             # time, so this means the channel misread a message's end. Refuse, never guess.
             self._reject(errors.bad_request("Malformed request framing"))
             raise _Refused()
-        self._headers = Headers()
+        self._headers = []
+        self._noted = {}
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -578,11 +603,12 @@ class GatewayChannel(Protocol):
             raise _Refused()
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
+        self._headers.append((name, value))
         lowered = name.lower()
-        if lowered == b"content-length" or lowered == b"transfer-encoding":
-            self._note_framing(lowered, value)
-        assert self._headers is not None
-        self._headers.addRawHeader(name, value)
+        if lowered in _NOTED:
+            self._noted.setdefault(lowered, value)
+            if lowered == b"content-length" or lowered == b"transfer-encoding":
+                self._note_framing(lowered, value)
 
     def _note_framing(self, name: bytes, value: bytes) -> None:
         """Remember the first framing problem of the request being parsed (both framings
@@ -602,12 +628,12 @@ class GatewayChannel(Protocol):
             self._reject(errors.bad_request(
                 f"Unsupported HTTP version {parser.get_http_version()!r}: HTTP/1.1 or 1.0"))
             raise _Refused()
-        headers = self._headers
-        assert headers is not None
+        noted = self._noted
         chunked = bool(self._framing & TRANSFER_ENCODING)
         length: int | None = None
         if not chunked:
-            length = int(headers.getRawHeaders(b"content-length", (b"0",))[0])
+            # (digits only: framing_header refused any other first value)
+            length = int(noted.get(b"content-length", b"0"))
         if parser.should_upgrade() and (chunked or length):
             # llhttp would skip the body of an upgrade request: never let it be read as the
             # next request.
@@ -615,10 +641,18 @@ class GatewayChannel(Protocol):
                 "An Upgrade or CONNECT request with a body is not supported"))
             raise _Refused()
         request = self.requestFactory(self)
-        request.requestHeaders = headers
+        headers = request.requestHeaders
+        fill = self.fill_headers
+        if fill is None:
+            for name, value in self._headers:
+                headers.addRawHeader(name, value)
+        else:
+            fill(headers, self._headers)
+        self._headers = []
         self._request = request
-        self.persistent = self._persistent(headers, version, request)
-        request.parseCookies()
+        self.persistent = self._persistent(noted.get(b"connection"), version, request)
+        if b"cookie" in noted:  # (without one, parseCookies finds none)
+            request.parseCookies()
         request.gotLength(length)
         if self._stopped:  # refused before its body (the request answered and closes)
             raise _Refused()
@@ -627,18 +661,19 @@ class GatewayChannel(Protocol):
         elif length:
             self._state = _BODY
             self._chunk_left = length
-        expect = headers.getRawHeaders(b"expect")
+        # (read from the request's headers: its early check may have removed it)
+        expect = headers.getRawHeaders(b"expect") if b"expect" in noted else None
         if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
 
     @staticmethod
-    def _persistent(headers: Headers, version: bytes, request: Any) -> bool:
+    def _persistent(connection: bytes | None, version: bytes, request: Any) -> bool:
         """Whether the connection may carry another request after this one (twisted.web's
-        rule: HTTP/1.1 without ``Connection: close``; HTTP/1.0 never)."""
+        rule: HTTP/1.1 without ``Connection: close`` in its first Connection header; HTTP/1.0
+        never)."""
         if version != b"HTTP/1.1":
             return False
-        connection = headers.getRawHeaders(b"connection")
-        if connection and b"close" in connection[0].lower().replace(b",", b" ").split():
+        if connection is not None and b"close" in connection.lower().replace(b",", b" ").split():
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         return True

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import datetimeToString
+from twisted.web.http import datetimeToString, parse_qs
 
 from llamaproxy import __version__
 from llamaproxy.auth.keys import AUTH_DISABLED
@@ -59,8 +59,7 @@ class GatewayRequest(server.Request):
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
         "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
-        "_held",
-        "_recorded", "_site",
+        "_forms", "_held", "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
         "loading_stream", "lost", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )
@@ -106,7 +105,7 @@ class GatewayRequest(server.Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The gateway never reads form fields: skip twisted.web's Content-Type and form parsing
         # on every POST (13-15 % of the CPU per request in the profile).
-        kwargs.setdefault("parsePOSTFormSubmission", False)
+        self._forms = kwargs.setdefault("parsePOSTFormSubmission", False)
         self.key_id = None
         self.route = None
         self.early_error = None
@@ -288,6 +287,21 @@ class GatewayRequest(server.Request):
         self.setResponseCode(error.status)
         self._record()
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """The whole request is in: twisted.web's ``requestReceived``, minus its form parsing
+        when that is off (as the gateway has it: then it looks up the Content-Type and the
+        body's length for nothing, on every request)."""
+        if self._forms:
+            super().requestReceived(command, path, version)
+            return
+        assert self.content is not None
+        self.content.seek(0, 0)
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path, query, argstring = path.partition(b"?")
+        self.args = parse_qs(argstring, 1) if query else {}
+        self.process()
+
     def process(self) -> None:
         """Serve the request unless it was already answered before its body.
 
@@ -346,21 +360,32 @@ class GatewayRequest(server.Request):
 
     @property
     def client_identity(self) -> ClientIdentity:
-        """Who sent this request: the peer, or whom a trusted proxy says it forwards for."""
+        """Who sent this request: the peer, or whom a trusted proxy says it forwards for.
+
+        Without trusted proxies it depends only on the connection (its peer, TLS or not):
+        the connection's channel keeps it for its next requests (``direct_client``).
+        """
         if self._client is None:
-            site = self._site if self._site is not None else getattr(self.channel, "site", None)
+            channel = getattr(self, "channel", None)  # (gone once the response is finished)
+            site = self._site if self._site is not None else getattr(channel, "site", None)
             trusted: TrustedProxies = getattr(site, "trusted_proxies", None) or _NO_PROXIES
-            peer = getattr(self.getClientAddress(), "host", "") or ""
-            headers = self.requestHeaders
             if trusted.networks:
+                headers = self.requestHeaders
                 self._client = trusted.identify(
-                    peer, self.isSecure(),
+                    getattr(self.getClientAddress(), "host", "") or "", self.isSecure(),
                     headers.getRawHeaders(b"x-forwarded-for", []),
                     headers.getRawHeaders(b"forwarded", []),
                     headers.getRawHeaders(b"x-forwarded-proto", []),
                 )
-            else:
-                self._client = trusted.identify(peer, self.isSecure(), [], [], [])
+                return self._client
+            known: ClientIdentity | None = getattr(channel, "direct_client", None)
+            if known is None:
+                known = trusted.identify(
+                    getattr(self.getClientAddress(), "host", "") or "", self.isSecure(),
+                    [], [], [])
+                if channel is not None and hasattr(channel, "direct_client"):
+                    channel.direct_client = known
+            self._client = known
         return self._client
 
     # -- CORS and errors --------------------------------------------------------------------

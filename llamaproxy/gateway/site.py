@@ -8,7 +8,9 @@ bodies are read.
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import tempfile
+from typing import Any, BinaryIO
 
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -46,10 +48,19 @@ class GatewaySite(server.Site):
         early_check: EarlyCheck | None = None,
         trusted_proxies: TrustedProxies | None = None,
         cork: Cork | None = None,
+        fast_headers: bool = False,
     ) -> None:
         super().__init__(resource, reactor=reactor)
         #: The eager-write fast path's shared state (None: connections write the stock way).
         self.cork = cork
+        #: The header_fill fast path's ``fill`` for the channels (None: the stock
+        #: ``Headers.addRawHeader``). Imported only when asked for: it reads Twisted's private
+        #: header encoder.
+        self.fill_headers: Any = None
+        if fast_headers:
+            from llamaproxy.fastpath import header_fill
+
+            self.fill_headers = header_fill.fill
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
@@ -64,6 +75,14 @@ class GatewaySite(server.Site):
             early_check if early_check is not None else getattr(resource, "early_check", None)
         )
 
+    def getContentFile(self, length: int | None) -> BinaryIO:
+        """Where a request's body is kept while it arrives: in memory under 100 000 bytes,
+        else a temporary file (twisted.web's own rule; defined here because its Request looks
+        for the site's first, and not finding it costs an exception per request)."""
+        if length is not None and length < 100_000:
+            return io.BytesIO()
+        return tempfile.TemporaryFile()
+
     @property
     def max_request_body_size(self) -> int:
         """The body limit GatewayRequest enforces."""
@@ -74,6 +93,7 @@ class GatewaySite(server.Site):
         channel.limits = self.limits
         channel.cors = self.cors
         channel.cork = self.cork
+        channel.fill_headers = self.fill_headers
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -109,3 +109,26 @@ class ThroughTheGatewayTests(SynchronousTestCase):
         client.send(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
         self.assertEqual(client.response().status, 414)
         self.assertEqual(self.entries()[0]["client"], "198.51.100.30")
+
+    def test_one_connection_keeps_its_direct_client_while_no_proxy_is_trusted(self) -> None:
+        """Without trusted proxies the identity is the connection's (kept by its channel);
+        once proxies are trusted, each request's own forwarding headers count again."""
+        client = InMemoryClient(self.gw.site, "10.1.2.3")
+        other = InMemoryClient(self.gw.site, "198.51.100.40")
+        for who, forwarded in ((client, "198.51.100.77"), (other, "198.51.100.78"),
+                               (client, "198.51.100.79")):
+            who.request("POST", "/v1/chat/completions", CHAT,
+                        {**AUTH, "X-Forwarded-For": forwarded})
+            self.assertEqual(self.sent_headers()[b"x-forwarded-for"],
+                             [who.channel.getPeer().host.encode()])
+            self.gw.agent.requests[-1].respond(200, b"{}")
+        self.assertEqual(client.channel.direct_client.address, "10.1.2.3")
+        self.gw.site.trusted_proxies = _trusted("10.1.0.0/16")
+        for forwarded in ("198.51.100.80", "198.51.100.81"):
+            client.request("POST", "/v1/chat/completions", CHAT,
+                           {**AUTH, "X-Forwarded-For": forwarded})
+            self.assertEqual(self.sent_headers()[b"x-forwarded-for"],
+                             [f"{forwarded}, 10.1.2.3".encode()])
+            self.gw.agent.requests[-1].respond(200, b"{}")
+        self.assertEqual([e["client"] for e in self.entries()], [
+            "10.1.2.3", "198.51.100.40", "10.1.2.3", "198.51.100.80", "198.51.100.81"])
