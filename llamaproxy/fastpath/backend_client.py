@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
@@ -206,6 +206,10 @@ def whole_chunk(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+#: What ``IResponse.request`` is made of: method, absolute URI, path, header fields.
+_Meta = tuple[bytes, bytes, bytes, Headers | Mapping[bytes, Sequence[bytes]]]
+
+
 class _Target:
     """What depends only on a URI's scheme and authority, computed once per prefix."""
 
@@ -228,11 +232,14 @@ class _RequestInfo:
     __slots__ = ("absoluteURI", "headers", "method", "uri")
     persistent = True
 
-    def __init__(self, method: bytes, uri: bytes, path: bytes, headers: Headers) -> None:
+    def __init__(
+        self, method: bytes, uri: bytes, path: bytes,
+        headers: Headers | Mapping[bytes, Sequence[bytes]],
+    ) -> None:
         self.method = method
         self.absoluteURI = uri
         self.uri = path
-        self.headers = headers
+        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
 
 
 @implementer(IPushProducer)
@@ -289,7 +296,7 @@ class _Response:
 
     def __init__(
         self, version: tuple[bytes, int, int], code: int, phrase: bytes, headers: Headers,
-        length: int | object, meta: tuple[bytes, bytes, bytes, Headers],
+        length: int | object, meta: _Meta,
     ) -> None:
         self.version = version
         self.code = code
@@ -474,7 +481,7 @@ class _Connection:
         self._waiting: Deferred[IResponse] | None = None
         self._writer: _BodyWriter | None = None
         self._method = b""
-        self._meta: tuple[bytes, bytes, bytes, Headers] | None = None
+        self._meta: _Meta | None = None
         self._head_buffer = b""
         self._got_bytes = False
         self._keep_alive = True
@@ -617,7 +624,7 @@ class _Connection:
 
     def send(
         self, waiting: Deferred[IResponse], method: bytes, head: bytes,
-        producer: IBodyProducer | None, keep_alive: bool, meta: tuple[bytes, bytes, bytes, Headers],
+        producer: IBodyProducer | None, keep_alive: bool, meta: _Meta,
     ) -> None:
         """Write one request; ``waiting`` fires with the response once its head arrived."""
         self._waiting = waiting
@@ -1184,6 +1191,23 @@ class BackendClient:
         ``ResponseFailed`` if part of one came), ``RequestTransmissionFailed`` while the body was
         being written, ``RequestGenerationFailed`` when the body producer failed.
         """
+        if headers is None:
+            headers = Headers()
+        return self.request_fields(
+            method, uri, dict(headers.getAllRawHeaders()), bodyProducer, headers)
+
+    def request_fields(
+        self,
+        method: bytes,
+        uri: bytes,
+        fields: Mapping[bytes, Sequence[bytes]],
+        bodyProducer: IBodyProducer | None = None,  # noqa: N803 - as in request
+        headers: Headers | None = None,
+    ) -> Deferred[IResponse]:
+        """``request`` with the header fields as ``Headers`` holds them (canonical names, values
+        without line breaks; ``forward.request_fields`` builds them so), written as they are,
+        in their order: no ``Headers`` is made or read. ``headers``, if given, is the
+        ``Headers`` they are from (``IResponse.request`` has it; else one is made if asked)."""
         if method not in _KNOWN_METHODS:
             if not isinstance(method, bytes):
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
@@ -1208,19 +1232,18 @@ class BackendClient:
 
         parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         keep_alive = True
-        if headers is not None:
-            extend = parts.extend
-            for name, values in headers.getAllRawHeaders():
-                if name in _OWN_REQUEST_HEADERS:
-                    if name == b"Host":
-                        parts[4] = b"Host: " + values[0] + b"\r\n"
-                        continue
-                    if name != b"Connection":
-                        continue
-                    if b"close" in _tokens(list(values)):
-                        keep_alive = False
-                for value in values:
-                    extend((name, b": ", value, b"\r\n"))
+        extend = parts.extend
+        for name, values in fields.items():
+            if name in _OWN_REQUEST_HEADERS:
+                if name == b"Host":
+                    parts[4] = b"Host: " + values[0] + b"\r\n"
+                    continue
+                if name != b"Connection":
+                    continue
+                if b"close" in _tokens(list(values)):
+                    keep_alive = False
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
         if bodyProducer is None:
             if method in _BODYLESS_METHODS_WITH_LENGTH:
                 parts.append(b"Content-Length: 0\r\n\r\n")
@@ -1231,7 +1254,7 @@ class BackendClient:
         else:
             parts.append(b"Content-Length: %d\r\n\r\n" % (bodyProducer.length,))
         head = b"".join(parts)
-        meta = (method, uri, path, headers if headers is not None else Headers())
+        meta = (method, uri, path, headers if headers is not None else fields)
 
         idle = self._idle.get(target.key)
         while idle:
