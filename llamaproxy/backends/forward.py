@@ -138,14 +138,13 @@ def request_fields(
     return out
 
 
-def filter_response_headers(backend: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
+def filter_response_headers(backend: Headers) -> list[tuple[bytes, list[bytes]]]:
     """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
     drop = _RESPONSE_DROP | _connection_tokens(backend)
-    for name, values in backend.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered in drop or lowered.startswith(b"access-control-"):
-            continue
-        yield name, list(values)
+    return [
+        (name, list(values)) for name, values in backend.getAllRawHeaders()
+        if (lowered := name.lower()) not in drop and not lowered.startswith(b"access-control-")
+    ]
 
 
 @implementer(IBodyProducer)

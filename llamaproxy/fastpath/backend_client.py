@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 import select
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
@@ -90,7 +90,7 @@ from zope.interface import implementer
 
 from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 
-__all__ = ["MAX_HEAD_SIZE", "BackendClient"]
+__all__ = ["MAX_HEAD_SIZE", "BackendClient", "set_fields"]
 
 log = Logger()
 
@@ -150,6 +150,33 @@ def _ignore(_: object) -> None:
 
 def _done() -> Failure:
     return Failure(ResponseDone("Response body fully received"))
+
+
+#: Response header names as received -> as ``Headers`` stores them (Twisted's canonical case).
+#: A backend sends the same few names on every response; the map is cleared when it is full.
+_CANONICAL: dict[bytes, bytes] = {}
+
+
+def _canonical(name: bytes) -> bytes:
+    """``name`` as ``Headers`` stores it (Twisted spells it; a name that is not a token raises
+    there, as it did when ``addRawHeader`` was called with it)."""
+    spelled = Headers()
+    spelled.addRawHeader(name, b"")
+    canonical = next(iter(spelled._rawHeaders))
+    if len(_CANONICAL) >= 512:
+        _CANONICAL.clear()
+    _CANONICAL[name] = canonical
+    return canonical
+
+
+def set_fields(target: Headers, fields: Iterable[tuple[bytes, list[bytes]]]) -> None:
+    """``target.setRawHeaders(name, values)`` for each of ``fields``, which are as a ``Headers``
+    stores them already (its canonical names; values without line breaks, as ``getAllRawHeaders``
+    gives them): what ``setRawHeaders`` would store, without spelling and cleaning each again.
+    ``values`` lists are stored as given, not copied."""
+    raw = target._rawHeaders
+    for name, values in fields:
+        raw[name] = values
 
 
 def _host_value(scheme: bytes, host: bytes, port: int) -> bytes:
@@ -465,10 +492,10 @@ class _Connection:
 
     __slots__ = (
         "_boundary", "_client", "_close_waiters", "_complete", "_consumer_paused", "_control",
-        "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive", "_meta",
-        "_method", "_parser", "_phase", "_phrase", "_pieces", "_poll", "_progress", "_protocol",
-        "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting", "_writer",
-        "idle_since", "key", "response", "sender", "transport",
+        "_fields", "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive",
+        "_meta", "_method", "_parser", "_phase", "_phrase", "_pieces", "_poll", "_progress",
+        "_protocol", "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting",
+        "_writer", "idle_since", "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
@@ -491,6 +518,8 @@ class _Connection:
         # What llhttp reports, head by head (``_start_response``) and read by read (``_chunked``).
         self._parser: Any = None
         self._headers = Headers()
+        #: ``_headers``' own field map, which ``on_header`` fills.
+        self._fields: dict[bytes, list[bytes]] = self._headers._rawHeaders
         self._phrase = b""
         #: The head's connection control fields (``_CONNECTION_CONTROL``), by lower-case name.
         self._control: dict[bytes, list[bytes]] = {}
@@ -840,7 +869,8 @@ class _Connection:
 
     def _parse_head(self, head: bytes, lenient: bool) -> Any:
         """A new llhttp parser that has read ``head``; the fields are in ``_headers`` etc."""
-        self._headers = Headers()
+        headers = self._headers = Headers()
+        self._fields = headers._rawHeaders
         self._phrase = b""
         self._control = {}
         self._pieces = None
@@ -871,8 +901,18 @@ class _Connection:
         lowered = name.lower()
         if lowered in _CONNECTION_CONTROL:
             self._control.setdefault(lowered, []).append(value)
+            return
+        # What ``addRawHeader`` stores, without its per-field work: the name spelled once per
+        # name seen, the value as it is (llhttp refuses any CR or LF in a value: nothing for
+        # ``Headers`` to clean; ``test_backend_parsing`` holds llhttp to that).
+        canonical = _CANONICAL.get(name)
+        if canonical is None:
+            canonical = _canonical(name)
+        values = self._fields.get(canonical)
+        if values is None:
+            self._fields[canonical] = [value]
         else:
-            self._headers.addRawHeader(name, value)
+            values.append(value)
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)  # type: ignore[union-attr]  # (a head never has a body here)

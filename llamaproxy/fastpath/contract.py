@@ -68,6 +68,8 @@ NAMES = {
     "twisted.web._newclient:RequestTransmissionFailed": "callable",
     "twisted.web._newclient:WrongBodyLength": "callable",
     "twisted.web.http:_DataLoss": "callable",
+    # backend_client reads and fills a Headers' field map (canonical name -> values) directly.
+    "twisted.web.http_headers:Headers._rawHeaders": "attribute",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).

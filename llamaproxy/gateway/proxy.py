@@ -45,6 +45,7 @@ from llamaproxy.backends.routing import (
     is_retryable,
     report,
 )
+from llamaproxy.fastpath.backend_client import BackendClient, set_fields
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.loading_comments import LoadingComments
@@ -773,17 +774,24 @@ class ProxyExchanges:
             await self._relay_after_loading(exchange, response, is_stream)
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in forward.filter_response_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
+        # The backend's end-to-end headers, then the gateway's own (each set, as setHeader does:
+        # a name already there keeps its place), in one pass.
+        fields = forward.filter_response_headers(response.headers)
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            fields.append((b"Content-Length", [b"%d" % (response.length,)]))
+        if is_stream:
+            # (new lists: the client's headers keep them, and may be added to)
+            fields += ((b"X-Accel-Buffering", [b"no"]), (b"Cache-Control", [b"no-cache"]))
+        if isinstance(self.agent, BackendClient):
+            # Fast path: stored as they are (they are as a Headers holds them already).
+            set_fields(request.responseHeaders, fields)
+        else:
+            for name, values in fields:
+                request.responseHeaders.setRawHeaders(name, values)
         usage = exchange.usage
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
             usage = exchange.usage = UsageCollector(streaming=False)
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            request.setHeader(b"Content-Length", str(response.length).encode())
-        if is_stream:
-            request.setHeader(b"X-Accel-Buffering", b"no")
-            request.setHeader(b"Cache-Control", b"no-cache")
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage,
                             watched=exchange.deadline is not None)
         exchange.relay = relay

@@ -20,7 +20,7 @@ KNOWN = re.compile(
     r"_DataLoss|_selectables|_poller|_doReadOrWrite|_disconnectSelectable|_tempDataBuffer|"
     r"_writeDisconnect\w*|_aborting|_NO_FILEDESC|_transferDecoder|_command|_dataReceived|"
     r"_handleSignals|_disconnected|_handlingRequest|_networkProducer|_dataBuffer|"
-    r"_savedTimeOut|_requestProducer|_finishRequestBody|_send100Continue)\b")
+    r"_savedTimeOut|_requestProducer|_finishRequestBody|_send100Continue|_rawHeaders)\b")
 
 #: Outside fastpath/, on purpose: none (the HTTP edge is gateway/channel.py, public APIs only).
 ALLOWED: set[tuple[str, str]] = set()
