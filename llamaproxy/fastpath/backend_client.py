@@ -148,8 +148,10 @@ def _ignore(_: object) -> None:
     return None
 
 
-def _done() -> Failure:
-    return Failure(ResponseDone("Response body fully received"))
+#: How every body that ended cleanly ends: one Failure for all, as Twisted's own
+#: ``connectionDone`` is for every connection (body protocols only read it; Agent builds one
+#: per response, a tenth of a response head's Python here).
+_RESPONSE_DONE = Failure(ResponseDone("Response body fully received"))
 
 
 #: Response header names as received -> as ``Headers`` stores them (Twisted's canonical case).
@@ -839,7 +841,7 @@ class _Connection:
         if phase == _IDLE:
             # No body: the connection is free before anyone sees the response (as in Agent).
             response._buffer = None
-            response._end = _done()
+            response._end = _RESPONSE_DONE
             self.response = response
             self._end_body(response._end, reusable=not rest)
             waiting.callback(response)
@@ -959,7 +961,7 @@ class _Connection:
             self._deliver(data)
             if self.response is not response or self._phase != _LENGTH:
                 return
-        self._end_body(_done(), reusable=not rest)
+        self._end_body(_RESPONSE_DONE, reusable=not rest)
 
     def _chunked(self, data: bytes) -> None:
         if self._boundary:
@@ -990,7 +992,7 @@ class _Connection:
                 return  # the body protocol stopped the body
         if self._complete:
             # (an error after the end: bytes nobody asked for followed it)
-            self._end_body(_done(), reusable=error is None)
+            self._end_body(_RESPONSE_DONE, reusable=error is None)
         elif error is not None:
             self._body_error(ParseError(f"invalid chunked body: {error}", data[:100]))
         elif self._progress or pieces:
