@@ -134,13 +134,20 @@ def request_fields(
     if backend_key:
         out[b"Authorization"] = [_one_line(b"Bearer " + backend_key.encode("ascii"))]
     for name, value in extra_headers:
-        out[_canonical_name(name)] = [_one_line(value)]
+        # (_canonical_name and _one_line, their usual case inline: two calls a header less)
+        canonical = _CANONICAL_NAMES.get(name)
+        if canonical is None:
+            canonical = _canonical_name(name)
+        if b"\r" in value or b"\n" in value:
+            value = _one_line(value)
+        out[canonical] = [value]
     return out
 
 
 def filter_response_headers(backend: Headers) -> list[tuple[bytes, list[bytes]]]:
     """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
-    drop = _RESPONSE_DROP | _connection_tokens(backend)
+    connection = backend.getRawHeaders(b"connection")
+    drop = _RESPONSE_DROP | _tokens(connection) if connection else _RESPONSE_DROP
     return [
         (name, list(values)) for name, values in backend.getAllRawHeaders()
         if (lowered := name.lower()) not in drop and not lowered.startswith(b"access-control-")
@@ -389,6 +396,8 @@ def send(
 
         def attempt() -> Deferred[IResponse]:
             return agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+
+        sending = agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
     else:
         headers = filter_request_headers(client_headers, backend_key)
         for name, value in extra_headers:
@@ -397,13 +406,15 @@ def send(
         def attempt() -> Deferred[IResponse]:
             return agent.request(method, url, headers, BytesBody(body) if with_body else None)
 
+        sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
+
     def retry(failure: Failure) -> Deferred[IResponse]:
         if not _send_again(failure.value, method, with_body):
             return fail(failure)
         log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
         return attempt()
 
-    return attempt().addErrback(retry)
+    return sending.addErrback(retry)
 
 
 def _send_again(failure_value: BaseException | None, method: bytes, with_body: bool) -> bool:

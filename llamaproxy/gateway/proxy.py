@@ -73,6 +73,10 @@ MODEL_PREFIX = b"/v1/models/"
 #: The header a streamed request goes to its backend with (see ``_forward``).
 STREAM_CONNECTION = (b"Connection", b"close")
 
+#: Most upstream URLs remembered (all are forgotten when there are more: targets with
+#: ever-changing query strings).
+_URLS_KEPT = 256
+
 #: Routes whose responses report token usage.
 _USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 
@@ -236,6 +240,8 @@ class ProxyExchanges:
         self.in_flight: set[Exchange] = set()
         self.started_at = clock.seconds()
         self._drained: list[Deferred[None]] = []
+        #: (backend base URL, request target) -> the URL sent to (``_upstream_url``).
+        self._urls: dict[tuple[str, bytes], bytes] = {}
 
     def start(self, request: GatewayRequest, body: bytes) -> None:
         """Serve an API request whose body was checked: route it, then queue or send it."""
@@ -616,6 +622,17 @@ class ProxyExchanges:
             return errors.backend_unreachable(probe.detail if probe else "", retry_after)
         return errors.backend_unavailable(status.state.value, retry_after)
 
+    def _upstream_url(self, base_url: str, target: bytes) -> bytes:
+        """``upstream_url_bytes``, remembered: a backend's requests go to a few targets."""
+        key = (base_url, target)
+        url = self._urls.get(key)
+        if url is None:
+            url = upstream_url_bytes(base_url, target)
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
+
     def _request_body(self, exchange: Exchange, member: Member) -> bytes:
         """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
@@ -643,7 +660,7 @@ class ProxyExchanges:
         if request.path.startswith(MODEL_PREFIX):
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
-        url = upstream_url_bytes(member.spec.base_url, target)
+        url = self._upstream_url(member.spec.base_url, target)
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):

@@ -1194,3 +1194,21 @@ class FastPathHeaderTests(SynchronousTestCase):
 
     def test_stream(self) -> None:
         self.exchange(stream=True)
+
+
+class UpstreamUrlTests(SynchronousTestCase):
+    def test_remembered_per_base_url_and_target_and_bounded(self) -> None:
+        from llamaproxy.backends.config_file import upstream_url_bytes
+
+        exchanges = GatewayFixture().resource.exchanges
+        for base in ("http://h:1", "http://h:9000/v1", "http://h:9000/v1/", "http://h/p/"):
+            for target in (b"/v1/chat/completions", b"/tokenize?x=1", b"/v1", b"/v1?a"):
+                expected = upstream_url_bytes(base, target)
+                self.assertEqual(exchanges._upstream_url(base, target), expected)
+                self.assertEqual(exchanges._upstream_url(base, target), expected)
+        self.assertEqual(exchanges._upstream_url("http://h:9000/v1", b"/tokenize"),
+                         b"http://h:9000/tokenize")
+        for i in range(600):
+            self.assertEqual(exchanges._upstream_url("http://h:1", b"/v1/x?%d" % i),
+                             b"http://h:1/v1/x?%d" % i)
+            self.assertLessEqual(len(exchanges._urls), 256)
