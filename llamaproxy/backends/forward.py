@@ -8,7 +8,7 @@ did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``sen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -63,8 +63,13 @@ _RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"date", b"server", b"set-cook
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
+    return _tokens(headers.getRawHeaders(b"connection", []))
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    """The lower-cased tokens of a Connection header's values."""
     tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
 
@@ -81,14 +86,72 @@ def filter_request_headers(client: Headers, backend_key: str | None) -> Headers:
     return out
 
 
-def filter_response_headers(backend: Headers) -> Iterable[tuple[bytes, list[bytes]]]:
-    """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
-    drop = _RESPONSE_DROP | _connection_tokens(backend)
-    for name, values in backend.getAllRawHeaders():
+#: Canonical spellings (as ``Headers`` stores names) of the extra header names ``send`` was
+#: given: a handful of constants.
+_CANONICAL_NAMES: dict[bytes, bytes] = {}
+
+
+def _canonical_name(name: bytes) -> bytes:
+    """``name`` as ``Headers`` spells it (and checks it: not a token raises, as there)."""
+    canonical = _CANONICAL_NAMES.get(name)
+    if canonical is None:
+        spelled = Headers()
+        spelled.setRawHeaders(name, [b""])
+        canonical = next(iter(spelled.getAllRawHeaders()))[0]
+        if len(_CANONICAL_NAMES) < 64:
+            _CANONICAL_NAMES[name] = canonical
+    return canonical
+
+
+def _one_line(value: bytes) -> bytes:
+    """``value`` as ``Headers`` stores it: line breaks become spaces."""
+    if b"\r" in value or b"\n" in value:
+        return b" ".join(value.splitlines())
+    return value
+
+
+def request_fields(
+    client: Headers, backend_key: str | None, extra_headers: Iterable[tuple[bytes, bytes]] = ()
+) -> dict[bytes, list[bytes]]:
+    """The header fields ``filter_request_headers`` and then setting each of ``extra_headers``
+    would give, in the same order, without the ``Headers`` in between: what ``send`` writes
+    with ``BackendClient.request_fields``. (``client``'s fields are stored canonical and on one
+    line already: a ``Headers`` never holds them otherwise.)"""
+    out: dict[bytes, list[bytes]] = {}
+    connection: Sequence[bytes] = ()
+    for name, values in client.getAllRawHeaders():
         lowered = name.lower()
-        if lowered in drop or lowered.startswith(b"access-control-"):
+        if lowered in _REQUEST_DROP:
+            if lowered == b"connection":
+                connection = values
             continue
-        yield name, list(values)
+        out[name] = list(values)
+    if connection:
+        nominated = _tokens(connection)
+        if nominated:
+            out = {name: values for name, values in out.items()
+                   if name.lower() not in nominated}
+    if backend_key:
+        out[b"Authorization"] = [_one_line(b"Bearer " + backend_key.encode("ascii"))]
+    for name, value in extra_headers:
+        # (_canonical_name and _one_line, their usual case inline: two calls a header less)
+        canonical = _CANONICAL_NAMES.get(name)
+        if canonical is None:
+            canonical = _canonical_name(name)
+        if b"\r" in value or b"\n" in value:
+            value = _one_line(value)
+        out[canonical] = [value]
+    return out
+
+
+def filter_response_headers(backend: Headers) -> list[tuple[bytes, list[bytes]]]:
+    """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
+    connection = backend.getRawHeaders(b"connection")
+    drop = _RESPONSE_DROP | _tokens(connection) if connection else _RESPONSE_DROP
+    return [
+        (name, list(values)) for name, values in backend.getAllRawHeaders()
+        if (lowered := name.lower()) not in drop and not lowered.startswith(b"access-control-")
+    ]
 
 
 @implementer(IBodyProducer)
@@ -325,18 +388,32 @@ def send(
     A Deferred, not a coroutine: this is on every request's path, and cancelling it cancels
     whichever attempt is in flight.
     """
-    headers = filter_request_headers(client_headers, backend_key)
-    for name, value in extra_headers:
-        headers.setRawHeaders(name, [value])
     with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
+    attempt: Callable[[], Deferred[IResponse]]
+    if isinstance(agent, BackendClient):
+        # The fast path's client writes the fields as they are: no Headers between.
+        fields = request_fields(client_headers, backend_key, extra_headers)
+
+        def attempt() -> Deferred[IResponse]:
+            return agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+
+        sending = agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+    else:
+        headers = filter_request_headers(client_headers, backend_key)
+        for name, value in extra_headers:
+            headers.setRawHeaders(name, [value])
+
+        def attempt() -> Deferred[IResponse]:
+            return agent.request(method, url, headers, BytesBody(body) if with_body else None)
+
+        sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
 
     def retry(failure: Failure) -> Deferred[IResponse]:
         if not _send_again(failure.value, method, with_body):
             return fail(failure)
         log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
-        return agent.request(method, url, headers, BytesBody(body) if with_body else None)
+        return attempt()
 
-    sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
     return sending.addErrback(retry)
 
 

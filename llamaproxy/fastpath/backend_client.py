@@ -24,8 +24,11 @@ Differences from Agent are listed in ``BackendClient``'s docstring.
 Replaces: ``twisted.web.client.Agent`` + ``HTTPConnectionPool`` (the stock path's client).
 Assumes: the private exception types of ``twisted.web._newclient`` and ``twisted.web.http`` it
 raises (so that failures classify as Agent's do), the endpoint's ``_WrappingFactory`` attributes
-it clears when a connection is lost (a cycle per closed connection otherwise), and the eager
-writes' contract (checked at startup by ``llamaproxy.fastpath.contract``). Gain: about 40 % of
+it clears when a connection is lost (a cycle per closed connection otherwise), ``Headers``'
+field map (``_rawHeaders``: canonical name -> values), which it fills from llhttp's fields (llhttp
+refuses a CR or LF in a value, so there is nothing for ``addRawHeader`` to clean) and which
+``set_fields`` stores into, and the eager writes' contract (checked at startup by
+``llamaproxy.fastpath.contract``). Gain: about 40 % of
 the gateway's CPU per proxied request; ``tests/fastpath/test_differential.py`` holds it to
 Agent's bytes and endings.
 
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import re
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
@@ -90,7 +93,7 @@ from zope.interface import implementer
 
 from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
 
-__all__ = ["MAX_HEAD_SIZE", "BackendClient"]
+__all__ = ["MAX_HEAD_SIZE", "BackendClient", "set_fields"]
 
 log = Logger()
 
@@ -148,8 +151,37 @@ def _ignore(_: object) -> None:
     return None
 
 
-def _done() -> Failure:
-    return Failure(ResponseDone("Response body fully received"))
+#: How every body that ended cleanly ends: one Failure for all, as Twisted's own
+#: ``connectionDone`` is for every connection (body protocols only read it; Agent builds one
+#: per response, a tenth of a response head's Python here).
+_RESPONSE_DONE = Failure(ResponseDone("Response body fully received"))
+
+
+#: Response header names as received -> as ``Headers`` stores them (Twisted's canonical case).
+#: A backend sends the same few names on every response; the map is cleared when it is full.
+_CANONICAL: dict[bytes, bytes] = {}
+
+
+def _canonical(name: bytes) -> bytes:
+    """``name`` as ``Headers`` stores it (Twisted spells it; a name that is not a token raises
+    there, as it did when ``addRawHeader`` was called with it)."""
+    spelled = Headers()
+    spelled.addRawHeader(name, b"")
+    canonical = next(iter(spelled._rawHeaders))
+    if len(_CANONICAL) >= 512:
+        _CANONICAL.clear()
+    _CANONICAL[name] = canonical
+    return canonical
+
+
+def set_fields(target: Headers, fields: Iterable[tuple[bytes, list[bytes]]]) -> None:
+    """``target.setRawHeaders(name, values)`` for each of ``fields``, which are as a ``Headers``
+    stores them already (its canonical names; values without line breaks, as ``getAllRawHeaders``
+    gives them): what ``setRawHeaders`` would store, without spelling and cleaning each again.
+    ``values`` lists are stored as given, not copied."""
+    raw = target._rawHeaders
+    for name, values in fields:
+        raw[name] = values
 
 
 def _host_value(scheme: bytes, host: bytes, port: int) -> bytes:
@@ -206,6 +238,10 @@ def whole_chunk(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+#: What ``IResponse.request`` is made of: method, absolute URI, path, header fields.
+_Meta = tuple[bytes, bytes, bytes, Headers | Mapping[bytes, Sequence[bytes]]]
+
+
 class _Target:
     """What depends only on a URI's scheme and authority, computed once per prefix."""
 
@@ -228,11 +264,14 @@ class _RequestInfo:
     __slots__ = ("absoluteURI", "headers", "method", "uri")
     persistent = True
 
-    def __init__(self, method: bytes, uri: bytes, path: bytes, headers: Headers) -> None:
+    def __init__(
+        self, method: bytes, uri: bytes, path: bytes,
+        headers: Headers | Mapping[bytes, Sequence[bytes]],
+    ) -> None:
         self.method = method
         self.absoluteURI = uri
         self.uri = path
-        self.headers = headers
+        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
 
 
 @implementer(IPushProducer)
@@ -289,7 +328,7 @@ class _Response:
 
     def __init__(
         self, version: tuple[bytes, int, int], code: int, phrase: bytes, headers: Headers,
-        length: int | object, meta: tuple[bytes, bytes, bytes, Headers],
+        length: int | object, meta: _Meta,
     ) -> None:
         self.version = version
         self.code = code
@@ -458,10 +497,10 @@ class _Connection:
 
     __slots__ = (
         "_boundary", "_client", "_close_waiters", "_complete", "_consumer_paused", "_control",
-        "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive", "_meta",
-        "_method", "_parser", "_phase", "_phrase", "_pieces", "_poll", "_progress", "_protocol",
-        "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting", "_writer",
-        "idle_since", "key", "response", "sender", "transport",
+        "_fields", "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive",
+        "_meta", "_method", "_parser", "_phase", "_phrase", "_pieces", "_poll", "_progress",
+        "_protocol", "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting",
+        "_writer", "idle_since", "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
@@ -474,7 +513,7 @@ class _Connection:
         self._waiting: Deferred[IResponse] | None = None
         self._writer: _BodyWriter | None = None
         self._method = b""
-        self._meta: tuple[bytes, bytes, bytes, Headers] | None = None
+        self._meta: _Meta | None = None
         self._head_buffer = b""
         self._got_bytes = False
         self._keep_alive = True
@@ -484,6 +523,8 @@ class _Connection:
         # What llhttp reports, head by head (``_start_response``) and read by read (``_chunked``).
         self._parser: Any = None
         self._headers = Headers()
+        #: ``_headers``' own field map, which ``on_header`` fills.
+        self._fields: dict[bytes, list[bytes]] = self._headers._rawHeaders
         self._phrase = b""
         #: The head's connection control fields (``_CONNECTION_CONTROL``), by lower-case name.
         self._control: dict[bytes, list[bytes]] = {}
@@ -617,7 +658,7 @@ class _Connection:
 
     def send(
         self, waiting: Deferred[IResponse], method: bytes, head: bytes,
-        producer: IBodyProducer | None, keep_alive: bool, meta: tuple[bytes, bytes, bytes, Headers],
+        producer: IBodyProducer | None, keep_alive: bool, meta: _Meta,
     ) -> None:
         """Write one request; ``waiting`` fires with the response once its head arrived."""
         self._waiting = waiting
@@ -803,7 +844,7 @@ class _Connection:
         if phase == _IDLE:
             # No body: the connection is free before anyone sees the response (as in Agent).
             response._buffer = None
-            response._end = _done()
+            response._end = _RESPONSE_DONE
             self.response = response
             self._end_body(response._end, reusable=not rest)
             waiting.callback(response)
@@ -833,7 +874,8 @@ class _Connection:
 
     def _parse_head(self, head: bytes, lenient: bool) -> Any:
         """A new llhttp parser that has read ``head``; the fields are in ``_headers`` etc."""
-        self._headers = Headers()
+        headers = self._headers = Headers()
+        self._fields = headers._rawHeaders
         self._phrase = b""
         self._control = {}
         self._pieces = None
@@ -864,8 +906,18 @@ class _Connection:
         lowered = name.lower()
         if lowered in _CONNECTION_CONTROL:
             self._control.setdefault(lowered, []).append(value)
+            return
+        # What ``addRawHeader`` stores, without its per-field work: the name spelled once per
+        # name seen, the value as it is (llhttp refuses any CR or LF in a value: nothing for
+        # ``Headers`` to clean; ``test_backend_parsing`` holds llhttp to that).
+        canonical = _CANONICAL.get(name)
+        if canonical is None:
+            canonical = _canonical(name)
+        values = self._fields.get(canonical)
+        if values is None:
+            self._fields[canonical] = [value]
         else:
-            self._headers.addRawHeader(name, value)
+            values.append(value)
 
     def on_body(self, body: bytes) -> None:
         self._pieces.append(body)  # type: ignore[union-attr]  # (a head never has a body here)
@@ -912,7 +964,7 @@ class _Connection:
             self._deliver(data)
             if self.response is not response or self._phase != _LENGTH:
                 return
-        self._end_body(_done(), reusable=not rest)
+        self._end_body(_RESPONSE_DONE, reusable=not rest)
 
     def _chunked(self, data: bytes) -> None:
         if self._boundary:
@@ -943,7 +995,7 @@ class _Connection:
                 return  # the body protocol stopped the body
         if self._complete:
             # (an error after the end: bytes nobody asked for followed it)
-            self._end_body(_done(), reusable=error is None)
+            self._end_body(_RESPONSE_DONE, reusable=error is None)
         elif error is not None:
             self._body_error(ParseError(f"invalid chunked body: {error}", data[:100]))
         elif self._progress or pieces:
@@ -1184,6 +1236,23 @@ class BackendClient:
         ``ResponseFailed`` if part of one came), ``RequestTransmissionFailed`` while the body was
         being written, ``RequestGenerationFailed`` when the body producer failed.
         """
+        if headers is None:
+            headers = Headers()
+        return self.request_fields(
+            method, uri, dict(headers.getAllRawHeaders()), bodyProducer, headers)
+
+    def request_fields(
+        self,
+        method: bytes,
+        uri: bytes,
+        fields: Mapping[bytes, Sequence[bytes]],
+        bodyProducer: IBodyProducer | None = None,  # noqa: N803 - as in request
+        headers: Headers | None = None,
+    ) -> Deferred[IResponse]:
+        """``request`` with the header fields as ``Headers`` holds them (canonical names, values
+        without line breaks; ``forward.request_fields`` builds them so), written as they are,
+        in their order: no ``Headers`` is made or read. ``headers``, if given, is the
+        ``Headers`` they are from (``IResponse.request`` has it; else one is made if asked)."""
         if method not in _KNOWN_METHODS:
             if not isinstance(method, bytes):
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
@@ -1208,19 +1277,18 @@ class BackendClient:
 
         parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         keep_alive = True
-        if headers is not None:
-            extend = parts.extend
-            for name, values in headers.getAllRawHeaders():
-                if name in _OWN_REQUEST_HEADERS:
-                    if name == b"Host":
-                        parts[4] = b"Host: " + values[0] + b"\r\n"
-                        continue
-                    if name != b"Connection":
-                        continue
-                    if b"close" in _tokens(list(values)):
-                        keep_alive = False
-                for value in values:
-                    extend((name, b": ", value, b"\r\n"))
+        extend = parts.extend
+        for name, values in fields.items():
+            if name in _OWN_REQUEST_HEADERS:
+                if name == b"Host":
+                    parts[4] = b"Host: " + values[0] + b"\r\n"
+                    continue
+                if name != b"Connection":
+                    continue
+                if b"close" in _tokens(list(values)):
+                    keep_alive = False
+            for value in values:
+                extend((name, b": ", value, b"\r\n"))
         if bodyProducer is None:
             if method in _BODYLESS_METHODS_WITH_LENGTH:
                 parts.append(b"Content-Length: 0\r\n\r\n")
@@ -1231,7 +1299,7 @@ class BackendClient:
         else:
             parts.append(b"Content-Length: %d\r\n\r\n" % (bodyProducer.length,))
         head = b"".join(parts)
-        meta = (method, uri, path, headers if headers is not None else Headers())
+        meta = (method, uri, path, headers if headers is not None else fields)
 
         idle = self._idle.get(target.key)
         while idle:

@@ -45,6 +45,7 @@ from llamaproxy.backends.routing import (
     is_retryable,
     report,
 )
+from llamaproxy.fastpath.backend_client import BackendClient, set_fields
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.loading_comments import LoadingComments
@@ -71,6 +72,10 @@ MODEL_PREFIX = b"/v1/models/"
 
 #: The header a streamed request goes to its backend with (see ``_forward``).
 STREAM_CONNECTION = (b"Connection", b"close")
+
+#: Most upstream URLs remembered (all are forgotten when there are more: targets with
+#: ever-changing query strings).
+_URLS_KEPT = 256
 
 #: Routes whose responses report token usage.
 _USAGE_ROUTES = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
@@ -235,6 +240,8 @@ class ProxyExchanges:
         self.in_flight: set[Exchange] = set()
         self.started_at = clock.seconds()
         self._drained: list[Deferred[None]] = []
+        #: (backend base URL, request target) -> the URL sent to (``_upstream_url``).
+        self._urls: dict[tuple[str, bytes], bytes] = {}
 
     def start(self, request: GatewayRequest, body: bytes) -> None:
         """Serve an API request whose body was checked: route it, then queue or send it."""
@@ -615,6 +622,17 @@ class ProxyExchanges:
             return errors.backend_unreachable(probe.detail if probe else "", retry_after)
         return errors.backend_unavailable(status.state.value, retry_after)
 
+    def _upstream_url(self, base_url: str, target: bytes) -> bytes:
+        """``upstream_url_bytes``, remembered: a backend's requests go to a few targets."""
+        key = (base_url, target)
+        url = self._urls.get(key)
+        if url is None:
+            url = upstream_url_bytes(base_url, target)
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()
+            self._urls[key] = url
+        return url
+
     def _request_body(self, exchange: Exchange, member: Member) -> bytes:
         """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
@@ -642,7 +660,7 @@ class ProxyExchanges:
         if request.path.startswith(MODEL_PREFIX):
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
-        url = upstream_url_bytes(member.spec.base_url, target)
+        url = self._upstream_url(member.spec.base_url, target)
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
@@ -773,17 +791,24 @@ class ProxyExchanges:
             await self._relay_after_loading(exchange, response, is_stream)
             return
         request.setResponseCode(response.code, response.phrase)
-        for name, values in forward.filter_response_headers(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
+        # The backend's end-to-end headers, then the gateway's own (each set, as setHeader does:
+        # a name already there keeps its place), in one pass.
+        fields = forward.filter_response_headers(response.headers)
+        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            fields.append((b"Content-Length", [b"%d" % (response.length,)]))
+        if is_stream:
+            # (new lists: the client's headers keep them, and may be added to)
+            fields += ((b"X-Accel-Buffering", [b"no"]), (b"Cache-Control", [b"no-cache"]))
+        if isinstance(self.agent, BackendClient):
+            # Fast path: stored as they are (they are as a Headers holds them already).
+            set_fields(request.responseHeaders, fields)
+        else:
+            for name, values in fields:
+                request.responseHeaders.setRawHeaders(name, values)
         usage = exchange.usage
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
             usage = exchange.usage = UsageCollector(streaming=False)
-        if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
-            request.setHeader(b"Content-Length", str(response.length).encode())
-        if is_stream:
-            request.setHeader(b"X-Accel-Buffering", b"no")
-            request.setHeader(b"Cache-Control", b"no-cache")
         relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage,
                             watched=exchange.deadline is not None)
         exchange.relay = relay

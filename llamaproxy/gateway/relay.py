@@ -29,6 +29,8 @@ log = Logger()
 
 # The default reason for connectionLost: a body that ended cleanly.
 _DONE = Failure(ResponseDone())
+#: How a body that was relayed whole ends (PotentialDataLoss: a read-until-close body).
+_ENDED_WHOLE = (ResponseDone, PotentialDataLoss)
 
 
 @implementer(IPushProducer)
@@ -89,6 +91,11 @@ class StreamRelay(Protocol):
         # checks this when it fires.
         self._last_data = self.clock.seconds()
         if self._lane is None and self._try_lane and not self._paused and self.outcome is None:
+            if request.startedWriting and not request.chunked:
+                # A whole body (Content-Length): never a lane (StreamLane.possible asks for a
+                # chunked response first), nothing to ask it.
+                self._try_lane = False
+                return
             # The head is out now: the usual pieces can take the fast lane.
             self._lane = StreamLane.open(self, self.clock)
             if self._lane is None and request.startedWriting:
@@ -104,7 +111,7 @@ class StreamRelay(Protocol):
             self._end("client_gone")
             return
         # isinstance, not Failure.check: check() computes the class's qualified MRO names.
-        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
+        if isinstance(reason.value, _ENDED_WHOLE):
             if self.usage is not None:
                 self.usage.finish()
             self._unregister()

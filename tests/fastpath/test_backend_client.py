@@ -213,6 +213,30 @@ class RequestBytesTests(Base):
         self.assertEqual(self.endpoints.uris[0].host, b"127.0.0.1")
         self.assertEqual(self.endpoints.uris[0].port, 8080)
 
+    def test_forward_send_writes_the_stock_paths_bytes(self) -> None:
+        # forward.send gives a BackendClient the fields without a Headers between: the bytes
+        # are those of the stock path's filtered Headers, and IResponse.request has them.
+        client = Headers({b"Host": [b"gw"], b"Authorization": [b"Bearer c"],
+                          b"Connection": [b"keep-alive, X-Hop"], b"X-Hop": [b"1"],
+                          b"Content-Type": [b"application/json"], b"X-Two": [b"a", b"b"]})
+        extra = [(b"X-Forwarded-For", b"10.0.0.1"), (b"x-forwarded-proto", b"https"),
+                 (b"Connection", b"close")]
+        stock = forward.filter_request_headers(client, "k")
+        for name, value in extra:
+            stock.setRawHeaders(name, [value])
+        _, _, expected = self.send(b"POST", URL, stock, forward.BytesBody(b"{}"))
+        connections = self.connections()
+        sending = forward.send(self.client, URL, "k", b"POST", client, b"{}", extra)
+        self.assertEqual(self.connections(), connections + 1)  # (the first is not reusable)
+        protocol, transport = self.endpoints.endpoint.connections[-1]
+        self.assertEqual(transport.value(), expected.value())
+        self.assertIn(b"\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+                      transport.value())
+        protocol.dataReceived(HEAD_200 + b"hello")
+        request = self.successResultOf(sending).request
+        self.assertEqual(list(request.headers.getAllRawHeaders()),
+                         list(stock.getAllRawHeaders()))
+
     def test_host_without_default_port_and_ipv6(self) -> None:
         self.send(b"GET", b"http://backend.example")
         self.send(b"GET", b"http://[::1]:9000/a?b")

@@ -13,7 +13,9 @@ from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
 from twisted.web._newclient import ParseError
 from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
 
+from llamaproxy.fastpath import backend_client
 from tests.fastpath.test_backend_client import Base
 
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -46,6 +48,53 @@ class HeadTests(Base):
             self.endpoints.endpoint.connections[-1][0].dataReceived(raw)
             self.failureResultOf(d, ResponseFailed).value.reasons[0].trap(ParseError)
             self.assertTrue(transport.aborted, raw)
+
+
+class HeaderFieldTests(Base):
+    """The response's ``Headers`` is filled without ``addRawHeader`` (``on_header``): it must
+    hold what ``addRawHeader`` would have stored, field by field."""
+
+    def test_fields_are_stored_as_add_raw_header_would(self) -> None:
+        fields = [(b"content-type", b"application/json"), (b"ETAG", b'"x"'),
+                  (b"www-authenticate", b"Bearer"), (b"X-Two", b"a"), (b"x-two", b"b  "),
+                  (b"Server", b"llama.cpp"), (b"x-empty", b""), (b"X-Ok", b"a\tb  c")]
+        head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in fields)
+        response, _, _ = self.respond(head + b"Content-Length: 0\r\n\r\n")
+        expected = Headers()
+        for name, value in fields:
+            expected.addRawHeader(name, value.rstrip(b" \t"))
+        self.assertEqual(list(response.headers.getAllRawHeaders()),
+                         list(expected.getAllRawHeaders()))
+        self.assertEqual(response.headers.getRawHeaders(b"etag"), [b'"x"'])
+
+    def test_the_name_map_is_bounded_and_stays_right(self) -> None:
+        for round_ in range(3):
+            names = [b"x-n%d-%d" % (round_, i) for i in range(300)]
+            head = b"HTTP/1.1 200 OK\r\n" + b"".join(n + b": v\r\n" for n in names)
+            response, _, _ = self.respond(head + b"Content-Length: 0\r\n\r\n")
+            self.assertEqual([name for name, _ in response.headers.getAllRawHeaders()],
+                             [b"X-N%d-%d" % (round_, i) for i in range(300)])
+            self.assertLessEqual(len(backend_client._CANONICAL), 512)
+
+    def test_llhttp_refuses_line_breaks_in_a_value(self) -> None:
+        # What lets ``on_header`` store values without ``Headers``' cleaning of CR and LF.
+        for raw in (b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\n\r\n",
+                    b"HTTP/1.1 200 OK\nX-A: a\n b\n\n",
+                    b"HTTP/1.1 200 OK\nX-A: a\rb\n\n"):
+            d, _, _ = self.send()
+            self.endpoints.endpoint.connections[-1][0].dataReceived(raw)
+            self.failureResultOf(d, ResponseFailed).value.reasons[0].trap(ParseError)
+
+    def test_set_fields_stores_what_set_raw_headers_would(self) -> None:
+        source = Headers({b"content-type": [b"a"], b"etag": [b"e"], b"X-Two": [b"1", b"2"]})
+        fast = Headers({b"Etag": [b"old"], b"Server": [b"s"]})
+        stock = fast.copy()
+        backend_client.set_fields(fast, [(n, list(v)) for n, v in source.getAllRawHeaders()])
+        for name, values in source.getAllRawHeaders():
+            stock.setRawHeaders(name, list(values))
+        self.assertEqual(list(fast.getAllRawHeaders()), list(stock.getAllRawHeaders()))
 
 
 class ChunkedTests(Base):

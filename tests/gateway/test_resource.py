@@ -1105,3 +1105,110 @@ class BreakerOpenTests(SynchronousTestCase):
         self.assertEqual(error["code"], "backend_unavailable")
         self.assertIn("circuit breaker", error["message"])
         self.assertEqual(response.header("retry-after"), "29")
+
+
+def _same_ids(written: bytes) -> bytes:
+    """``written`` with its request id (random) made constant."""
+    import re
+
+    return re.sub(rb"(?i)(x-request-id: )[0-9a-f]+", rb"\1ID", written)
+
+
+class FastPathHeaderTests(SynchronousTestCase):
+    """The fast path's backend client gets the request's fields without a ``Headers`` between
+    (``forward.request_fields``), and the response's headers are stored into the client's
+    without ``setRawHeaders`` (``backend_client.set_fields``): the client sees the same bytes
+    as through the stock path, and the backend gets the stock path's request bytes."""
+
+    CLIENT_HEADERS = {**AUTH, "Connection": "keep-alive, X-Secret", "X-Secret": "1",
+                      "X-Trace": "abc", "Cookie": "a=b", "accept": "*/*", "etag": "e"}
+    RESPONSE_HEADERS = [(b"Server", b"llama.cpp"),
+                        (b"access-control-allow-origin", b"*"), (b"Connection", b"keep-alive"),
+                        (b"Keep-Alive", b"timeout=5"), (b"x-kept", b"2"), (b"X-Kept", b"3"),
+                        (b"Cache-Control", b"private"), (b"Set-Cookie", b"s=1"),
+                        (b"Date", b"yesterday"), (b"www-authenticate", b"x")]
+
+    def fast_fixture(self) -> tuple[GatewayFixture, Any]:
+        from llamaproxy.fastpath.backend_client import BackendClient
+        from tests.fastpath.test_backend_client import Endpoints
+
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=5.0)
+        endpoints = Endpoints()
+        gw.resource.exchanges.agent = BackendClient(gw.clock, endpoints, 4)  # type: ignore[arg-type]
+        return gw, endpoints.endpoint
+
+    def exchange(self, stream: bool) -> None:
+        body = CHAT if stream else json.dumps({"messages": [{"role": "user", "content": "x"}]}
+                                               ).encode()
+        kind = b"text/event-stream" if stream else b"application/json"
+        self.RESPONSE_HEADERS = [(b"content-type", kind), *FastPathHeaderTests.RESPONSE_HEADERS]
+        # Stock: the AgentSpy's request and a stub response with the same fields.
+        stock = GatewayFixture(request_timeout=30.0, stream_idle_timeout=5.0)
+        stock_client = stock.chat(body, self.CLIENT_HEADERS)
+        [record] = stock.agent.requests
+        assert record.headers is not None
+        head = Headers()
+        for name, value in self.RESPONSE_HEADERS:
+            if name.lower() not in (b"connection", b"keep-alive"):  # (Agent keeps them apart)
+                head.addRawHeader(name, value)
+        # Fast: a BackendClient on a memory transport, answered with raw bytes.
+        fast, endpoint = self.fast_fixture()
+        fast_client = fast.chat(body, self.CLIENT_HEADERS)
+        protocol, transport = endpoint.connections[-1]
+        from llamaproxy.fastpath.backend_client import BackendClient
+        from tests.fastpath.test_backend_client import Endpoints
+
+        # The backend's bytes: those the stock path's Headers give the same client.
+        expected = Endpoints()
+        reference = BackendClient(Clock(), expected, 4)  # type: ignore[arg-type]
+        reference.request(b"POST", record.uri, record.headers, record.body_producer)
+        self.assertEqual(transport.value(), expected.endpoint.connections[-1][1].value())
+        self.assertIn(b"\r\nX-Trace: abc\r\n", transport.value())
+        self.assertNotIn(b"X-Secret", transport.value())
+
+        raw = b"HTTP/1.1 200 OK\r\n" + b"".join(
+            n + b": " + v + b"\r\n" for n, v in self.RESPONSE_HEADERS)
+        if stream:
+            backend = StreamingResponse(headers=head)
+            record.deferred.callback(backend)
+            events = [sse_chunk("Hel"), sse_chunk("lo"), b"data: [DONE]\n\n"]
+            for event in events:
+                backend.send(event)
+            backend.finish()
+            protocol.dataReceived(raw + b"Transfer-Encoding: chunked\r\n\r\n")
+            for event in events:  # (a read each: the client gets a chunk each, as above)
+                protocol.dataReceived(b"%x\r\n%b\r\n" % (len(event), event))
+            protocol.dataReceived(b"0\r\n\r\n")
+        else:
+            answer = b'{"ok": true}'
+            record.respond(200, answer, head)
+            protocol.dataReceived(raw + b"Content-Length: 12\r\n\r\n" + answer)
+        self.assertTrue(fast_client.response().complete)
+        self.assertEqual(_same_ids(fast_client.written), _same_ids(stock_client.written))
+        self.assertIn(b"X-Kept: 2\r\nX-Kept: 3\r\n", fast_client.written)
+        self.assertNotIn(b"llama.cpp", fast_client.written)
+        self.assertNotIn(b"Access-Control", fast_client.written)
+
+    def test_plain(self) -> None:
+        self.exchange(stream=False)
+
+    def test_stream(self) -> None:
+        self.exchange(stream=True)
+
+
+class UpstreamUrlTests(SynchronousTestCase):
+    def test_remembered_per_base_url_and_target_and_bounded(self) -> None:
+        from llamaproxy.backends.config_file import upstream_url_bytes
+
+        exchanges = GatewayFixture().resource.exchanges
+        for base in ("http://h:1", "http://h:9000/v1", "http://h:9000/v1/", "http://h/p/"):
+            for target in (b"/v1/chat/completions", b"/tokenize?x=1", b"/v1", b"/v1?a"):
+                expected = upstream_url_bytes(base, target)
+                self.assertEqual(exchanges._upstream_url(base, target), expected)
+                self.assertEqual(exchanges._upstream_url(base, target), expected)
+        self.assertEqual(exchanges._upstream_url("http://h:9000/v1", b"/tokenize"),
+                         b"http://h:9000/tokenize")
+        for i in range(600):
+            self.assertEqual(exchanges._upstream_url("http://h:1", b"/v1/x?%d" % i),
+                             b"http://h:1/v1/x?%d" % i)
+            self.assertLessEqual(len(exchanges._urls), 256)
