@@ -26,8 +26,8 @@ Assumes: the private exception types of ``twisted.web._newclient`` and ``twisted
 raises (so that failures classify as Agent's do), the endpoint's ``_WrappingFactory`` attributes
 it clears when a connection is lost (a cycle per closed connection otherwise), ``Headers``'
 field map (``_rawHeaders``: canonical name -> values), which it fills from llhttp's fields (llhttp
-refuses a CR or LF in a value, so there is nothing for ``addRawHeader`` to clean) and which
-``set_fields`` stores into, and the eager writes' contract (checked at startup by
+refuses a CR or LF in a value, so there is nothing for ``addRawHeader`` to clean; names spelled
+through ``header_fill``), and the eager writes' contract (checked at startup by
 ``llamaproxy.fastpath.contract``). Gain: about 40 % of
 the gateway's CPU per proxied request; ``tests/fastpath/test_differential.py`` holds it to
 Agent's bytes and endings.
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import select
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
@@ -92,8 +92,10 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from llamaproxy.fastpath.eager_write import Cork, EagerSender, send_eagerly
+from llamaproxy.fastpath.header_fill import cached_name as _cached_name
+from llamaproxy.fastpath.header_fill import spell_name as _spell_name
 
-__all__ = ["MAX_HEAD_SIZE", "BackendClient", "set_fields"]
+__all__ = ["MAX_HEAD_SIZE", "BackendClient"]
 
 log = Logger()
 
@@ -155,33 +157,6 @@ def _ignore(_: object) -> None:
 #: ``connectionDone`` is for every connection (body protocols only read it; Agent builds one
 #: per response, a tenth of a response head's Python here).
 _RESPONSE_DONE = Failure(ResponseDone("Response body fully received"))
-
-
-#: Response header names as received -> as ``Headers`` stores them (Twisted's canonical case).
-#: A backend sends the same few names on every response; the map is cleared when it is full.
-_CANONICAL: dict[bytes, bytes] = {}
-
-
-def _canonical(name: bytes) -> bytes:
-    """``name`` as ``Headers`` stores it (Twisted spells it; a name that is not a token raises
-    there, as it did when ``addRawHeader`` was called with it)."""
-    spelled = Headers()
-    spelled.addRawHeader(name, b"")
-    canonical = next(iter(spelled._rawHeaders))
-    if len(_CANONICAL) >= 512:
-        _CANONICAL.clear()
-    _CANONICAL[name] = canonical
-    return canonical
-
-
-def set_fields(target: Headers, fields: Iterable[tuple[bytes, list[bytes]]]) -> None:
-    """``target.setRawHeaders(name, values)`` for each of ``fields``, which are as a ``Headers``
-    stores them already (its canonical names; values without line breaks, as ``getAllRawHeaders``
-    gives them): what ``setRawHeaders`` would store, without spelling and cleaning each again.
-    ``values`` lists are stored as given, not copied."""
-    raw = target._rawHeaders
-    for name, values in fields:
-        raw[name] = values
 
 
 def _host_value(scheme: bytes, host: bytes, port: int) -> bytes:
@@ -910,9 +885,7 @@ class _Connection:
         # What ``addRawHeader`` stores, without its per-field work: the name spelled once per
         # name seen, the value as it is (llhttp refuses any CR or LF in a value: nothing for
         # ``Headers`` to clean; ``test_backend_parsing`` holds llhttp to that).
-        canonical = _CANONICAL.get(name)
-        if canonical is None:
-            canonical = _canonical(name)
+        canonical = _cached_name(name) or _spell_name(name)
         values = self._fields.get(canonical)
         if values is None:
             self._fields[canonical] = [value]

@@ -1,4 +1,5 @@
-"""A request's headers filled from the head llhttp parsed, without re-checking each line.
+"""Header fields stored as ``Headers`` holds them, from what llhttp parsed, without
+re-checking each line.
 
 The gateway's channel (``llamaproxy.gateway.channel``) gets each header line of a request from
 llhttp, which has already refused a name that is not a token and a value with a CR, an LF or a
@@ -13,7 +14,13 @@ through ``encode``, its token check included), with one loop and no call per lin
 already seen. The values go in as they are: llhttp lets no line break through, so the sanitizing
 would return them unchanged.
 
-Replaces: ``Headers.addRawHeader`` for the lines of a request head. Assumes:
+``spell_name``/``cached_name`` give a name as ``Headers`` stores it (Twisted's own encoder and
+cache), for the backend client's response fields (``llamaproxy.fastpath.backend_client``), and
+``set_fields(target, fields)`` stores fields taken from another ``Headers`` (canonical, one line
+each already) as ``setRawHeaders`` would, for the response headers copied from a backend.
+
+Replaces: ``Headers.addRawHeader`` for the lines of a request head and of a backend's response
+head, ``Headers.setRawHeaders`` for the backend's response headers copied to the client. Assumes:
 ``Headers.addRawHeader``, ``_NameEncoder.encode`` and ``_sanitizeLinearWhitespace`` exactly as
 fingerprinted in ``llamaproxy.fastpath.contract``, the private ``Headers._rawHeaders`` (a dict
 of canonical name to list of values) and ``_nameEncoder`` with its ``_canonicalHeaderCache``.
@@ -22,10 +29,18 @@ Gain: see docs/performance.md ("Per-request cuts").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from twisted.web.http_headers import Headers, _nameEncoder
 
 _encode = _nameEncoder.encode
 _cached = _nameEncoder._canonicalHeaderCache.get
+
+#: ``cached_name(name)``: ``name`` as ``Headers`` stores it if Twisted's encoder has spelled it
+#: before, else None. ``spell_name(name)``: always (raises ``InvalidHeaderName`` for a name that
+#: is not a token, as ``addRawHeader`` does). Twisted bounds the cache (10 000 names).
+cached_name = _cached
+spell_name = _encode
 
 
 def fill(headers: Headers, lines: list[tuple[bytes, bytes]]) -> None:
@@ -39,3 +54,13 @@ def fill(headers: Headers, lines: list[tuple[bytes, bytes]]) -> None:
             raw[key] = [value]
         else:
             values.append(value)
+
+
+def set_fields(target: Headers, fields: Iterable[tuple[bytes, list[bytes]]]) -> None:
+    """``target.setRawHeaders(name, values)`` for each of ``fields``, which are as a ``Headers``
+    stores them already (its canonical names; values without line breaks, as ``getAllRawHeaders``
+    gives them): what ``setRawHeaders`` would store, without spelling and cleaning each again.
+    ``values`` lists are stored as given, not copied."""
+    raw = target._rawHeaders
+    for name, values in fields:
+        raw[name] = values

@@ -45,7 +45,8 @@ from llamaproxy.backends.routing import (
     is_retryable,
     report,
 )
-from llamaproxy.fastpath.backend_client import BackendClient, set_fields
+from llamaproxy.fastpath.backend_client import BackendClient
+from llamaproxy.fastpath.header_fill import set_fields
 from llamaproxy.gateway import errors
 from llamaproxy.gateway.errors import GatewayError
 from llamaproxy.gateway.loading_comments import LoadingComments

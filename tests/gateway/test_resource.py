@@ -1117,7 +1117,7 @@ def _same_ids(written: bytes) -> bytes:
 class FastPathHeaderTests(SynchronousTestCase):
     """The fast path's backend client gets the request's fields without a ``Headers`` between
     (``forward.request_fields``), and the response's headers are stored into the client's
-    without ``setRawHeaders`` (``backend_client.set_fields``): the client sees the same bytes
+    without ``setRawHeaders`` (``header_fill.set_fields``): the client sees the same bytes
     as through the stock path, and the backend gets the stock path's request bytes."""
 
     CLIENT_HEADERS = {**AUTH, "Connection": "keep-alive, X-Secret", "X-Secret": "1",
