@@ -21,9 +21,7 @@ anything, and parses only the event that has one of them.
 from __future__ import annotations
 
 import json
-import re
-from json.scanner import make_scanner
-from typing import Any, cast
+from typing import Any
 
 #: Most body bytes kept to read ``usage`` from a non-streamed response.
 MAX_BODY_KEPT = 1 << 20
@@ -37,38 +35,24 @@ TIMINGS_MARK = b'"timings"'
 DATA_MARK = b"data:"
 EVENT_END = b"\n\n"
 
-#: ``json.loads``' own decoder (no options) and what it skips as whitespace.
-_SCAN = make_scanner(cast(Any, json.JSONDecoder()))  # what JSONDecoder.decode scans with
-_WHITESPACE = re.compile(r"[ \t\n\r]+")
+#: ``json.loads``' own decoder (no options).
+_DECODER = json.JSONDecoder()
 
 #: Request body bytes per prompt token in the estimate for streams cut before their counts.
 BYTES_PER_PROMPT_TOKEN = 4
 
 
 def parse_json(body: bytes) -> Any:
-    """``json.loads(body)`` (a ValueError or RecursionError where it raises one), without its
-    two Python layers for a body that starts with ``{`` or a space and a non-NUL byte: that is
-    a body ``json.detect_encoding`` calls UTF-8, and then ``loads`` is ``JSONDecoder.decode``
-    of the UTF-8 text, which is this scan (a response's whole body or an SSE event's data,
-    read once per request: the layers cost a quarter of the parse of a small response)."""
-    if len(body) < 4 or body[0] not in _PLAIN_START or not body[1]:
+    """``json.loads(body)``, without its encoding detection for a body that starts with ``{``
+    or a space and a non-NUL byte: ``json.detect_encoding`` calls such a body UTF-8 (no
+    byte-order mark starts so), and ``loads`` is then ``JSONDecoder.decode`` of its UTF-8 text
+    (a response's whole body or an SSE event's data, read once per request)."""
+    if len(body) < 2 or body[0] not in _PLAIN_START or not body[1]:
         return json.loads(body)
-    text = body.decode("utf-8", "surrogatepass")
-    try:
-        doc, end = _SCAN(text, 0 if body[0] == 0x7B else _after_whitespace(text, 0))  # "{"
-    except StopIteration as error:
-        raise ValueError("Expecting value") from error
-    if end != len(text) and _after_whitespace(text, end) != len(text):
-        raise ValueError("Extra data")
-    return doc
+    return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
 
 
-def _after_whitespace(text: str, index: int) -> int:
-    match = _WHITESPACE.match(text, index)
-    return index if match is None else match.end()
-
-
-#: First bytes of a body ``parse_json`` reads itself (no byte-order mark starts with them).
+#: First bytes of a body ``parse_json`` decodes itself (no byte-order mark starts with them).
 _PLAIN_START = frozenset(b"{ ")
 
 
