@@ -78,6 +78,11 @@ class GatewayFixture:
 
 
 class RoutingTests(SynchronousTestCase):
+    def test_no_api_path_is_another_kind_of_path(self) -> None:
+        # resolve() looks API paths up first: a path of two kinds would lose the other.
+        from llamaproxy.gateway.resource import ADMIN_ROUTES, API_ROUTES, PUBLIC_ROUTES
+        self.assertEqual(set(API_ROUTES) & {*PUBLIC_ROUTES, b"/metrics", *ADMIN_ROUTES}, set())
+
     def test_resolve(self) -> None:
         extra = frozenset({b"/tokenize"})
         self.assertEqual(resolve(b"POST", b"/v1/chat/completions", extra).kind, "api")  # type: ignore[union-attr]
