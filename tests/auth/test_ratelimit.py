@@ -339,3 +339,37 @@ class RefundTests(SynchronousTestCase):
         limiter.refund("a", 0.0)
         self.assertEqual(limiter.remaining("a"), 2)
         self.assertEqual(len(limiter), 1)
+
+
+class InlinedCheckTests(SynchronousTestCase):
+    """``check`` does its window arithmetic inline (it runs on every request); the shared
+    limiter's ``decision_at`` goes through the helpers. Both must give the same decision for
+    the same counter, whatever the clock does."""
+
+    @given(st.integers(1, 6), st.lists(st.tuples(
+        st.floats(-5.0, 130.0, allow_nan=False), st.sampled_from(["a", "b"]),
+        st.booleans()), min_size=1, max_size=40))
+    def test_check_decides_as_decision_at(
+        self, limit: int, steps: list[tuple[float, str, bool]]
+    ) -> None:
+        clock, limiter = make(limit=limit, start=1000.0)
+        for delay, key, refund in steps:
+            if delay >= 0:
+                clock.advance(delay)
+            else:
+                clock.rightNow += delay  # a clock that goes back
+            before = limiter._buckets.get(key)
+            state = None if before is None else copy.copy(before)
+            decision = limiter.check(key)
+            now = clock.seconds()
+            if state is None:
+                start, previous, current = now, 0, 0
+            else:
+                start, previous, current = limiter._rolled(state, now)
+            if decision.allowed:
+                current += 1
+            self.assertEqual(
+                decision,
+                limiter.decision_at(start, previous, current, now, limit, decision.allowed))
+            if refund and decision.allowed:
+                limiter.refund(key, now)
