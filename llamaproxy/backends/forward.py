@@ -396,8 +396,6 @@ def send(
 
         def attempt() -> Deferred[IResponse]:
             return agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
-
-        sending = agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
     else:
         headers = filter_request_headers(client_headers, backend_key)
         for name, value in extra_headers:
@@ -406,15 +404,13 @@ def send(
         def attempt() -> Deferred[IResponse]:
             return agent.request(method, url, headers, BytesBody(body) if with_body else None)
 
-        sending = agent.request(method, url, headers, BytesBody(body) if with_body else None)
-
     def retry(failure: Failure) -> Deferred[IResponse]:
         if not _send_again(failure.value, method, with_body):
             return fail(failure)
         log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
         return attempt()
 
-    return sending.addErrback(retry)
+    return attempt().addErrback(retry)
 
 
 def _send_again(failure_value: BaseException | None, method: bytes, with_body: bool) -> bool:

@@ -90,16 +90,13 @@ class StreamRelay(Protocol):
         # The idle timer is not reset per piece (that is most of a relay's timer work); it
         # checks this when it fires.
         self._last_data = self.clock.seconds()
-        if self._lane is None and self._try_lane and not self._paused and self.outcome is None:
-            if request.startedWriting and not request.chunked:
-                # A whole body (Content-Length): never a lane (StreamLane.possible asks for a
-                # chunked response first), nothing to ask it.
-                self._try_lane = False
-                return
-            # The head is out now: the usual pieces can take the fast lane.
-            self._lane = StreamLane.open(self, self.clock)
-            if self._lane is None and request.startedWriting:
-                self._try_lane = StreamLane.possible(self, self.clock)
+        if (self._lane is None and self._try_lane and request.startedWriting
+                and not self._paused and self.outcome is None):
+            # The head is out now: the usual pieces can take the fast lane, if this relay can
+            # ever have one (asked once: a whole body, for one, never can).
+            self._try_lane = StreamLane.possible(self, self.clock)
+            if self._try_lane:
+                self._lane = StreamLane.open(self, self.clock)
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self._close_lane()
