@@ -151,16 +151,12 @@ def format_access_text(
     """One text line (with newline): ``ts | request_id | key_id | METHOD path | status |
     duration | ttfb=… | bytes=… | model=… | tokens=prompt/completion | outcome`` (plus
     client=… (plus ``| worker@instance`` when configured); ``-`` marks a missing value."""
-    return _text_line(*access_fields(entry), worker_type, instance_id)
+    return _text_line(access_fields(entry), worker_type, instance_id)
 
 
-def _text_line(
-    ts: float, request_id: str, key_id: str | None, method: str, path: str, status: int,
-    duration_ms: float, ttfb_ms: float | None, size: int, model: str | None,
-    prompt_tokens: int | None, completion_tokens: int | None, outcome: str,
-    tokens_estimated: bool, client: str | None, route: str | None,
-    worker_type: str | None, instance_id: str | None,
-) -> str:
+def _text_line(fields: AccessFields, worker_type: str | None, instance_id: str | None) -> str:
+    (ts, request_id, key_id, method, path, status, duration_ms, ttfb_ms, size, model,
+     prompt_tokens, completion_tokens, outcome, tokens_estimated, client, route) = fields
     parts = [
         iso_timestamp(ts),
         sanitize_field(request_id),
@@ -193,7 +189,7 @@ def format_access_json(
     ``dumps_compact`` of ``access_record``, which it falls back to when a field holds a lone
     surrogate (ASCII escapes then).
     """
-    line = _json_line(*access_fields(entry), worker_type, instance_id)
+    line = _json_line(access_fields(entry), worker_type, instance_id)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
@@ -207,51 +203,50 @@ def format_access_json(
 _SHORT_MS = 1e14
 
 
-def _json_line(
-    ts: float, request_id: str, key_id: str | None, method: str, path: str, status: int,
-    duration_ms: float, ttfb_ms: float | None, size: int, model: str | None,
-    prompt_tokens: int | None, completion_tokens: int | None, outcome: str,
-    tokens_estimated: bool, client: str | None, route: str | None,
-    worker_type: str | None, instance_id: str | None,
-) -> str:
-    """``format_access_json``'s line before its surrogate check. What ``access_record`` does to
-    each value (``_json_field``'s cut, ``_round_ms``, null for None) is written out in place:
-    one call per line instead of a dozen."""
-    cut = MAX_FIELD_LENGTH
+def _json_line(fields: AccessFields, worker_type: str | None, instance_id: str | None) -> str:
+    """``format_access_json``'s line before its surrogate check: what ``access_record`` does
+    to each value (``_json_field``'s cut, ``_round_ms``, null for None), written out."""
+    (ts, request_id, key_id, method, path, status, duration_ms, ttfb_ms, size, model,
+     prompt_tokens, completion_tokens, outcome, tokens_estimated, client, route) = fields
     return "".join((
         '{"ts":"', iso_timestamp(ts),
-        '","request_id":', "null" if request_id is None else encode_basestring(
-            request_id if len(request_id) <= cut else request_id[:cut - 3] + "..."),
-        ',"key_id":', "null" if key_id is None else encode_basestring(
-            key_id if len(key_id) <= cut else key_id[:cut - 3] + "..."),
-        ',"method":', "null" if method is None else encode_basestring(
-            method if len(method) <= cut else method[:cut - 3] + "..."),
-        ',"path":', "null" if path is None else encode_basestring(
-            path if len(path) <= cut else path[:cut - 3] + "..."),
+        '","request_id":', _json_text(request_id),
+        ',"key_id":', _json_text(key_id),
+        ',"method":', _json_text(method),
+        ',"path":', _json_text(path),
         ',"status":', str(int(status)),
-        ',"duration_ms":', "null" if duration_ms is None or not isfinite(duration_ms)
-        else f"{duration_ms:.1f}" if -_SHORT_MS < duration_ms < _SHORT_MS
-        else repr(round(duration_ms, 1)),
-        ',"ttfb_ms":', "null" if ttfb_ms is None or not isfinite(ttfb_ms)
-        else f"{ttfb_ms:.1f}" if -_SHORT_MS < ttfb_ms < _SHORT_MS
-        else repr(round(ttfb_ms, 1)),
+        ',"duration_ms":', _json_ms(duration_ms),
+        ',"ttfb_ms":', _json_ms(ttfb_ms),
         ',"bytes":', str(int(size)),
-        ',"model":', "null" if model is None else encode_basestring(
-            model if len(model) <= cut else model[:cut - 3] + "..."),
+        ',"model":', _json_text(model),
         ',"prompt_tokens":', "null" if prompt_tokens is None else str(prompt_tokens)
         if type(prompt_tokens) is int else dumps_compact(prompt_tokens),
         ',"completion_tokens":', "null" if completion_tokens is None else str(completion_tokens)
         if type(completion_tokens) is int else dumps_compact(completion_tokens),
         ',"tokens_estimated":true' if tokens_estimated else "",
-        ',"outcome":', "null" if outcome is None else encode_basestring(
-            outcome if len(outcome) <= cut else outcome[:cut - 3] + "..."),
-        ',"client":', "null" if client is None else encode_basestring(
-            client if len(client) <= cut else client[:cut - 3] + "..."),
+        ',"outcome":', _json_text(outcome),
+        ',"client":', _json_text(client),
         ',"route":' + encode_basestring(route) if route else "",
         ',"worker_type":' + encode_basestring(worker_type) if worker_type else "",
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
     ))
+
+
+def _json_text(value: str | None) -> str:
+    """A string field as ``access_record`` has it (``_json_field``), in JSON."""
+    field = _json_field(value)
+    return "null" if field is None else encode_basestring(field)
+
+
+def _json_ms(value: float | None) -> str:
+    """A duration as the encoder writes ``_round_ms(value)``: below ``_SHORT_MS``,
+    ``f"{ms:.1f}"`` is that text at half the cost."""
+    if value is None or not isfinite(value):
+        return "null"
+    if -_SHORT_MS < value < _SHORT_MS:
+        return f"{value:.1f}"
+    return repr(round(value, 1))
 
 
 def access_record(
@@ -367,14 +362,14 @@ class AccessLog:
         if self.path is None or self._closed:
             return
         if self.fmt == "json":
-            line = _json_line(*fields, self.worker_type, self.instance_id)
+            line = _json_line(fields, self.worker_type, self.instance_id)
             try:
                 data = line.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: the JSON encoder's ASCII escapes
                 record = access_record(AccessEntry(*fields), self.worker_type, self.instance_id)
                 data = (dumps_compact(record) + "\n").encode("utf-8", "backslashreplace")
         else:
-            data = _text_line(*fields, self.worker_type, self.instance_id).encode(
+            data = _text_line(fields, self.worker_type, self.instance_id).encode(
                 "utf-8", "backslashreplace")
         self._buffer.append(data)
         self._buffered += len(data)
