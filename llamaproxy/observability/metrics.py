@@ -439,11 +439,7 @@ class RequestTimer:
                 m._success += 1
             elif outcome != "client_gone":
                 m._error += 1
-        label = model if model in m._models else m._model_label(model)
-        counter = series.requests.get((status, label))
-        if counter is None:
-            counter = series.request_counter(status, label)
-        counter.inc()
+        series.request_counter(status, m._model_label(model)).inc()
         series.duration.observe(now - self._started)
         if bytes_sent:
             series.bytes.inc(bytes_sent)
@@ -604,7 +600,7 @@ class GatewayMetrics:
 
     def tokens(self, key_id: str | None, model: str | None, prompt: int, completion: int) -> None:
         """Token usage of one response (from its ``usage`` object)."""
-        label = model if model in self._models else self._model_label(model)
+        label = self._model_label(model)
         children = self._token_children.get(label)
         if children is None:
             children = (

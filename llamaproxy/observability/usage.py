@@ -303,18 +303,13 @@ class UsageLedger(Service):
         if self._stopped:
             log.warn("Usage recorded after the ledger stopped: not counted", key_id=key_id)
             return
-        now = self._clock.seconds()
-        day = self._day if self._day_start <= now < self._day_end else self._today()
-        slot = (day, key_id or UNKNOWN, model or UNKNOWN)
+        slot = (self._today(), key_id or UNKNOWN, model or UNKNOWN)
         totals = self._pending.get(slot)
         if totals is None:
             totals = self._pending[slot] = [0, 0, 0, 0]
         totals[0] += 1
-        # _tokens, written out for the usual count (a non-negative int).
-        totals[1] += prompt_tokens if type(prompt_tokens) is int and prompt_tokens >= 0 \
-            else _tokens(prompt_tokens)
-        totals[2] += completion_tokens if type(completion_tokens) is int \
-            and completion_tokens >= 0 else _tokens(completion_tokens)
+        totals[1] += _tokens(prompt_tokens)
+        totals[2] += _tokens(completion_tokens)
         totals[3] += partial
         if self._timer is None and self._flushing is None:
             self._timer = self._clock.callLater(self.flush_interval, self._on_timer)
