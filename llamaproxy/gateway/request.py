@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import datetimeToString, parse_qs
+from twisted.web.http import datetimeToString
 
 from llamaproxy import __version__
 from llamaproxy.auth.keys import AUTH_DISABLED
@@ -59,7 +59,7 @@ class GatewayRequest(server.Request):
     # instead of 0.3), which would be most of a queued request's memory.
     __slots__ = (
         "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
-        "_forms", "_held", "_recorded", "_site",
+        "_held", "_recorded", "_site",
         "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
         "loading_stream", "lost", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )
@@ -105,7 +105,7 @@ class GatewayRequest(server.Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The gateway never reads form fields: skip twisted.web's Content-Type and form parsing
         # on every POST (13-15 % of the CPU per request in the profile).
-        self._forms = kwargs.setdefault("parsePOSTFormSubmission", False)
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         self.key_id = None
         self.route = None
         self.early_error = None
@@ -286,21 +286,6 @@ class GatewayRequest(server.Request):
         self.channel.loseConnection()
         self.setResponseCode(error.status)
         self._record()
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """The whole request is in: twisted.web's ``requestReceived``, minus its form parsing
-        when that is off (as the gateway has it: then it looks up the Content-Type and the
-        body's length for nothing, on every request)."""
-        if self._forms:
-            super().requestReceived(command, path, version)
-            return
-        assert self.content is not None
-        self.content.seek(0, 0)
-        self.method, self.uri = command, path
-        self.clientproto = version
-        self.path, query, argstring = path.partition(b"?")
-        self.args = parse_qs(argstring, 1) if query else {}
-        self.process()
 
     def process(self) -> None:
         """Serve the request unless it was already answered before its body.
