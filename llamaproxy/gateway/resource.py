@@ -40,7 +40,7 @@ from llamaproxy.gateway.proxy import (
     ProxyExchanges,
     answer_whole,
 )
-from llamaproxy.gateway.request import SERVER_NAME, GatewayRequest
+from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.request_body import invalid_json, parse_object, read_facts
 from llamaproxy.observability.metrics import GatewayMetrics
 
@@ -263,7 +263,7 @@ class GatewayResource(Resource):
     # -- rendering ------------------------------------------------------------------------
 
     def render(self, request: GatewayRequest) -> bytes | int:
-        request.setHeader(b"Server", SERVER_NAME)
+        # (Server is set already: GatewayRequest.process, the only caller, sets it first)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         if self.settings.hsts is not None and request.isSecure():
             request.setHeader(b"Strict-Transport-Security", self.settings.hsts.encode())
