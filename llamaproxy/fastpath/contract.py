@@ -55,6 +55,9 @@ FINGERPRINTS = {
     "twisted.web.http_headers:Headers.addRawHeader": "c4fe96cc1a6e7950",
     "twisted.web.http_headers:_NameEncoder.encode": "7b453627217624ac",
     "twisted.web.http_headers:_sanitizeLinearWhitespace": "eae40a7049d09f94",
+    # ... and what setHeader and setRawHeaders do for the gateway's own response headers.
+    "twisted.web.http_headers:Headers.setRawHeaders": "0a56d26c55e15b59",
+    "twisted.web.http:Request.setHeader": "eb86f09aeab0f711",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).

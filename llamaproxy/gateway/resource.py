@@ -69,6 +69,8 @@ ADMIN_ROUTES: dict[bytes, tuple[bytes, ...]] = {
 
 _JSON = b"application/json"
 
+_NOSNIFF = ((b"X-Content-Type-Options", b"nosniff"),)
+
 #: Bodies larger than this are parsed one per reactor turn (about 1 ms of parsing per 64 KiB).
 LARGE_BODY = 1 << 20
 
@@ -250,8 +252,8 @@ class GatewayResource(Resource):
         metrics = self.exchanges.metrics
         if metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
             metrics.authenticated(result.key_id)  # type: ignore[arg-type]
-        for name, value in result.headers:
-            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        if result.headers:
+            request.set_headers([(name, value.encode("latin-1")) for name, value in result.headers])
         return None
 
     def _refund(self, access: Access, request: GatewayRequest) -> None:
@@ -264,7 +266,7 @@ class GatewayResource(Resource):
 
     def render(self, request: GatewayRequest) -> bytes | int:
         # (Server is set already: GatewayRequest.process, the only caller, sets it first)
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.set_headers(_NOSNIFF)
         if self.settings.hsts is not None and request.isSecure():
             request.setHeader(b"Strict-Transport-Security", self.settings.hsts.encode())
         request.apply_cors()

@@ -22,7 +22,7 @@ from llamaproxy.gateway.client_address import TrustedProxies
 from llamaproxy.gateway.cors import CorsPolicy
 from llamaproxy.gateway.limits import RequestLimits
 from llamaproxy.gateway.recorder import RequestRecorder
-from llamaproxy.gateway.request import EarlyCheck, GatewayRequest
+from llamaproxy.gateway.request import EarlyCheck, GatewayRequest, set_each
 from llamaproxy.gateway.resource import GatewayResource
 
 __all__ = ["GatewayChannel", "GatewaySite", "RequestLimits"]
@@ -57,10 +57,15 @@ class GatewaySite(server.Site):
         #: ``Headers.addRawHeader``). Imported only when asked for: it reads Twisted's private
         #: header encoder.
         self.fill_headers: Any = None
+        #: How its requests set the response headers the gateway makes itself
+        #: (``GatewayRequest.set_headers``): ``set_each`` (``setRawHeaders`` each), or the
+        #: header_fill fast path's ``set_values``.
+        self.set_headers: Any = set_each
         if fast_headers:
             from llamaproxy.fastpath import header_fill
 
             self.fill_headers = header_fill.fill
+            self.set_headers = header_fill.set_values
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()

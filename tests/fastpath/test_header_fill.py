@@ -1,5 +1,6 @@
 """The header_fill fast path: a request's headers exactly as ``Headers.addRawHeader`` builds
-them, and the channel's hostile-input contract unchanged with it on."""
+them, the gateway's own response headers exactly as ``setHeader`` sets them, and the channel's
+hostile-input contract unchanged with it on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaproxy.fastpath.header_fill import fill
+from llamaproxy.fastpath.header_fill import fill, set_values
+from llamaproxy.gateway.request import set_each
 from llamaproxy.gateway.site import GatewaySite
 from tests.gateway import (
     test_async_early_check,
@@ -60,6 +62,55 @@ class FillTests(SynchronousTestCase):
         self.assertRaises(InvalidHeaderName, fill, Headers(), [(b"Bad Name", b"v")])
 
 
+#: Response header names as the gateway passes them (bytes or str, any case), Twisted's special
+#: capitalizations, names its encoder has not seen yet.
+_NAMES = st.sampled_from([
+    b"Server", b"Date", b"X-Request-ID", b"x-request-id", "X-RateLimit-Limit", "x-ratelimit-limit",
+    b"X-Content-Type-Options", b"X-Gateway-Overhead-Ms", b"Content-Length", b"etag", "Dnt",
+    b"X-Never-Set-Before-By-Twisted-4712",
+]) | st.from_regex(rb"\A[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}\Z").map(bytes)
+#: Values the gateway makes itself: no line break (CR, LF) in them.
+_VALUES = st.binary(max_size=30).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))
+_FIELDS = st.lists(st.tuples(_NAMES, _VALUES), max_size=8)
+
+
+class SetValuesTests(SynchronousTestCase):
+    @settings(max_examples=300)
+    @given(_FIELDS, _FIELDS)
+    def test_the_same_headers_as_set_raw_headers(
+        self, before: list[tuple[Any, bytes]], fields: list[tuple[Any, bytes]]
+    ) -> None:
+        # (on headers already there too: a name set again keeps its place, as setHeader's)
+        stock, fast = Headers(), Headers()
+        set_each(stock, before)
+        set_each(fast, before)
+        set_each(stock, fields)
+        set_values(fast, fields)
+        self.assertEqual(list(fast.getAllRawHeaders()), list(stock.getAllRawHeaders()))
+
+    def test_set_each_is_set_header(self) -> None:
+        from twisted.web.http import Request
+
+        class Stub:
+            setHeader = Request.setHeader
+
+            def __init__(self) -> None:
+                self.responseHeaders = Headers()
+
+        fields = [(b"X-Request-ID", b"a"), ("X-RateLimit-Limit", b"1"), (b"x-request-id", b"b")]
+        stub, each = Stub(), Headers()
+        for name, value in fields:
+            stub.setHeader(name, value)
+        set_each(each, fields)
+        self.assertEqual(list(each.getAllRawHeaders()),
+                         list(stub.responseHeaders.getAllRawHeaders()))
+
+    def test_a_name_that_is_not_a_token_is_refused_as_twisted_does(self) -> None:
+        from twisted.web.http_headers import InvalidHeaderName
+
+        self.assertRaises(InvalidHeaderName, set_values, Headers(), [(b"Bad Name", b"v")])
+
+
 class _WithHeaderFill:
     """Runs a gateway test case with the header_fill fast path on (as ``GatewaySite`` with
     ``fast_headers=True`` has it)."""
@@ -70,6 +121,7 @@ class _WithHeaderFill:
         def build_with_fill(site: GatewaySite, addr: Any) -> Any:
             channel = build(site, addr)
             channel.fill_headers = fill
+            site.set_headers = set_values
             return channel
 
         self.patch(GatewaySite, "buildProtocol", build_with_fill)  # type: ignore[attr-defined]
@@ -131,7 +183,8 @@ class SiteSwitchTests(SynchronousTestCase):
 
         from llamaproxy.testing import InMemoryClient
 
-        for fast, expected in ((False, None), (True, fill)):
+        for fast, expected, setter in ((False, None, set_each), (True, fill, set_values)):
             site = GatewaySite(Resource(), reactor=Clock(), fast_headers=fast)
             channel = InMemoryClient(site).channel
             self.assertEqual(channel.fill_headers, expected)
+            self.assertEqual(site.set_headers, setter)
