@@ -80,6 +80,10 @@ _HTTP_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _NOTED = frozenset({
     b"content-length", b"transfer-encoding", b"connection", b"expect", b"cookie"})
 
+#: The headers its request reads (their last value, lower-case name: what ``getHeader(name)``
+#: gives), noted as they are parsed and handed to the request (``GatewayRequest.head_values``).
+_HANDED_OVER = frozenset({b"authorization", b"x-api-key", b"x-request-id"})
+
 _DEFAULT_LIMITS = RequestLimits()
 _NO_CORS = CorsPolicy()
 
@@ -155,7 +159,8 @@ class GatewayChannel(Protocol):
         #: The head's header lines as llhttp gave them (name, value), in order, until the
         #: request that gets them is made.
         self._headers: list[tuple[bytes, bytes]] = []
-        #: The first value of each header the channel itself reads (_NOTED), by lower-case name.
+        #: The first value of each header the channel itself reads (_NOTED) and the last of
+        #: each its request reads (_HANDED_OVER), by lower-case name.
         self._noted: dict[bytes, bytes] = {}
         self._framing = 0
         #: The error to answer once the head is in (None: no framing problem seen).
@@ -609,6 +614,8 @@ class GatewayChannel(Protocol):
             self._noted.setdefault(lowered, value)
             if lowered == b"content-length" or lowered == b"transfer-encoding":
                 self._note_framing(lowered, value)
+        elif lowered in _HANDED_OVER:
+            self._noted[lowered] = value
 
     def _note_framing(self, name: bytes, value: bytes) -> None:
         """Remember the first framing problem of the request being parsed (both framings
@@ -641,6 +648,7 @@ class GatewayChannel(Protocol):
                 "An Upgrade or CONNECT request with a body is not supported"))
             raise _Refused()
         request = self.requestFactory(self)
+        request.head_values = noted
         headers = request.requestHeaders
         fill = self.fill_headers
         if fill is None:

@@ -72,12 +72,16 @@ class GatewayRequest(server.Request):
     __slots__ = (
         "_body_limit", "_body_seen", "_budget", "_checking", "_client", "_clock", "_closed_early",
         "_held", "_recorded", "_site",
-        "early_error", "error", "exchange", "facts", "first_byte_at", "key_id",
+        "early_error", "error", "exchange", "facts", "first_byte_at", "head_values", "key_id",
         "loading_stream", "lost", "on_lost", "refund", "request_id", "route", "shape", "started_at",
     )
 
     #: Set by the early check: the caller's key id ("auth-disabled" without authentication).
     key_id: str | None
+    #: The last value of the Authorization, X-Api-Key and X-Request-ID headers (by lower-case
+    #: name; absent: no such header), what ``getHeader`` gives for them, handed over by the
+    #: channel that parsed them (``GatewayChannel``: no lookup in ``requestHeaders`` each).
+    head_values: dict[bytes, bytes]
     #: An error decided before the body arrived, rendered by ``process`` instead of the resource.
     early_error: GatewayError | None
     #: What the resource read from an API request's JSON body (``request_body.BodyFacts``).
@@ -155,8 +159,7 @@ class GatewayRequest(server.Request):
         # The request line is parsed but not yet copied onto the request; do it now.
         self.method, self.uri = self.channel.request_target()  # type: ignore[attr-defined]
         self.path = self.uri.split(b"?", 1)[0]
-        given = self.requestHeaders.getRawHeaders(REQUEST_ID_HEADER, [None])[-1]
-        self.request_id = request_id_from(given)
+        self.request_id = request_id_from(self.head_values.get(b"x-request-id"))
         site.set_headers(self.responseHeaders, ((REQUEST_ID_HEADER, self.request_id.encode()),))
         limit: int = site.max_request_body_size
         self._body_limit = limit

@@ -230,12 +230,9 @@ class GatewayResource(Resource):
             return None
         if route.kind not in ("api", "model", "admin", "metrics"):
             return None
-        headers = request.requestHeaders
+        values = request.head_values
         result = self.access.check(
-            headers.getRawHeaders(b"authorization", [None])[-1],
-            headers.getRawHeaders(b"x-api-key", [None])[-1],
-            admin=route.kind == "admin",
-        )
+            values.get(b"authorization"), values.get(b"x-api-key"), admin=route.kind == "admin")
         if isinstance(result, Deferred):
             return result.addCallback(self._apply_access, request, route)
         return self._apply_access(result, request, route)

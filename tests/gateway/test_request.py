@@ -46,6 +46,29 @@ class RequestTests(SynchronousTestCase):
         self.assertNotIn("bad", generated or "")
         self.assertEqual(len(generated or ""), 16)
 
+    def test_head_values_are_what_get_header_gives(self) -> None:
+        # The channel hands the request the last value of the headers it reads without a
+        # lookup (any spelling, repeated, absent, empty): each is what getHeader says.
+        seen: list[GatewayRequest] = []
+        site = GatewaySite(Resource(), reactor=GatewayFixture().clock,
+                           early_check=lambda request: seen.append(request))  # type: ignore[func-returns-value]
+        heads = [
+            [],
+            [b"Authorization: Bearer a", b"x-api-key: k1", b"X-REQUEST-ID: r1"],
+            [b"authorization: first", b"X-Api-Key: k1", b"AUTHORIZATION: last",
+             b"x-api-key: k2  ", b"x-request-id:", b"X-Request-Id: r2", b"X-Other: o"],
+            [b"x-request-id: r3", b"X-Request-ID: "],
+        ]
+        for lines in heads:
+            client = InMemoryClient(site)
+            client.send(b"\r\n".join([b"GET /x HTTP/1.1", b"Host: h", *lines]) + b"\r\n\r\n")
+            request = seen[-1]
+            for name in (b"authorization", b"x-api-key", b"x-request-id"):
+                self.assertEqual(request.head_values.get(name), request.getHeader(name),
+                                 (lines, name))
+        self.assertEqual(len(seen), len(heads))
+        self.assertEqual(seen[2].head_values[b"authorization"], b"last")
+
     def test_date_header_and_options_star(self) -> None:
         import email.utils
 
