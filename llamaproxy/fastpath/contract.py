@@ -58,6 +58,8 @@ FINGERPRINTS = {
     # ... and what setHeader and setRawHeaders do for the gateway's own response headers.
     "twisted.web.http_headers:Headers.setRawHeaders": "0a56d26c55e15b59",
     "twisted.web.http:Request.setHeader": "eb86f09aeab0f711",
+    # first_write skips server.Request.write when it would only pass the data on.
+    "twisted.web.server:Request.write": "e0629de84fb9e31d",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).
@@ -78,6 +80,8 @@ NAMES = {
     "twisted.web.http_headers:Headers._rawHeaders": "attribute",
     "twisted.web.http_headers:_nameEncoder": "attribute",
     "twisted.web.http_headers:_nameEncoder._canonicalHeaderCache": "attribute",
+    "twisted.web.server:Request._inFakeHead": "attribute",
+    "twisted.web.server:Request._encoder": "attribute",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).
@@ -90,6 +94,7 @@ MODULES = (
     "llamaproxy.fastpath.stream_lane",
     "llamaproxy.fastpath.backend_client",
     "llamaproxy.fastpath.header_fill",
+    "llamaproxy.fastpath.first_write",
 )
 
 

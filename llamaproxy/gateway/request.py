@@ -474,7 +474,7 @@ class GatewayRequest(server.Request):
                 overhead = timer.first_byte_sent()
                 if overhead is not None and not self.startedWriting:
                     self.set_headers(((b"X-Gateway-Overhead-Ms", b"%.2f" % (overhead * 1000)),))
-        super().write(data)
+        self._site.first_write(self, data)  # server.Request.write, or its fast path
 
     def write_piece(self, data: bytes) -> None:
         """Write one piece of a relayed body, sent at once rather than when the read ends.

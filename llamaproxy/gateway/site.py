@@ -61,11 +61,15 @@ class GatewaySite(server.Site):
         #: (``GatewayRequest.set_headers``): ``set_each`` (``setRawHeaders`` each), or the
         #: header_fill fast path's ``set_values``.
         self.set_headers: Any = set_each
+        #: How its requests make a response's first write (the head): twisted.web's
+        #: ``server.Request.write``, or the first_write fast path's ``write``.
+        self.first_write: Any = server.Request.write
         if fast_headers:
-            from llamaproxy.fastpath import header_fill
+            from llamaproxy.fastpath import first_write, header_fill
 
             self.fill_headers = header_fill.fill
             self.set_headers = header_fill.set_values
+            self.first_write = first_write.write
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()

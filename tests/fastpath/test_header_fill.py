@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from llamaproxy.fastpath import first_write
 from llamaproxy.fastpath.header_fill import fill, set_values
 from llamaproxy.gateway.request import set_each
 from llamaproxy.gateway.site import GatewaySite
@@ -122,6 +123,7 @@ class _WithHeaderFill:
             channel = build(site, addr)
             channel.fill_headers = fill
             site.set_headers = set_values
+            site.first_write = first_write.write
             return channel
 
         self.patch(GatewaySite, "buildProtocol", build_with_fill)  # type: ignore[attr-defined]

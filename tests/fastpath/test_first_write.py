@@ -1,0 +1,66 @@
+"""The first_write fast path: the same bytes as ``server.Request.write`` for a gateway
+response's first write, twisted.web's HEAD-from-GET included."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.error import UnsupportedMethod
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from llamaproxy.fastpath import first_write
+from llamaproxy.gateway.site import GatewaySite
+from llamaproxy.testing import InMemoryClient
+
+
+class GetOnly(Resource):
+    """A leaf that refuses HEAD, allowing GET: twisted.web fakes HEAD with GET
+    (``_inFakeHead``)."""
+
+    isLeaf = True
+
+    def render_HEAD(self, request: Any) -> bytes:
+        raise UnsupportedMethod((b"GET",))
+
+    def render_GET(self, request: Any) -> bytes | int:
+        if request.uri.startswith(b"/writes"):
+            request.write(b"written ")  # (while HEAD is faked: swallowed)
+        if request.uri.startswith(b"/later"):
+            request.write(b"then ")
+            request.write(b"finished")
+            request.finish()
+            return NOT_DONE_YET
+        return b"returned"
+
+
+def _exchange(fast: bool, method: str, path: str) -> bytes:
+    site = GatewaySite(GetOnly(), reactor=Clock(), fast_headers=fast)  # type: ignore[arg-type]
+    client = InMemoryClient(site)
+    client.send(f"{method} {path} HTTP/1.1\r\nHost: h\r\nX-Request-ID: fixed\r\n\r\n".encode())
+    return re.sub(rb"Date: [^\r]*\r\n", b"", client.written)
+
+
+class FirstWriteTests(SynchronousTestCase):
+    def test_the_site_switch(self) -> None:
+        from twisted.web import server
+
+        self.assertIs(GatewaySite(Resource(), fast_headers=False).first_write,
+                      server.Request.write)
+        self.assertIs(GatewaySite(Resource(), fast_headers=True).first_write, first_write.write)
+
+    def test_the_same_bytes_as_server_request_write(self) -> None:
+        cases = [(m, p) for m in ("GET", "POST") for p in ("/returns", "/writes", "/later")]
+        for method, path in [*cases, ("HEAD", "/returns"), ("HEAD", "/writes")]:
+            with self.subTest(method=method, path=path):
+                stock = _exchange(False, method, path)
+                self.assertEqual(_exchange(True, method, path), stock)
+                self.assertTrue(stock.startswith(b"HTTP/1.1 "))
+        self.assertNotIn(b"returned", _exchange(True, "HEAD", "/returns"))
+        head = _exchange(True, "HEAD", "/writes")  # (the write under the faked HEAD: none)
+        self.assertNotIn(b"written", head)
+        self.assertIn(b"Content-Length: 8\r\n", head)
+        self.assertIn(b"8\r\nwritten \r\n8\r\nreturned\r\n", _exchange(True, "GET", "/writes"))
