@@ -117,6 +117,9 @@ class Exchange:
     #: True once a backend may have the request (a send began and did not fail to connect or
     #: send): from then on it is accounted, never refunded.
     sent: bool = False
+    #: The backend whose successful answer is being relayed, told to routing if the relay
+    #: completes (``ProxyExchanges._relay_ended``).
+    relayed_from: Member | None = field(default=None, repr=False)
 
     def outcome(self) -> str:
         """How the exchange ended, in a word (for logs and metrics)."""
@@ -277,6 +280,26 @@ class ProxyExchanges:
     def _task_ended(self, result: object, exchange: Exchange) -> None:
         if isinstance(result, Failure):
             self._unexpected(result, exchange)
+        relay = exchange.relay
+        if relay is not None and relay.outcome is None:
+            # The answer is being relayed: the exchange ends with the relay (a callback on it,
+            # rather than the coroutine waiting for it and resumed just to return).
+            relay.done.addCallback(self._relay_ended, exchange)
+            return
+        self._relay_ended(None, exchange)
+
+    def _relay_ended(self, _outcome: object, exchange: Exchange) -> None:
+        """The exchange's coroutine and relay (if any) are over: a completed answer is
+        reported to routing (``Router.served``), then the exchange ends."""
+        member, exchange.relayed_from = exchange.relayed_from, None
+        relay, usage = exchange.relay, exchange.usage
+        if member is not None and relay is not None and relay.outcome == "complete" \
+                and usage is not None:
+            try:
+                self.router.served(exchange.model, exchange.request.facts.prefix_hash, member,
+                                   usage.evaluated_tokens, usage.cached_tokens)
+            except Exception:
+                self._unexpected(Failure(), exchange)
         self._exchange_done(exchange)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
@@ -747,12 +770,12 @@ class ProxyExchanges:
         if response.code >= 400 and request.method != b"HEAD" and not _json_or_stream(response):
             await _answer_plain_error(request, response)
             return True
-        await self._relay(exchange, response)
-        usage = exchange.usage
-        if response.code < 400 and usage is not None and exchange.relay is not None \
-                and exchange.relay.outcome == "complete":
-            self.router.served(exchange.model, request.facts.prefix_hash, member,
-                               usage.evaluated_tokens, usage.cached_tokens)
+        if request.loading_stream:
+            await self._relay_after_loading(exchange, response)
+        else:
+            self._relay(exchange, response)
+        if response.code < 400 and exchange.usage is not None and exchange.relay is not None:
+            exchange.relayed_from = member  # routing hears of it if the relay completes
         return True
 
     async def _answer_model(
@@ -784,13 +807,10 @@ class ProxyExchanges:
             request.responseHeaders.setRawHeaders(name, values)
         answer_whole(request, body)
 
-    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
+    def _relay(self, exchange: Exchange, response: IResponse) -> None:
+        """Start relaying ``response`` (the exchange ends with the relay, see ``_task_ended``)."""
         request = exchange.request
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_stream = content_type.startswith(b"text/event-stream")
-        if request.loading_stream:
-            await self._relay_after_loading(exchange, response, is_stream)
-            return
+        is_stream = _event_stream(response)
         request.setResponseCode(response.code, response.phrase)
         # The backend's end-to-end headers, then the gateway's own (each set, as setHeader does:
         # a name already there keeps its place), in one pass.
@@ -814,16 +834,13 @@ class ProxyExchanges:
                             watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
-        await relay.done
 
-    async def _relay_after_loading(
-        self, exchange: Exchange, response: IResponse, is_stream: bool
-    ) -> None:
+    async def _relay_after_loading(self, exchange: Exchange, response: IResponse) -> None:
         """The answer to a stream whose head the gateway sent while the model loaded: the
-        backend's events follow the ``: loading`` comments; a whole body (an error, typically)
-        becomes one ``data:`` event."""
+        backend's events follow the ``: loading`` comments (relayed as ``_relay`` does); a whole
+        body (an error, typically) becomes one ``data:`` event."""
         request = exchange.request
-        if not is_stream:
+        if not _event_stream(response):
             body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
             if not request.gone:
                 request.write(b"data: " + b" ".join(body.split()) + b"\n\n")
@@ -833,7 +850,6 @@ class ProxyExchanges:
                             exchange.usage, watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
-        await relay.done
 
     async def _backend_went_down(self, status: Backend) -> bool:
         """After a failed send: is the backend restarting (so the request may wait and retry)?
@@ -927,6 +943,12 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
 
 #: Most of a backend's non-JSON error body read to put in the JSON error's message.
 _PLAIN_ERROR_LIMIT = 64 * 1024
+
+
+def _event_stream(response: IResponse) -> bool:
+    """True when the body is an event stream."""
+    return response.headers.getRawHeaders(b"content-type", [b""])[0].startswith(
+        b"text/event-stream")
 
 
 def _json_or_stream(response: IResponse) -> bool:
