@@ -476,6 +476,9 @@ class ProxyExchanges:
                         return
                 elif await self._try_member(exchange, member, ticket, wait_until, last):
                     return
+                if exchange.slot is not None:  # (not kept for the next candidate)
+                    exchange.slot.release()
+                    exchange.slot = None
             finally:
                 ticket.release()  # no-op once settled; frees it when the client left meanwhile
             log.info("Failing over {model} from {backend} ({reason})", model=model,
@@ -511,23 +514,46 @@ class ProxyExchanges:
         exchange.failure = error
         return False
 
-    async def _try_member(
+    def _try_member(
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
-    ) -> bool:
-        """One attempt on one backend; True when the request got its answer from this attempt."""
-        # A parked exchange, served, holds its slot on this backend already.
-        if exchange.slot is None:
-            refused = await self._admit(exchange, member, wait_until)
-            if refused is not None:
-                ticket.release()
-                return self._give_up(exchange, refused, last)
+    ) -> Coroutine[Any, Any, bool]:
+        """One attempt on one backend, to await: True when the request got its answer from it.
+
+        Admitted at once (a ready backend with a free slot, or the slot of a parked exchange,
+        served), it is ``_forward`` itself: no coroutine between for an admission that has
+        nothing to wait for.
+        """
+        if exchange.slot is None and not self._admit_now(exchange, member):
+            return self._admit_and_forward(exchange, member, ticket, wait_until, last)
         if exchange.timer is not None:
             exchange.timer.admitted()
-        answered = await self._forward(exchange, member, ticket, wait_until, last)
-        if not answered and exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        return answered
+        return self._forward(exchange, member, ticket, wait_until, last)
+
+    async def _admit_and_forward(
+        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
+    ) -> bool:
+        """``_try_member`` for a request that may have to wait to be admitted."""
+        refused = await self._admit(exchange, member, wait_until)
+        if refused is not None:
+            ticket.release()
+            return self._give_up(exchange, refused, last)
+        if exchange.timer is not None:
+            exchange.timer.admitted()
+        return await self._forward(exchange, member, ticket, wait_until, last)
+
+    def _admit_now(self, exchange: Exchange, member: Member) -> bool:
+        """True when ``member`` is ready and admits the request without a wait: one of its
+        free slots is the request's now (``exchange.slot``), or it needs none (the model list).
+        Else ``_admit`` waits (and answers why not)."""
+        if not member.status.ready:
+            return False
+        if _uses_no_slot(exchange.request):
+            return True
+        slot = cast(Admission, member.load).take()
+        if slot is None:
+            return False
+        exchange.slot = slot
+        return True
 
     async def _admit(
         self, exchange: Exchange, member: Member, wait_until: float
@@ -549,8 +575,8 @@ class ProxyExchanges:
             wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
         elif not status.ready and not await self._member_ready(member, wait_until):
             return self._not_ready(status)
-        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
-            return None  # the model list uses no inference slot: it never waits behind one
+        if _uses_no_slot(request):
+            return None
         admission = cast(Admission, member.load)
         slot = admission.take()
         if slot is not None:  # a free slot: no Deferred to wait on
@@ -563,7 +589,7 @@ class ProxyExchanges:
         if not waiting.called and timer is not None:
             timer.queued()
         try:
-            # Released when the exchange ends, or by _try_member when failing over.
+            # Released when the exchange ends, or by _attempts when failing over.
             exchange.slot = await self._within(waiting, wait_until)
         except defer.TimeoutError:
             return errors.queue_timeout(status.retry_after(self.clock.seconds()))
@@ -943,6 +969,11 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
 
 #: Most of a backend's non-JSON error body read to put in the JSON error's message.
 _PLAIN_ERROR_LIMIT = 64 * 1024
+
+
+def _uses_no_slot(request: GatewayRequest) -> bool:
+    """The model list uses no inference slot: it never waits behind one."""
+    return request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")
 
 
 def _event_stream(response: IResponse) -> bool:
