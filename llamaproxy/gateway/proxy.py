@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
@@ -282,13 +283,13 @@ class ProxyExchanges:
             self._unexpected(result, exchange)
         relay = exchange.relay
         if relay is not None and relay.outcome is None:
-            # The answer is being relayed: the exchange ends with the relay (a callback on it,
+            # The answer is being relayed: the exchange ends with the relay (its callback,
             # rather than the coroutine waiting for it and resumed just to return).
-            relay.done.addCallback(self._relay_ended, exchange)
+            relay.on_end = partial(self._relay_ended, exchange)
             return
-        self._relay_ended(None, exchange)
+        self._relay_ended(exchange)
 
-    def _relay_ended(self, _outcome: object, exchange: Exchange) -> None:
+    def _relay_ended(self, exchange: Exchange) -> None:
         """The exchange's coroutine and relay (if any) are over: a completed answer is
         reported to routing (``Router.served``), then the exchange ends."""
         member, exchange.relayed_from = exchange.relayed_from, None
