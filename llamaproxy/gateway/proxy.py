@@ -266,21 +266,23 @@ class ProxyExchanges:
             self._run(exchange, self._attempts(exchange, candidates))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends.
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` (``_attempts``, which
+        ends it) until it ends.
 
-        One callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
+        No callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
         ``notifyFinish`` Deferred): the plain path's Deferred layers kept to the one it needs.
         """
-        task = Deferred.fromCoroutine(work)
-        exchange.task = task
         exchange.request.on_lost = exchange.client_left
-        task.addBoth(self._task_ended, exchange)
+        task = Deferred.fromCoroutine(work)
+        if not task.called:  # (else it ended already, and let go of the request's hook)
+            exchange.task = task
 
     # -- the end of an exchange ----------------------------------------------------------------
 
-    def _task_ended(self, result: object, exchange: Exchange) -> None:
-        if isinstance(result, Failure):
-            self._unexpected(result, exchange)
+    def _task_ended(self, failure: Failure | None, exchange: Exchange) -> None:
+        """The exchange's coroutine ended (``failure``: how, if it raised)."""
+        if failure is not None:
+            self._unexpected(failure, exchange)
         relay = exchange.relay
         if relay is not None and relay.outcome is None:
             # The answer is being relayed: the exchange ends with the relay (its callback,
@@ -446,50 +448,60 @@ class ProxyExchanges:
         self, exchange: Exchange, candidates: list[Member],
         first_failed: GatewayError | None = None,
     ) -> None:
-        """Try ``candidates`` in order until one answers; the failure otherwise.
+        """Try ``candidates`` in order until one answers; the failure otherwise. Then the
+        exchange ends (``_task_ended``, called here rather than by a callback on the
+        coroutine's Deferred: one callback less per request).
 
         A parked exchange starts here holding its first candidate's slot (``exchange.slot``),
         or with ``first_failed``, how its wait for that slot ended.
         """
-        request = exchange.request
-        model = exchange.model
-        # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
-        wait_until = exchange.started + self.settings.queue_timeout
-        budget = min(len(candidates), self.router.max_attempts)
-        attempts = 0
-        for member in candidates:
-            if attempts >= budget or request.gone:
-                break
-            ticket = member.breaker.acquire()
-            if ticket is None:
-                # Its breaker just opened: not an attempt (and a slot held for it is not used).
-                if exchange.slot is not None:
-                    exchange.slot.release()
-                    exchange.slot = None
-                first_failed = None
-                continue
-            attempts += 1
-            last = attempts >= budget or member is candidates[-1]
-            try:
-                if first_failed is not None:
-                    error, first_failed = first_failed, None
-                    if self._give_up(exchange, error, last):
+        failure: Failure | None = None
+        try:
+            request = exchange.request
+            model = exchange.model
+            # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
+            wait_until = exchange.started + self.settings.queue_timeout
+            budget = min(len(candidates), self.router.max_attempts)
+            attempts = 0
+            for member in candidates:
+                if attempts >= budget or request.gone:
+                    break
+                ticket = member.breaker.acquire()
+                if ticket is None:
+                    # Its breaker just opened: not an attempt (and a slot held for it is not
+                    # used).
+                    if exchange.slot is not None:
+                        exchange.slot.release()
+                        exchange.slot = None
+                    first_failed = None
+                    continue
+                attempts += 1
+                last = attempts >= budget or member is candidates[-1]
+                try:
+                    if first_failed is not None:
+                        error, first_failed = first_failed, None
+                        if self._give_up(exchange, error, last):
+                            return
+                    elif await self._try_member(exchange, member, ticket, wait_until, last):
                         return
-                elif await self._try_member(exchange, member, ticket, wait_until, last):
-                    return
-                if exchange.slot is not None:  # (not kept for the next candidate)
-                    exchange.slot.release()
-                    exchange.slot = None
-            finally:
-                ticket.release()  # no-op once settled; frees it when the client left meanwhile
-            log.info("Failing over {model} from {backend} ({reason})", model=model,
-                     backend=member.name, reason=exchange.failure.message
-                     if exchange.failure else "breaker")
-        if exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        if not request.gone:
-            request.send_error(exchange.failure or self._none_available(model))
+                    if exchange.slot is not None:  # (not kept for the next candidate)
+                        exchange.slot.release()
+                        exchange.slot = None
+                finally:
+                    # (a no-op once settled; frees it when the client left meanwhile)
+                    ticket.release()
+                log.info("Failing over {model} from {backend} ({reason})", model=model,
+                         backend=member.name, reason=exchange.failure.message
+                         if exchange.failure else "breaker")
+            if exchange.slot is not None:
+                exchange.slot.release()
+                exchange.slot = None
+            if not request.gone:
+                request.send_error(exchange.failure or self._none_available(model))
+        except Exception:  # (CancelledError too: a timeout, a drain or a client leaving)
+            failure = Failure()
+        finally:
+            self._task_ended(failure, exchange)
 
     def _none_available(self, model: str | None) -> GatewayError:
         """Why no backend of ``model`` could be tried: all their breakers open (for how long),
