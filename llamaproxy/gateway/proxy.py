@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
@@ -117,6 +118,9 @@ class Exchange:
     #: True once a backend may have the request (a send began and did not fail to connect or
     #: send): from then on it is accounted, never refunded.
     sent: bool = False
+    #: The backend whose successful answer is being relayed, told to routing if the relay
+    #: completes (``ProxyExchanges._relay_ended``).
+    relayed_from: Member | None = field(default=None, repr=False)
 
     def outcome(self) -> str:
         """How the exchange ended, in a word (for logs and metrics)."""
@@ -262,21 +266,43 @@ class ProxyExchanges:
             self._run(exchange, self._attempts(exchange, candidates))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
-        """Drive ``exchange`` (already in ``in_flight``) with ``work`` until it ends.
+        """Drive ``exchange`` (already in ``in_flight``) with ``work`` (``_attempts``, which
+        ends it) until it ends.
 
-        One callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
+        No callback on the coroutine's Deferred and the request's ``on_lost`` hook (no
         ``notifyFinish`` Deferred): the plain path's Deferred layers kept to the one it needs.
         """
-        task = Deferred.fromCoroutine(work)
-        exchange.task = task
         exchange.request.on_lost = exchange.client_left
-        task.addBoth(self._task_ended, exchange)
+        task = Deferred.fromCoroutine(work)
+        if not task.called:  # (else it ended already, and let go of the request's hook)
+            exchange.task = task
 
     # -- the end of an exchange ----------------------------------------------------------------
 
-    def _task_ended(self, result: object, exchange: Exchange) -> None:
-        if isinstance(result, Failure):
-            self._unexpected(result, exchange)
+    def _task_ended(self, failure: Failure | None, exchange: Exchange) -> None:
+        """The exchange's coroutine ended (``failure``: how, if it raised)."""
+        if failure is not None:
+            self._unexpected(failure, exchange)
+        relay = exchange.relay
+        if relay is not None and relay.outcome is None:
+            # The answer is being relayed: the exchange ends with the relay (its callback,
+            # rather than the coroutine waiting for it and resumed just to return).
+            relay.on_end = partial(self._relay_ended, exchange)
+            return
+        self._relay_ended(exchange)
+
+    def _relay_ended(self, exchange: Exchange) -> None:
+        """The exchange's coroutine and relay (if any) are over: a completed answer is
+        reported to routing (``Router.served``), then the exchange ends."""
+        member, exchange.relayed_from = exchange.relayed_from, None
+        relay, usage = exchange.relay, exchange.usage
+        if member is not None and relay is not None and relay.outcome == "complete" \
+                and usage is not None:
+            try:
+                self.router.served(exchange.model, exchange.request.facts.prefix_hash, member,
+                                   usage.evaluated_tokens, usage.cached_tokens)
+            except Exception:
+                self._unexpected(Failure(), exchange)
         self._exchange_done(exchange)
 
     def _unexpected(self, failure: Failure, exchange: Exchange) -> None:
@@ -422,47 +448,60 @@ class ProxyExchanges:
         self, exchange: Exchange, candidates: list[Member],
         first_failed: GatewayError | None = None,
     ) -> None:
-        """Try ``candidates`` in order until one answers; the failure otherwise.
+        """Try ``candidates`` in order until one answers; the failure otherwise. Then the
+        exchange ends (``_task_ended``, called here rather than by a callback on the
+        coroutine's Deferred: one callback less per request).
 
         A parked exchange starts here holding its first candidate's slot (``exchange.slot``),
         or with ``first_failed``, how its wait for that slot ended.
         """
-        request = exchange.request
-        model = exchange.model
-        # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
-        wait_until = exchange.started + self.settings.queue_timeout
-        budget = min(len(candidates), self.router.max_attempts)
-        attempts = 0
-        for member in candidates:
-            if attempts >= budget or request.gone:
-                break
-            ticket = member.breaker.acquire()
-            if ticket is None:
-                # Its breaker just opened: not an attempt (and a slot held for it is not used).
-                if exchange.slot is not None:
-                    exchange.slot.release()
-                    exchange.slot = None
-                first_failed = None
-                continue
-            attempts += 1
-            last = attempts >= budget or member is candidates[-1]
-            try:
-                if first_failed is not None:
-                    error, first_failed = first_failed, None
-                    if self._give_up(exchange, error, last):
+        failure: Failure | None = None
+        try:
+            request = exchange.request
+            model = exchange.model
+            # Waiting, for a ready backend and for a slot, shares one QUEUE_TIMEOUT budget.
+            wait_until = exchange.started + self.settings.queue_timeout
+            budget = min(len(candidates), self.router.max_attempts)
+            attempts = 0
+            for member in candidates:
+                if attempts >= budget or request.gone:
+                    break
+                ticket = member.breaker.acquire()
+                if ticket is None:
+                    # Its breaker just opened: not an attempt (and a slot held for it is not
+                    # used).
+                    if exchange.slot is not None:
+                        exchange.slot.release()
+                        exchange.slot = None
+                    first_failed = None
+                    continue
+                attempts += 1
+                last = attempts >= budget or member is candidates[-1]
+                try:
+                    if first_failed is not None:
+                        error, first_failed = first_failed, None
+                        if self._give_up(exchange, error, last):
+                            return
+                    elif await self._try_member(exchange, member, ticket, wait_until, last):
                         return
-                elif await self._try_member(exchange, member, ticket, wait_until, last):
-                    return
-            finally:
-                ticket.release()  # no-op once settled; frees it when the client left meanwhile
-            log.info("Failing over {model} from {backend} ({reason})", model=model,
-                     backend=member.name, reason=exchange.failure.message
-                     if exchange.failure else "breaker")
-        if exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        if not request.gone:
-            request.send_error(exchange.failure or self._none_available(model))
+                    if exchange.slot is not None:  # (not kept for the next candidate)
+                        exchange.slot.release()
+                        exchange.slot = None
+                finally:
+                    # (a no-op once settled; frees it when the client left meanwhile)
+                    ticket.release()
+                log.info("Failing over {model} from {backend} ({reason})", model=model,
+                         backend=member.name, reason=exchange.failure.message
+                         if exchange.failure else "breaker")
+            if exchange.slot is not None:
+                exchange.slot.release()
+                exchange.slot = None
+            if not request.gone:
+                request.send_error(exchange.failure or self._none_available(model))
+        except Exception:  # (CancelledError too: a timeout, a drain or a client leaving)
+            failure = Failure()
+        finally:
+            self._task_ended(failure, exchange)
 
     def _none_available(self, model: str | None) -> GatewayError:
         """Why no backend of ``model`` could be tried: all their breakers open (for how long),
@@ -488,23 +527,46 @@ class ProxyExchanges:
         exchange.failure = error
         return False
 
-    async def _try_member(
+    def _try_member(
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
-    ) -> bool:
-        """One attempt on one backend; True when the request got its answer from this attempt."""
-        # A parked exchange, served, holds its slot on this backend already.
-        if exchange.slot is None:
-            refused = await self._admit(exchange, member, wait_until)
-            if refused is not None:
-                ticket.release()
-                return self._give_up(exchange, refused, last)
+    ) -> Coroutine[Any, Any, bool]:
+        """One attempt on one backend, to await: True when the request got its answer from it.
+
+        Admitted at once (a ready backend with a free slot, or the slot of a parked exchange,
+        served), it is ``_forward`` itself: no coroutine between for an admission that has
+        nothing to wait for.
+        """
+        if exchange.slot is None and not self._admit_now(exchange, member):
+            return self._admit_and_forward(exchange, member, ticket, wait_until, last)
         if exchange.timer is not None:
             exchange.timer.admitted()
-        answered = await self._forward(exchange, member, ticket, wait_until, last)
-        if not answered and exchange.slot is not None:
-            exchange.slot.release()
-            exchange.slot = None
-        return answered
+        return self._forward(exchange, member, ticket, wait_until, last)
+
+    async def _admit_and_forward(
+        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
+    ) -> bool:
+        """``_try_member`` for a request that may have to wait to be admitted."""
+        refused = await self._admit(exchange, member, wait_until)
+        if refused is not None:
+            ticket.release()
+            return self._give_up(exchange, refused, last)
+        if exchange.timer is not None:
+            exchange.timer.admitted()
+        return await self._forward(exchange, member, ticket, wait_until, last)
+
+    def _admit_now(self, exchange: Exchange, member: Member) -> bool:
+        """True when ``member`` is ready and admits the request without a wait: one of its
+        free slots is the request's now (``exchange.slot``), or it needs none (the model list).
+        Else ``_admit`` waits (and answers why not)."""
+        if not member.status.ready:
+            return False
+        if _uses_no_slot(exchange.request):
+            return True
+        slot = cast(Admission, member.load).take()
+        if slot is None:
+            return False
+        exchange.slot = slot
+        return True
 
     async def _admit(
         self, exchange: Exchange, member: Member, wait_until: float
@@ -526,8 +588,8 @@ class ProxyExchanges:
             wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
         elif not status.ready and not await self._member_ready(member, wait_until):
             return self._not_ready(status)
-        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
-            return None  # the model list uses no inference slot: it never waits behind one
+        if _uses_no_slot(request):
+            return None
         admission = cast(Admission, member.load)
         slot = admission.take()
         if slot is not None:  # a free slot: no Deferred to wait on
@@ -540,7 +602,7 @@ class ProxyExchanges:
         if not waiting.called and timer is not None:
             timer.queued()
         try:
-            # Released when the exchange ends, or by _try_member when failing over.
+            # Released when the exchange ends, or by _attempts when failing over.
             exchange.slot = await self._within(waiting, wait_until)
         except defer.TimeoutError:
             return errors.queue_timeout(status.retry_after(self.clock.seconds()))
@@ -747,12 +809,12 @@ class ProxyExchanges:
         if response.code >= 400 and request.method != b"HEAD" and not _json_or_stream(response):
             await _answer_plain_error(request, response)
             return True
-        await self._relay(exchange, response)
-        usage = exchange.usage
-        if response.code < 400 and usage is not None and exchange.relay is not None \
-                and exchange.relay.outcome == "complete":
-            self.router.served(exchange.model, request.facts.prefix_hash, member,
-                               usage.evaluated_tokens, usage.cached_tokens)
+        if request.loading_stream:
+            await self._relay_after_loading(exchange, response)
+        else:
+            self._relay(exchange, response)
+        if response.code < 400 and exchange.usage is not None and exchange.relay is not None:
+            exchange.relayed_from = member  # routing hears of it if the relay completes
         return True
 
     async def _answer_model(
@@ -784,13 +846,10 @@ class ProxyExchanges:
             request.responseHeaders.setRawHeaders(name, values)
         answer_whole(request, body)
 
-    async def _relay(self, exchange: Exchange, response: IResponse) -> None:
+    def _relay(self, exchange: Exchange, response: IResponse) -> None:
+        """Start relaying ``response`` (the exchange ends with the relay, see ``_task_ended``)."""
         request = exchange.request
-        content_type = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        is_stream = content_type.startswith(b"text/event-stream")
-        if request.loading_stream:
-            await self._relay_after_loading(exchange, response, is_stream)
-            return
+        is_stream = _event_stream(response)
         request.setResponseCode(response.code, response.phrase)
         # The backend's end-to-end headers, then the gateway's own (each set, as setHeader does:
         # a name already there keeps its place), in one pass.
@@ -814,16 +873,13 @@ class ProxyExchanges:
                             watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
-        await relay.done
 
-    async def _relay_after_loading(
-        self, exchange: Exchange, response: IResponse, is_stream: bool
-    ) -> None:
+    async def _relay_after_loading(self, exchange: Exchange, response: IResponse) -> None:
         """The answer to a stream whose head the gateway sent while the model loaded: the
-        backend's events follow the ``: loading`` comments; a whole body (an error, typically)
-        becomes one ``data:`` event."""
+        backend's events follow the ``: loading`` comments (relayed as ``_relay`` does); a whole
+        body (an error, typically) becomes one ``data:`` event."""
         request = exchange.request
-        if not is_stream:
+        if not _event_stream(response):
             body = await read_body_bounded(response, _MODEL_LIST_LIMIT)
             if not request.gone:
                 request.write(b"data: " + b" ".join(body.split()) + b"\n\n")
@@ -833,7 +889,6 @@ class ProxyExchanges:
                             exchange.usage, watched=exchange.deadline is not None)
         exchange.relay = relay
         response.deliverBody(relay)
-        await relay.done
 
     async def _backend_went_down(self, status: Backend) -> bool:
         """After a failed send: is the backend restarting (so the request may wait and retry)?
@@ -927,6 +982,17 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
 
 #: Most of a backend's non-JSON error body read to put in the JSON error's message.
 _PLAIN_ERROR_LIMIT = 64 * 1024
+
+
+def _uses_no_slot(request: GatewayRequest) -> bool:
+    """The model list uses no inference slot: it never waits behind one."""
+    return request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")
+
+
+def _event_stream(response: IResponse) -> bool:
+    """True when the body is an event stream."""
+    return response.headers.getRawHeaders(b"content-type", [b""])[0].startswith(
+        b"text/event-stream")
 
 
 def _json_or_stream(response: IResponse) -> bool:

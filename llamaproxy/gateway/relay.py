@@ -13,6 +13,9 @@ closes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -35,10 +38,14 @@ _ENDED_WHOLE = (ResponseDone, PotentialDataLoss)
 
 @implementer(IPushProducer)
 class StreamRelay(Protocol):
-    """Backend body → client request; ``done`` fires with how the relay ended."""
+    """Backend body → client request; ``done`` fires with how the relay ended (and
+    ``on_end``, if set, is called then)."""
 
     #: How the relay ended: "complete", "client_gone", "backend_failed" or "idle_timeout".
     outcome: str | None = None
+    #: Called (without arguments) when the relay ended, after ``done`` fired: the proxied
+    #: exchange's end, without a Deferred between.
+    on_end: Callable[[], object] | None = None
 
     def __init__(
         self,
@@ -53,7 +60,9 @@ class StreamRelay(Protocol):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.bytes_sent = 0
-        self.done: Deferred[str] = Deferred()
+        #: ``done``, once asked for; True once the relay ended (``_ended``).
+        self._done: Deferred[str] | None = None
+        self._over = False
         self._paused = False
         self._idle_call: IDelayedCall | None = None
         self._registered = False
@@ -65,6 +74,16 @@ class StreamRelay(Protocol):
         #: True when the exchange's one timer checks for idleness (``watch``): the relay arms
         #: no timer of its own.
         self._watched = watched
+
+    @property
+    def done(self) -> Deferred[str]:
+        """A Deferred firing with ``outcome`` once the relay ended (made when first asked for:
+        the proxy uses ``on_end``)."""
+        if self._done is None:
+            self._done = Deferred()
+            if self._over:
+                self._done.callback(cast(str, self.outcome))
+        return self._done
 
     # -- backend side (IProtocol) ----------------------------------------------------------
 
@@ -114,7 +133,7 @@ class StreamRelay(Protocol):
             self._unregister()
             self.outcome = "complete"  # before finish(): the access log reads it
             self.request.finish()
-            self.done.callback("complete")
+            self._ended()
             return
         log.warn(
             "Backend response broke after {bytes} bytes: {reason}; aborting the client",
@@ -237,4 +256,13 @@ class StreamRelay(Protocol):
         self._close_lane()
         if self.outcome is None:
             self.outcome = outcome
-            self.done.callback(outcome)
+            self._ended()
+
+    def _ended(self) -> None:
+        """Tell that the relay ended (``outcome`` is set): ``done``, then ``on_end``."""
+        self._over = True
+        if self._done is not None:
+            self._done.callback(cast(str, self.outcome))
+        on_end, self.on_end = self.on_end, None  # (once; and no cycle through it is left)
+        if on_end is not None:
+            on_end()

@@ -73,3 +73,25 @@ class RelayTests(SynchronousTestCase):
         self.assertTrue(resource.backend.transport.stopped)
         self.assertTrue(client.closed)
         self.assertEqual(self.successResultOf(resource.relay.done), "shutdown")
+
+    def test_done_and_on_end_say_the_relay_ended_once(self) -> None:
+        # done is made when asked for: before the end it fires at the end, after it at once;
+        # on_end is called once, after done fired, and is not kept.
+        for asked_before in (True, False):
+            resource, client = self.start()
+            relay = resource.relay
+            assert relay is not None
+            calls: list[object] = []
+            relay.on_end = lambda: calls.append(relay.done.result)  # noqa: B023
+            early = relay.done if asked_before else None
+            resource.backend.send(sse_chunk("a"))
+            self.assertEqual(calls, [])
+            if early is not None:
+                self.assertNoResult(early)
+            resource.backend.finish()
+            self.assertTrue(client.response().complete)
+            self.assertEqual(calls, ["complete"])
+            self.assertIsNone(relay.on_end)
+            self.assertEqual(self.successResultOf(relay.done), "complete")
+            relay.abort("shutdown")  # (ended already: nothing more)
+            self.assertEqual(calls, ["complete"])

@@ -417,6 +417,36 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(response.body.endswith(b"data: [DONE]\n\n"))
         self.assertEqual(self.gw.admission.active, 0)
 
+    def test_the_exchange_ends_with_its_relay(self) -> None:
+        # No coroutine waits for the relay: its end ends the exchange (slot, in-flight set) and
+        # tells routing of a completed answer; a broken one is not reported as served.
+        served: list[tuple[Any, ...]] = []
+        router = self.gw.resource.exchanges.router
+        router.served = lambda *args: served.append(args)  # type: ignore[method-assign]
+        for ending in ("finish", "fail"):
+            client = self.gw.chat()
+            backend = StreamingResponse()
+            self.gw.agent.requests[-1].deferred.callback(backend)
+            backend.send(sse_chunk("Hel"))
+            (exchange,) = self.gw.resource.exchanges.in_flight
+            self.assertIsNotNone(exchange.task)
+            self.assertTrue(exchange.task.called)  # type: ignore[union-attr]
+            before = 0 if ending == "finish" else 1
+            self.assertEqual((len(served), self.gw.admission.active), (before, 1))
+            if ending == "finish":
+                backend.send(b"data: [DONE]\n\n")
+                backend.finish()
+                self.assertTrue(client.response().complete)
+                self.assertEqual([args[2].name for args in served], ["test"])
+            else:
+                backend.fail()
+                self.assertTrue(client.closed)
+                self.assertEqual(len(served), 1)  # (the first stream's)
+            self.assertEqual((self.gw.resource.exchanges.in_flight, self.gw.admission.active),
+                             (set(), 0))
+            self.assertEqual((exchange.outcome(), exchange.task),
+                             ("complete" if ending == "finish" else "backend_failed", None))
+
     def test_streams_ask_the_backend_to_close_the_connection(self) -> None:
         """llama-server closes a connection after a streamed response though it says
         keep-alive; a streamed request says Connection: close so no client reuses it."""
