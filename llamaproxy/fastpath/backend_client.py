@@ -1189,6 +1189,7 @@ class BackendClient:
         self.idle_timeout = idle_timeout
         self.unclaimed_body_timeout = unclaimed_body_timeout
         self._targets: dict[bytes, _Target] = {}
+        self._splits: dict[bytes, tuple[_Target, bytes]] = {}
         self._factories: dict[tuple[bytes, bytes, int], _ConnectionFactory] = {}
         self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
         #: The pool's one idle timer, due when its longest-idle connection is.
@@ -1231,22 +1232,13 @@ class BackendClient:
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
             if _TOKEN.fullmatch(method) is None:
                 raise ValueError(f"Invalid method {method!r}")
-        match = _URI.fullmatch(uri)
-        if match is None:
-            match = _URI.fullmatch(uri.strip())
-            if match is None:
-                raise ValueError(f"Invalid URI {uri!r}")
-        prefix, path = match.groups()
-        target = self._targets.get(prefix)
-        if target is None:
+        split = self._splits.get(uri)
+        if split is None:
             try:
-                target = self._target(prefix)
+                split = self._split(uri)
             except SchemeNotSupported:
                 return fail()
-        if not path or path[0] != 47:  # b"/"
-            path = b"/" + path
-        if b"#" in path:
-            path = path.partition(b"#")[0]
+        target, path = split
 
         parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         keep_alive = True
@@ -1308,6 +1300,27 @@ class BackendClient:
 
         connecting.addCallbacks(connected, not_connected)
         return waiting
+
+    def _split(self, uri: bytes) -> tuple[_Target, bytes]:
+        """``uri``'s target (per scheme and authority) and request path, remembered per URI
+        (bounded, as the targets are: what they hold depends on the URI alone)."""
+        match = _URI.fullmatch(uri)
+        if match is None:
+            match = _URI.fullmatch(uri.strip())
+            if match is None:
+                raise ValueError(f"Invalid URI {uri!r}")
+        prefix, path = match.groups()
+        target = self._targets.get(prefix)
+        if target is None:
+            target = self._target(prefix)
+        if not path or path[0] != 47:  # b"/"
+            path = b"/" + path
+        if b"#" in path:
+            path = path.partition(b"#")[0]
+        if len(self._splits) >= 256:
+            self._splits.clear()
+        self._splits[uri] = (target, path)
+        return target, path
 
     def _target(self, prefix: bytes) -> _Target:
         parsed = URI.fromBytes(prefix + b"/")
