@@ -645,12 +645,12 @@ class _Connection:
         self._keep_alive = keep_alive
         self._consumer_paused = False
         if producer is None:
-            self.write(head)
+            self.write(head, whole=True)
             return
         in_memory = getattr(producer, "in_memory", None)
         if type(in_memory) is bytes and producer.length == len(in_memory):
             # A body already in memory (forward.BytesBody): one write, no producer protocol.
-            self.write(head + in_memory)
+            self.write(head + in_memory, whole=True)
             return
         writer = self._writer = _BodyWriter(self, producer, head)
         try:
@@ -667,10 +667,19 @@ class _Connection:
         else:
             producing.addErrback(_ignore)  # the request failed: what the producer says is moot
 
-    def write(self, data: bytes) -> None:
-        """Write request bytes; a transport that raises fails the request."""
+    def write(self, data: bytes, whole: bool = False) -> None:
+        """Write request bytes; a transport that raises fails the request.
+
+        A ``whole`` request (head and body in one piece) is the connection's one write in the
+        read callback that makes it: on an eager connection it leaves at once
+        (``EagerSender.write_through``), not held until that callback returns to gather nothing.
+        """
         try:
-            self.transport.write(data)  # type: ignore[union-attr]
+            sender = self.sender
+            if whole and sender is not None:
+                sender.write_through(data)
+            else:
+                self.transport.write(data)  # type: ignore[union-attr]
         except Exception:
             self.request_failed(RequestTransmissionFailed, Failure(), stop_producer=True)
 
