@@ -645,12 +645,12 @@ class _Connection:
         self._keep_alive = keep_alive
         self._consumer_paused = False
         if producer is None:
-            self.write(head)
+            self.write(head, whole=True)
             return
         in_memory = getattr(producer, "in_memory", None)
         if type(in_memory) is bytes and producer.length == len(in_memory):
             # A body already in memory (forward.BytesBody): one write, no producer protocol.
-            self.write(head + in_memory)
+            self.write(head + in_memory, whole=True)
             return
         writer = self._writer = _BodyWriter(self, producer, head)
         try:
@@ -667,10 +667,19 @@ class _Connection:
         else:
             producing.addErrback(_ignore)  # the request failed: what the producer says is moot
 
-    def write(self, data: bytes) -> None:
-        """Write request bytes; a transport that raises fails the request."""
+    def write(self, data: bytes, whole: bool = False) -> None:
+        """Write request bytes; a transport that raises fails the request.
+
+        A ``whole`` request (head and body in one piece) is the connection's one write in the
+        read callback that makes it: on an eager connection it leaves at once
+        (``EagerSender.write_through``), not held until that callback returns to gather nothing.
+        """
         try:
-            self.transport.write(data)  # type: ignore[union-attr]
+            sender = self.sender
+            if whole and sender is not None:
+                sender.write_through(data)
+            else:
+                self.transport.write(data)  # type: ignore[union-attr]
         except Exception:
             self.request_failed(RequestTransmissionFailed, Failure(), stop_producer=True)
 
@@ -1189,6 +1198,7 @@ class BackendClient:
         self.idle_timeout = idle_timeout
         self.unclaimed_body_timeout = unclaimed_body_timeout
         self._targets: dict[bytes, _Target] = {}
+        self._splits: dict[bytes, tuple[_Target, bytes]] = {}
         self._factories: dict[tuple[bytes, bytes, int], _ConnectionFactory] = {}
         self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
         #: The pool's one idle timer, due when its longest-idle connection is.
@@ -1231,22 +1241,13 @@ class BackendClient:
                 raise TypeError(f"method={method!r} is {type(method)}, but must be bytes")
             if _TOKEN.fullmatch(method) is None:
                 raise ValueError(f"Invalid method {method!r}")
-        match = _URI.fullmatch(uri)
-        if match is None:
-            match = _URI.fullmatch(uri.strip())
-            if match is None:
-                raise ValueError(f"Invalid URI {uri!r}")
-        prefix, path = match.groups()
-        target = self._targets.get(prefix)
-        if target is None:
+        split = self._splits.get(uri)
+        if split is None:
             try:
-                target = self._target(prefix)
+                split = self._split(uri)
             except SchemeNotSupported:
                 return fail()
-        if not path or path[0] != 47:  # b"/"
-            path = b"/" + path
-        if b"#" in path:
-            path = path.partition(b"#")[0]
+        target, path = split
 
         parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         keep_alive = True
@@ -1308,6 +1309,27 @@ class BackendClient:
 
         connecting.addCallbacks(connected, not_connected)
         return waiting
+
+    def _split(self, uri: bytes) -> tuple[_Target, bytes]:
+        """``uri``'s target (per scheme and authority) and request path, remembered per URI
+        (bounded, as the targets are: what they hold depends on the URI alone)."""
+        match = _URI.fullmatch(uri)
+        if match is None:
+            match = _URI.fullmatch(uri.strip())
+            if match is None:
+                raise ValueError(f"Invalid URI {uri!r}")
+        prefix, path = match.groups()
+        target = self._targets.get(prefix)
+        if target is None:
+            target = self._target(prefix)
+        if not path or path[0] != 47:  # b"/"
+            path = b"/" + path
+        if b"#" in path:
+            path = path.partition(b"#")[0]
+        if len(self._splits) >= 256:
+            self._splits.clear()
+        self._splits[uri] = (target, path)
+        return target, path
 
     def _target(self, prefix: bytes) -> _Target:
         parsed = URI.fromBytes(prefix + b"/")

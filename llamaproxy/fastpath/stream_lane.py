@@ -89,10 +89,11 @@ class StreamLane:
         """Whether this relay can ever have a lane: the lean poll loop, plain TCP on both
         sides, a chunked response (asked once the response head is out)."""
         request = relay.request
+        if not request.chunked:
+            return False  # (first: a whole body, as most are, asks nothing more)
         backend = getattr(relay.transport, "connection", None)
         return (
             lean_poll.has_read_lanes(reactor)
-            and bool(request.chunked)
             and getattr(request.channel, "sender", None) is not None
             and getattr(backend, "sender", None) is not None
         )

@@ -20,7 +20,8 @@ framing (the ``Content-Length``, or chunk by chunk: the channel reads each chunk
 which llhttp does not expose), so a pipelined request or a body behind an unfinished early check
 waits unparsed in the channel's buffer, as it did in twisted.web, and the transport stops reading
 when that buffer passes 16 KiB. llhttp validates every byte it is given; the channel's own
-reading of sizes only decides how much to give it next.
+reading of sizes only decides how much to give it next. A ``Content-Length`` body, in which
+llhttp has nothing to check (it counts its bytes), goes to the request without it.
 
 (Over 500 lines: it is one state machine, the connection, whose parts (feeding llhttp, its
 callbacks, the producer sides, the one timer) share its state; split, one class would span
@@ -100,8 +101,9 @@ class GatewayChannel(Protocol):
     __slots__ = (
         "_abort_call", "_buffer", "_chunk_left", "_deadline", "_declared", "_framing",
         "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
-        "_host", "_in_parse", "_line_length", "_noted", "_parser", "_peer", "_producer",
-        "_read_paused", "_request", "_secure", "_state", "_stopped", "_url", "_waiting_for",
+        "_host", "_in_parse", "_line_length", "_method", "_noted", "_parser", "_peer",
+        "_producer", "_read_paused", "_request", "_secure", "_state", "_stopped", "_url",
+        "_version", "_waiting_for",
         "_writes_blocked", "callLater", "cork", "cors", "direct_client", "factory",
         "fill_headers", "limits", "persistent", "requestFactory", "sender", "site",
     )
@@ -156,6 +158,9 @@ class GatewayChannel(Protocol):
     def _reset_message(self) -> None:
         """Forget the request being parsed (the next bytes start a new one)."""
         self._url = b""
+        #: The request's method and HTTP version, noted once its head is in.
+        self._method = b""
+        self._version = b""
         #: The head's header lines as llhttp gave them (name, value), in order, until the
         #: request that gets them is made.
         self._headers: list[tuple[bytes, bytes]] = []
@@ -339,8 +344,7 @@ class GatewayChannel(Protocol):
 
     def request_target(self) -> tuple[bytes, bytes]:
         """The current request's method and target (its head is in)."""
-        parser = self._parser
-        return (parser.get_method() if parser is not None else b""), self._url
+        return self._method, self._url
 
     def pause_parsing(self) -> None:
         """Read no more of this request (its body) until ``resume_parsing``."""
@@ -416,10 +420,15 @@ class GatewayChannel(Protocol):
                     if self._request is not None:
                         break  # the previous request is being handled: the next one waits
                     at = self._feed_head(buffer, view, at, end)
-                elif state in (_BODY, _CHUNK_DATA):
+                elif state == _BODY:
                     take = min(self._chunk_left, end - at)
                     self._chunk_left -= take
-                    if state == _CHUNK_DATA and not self._chunk_left:
+                    self._take_body(buffer[at:at + take])
+                    at += take
+                elif state == _CHUNK_DATA:
+                    take = min(self._chunk_left, end - at)
+                    self._chunk_left -= take
+                    if not self._chunk_left:
                         self._state = _CHUNK_SIZE
                     self._feed(view[at:at + take], "Malformed chunked body: ")
                     at += take
@@ -477,6 +486,20 @@ class GatewayChannel(Protocol):
             reason = str(e)
             self._reject(llhttp_refusal(reason, self._framing) if not what
                          else errors.bad_request(what + reason))
+
+    def _take_body(self, piece: bytes) -> None:
+        """Give the request a piece of its Content-Length body, and complete it with the
+        last: what llhttp would call back with (it only counts such a body's bytes, so it is
+        not given them), and what ``_feed`` does when a callback fails."""
+        try:
+            self.on_body(piece)
+            if not self._chunk_left:
+                self.on_message_complete()
+        except Exception:
+            if self._stopped:
+                return  # refused from a callback (_Refused), already answered
+            log.failure("Error while reading a request")
+            self._reject(errors.internal_error())
 
     def _feed_head(self, buffer: bytes, view: Any, at: int, end: int) -> int:
         """Feed a request head up to its empty line (all of it when it is in); the new
@@ -631,7 +654,10 @@ class GatewayChannel(Protocol):
             raise _Refused()
         parser = self._parser
         version = _HTTP_VERSIONS.get(parser.get_http_version())
-        if version is None:
+        if version is not None:
+            self._method = parser.get_method()
+            self._version = version
+        else:
             self._reject(errors.bad_request(
                 f"Unsupported HTTP version {parser.get_http_version()!r}: HTTP/1.1 or 1.0"))
             raise _Refused()
@@ -699,8 +725,7 @@ class GatewayChannel(Protocol):
             return
         self._waiting_for = _NOTHING  # (the timer fires for nothing, or is moved first)
         self._state = _HEAD
-        method, url = self.request_target()
-        version = _HTTP_VERSIONS[self._parser.get_http_version()]
+        method, url, version = self._method, self._url, self._version
         self._reset_message()
         # Dropped between requests: ~1 KiB (the parser, its C state, a bound method per
         # callback) per waiting connection, 10 000 queued requests' worth of 10 MB.

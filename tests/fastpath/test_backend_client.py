@@ -374,6 +374,30 @@ class RequestBytesTests(Base):
         self.client.request(b"GET", b"http://127.0.0.1:8081/a")
         self.assertEqual([u.port for u in self.endpoints.uris], [8080, 8081])
 
+    def test_a_remembered_uri_writes_the_same_request_and_the_memo_is_bounded(self) -> None:
+        # Each URI's target and path are remembered (256 at most): a request to a URI seen
+        # before writes what the first did; one that could not be split is never kept.
+        uris = [b"http://127.0.0.1:8080/v1/x?n=%d#f" % n for n in range(300)]
+        uris += [b"http://[::1]:8081/y", b"http://127.0.0.1:8080", b" http://127.0.0.1:8080/z "]
+        first = []
+        for uri in uris:
+            _, _, transport = self.send(b"GET", uri)
+            first.append(transport.value())
+            transport.clear()
+            self.assertLessEqual(len(self.client._splits), 256)
+        for uri, written in zip(uris, first, strict=True):
+            _, _, transport = self.send(b"GET", uri)
+            self.assertEqual(transport.value(), written, uri)
+            transport.clear()
+        self.assertTrue(first[0].startswith(b"GET /v1/x?n=0 HTTP/1.1\r\nHost: 127.0.0.1:8080"))
+        self.assertTrue(first[-3].startswith(b"GET /y HTTP/1.1\r\nHost: [::1]:8081"))
+        self.assertTrue(first[-2].startswith(b"GET / HTTP/1.1\r\n"))
+        self.assertTrue(first[-1].startswith(b"GET /z HTTP/1.1\r\n"))
+        self.failureResultOf(self.client.request(b"GET", b"ftp://x/y"), SchemeNotSupported)
+        self.assertRaises(ValueError, self.client.request, b"GET", b"http://h/a b")
+        self.assertNotIn(b"ftp://x/y", self.client._splits)
+        self.assertNotIn(b"http://h/a b", self.client._splits)
+
 
 class ResponseTests(Base):
     def test_content_length_body_in_pieces_then_reuse(self) -> None:

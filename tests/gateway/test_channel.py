@@ -278,3 +278,34 @@ class ChannelTests(SynchronousTestCase):
         self.assertIsNone(client.channel._parser)  # idle between requests
         client.send(b"GET /b HTTP/1.1\r\n\r\n")
         self.assertEqual([s[1] for s in self.resource.seen], [b"/a", b"/b"])
+
+    def test_a_failing_body_callback_is_answered_alike_with_or_without_llhttp(self) -> None:
+        # A Content-Length body goes to the request without llhttp (it only counts those
+        # bytes); a chunked one through it. A request that fails taking its body gets the same
+        # answer and log either way, and a refusal while taking it stops the connection alike.
+        class Failing(GatewayRequest):
+            def handleContentChunk(self, data: bytes) -> None:
+                raise RuntimeError("body trouble")
+
+        self.site.requestFactory = Failing
+        answers = []
+        for framing in (b"Content-Length: 5\r\n\r\nhello",
+                        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"):
+            client = self.client()
+            client.send(b"POST /a HTTP/1.1\r\nHost: x\r\n" + framing)
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+            self.assertTrue(client.closed)
+            response = parse_response(client.written)
+            answers.append((response.status, response.json()))
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual(answers[0][0], 500)
+        self.assertEqual(self.resource.seen, [])
+
+        self.site.requestFactory = GatewayRequest
+        for framing in (b"Content-Length: 2000\r\n\r\n" + b"x" * 2000,
+                        b"Transfer-Encoding: chunked\r\n\r\n" + b"3e8\r\n" + b"x" * 1000
+                        + b"\r\n3e8\r\n" + b"x" * 1000 + b"\r\n0\r\n\r\n"):
+            client = self.client()
+            client.send(b"POST /a HTTP/1.1\r\nHost: x\r\n" + framing)
+            self.assertTrue(client.closed)
+            self.assertEqual(parse_response(client.written).status, 413)
