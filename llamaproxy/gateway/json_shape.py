@@ -26,8 +26,8 @@ _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*')
 #: Every byte but the four brackets (deleted to keep the structure alone).
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _CLOSERS = frozenset(b"]}")
-#: An innermost pair of brackets (one pass of ``sub`` removes exactly one level).
-_PAIR = re.compile(rb"\[\]|\{\}")
+#: The bytes that start an item outside strings.
+_ITEM_BYTES = b",:[{"
 #: Reduction passes tried before walking a piece's brackets one by one instead.
 _PASSES = 8
 
@@ -66,20 +66,27 @@ class JsonShape:
             self._in_string = False
             start = end + 1
         rest = data[start:] if start else data
-        # Each string becomes ``S"``; one that runs past this piece becomes ``S`` (the match
-        # runs to the end rather than failing, so no position is scanned twice).
-        structure = _STRING.sub(_as_marker, rest)
-        if structure.endswith(b"S"):
-            self._in_string = True
-            trailing = len(rest) - len(rest.rstrip(b"\\"))
-            self._escape = trailing % 2 == 1  # it stopped on a backslash that escapes nothing yet
+        if b"\\" not in rest:
+            # No escapes (the usual piece): every quote opens or closes a string, so what lies
+            # between them is the structure, at the cost of a split instead of a match per
+            # string; an odd number of quotes leaves the last string running on.
+            strings = rest.split(b'"')
+            structure = b"".join(strings[::2])
+            if len(strings) % 2 == 0:
+                self._in_string = True
+        else:
+            # Each string becomes ``S"``; one that runs past this piece becomes ``S`` (the match
+            # runs to the end rather than failing, so no position is scanned twice).
+            structure = _STRING.sub(_as_marker, rest)
+            if structure.endswith(b"S"):
+                self._in_string = True
+                trailing = len(rest) - len(rest.rstrip(b"\\"))
+                self._escape = trailing % 2 == 1  # it stopped on a backslash that escapes nothing
         self._count(structure)
 
     def _count(self, structure: bytes) -> None:
-        self.items += (
-            structure.count(b",") + structure.count(b":")
-            + structure.count(b"[") + structure.count(b"{")
-        )
+        # The item bytes, counted as what deleting them takes away (one pass, not four).
+        self.items += len(structure) - len(structure.translate(None, _ITEM_BYTES))
         if self.items > self.max_items:
             self.error = f"JSON body has more than {self.max_items} items (keys and values)"
             return
@@ -91,11 +98,16 @@ class JsonShape:
         left = self._open + brackets
         passes = 0
         while passes <= _PASSES:
-            reduced = _PAIR.sub(b"", left)
+            # Every ``[]`` and ``{}`` of ``left`` goes, and no pair a removal makes: a ``.``
+            # stands in for each ``[]`` while the ``{}`` go (one level, as one regular
+            # expression ``sub`` would remove, at a third of its cost).
+            reduced = left.replace(b"[]", b".").replace(b"{}", b"").replace(b".", b"")
             if len(reduced) == len(left):
                 break
             left = reduced
             passes += 1
+            if not left:
+                break  # everything closed: one more pass would only confirm it
         else:
             # Deep structure in this piece: one walk, which stops where it passes the limit.
             walked = _walk(self._open + brackets, self.max_depth)

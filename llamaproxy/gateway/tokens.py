@@ -46,7 +46,8 @@ def parse_json(body: bytes) -> Any:
     """``json.loads(body)``, without its encoding detection for a body that starts with ``{``
     or a space and a non-NUL byte: ``json.detect_encoding`` calls such a body UTF-8 (no
     byte-order mark starts so), and ``loads`` is then ``JSONDecoder.decode`` of its UTF-8 text
-    (a response's whole body or an SSE event's data, read once per request)."""
+    (a request's body, a response's whole body or an SSE event's data: each read once per
+    request)."""
     if len(body) < 2 or body[0] not in _PLAIN_START or not body[1]:
         return json.loads(body)
     return _DECODER.decode(body.decode("utf-8", "surrogatepass"))

@@ -113,8 +113,11 @@ def sanitize_field(value: str | None) -> str:
 
 
 def _json_field(value: str | None) -> str | None:
-    if value is None:
-        return None
+    return None if value is None else _cut(value)
+
+
+def _cut(value: str) -> str:
+    """``value``, or its start ending in ``...`` when it is over ``MAX_FIELD_LENGTH``."""
     if len(value) > MAX_FIELD_LENGTH:
         value = value[: MAX_FIELD_LENGTH - 3] + "..."
     return value
@@ -234,9 +237,11 @@ def _json_line(fields: AccessFields, worker_type: str | None, instance_id: str |
 
 
 def _json_text(value: str | None) -> str:
-    """A string field as ``access_record`` has it (``_json_field``), in JSON."""
-    field = _json_field(value)
-    return "null" if field is None else encode_basestring(field)
+    """A string field as ``access_record`` has it (``_json_field``), in JSON (the field is cut
+    only when it is too long: asked first, the usual short field costs no call)."""
+    if value is None:
+        return "null"
+    return encode_basestring(value if len(value) <= MAX_FIELD_LENGTH else _cut(value))
 
 
 def _json_ms(value: float | None) -> str:

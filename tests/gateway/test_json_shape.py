@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.gateway.json_shape import JsonShape
+from llamaproxy.gateway.json_shape import _STRING, JsonShape, _as_marker, _walk
 
 #: Strings that look like structure, and escapes that look like string ends.
 TRICKY_TEXT = st.sampled_from(["", "x", '[{,:"', "\\", '\\"', "a\\\\", "}]", "\u00e9\u20ac"])
@@ -85,3 +86,74 @@ class JsonShapeTests(SynchronousTestCase):
     def test_not_json_is_left_to_the_parser(self) -> None:
         for raw in (b"]]]][[", b'"unterminated', b"{[}]"):
             self.assertIsNone(shape_of(raw, [2], 64).error)
+
+
+#: Bytes of structure and strings, without backslashes (pieces that take the no-escape route).
+PLAIN_PIECES = st.binary(max_size=80).map(
+    lambda raw: bytes(b'"[]{},: x'[byte % 9] for byte in raw))
+#: What the scanner's reduction sees: brackets only.
+BRACKETS = st.binary(max_size=40).map(lambda raw: bytes(b"[]{}"[byte % 4] for byte in raw))
+#: One reduction pass as the scanner made it before (``_PAIR.sub``).
+_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def pattern_reduction(shape: JsonShape, brackets: bytes) -> tuple[str | None, bytes]:
+    """(error, brackets still open) of ``shape._count`` on a structure of ``brackets``, by the
+    regular-expression passes the scanner used before (the reference)."""
+    if not brackets:
+        return None, shape._open
+    left, passes = shape._open + brackets, 0
+    while passes <= 8:
+        reduced = _PAIR.sub(b"", left)
+        if len(reduced) == len(left):
+            break
+        left, passes = reduced, passes + 1
+    else:
+        walked = _walk(shape._open + brackets, shape.max_depth)
+        if walked is None:
+            return f"JSON body nests deeper than {shape.max_depth} levels", shape._open
+        left = walked
+    if left and left[0] in b"]}":
+        return None, shape._open
+    if len(left) + passes > shape.max_depth and _walk(shape._open + brackets,
+                                                      shape.max_depth) is None:
+        return f"JSON body nests deeper than {shape.max_depth} levels", shape._open
+    return None, left
+
+
+class ShortcutTests(SynchronousTestCase):
+    """The scanner's shortcuts give what the regular expressions they replaced gave."""
+
+    @settings(max_examples=500)
+    @given(PLAIN_PIECES)
+    def test_a_piece_without_escapes_is_cut_as_the_string_pattern_cuts_it(
+        self, piece: bytes
+    ) -> None:
+        shape = JsonShape(10**6, 10**9)
+        shape.feed(piece)
+        reference = JsonShape(10**6, 10**9)
+        by_pattern = _STRING.sub(_as_marker, piece)
+        reference._count(by_pattern)
+        self.assertEqual((shape.items, shape._open, shape.error),
+                         (reference.items, reference._open, reference.error))
+        self.assertEqual((shape._in_string, shape._escape), (by_pattern.endswith(b"S"), False))
+
+    @settings(max_examples=1000)
+    @given(BRACKETS, BRACKETS, st.integers(1, 12))
+    def test_pairs_are_removed_as_the_pattern_removed_them(
+        self, already_open: bytes, brackets: bytes, max_depth: int
+    ) -> None:
+        shape = JsonShape(max_depth, 10**9)
+        shape._open = already_open
+        expected = pattern_reduction(shape, brackets)
+        shape._count(brackets)
+        self.assertEqual((shape.error, shape._open), expected)
+
+    def test_deep_pairs_are_removed_as_the_pattern_removed_them(self) -> None:
+        for depth in range(1, 20):
+            for brackets in (b"[" * depth + b"]" * depth, b"[{" * depth + b"}]" * depth + b"]"):
+                for max_depth in (depth - 1, depth, 2 * depth):
+                    shape = JsonShape(max(max_depth, 1), 10**9)
+                    expected = pattern_reduction(shape, brackets)
+                    shape._count(brackets)
+                    self.assertEqual((shape.error, shape._open), expected)

@@ -473,6 +473,17 @@ class AccessFormatTests(SynchronousTestCase):
         )
 
 
+    def test_json_by_hand_cuts_long_fields_as_the_record_does(self) -> None:
+        limit = access_log.MAX_FIELD_LENGTH
+        for size in (limit - 1, limit, limit + 1, 3 * limit):
+            record = entry(request_id="r" * size, key_id="\u00e9" * size, path="/" * size,
+                           model="m\n" * size, outcome="o" * size, client="c" * size)
+            line = format_access_json(record)
+            self.assertEqual(line, logs.dumps_compact(access_log.access_record(record)) + "\n")
+            self.assertEqual(json.loads(line)["path"], "/" * min(size, limit)
+                             if size <= limit else "/" * (limit - 3) + "...")
+
+
 class AccessFieldsTests(SynchronousTestCase):
     """``AccessLog.record_fields``: the recorder's way to log a request without building its
     ``AccessEntry``; the same bytes as ``record`` of the entry."""
