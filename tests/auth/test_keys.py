@@ -166,12 +166,17 @@ class HeaderMemoTests(AuthenticateHeadersTests):
         self.now = NOW + timedelta(seconds=10)
         self.assertEqual(self.check(authorization), "API key has expired")
 
-    def test_a_reload_forgets_removed_keys(self) -> None:
+    def key_file(self, text: str) -> tuple[str, KeyStore]:
+        """A key file holding ``text``, and a store that loaded it."""
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write(f"a:{KEY}\n")
+            f.write(text)
         store = KeyStore(path)
         store.load()
+        return path, store
+
+    def test_a_reload_forgets_removed_keys(self) -> None:
+        path, store = self.key_file(f"a:{KEY}\n")
         authorization = f"Bearer {KEY}".encode()
         self.assertEqual(self.check(authorization, keys=store.keys), "a")
         self.assertIn((authorization, None), store.keys.matched)
@@ -182,11 +187,7 @@ class HeaderMemoTests(AuthenticateHeadersTests):
         self.assertEqual(self.check(b"Bearer sk-bbbbbbbbbbbbbbbb", keys=store.keys), "b")
 
     def test_a_reload_that_changes_a_key_id_or_limit_is_seen(self) -> None:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(f"a:{KEY}:10\n")
-        store = KeyStore(path)
-        store.load()
+        path, store = self.key_file(f"a:{KEY}:10\n")
         authorization = f"Bearer {KEY}".encode()
         for _ in range(2):
             result = authenticate_headers(store.keys, authorization, None, self.read_clock)
