@@ -480,8 +480,7 @@ class GatewayChannel(Protocol):
                 return  # refused from a callback (_Refused), already answered
             cause = e.__context__
             if cause is not None and not isinstance(cause, _Refused):
-                log.failure("Error while reading a request", Failure(cause))
-                self._reject(errors.internal_error())
+                self._callback_failed(Failure(cause))
                 return
             reason = str(e)
             self._reject(llhttp_refusal(reason, self._framing) if not what
@@ -498,8 +497,12 @@ class GatewayChannel(Protocol):
         except Exception:
             if self._stopped:
                 return  # refused from a callback (_Refused), already answered
-            log.failure("Error while reading a request")
-            self._reject(errors.internal_error())
+            self._callback_failed(Failure())
+
+    def _callback_failed(self, failure: Failure) -> None:
+        """A callback handing the request its head or body raised: logged, answered 500."""
+        log.failure("Error while reading a request", failure)
+        self._reject(errors.internal_error())
 
     def _feed_head(self, buffer: bytes, view: Any, at: int, end: int) -> int:
         """Feed a request head up to its empty line (all of it when it is in); the new

@@ -560,8 +560,9 @@ class ProxyExchanges:
         Else ``_admit`` waits (and answers why not)."""
         if not member.status.ready:
             return False
-        if _uses_no_slot(exchange.request):
-            return True
+        request = exchange.request
+        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
+            return True  # the model list uses no inference slot: it never waits behind one
         slot = cast(Admission, member.load).take()
         if slot is None:
             return False
@@ -588,13 +589,9 @@ class ProxyExchanges:
             wait_until = max(wait_until, self.clock.seconds() + self.settings.queue_timeout)
         elif not status.ready and not await self._member_ready(member, wait_until):
             return self._not_ready(status)
-        if _uses_no_slot(request):
+        if self._admit_now(exchange, member):  # (ready now) a free slot, or none needed
             return None
         admission = cast(Admission, member.load)
-        slot = admission.take()
-        if slot is not None:  # a free slot: no Deferred to wait on
-            exchange.slot = slot
-            return None
         try:
             waiting = admission.acquire(request.key_id or AUTH_DISABLED)
         except QueueFullError:
@@ -982,11 +979,6 @@ def _answer_json(request: GatewayRequest, doc: object) -> None:
 
 #: Most of a backend's non-JSON error body read to put in the JSON error's message.
 _PLAIN_ERROR_LIMIT = 64 * 1024
-
-
-def _uses_no_slot(request: GatewayRequest) -> bool:
-    """The model list uses no inference slot: it never waits behind one."""
-    return request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models")
 
 
 def _event_stream(response: IResponse) -> bool:
