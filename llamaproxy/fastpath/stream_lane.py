@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.fastpath.backend_client import whole_chunk
-from llamaproxy.gateway.tokens import EVENT_END, TIMINGS_MARK, USAGE_MARK, UsageCollector
+from llamaproxy.gateway.tokens import EVENT_END, UsageCollector, carries_counts
 
 if TYPE_CHECKING:
     from llamaproxy.fastpath.eager_write import EagerSender
@@ -139,8 +139,7 @@ class StreamLane:
             span is not None
             and self._ready
             and data.endswith(b"\n\n\r\n")
-            and USAGE_MARK not in data
-            and TIMINGS_MARK not in data
+            and not carries_counts(data)
         ):
             start, end = span
             size = end - start

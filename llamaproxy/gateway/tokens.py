@@ -35,6 +35,15 @@ TIMINGS_MARK = b'"timings"'
 DATA_MARK = b"data:"
 EVENT_END = b"\n\n"
 
+
+
+def carries_counts(data: bytes) -> bool:
+    """True when ``data`` contains ``"usage"`` or ``"timings"`` (what any event or body with
+    counts contains). ``bytes.find``, not ``in``: on Python 3.11 ``needle in data`` first tries
+    the needle as an integer and formats the TypeError it then discards (~1 000 instructions)."""
+    return data.find(USAGE_MARK) != -1 or data.find(TIMINGS_MARK) != -1
+
+
 #: ``json.loads``' own decoder (no options).
 _DECODER = json.JSONDecoder()
 
@@ -113,7 +122,7 @@ class UsageCollector:
         self.events += data.count(EVENT_END)
         if self.held.endswith(b"\n") and data.startswith(b"\n"):
             self.events += 1  # an event whose blank line was split between two pieces
-        if not self.held and USAGE_MARK not in data and TIMINGS_MARK not in data:
+        if not self.held and not carries_counts(data):
             if not data.endswith(b"\n\n"):
                 self._hold(data.rpartition(b"\n\n")[2])
             return
@@ -121,7 +130,7 @@ class UsageCollector:
         events, separator, tail = buffer.rpartition(b"\n\n")
         if separator:
             for event in events.split(b"\n\n"):
-                if USAGE_MARK in event or TIMINGS_MARK in event:
+                if carries_counts(event):
                     self._read_event(event)
         self._hold(tail)
 
@@ -133,7 +142,7 @@ class UsageCollector:
             self._kept = []
             return
         rest, self.held = self.held, b""
-        if USAGE_MARK in rest or TIMINGS_MARK in rest:
+        if carries_counts(rest):
             self._read_event(rest)
 
     def _hold(self, tail: bytes) -> None:
@@ -148,7 +157,7 @@ class UsageCollector:
                 return
 
     def _read_body(self, body: bytes) -> None:
-        if USAGE_MARK not in body and TIMINGS_MARK not in body:
+        if not carries_counts(body):
             return
         try:
             doc = parse_json(body)

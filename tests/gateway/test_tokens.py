@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaproxy.gateway.tokens import UsageCollector, estimate_prompt_tokens, parse_json
+from llamaproxy.gateway.tokens import (
+    TIMINGS_MARK,
+    USAGE_MARK,
+    UsageCollector,
+    carries_counts,
+    estimate_prompt_tokens,
+    parse_json,
+)
 from llamaproxy.testing import sse_chunk
 
 USAGE_EVENT = b"data: " + json.dumps({
@@ -172,3 +179,13 @@ class ParseJSONTests(SynchronousTestCase):
                      ' {"a": 1}'.encode("utf-32-le")]:
             self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body),
                              body[:20])
+
+
+class CarriesCountsTests(SynchronousTestCase):
+    """``carries_counts`` is ``USAGE_MARK in data or TIMINGS_MARK in data``."""
+
+    @given(st.lists(st.sampled_from([b'"usage"', b'"timings"', b'"usag', b'timings"', b'"',
+                                     b"usage", b"data: {", b"\n\n", b"x"]), max_size=8))
+    def test_same_as_in(self, parts: list[bytes]) -> None:
+        data = b"".join(parts)
+        self.assertEqual(carries_counts(data), USAGE_MARK in data or TIMINGS_MARK in data)
