@@ -13,6 +13,11 @@ key), so the count is the number of keys and values, close to the number of obje
 would make. The depth is that of ``[`` and ``{``. The scanner does not validate: ``json.loads``
 does that afterwards, on a body whose cost is now bounded. It keeps O(max_depth) bytes of state
 across pieces (the open brackets), whatever the body's size.
+
+A ``lazy`` shape (what requests use) scans nothing while a bound proves the body within both
+limits: items are counted bytes, so a body of at most ``max_items`` bytes has at most that many,
+and its depth is at most its number of ``[`` and ``{`` (strings included). The usual request body
+is one small piece with a few brackets: two ``bytes.count`` instead of the scan.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ _CLOSERS = frozenset(b"]}")
 _ITEM_BYTES = b",:[{"
 #: Reduction passes tried before walking a piece's brackets one by one instead.
 _PASSES = 8
+#: Most body bytes a lazy shape keeps unscanned (past them, it scans what it kept and goes on).
+MAX_UNSCANNED = 1 << 16
 
 
 class JsonShape:
     """Depth and item count of one JSON body, fed piece by piece (see the module docstring)."""
 
-    __slots__ = ("_escape", "_in_string", "_open", "error", "items", "max_depth", "max_items")
+    __slots__ = ("_escape", "_in_string", "_open", "_unscanned", "_unscanned_openers",
+                 "_unscanned_size", "error", "items", "max_depth", "max_items")
 
-    def __init__(self, max_depth: int, max_items: int) -> None:
+    def __init__(self, max_depth: int, max_items: int, lazy: bool = False) -> None:
         self.max_depth = max_depth
         self.max_items = max_items
         #: Keys and values seen so far.
@@ -47,9 +55,28 @@ class JsonShape:
         self._in_string = False
         self._escape = False  # the last piece ended inside a string, on a backslash
         self._open = b""  # the brackets open at the end of what was fed
+        #: Lazy: the pieces not scanned yet, while the bound holds (None: every piece is scanned;
+        #: ``items`` and the state above only count scanned pieces).
+        self._unscanned: list[bytes] | None = [] if lazy else None
+        self._unscanned_size = 0
+        self._unscanned_openers = 0
 
     def feed(self, data: bytes) -> None:
         """One more piece of the body (pieces may split anything, even an escape)."""
+        unscanned = self._unscanned
+        if unscanned is not None:
+            size = self._unscanned_size + len(data)
+            openers = self._unscanned_openers + data.count(b"[") + data.count(b"{")
+            if size <= MAX_UNSCANNED and size <= self.max_items and openers <= self.max_depth:
+                unscanned.append(data)
+                self._unscanned_size, self._unscanned_openers = size, openers
+                return
+            self._unscanned = None  # the bound no longer holds: scan, in order, from the start
+            for piece in unscanned:
+                self._scan(piece)
+        self._scan(data)
+
+    def _scan(self, data: bytes) -> None:
         if self.error is not None or not data:
             return
         start = 0
@@ -66,7 +93,7 @@ class JsonShape:
             self._in_string = False
             start = end + 1
         rest = data[start:] if start else data
-        if b"\\" not in rest:
+        if rest.find(b"\\") == -1:  # (find: see tokens.carries_counts on `in`)
             # No escapes (the usual piece): every quote opens or closes a string, so what lies
             # between them is the structure, at the cost of a split instead of a match per
             # string; an odd number of quotes leaves the last string running on.

@@ -222,7 +222,7 @@ class GatewayRequest(server.Request):
         """Measure a JSON body's shape as it arrives (POSTs to JSON routes)."""
         if self.method == b"POST" and getattr(self.route, "kind", None) in ("api", "admin"):
             limits = self.channel.limits  # type: ignore[attr-defined]
-            self.shape = JsonShape(limits.max_json_depth, limits.max_json_values)
+            self.shape = JsonShape(limits.max_json_depth, limits.max_json_values, lazy=True)
 
     def _check_budget(self, length: int) -> GatewayError | None:
         """Reserve the body's bytes in the site's budget (when it has one)."""

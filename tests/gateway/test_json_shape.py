@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from llamaproxy.gateway import json_shape
 from llamaproxy.gateway.json_shape import _STRING, JsonShape, _as_marker, _walk
 
 #: Strings that look like structure, and escapes that look like string ends.
@@ -38,8 +39,9 @@ def items(doc: Any) -> int:
     return 0
 
 
-def shape_of(raw: bytes, cuts: list[int], max_depth: int, max_items: int = 10**9) -> JsonShape:
-    shape = JsonShape(max_depth, max_items)
+def shape_of(raw: bytes, cuts: list[int], max_depth: int, max_items: int = 10**9,
+             lazy: bool = False) -> JsonShape:
+    shape = JsonShape(max_depth, max_items, lazy)
     points = sorted({c % (len(raw) + 1) for c in cuts})
     for start, end in zip([0, *points], [*points, len(raw)], strict=True):
         shape.feed(raw[start:end])
@@ -157,3 +159,42 @@ class ShortcutTests(SynchronousTestCase):
                     expected = pattern_reduction(shape, brackets)
                     shape._count(brackets)
                     self.assertEqual((shape.error, shape._open), expected)
+
+
+#: Bodies for the lazy shape: JSON documents, and bytes that are not JSON at all.
+ANY_BODY = DOCS.map(lambda doc: json.dumps(doc).encode()) | st.binary(max_size=60).map(
+    lambda raw: bytes(b'"[]{},:\\ x'[byte % 10] for byte in raw))
+
+
+class LazyShapeTests(SynchronousTestCase):
+    """A lazy shape refuses exactly what a shape that scans every piece refuses."""
+
+    @settings(max_examples=500)
+    @given(ANY_BODY, st.lists(st.integers(0, 10_000), max_size=6), st.integers(1, 8),
+           st.integers(1, 80), st.sampled_from([1 << 16, 7, 30]))
+    def test_same_error_as_scanning_every_piece(
+        self, raw: bytes, cuts: list[int], max_depth: int, max_items: int, unscanned: int
+    ) -> None:
+        self.patch(json_shape, "MAX_UNSCANNED", unscanned)
+        lazy = shape_of(raw, cuts, max_depth, max_items, lazy=True)
+        self.assertEqual(lazy.error, shape_of(raw, cuts, max_depth, max_items).error)
+
+    def test_scans_what_it_kept_once_the_bound_fails(self) -> None:
+        self.patch(json_shape, "MAX_UNSCANNED", 16)
+        raw = b'{"a": [[1, "x\\\\", "y\\"["], {"b": "[[[["}], "c": ' + b"[" * 20 + b"]" * 20 + b"}"
+        for cut in range(len(raw) + 1):
+            lazy = shape_of(raw, [cut, cut + 9], 64, 10**6, lazy=True)
+            eager = shape_of(raw, [cut, cut + 9], 64, 10**6)
+            self.assertEqual((lazy.items, lazy._open, lazy._in_string, lazy.error),
+                             (eager.items, eager._open, eager._in_string, eager.error), cut)
+            self.assertGreater(lazy.items, 0)
+
+    def test_a_small_body_is_not_scanned(self) -> None:
+        shape = shape_of(b'{"model": "m", "messages": [{"role": "user"}]}', [10], 64, 1000,
+                         lazy=True)
+        self.assertEqual((shape.items, shape.error), (0, None))
+        self.assertIsNone(shape_of(b"[" * 64 + b"]" * 64, [3], 64, 1000, lazy=True).error)
+        self.assertEqual(shape_of(b"[" * 65 + b"]" * 65, [3], 64, 1000, lazy=True).error,
+                         "JSON body nests deeper than 64 levels")
+        self.assertIn("more than 10 items",
+                      str(shape_of(b"[" + b"1," * 10 + b"1]", [], 64, 10, lazy=True).error))
