@@ -59,9 +59,19 @@ def parse_json(body: bytes) -> Any:
     request)."""
     if len(body) < 2 or body[0] not in _PLAIN_START or not body[1]:
         return json.loads(body)
-    return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
+    text = body.decode("utf-8", "surrogatepass")
+    if body[0] == 0x7B:
+        # No whitespace to skip before the document: ``raw_decode`` is ``decode``'s parse, and
+        # ``decode`` accepts what follows the document iff it is JSON whitespace (anything
+        # else: ``decode`` again, for its error).
+        doc, end = _DECODER.raw_decode(text)
+        if end == len(text) or not text[end:].strip(_JSON_WHITESPACE):
+            return doc
+    return _DECODER.decode(text)
 
 
+#: What JSON calls whitespace (``json.decoder.WHITESPACE``).
+_JSON_WHITESPACE = " \t\n\r"
 #: First bytes of a body ``parse_json`` decodes itself (no byte-order mark starts with them).
 _PLAIN_START = frozenset(b"{ ")
 

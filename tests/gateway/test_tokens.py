@@ -167,6 +167,14 @@ class ParseJSONTests(SynchronousTestCase):
             + after
         self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body))
 
+    @given(_JSON_VALUES, st.lists(st.sampled_from([" ", "\t", "\n", "\r", "\x0b", "\x0c",
+                                                   "\x85", "\xa0", "\u2028", "x", "{}", "1"]),
+                                  max_size=4))
+    def test_what_follows_an_object(self, value: Any, after: list[str]) -> None:
+        body = json.dumps({"v": value}).encode("utf-8", "surrogatepass") \
+            + "".join(after).encode()
+        self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body))
+
     @given(st.binary(max_size=40))
     def test_any_bytes(self, body: bytes) -> None:
         self.assertEqual(_loads_outcome(parse_json, body), _loads_outcome(json.loads, body))
