@@ -345,8 +345,11 @@ class RequestTimer:
         if self._admitted_at is not None or self._done:
             return
         m = self._metrics
-        self._admitted_at = m._clock.seconds()
-        self._leave_queue(self._admitted_at)
+        now = self._admitted_at = m._clock.seconds()
+        if self._queued_at is None:
+            m._queue_wait_series.observe(0.0)  # it never waited
+        else:
+            self._leave_queue(now)
         m._requests_total += 1
         m._active += 1
 
@@ -354,17 +357,15 @@ class RequestTimer:
     dequeued = admitted
 
     def _leave_queue(self, now: float) -> None:
-        if self._queued_at is None:
-            if self._admitted_at is not None:
-                self._metrics._queue_wait.observe(0.0)
-            return
+        """The request stops waiting (``queued`` was called): count and observe its wait."""
+        assert self._queued_at is not None
         wait = now - self._queued_at
         self._queued_at = None
         self._wait = wait
         m = self._metrics
         m._queue_depth -= 1
         m._queue_wait_total += wait
-        m._queue_wait.observe(wait)
+        m._queue_wait_series.observe(wait)
 
     def backend_sent(self) -> None:
         """The request was handed to the backend agent (call again for a retry)."""
@@ -519,6 +520,8 @@ class GatewayMetrics:
             "llamaproxy_queue_wait_seconds",
             "Time spent waiting for a concurrency slot or a ready backend.",
             registry=reg, buckets=QUEUE_WAIT_BUCKETS)
+        #: Its one series (no label names), observed directly.
+        self._queue_wait_series = self._queue_wait.labels()
         self._backend_latency = ReactorHistogram(
             "llamaproxy_backend_latency_seconds",
             "Time from sending a request to the backend to its response headers.",
