@@ -496,7 +496,8 @@ class GatewayMetrics:
         self._queue_wait_total = 0.0
         # Per-key counts, by key id.
         self._key_requests: dict[str, int] = {}
-        self._key_tokens: dict[tuple[str, str], int] = {}
+        #: [prompt, completion] tokens by key id.
+        self._key_tokens: dict[str, list[int]] = {}
         self._key_rejections: dict[tuple[str, str], int] = {}
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
@@ -616,9 +617,11 @@ class GatewayMetrics:
         if completion:
             children[1].inc(completion)
         if key_id is not None:
-            counts = self._key_tokens
-            counts[(key_id, "prompt")] = counts.get((key_id, "prompt"), 0) + prompt
-            counts[(key_id, "completion")] = counts.get((key_id, "completion"), 0) + completion
+            counts = self._key_tokens.get(key_id)
+            if counts is None:
+                counts = self._key_tokens[key_id] = [0, 0]
+            counts[0] += prompt
+            counts[1] += completion
 
     def _model_label(self, model: str | None) -> str:
         """``model``, or "none", or "other" once ``max_models`` distinct names were seen."""
@@ -661,7 +664,7 @@ class GatewayMetrics:
         """Forget the per-key series of keys no longer configured (e.g. after a reload)."""
         live = set(live_key_ids)
         self._key_requests = {k: v for k, v in self._key_requests.items() if k in live}
-        self._key_tokens = {k: v for k, v in self._key_tokens.items() if k[0] in live}
+        self._key_tokens = {k: v for k, v in self._key_tokens.items() if k in live}
         self._key_rejections = {k: v for k, v in self._key_rejections.items() if k[0] in live}
 
     # -- totals for samplers (the operator page) -----------------------------------------
@@ -694,9 +697,9 @@ class GatewayMetrics:
         totals: dict[str, tuple[int, int, int]] = {
             key_id: (count, 0, 0) for key_id, count in self._key_requests.items()
         }
-        for (key_id, _kind), count in self._key_tokens.items():
+        for key_id, (prompt, completion) in self._key_tokens.items():
             r, t, x = totals.get(key_id, (0, 0, 0))
-            totals[key_id] = (r, t + count, x)
+            totals[key_id] = (r, t + prompt + completion, x)
         for (key_id, reason), count in self._key_rejections.items():
             if reason == "rate_limit":
                 r, t, x = totals.get(key_id, (0, 0, 0))
@@ -974,8 +977,9 @@ class GatewayMetrics:
             requests.add_metric([key_id], count)
         tokens = CounterMetricFamily("llamaproxy_key_tokens", "Tokens by key and kind.",
                                      labels=["key_id", "kind"])
-        for (key_id, kind), count in self._key_tokens.items():
-            tokens.add_metric([key_id, kind], count)
+        for key_id, (prompt, completion) in self._key_tokens.items():
+            tokens.add_metric([key_id, "prompt"], prompt)
+            tokens.add_metric([key_id, "completion"], completion)
         rejections = CounterMetricFamily("llamaproxy_key_rejections",
                                          "Refused requests by key and reason.",
                                          labels=["key_id", "reason"])

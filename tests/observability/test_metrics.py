@@ -238,6 +238,29 @@ class LegacyTests(SynchronousTestCase):
         self.h.metrics.prune_keys({"bob"})
         self.assertNotIn("alice", self.h.text(include_per_key=True))
 
+    def test_per_key_tokens_lines(self) -> None:
+        """Each key's prompt then completion tokens, keys in the order they first had tokens,
+        summed over requests; pruned with the key; in ``key_totals``."""
+        metrics = GatewayMetrics(Clock())
+        metrics.tokens("carol", "m", 3, 0)
+        metrics.tokens("alice", "m", 0, 7)
+        metrics.tokens(None, "m", 100, 100)
+        metrics.tokens("carol", "n", 5, 11)
+        body, _ = metrics.render("text/plain", include_per_key=True)
+        lines = [line for line in body.decode().splitlines()
+                 if line.startswith("llamaproxy_key_tokens_total")]
+        self.assertEqual(lines, [
+            'llamaproxy_key_tokens_total{key_id="carol",kind="prompt"} 8.0',
+            'llamaproxy_key_tokens_total{key_id="carol",kind="completion"} 11.0',
+            'llamaproxy_key_tokens_total{key_id="alice",kind="prompt"} 0.0',
+            'llamaproxy_key_tokens_total{key_id="alice",kind="completion"} 7.0',
+        ])
+        self.assertEqual(metrics.key_totals(), {"carol": (0, 19, 0), "alice": (0, 7, 0)})
+        metrics.prune_keys({"alice"})
+        body, _ = metrics.render("text/plain", include_per_key=True)
+        self.assertNotIn(b'key_id="carol"', body)
+        self.assertIn(b'llamaproxy_key_tokens_total{key_id="alice",kind="completion"} 7.0', body)
+
     def test_histograms(self) -> None:
         found = samples(self.h.text())
         for name in ("llamaproxy_request_duration_seconds", "llamaproxy_time_to_first_byte_seconds",
