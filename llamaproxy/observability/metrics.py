@@ -399,7 +399,8 @@ class RequestTimer:
             return None
         before = self._sent_first_at - self._started - self._wait
         after = now - self._headers_at
-        overhead = max(0.0, before) + max(0.0, after)
+        # max(0.0, x) without the builtin's call: the same value, NaN and -0.0 included.
+        overhead = (before if before > 0.0 else 0.0) + (after if after > 0.0 else 0.0)
         series.overhead.observe(overhead)
         return overhead
 

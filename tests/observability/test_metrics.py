@@ -389,6 +389,31 @@ class RequestTimerTests(SynchronousTestCase):
         self.assertEqual(value(found, "llamaproxy_gateway_overhead_seconds_sum", route="chat"), 0)
 
 
+    def test_overhead_parts_below_zero_count_as_zero(self) -> None:
+        """Each part of the overhead is max(0, part): a clock stepped back does not make the
+        overhead negative, and a positive part counts whole."""
+        for sent_at, first_byte_at, expected in ((100.5, 100.6, 0.0), (100.5, 101.0, 0.25),
+                                                    (101.25, 101.5, 1.0)):
+            clock = Clock()
+            clock.rightNow = 100.0
+            metrics = GatewayMetrics(clock)
+            t = metrics.request_started("chat")
+            t.queued()
+            clock.rightNow = 101.0
+            t.admitted()  # waited 1 s
+            clock.rightNow = sent_at
+            t.backend_sent()
+            clock.rightNow = 100.75
+            t.backend_headers(200)
+            clock.rightNow = first_byte_at
+            before, after = sent_at - 100.0 - 1.0, first_byte_at - 100.75
+            self.assertEqual(t.first_byte_sent(), max(0.0, before) + max(0.0, after))
+            self.assertEqual(max(0.0, before) + max(0.0, after), expected)
+            found = samples(metrics.render("text/plain", False)[0].decode())
+            self.assertEqual(value(found, "llamaproxy_gateway_overhead_seconds_sum",
+                                   route="chat"), expected)
+
+
 class NegotiationTests(SynchronousTestCase):
     def test_choose_format(self) -> None:
         for accept, expected in (
