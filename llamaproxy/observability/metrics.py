@@ -345,8 +345,11 @@ class RequestTimer:
         if self._admitted_at is not None or self._done:
             return
         m = self._metrics
-        self._admitted_at = m._clock.seconds()
-        self._leave_queue(self._admitted_at)
+        now = self._admitted_at = m._clock.seconds()
+        if self._queued_at is None:
+            m._queue_wait_series.observe(0.0)  # it never waited
+        else:
+            self._leave_queue(now)
         m._requests_total += 1
         m._active += 1
 
@@ -354,17 +357,15 @@ class RequestTimer:
     dequeued = admitted
 
     def _leave_queue(self, now: float) -> None:
-        if self._queued_at is None:
-            if self._admitted_at is not None:
-                self._metrics._queue_wait.observe(0.0)
-            return
+        """The request stops waiting (``queued`` was called): count and observe its wait."""
+        assert self._queued_at is not None
         wait = now - self._queued_at
         self._queued_at = None
         self._wait = wait
         m = self._metrics
         m._queue_depth -= 1
         m._queue_wait_total += wait
-        m._queue_wait.observe(wait)
+        m._queue_wait_series.observe(wait)
 
     def backend_sent(self) -> None:
         """The request was handed to the backend agent (call again for a retry)."""
@@ -398,7 +399,8 @@ class RequestTimer:
             return None
         before = self._sent_first_at - self._started - self._wait
         after = now - self._headers_at
-        overhead = max(0.0, before) + max(0.0, after)
+        # max(0.0, x) without the builtin's call: the same value, NaN and -0.0 included.
+        overhead = (before if before > 0.0 else 0.0) + (after if after > 0.0 else 0.0)
         series.overhead.observe(overhead)
         return overhead
 
@@ -495,7 +497,8 @@ class GatewayMetrics:
         self._queue_wait_total = 0.0
         # Per-key counts, by key id.
         self._key_requests: dict[str, int] = {}
-        self._key_tokens: dict[tuple[str, str], int] = {}
+        #: [prompt, completion] tokens by key id.
+        self._key_tokens: dict[str, list[int]] = {}
         self._key_rejections: dict[tuple[str, str], int] = {}
         self._backends: list[tuple[Backend, list[float | None]]] = []
         self._admission: Admission | None = None
@@ -519,6 +522,8 @@ class GatewayMetrics:
             "llamaproxy_queue_wait_seconds",
             "Time spent waiting for a concurrency slot or a ready backend.",
             registry=reg, buckets=QUEUE_WAIT_BUCKETS)
+        #: Its one series (no label names), observed directly.
+        self._queue_wait_series = self._queue_wait.labels()
         self._backend_latency = ReactorHistogram(
             "llamaproxy_backend_latency_seconds",
             "Time from sending a request to the backend to its response headers.",
@@ -613,9 +618,11 @@ class GatewayMetrics:
         if completion:
             children[1].inc(completion)
         if key_id is not None:
-            counts = self._key_tokens
-            counts[(key_id, "prompt")] = counts.get((key_id, "prompt"), 0) + prompt
-            counts[(key_id, "completion")] = counts.get((key_id, "completion"), 0) + completion
+            counts = self._key_tokens.get(key_id)
+            if counts is None:
+                counts = self._key_tokens[key_id] = [0, 0]
+            counts[0] += prompt
+            counts[1] += completion
 
     def _model_label(self, model: str | None) -> str:
         """``model``, or "none", or "other" once ``max_models`` distinct names were seen."""
@@ -658,7 +665,7 @@ class GatewayMetrics:
         """Forget the per-key series of keys no longer configured (e.g. after a reload)."""
         live = set(live_key_ids)
         self._key_requests = {k: v for k, v in self._key_requests.items() if k in live}
-        self._key_tokens = {k: v for k, v in self._key_tokens.items() if k[0] in live}
+        self._key_tokens = {k: v for k, v in self._key_tokens.items() if k in live}
         self._key_rejections = {k: v for k, v in self._key_rejections.items() if k[0] in live}
 
     # -- totals for samplers (the operator page) -----------------------------------------
@@ -691,9 +698,9 @@ class GatewayMetrics:
         totals: dict[str, tuple[int, int, int]] = {
             key_id: (count, 0, 0) for key_id, count in self._key_requests.items()
         }
-        for (key_id, _kind), count in self._key_tokens.items():
+        for key_id, (prompt, completion) in self._key_tokens.items():
             r, t, x = totals.get(key_id, (0, 0, 0))
-            totals[key_id] = (r, t + count, x)
+            totals[key_id] = (r, t + prompt + completion, x)
         for (key_id, reason), count in self._key_rejections.items():
             if reason == "rate_limit":
                 r, t, x = totals.get(key_id, (0, 0, 0))
@@ -971,8 +978,9 @@ class GatewayMetrics:
             requests.add_metric([key_id], count)
         tokens = CounterMetricFamily("llamaproxy_key_tokens", "Tokens by key and kind.",
                                      labels=["key_id", "kind"])
-        for (key_id, kind), count in self._key_tokens.items():
-            tokens.add_metric([key_id, kind], count)
+        for key_id, (prompt, completion) in self._key_tokens.items():
+            tokens.add_metric([key_id, "prompt"], prompt)
+            tokens.add_metric([key_id, "completion"], completion)
         rejections = CounterMetricFamily("llamaproxy_key_rejections",
                                          "Refused requests by key and reason.",
                                          labels=["key_id", "reason"])

@@ -124,9 +124,10 @@ def _tokens(value: int | None) -> int:
     if value is None:
         return 0
     try:
-        return max(0, int(value))
+        count = int(value)
     except (TypeError, ValueError, OverflowError):
         return 0
+    return count if count > 0 else 0  # max(0, count) without the builtin's call
 
 
 def open_ledger(path: str, wal_limit: int = WAL_LIMIT) -> sqlite3.Connection:

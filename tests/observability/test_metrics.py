@@ -238,6 +238,29 @@ class LegacyTests(SynchronousTestCase):
         self.h.metrics.prune_keys({"bob"})
         self.assertNotIn("alice", self.h.text(include_per_key=True))
 
+    def test_per_key_tokens_lines(self) -> None:
+        """Each key's prompt then completion tokens, keys in the order they first had tokens,
+        summed over requests; pruned with the key; in ``key_totals``."""
+        metrics = GatewayMetrics(Clock())
+        metrics.tokens("carol", "m", 3, 0)
+        metrics.tokens("alice", "m", 0, 7)
+        metrics.tokens(None, "m", 100, 100)
+        metrics.tokens("carol", "n", 5, 11)
+        body, _ = metrics.render("text/plain", include_per_key=True)
+        lines = [line for line in body.decode().splitlines()
+                 if line.startswith("llamaproxy_key_tokens_total")]
+        self.assertEqual(lines, [
+            'llamaproxy_key_tokens_total{key_id="carol",kind="prompt"} 8.0',
+            'llamaproxy_key_tokens_total{key_id="carol",kind="completion"} 11.0',
+            'llamaproxy_key_tokens_total{key_id="alice",kind="prompt"} 0.0',
+            'llamaproxy_key_tokens_total{key_id="alice",kind="completion"} 7.0',
+        ])
+        self.assertEqual(metrics.key_totals(), {"carol": (0, 19, 0), "alice": (0, 7, 0)})
+        metrics.prune_keys({"alice"})
+        body, _ = metrics.render("text/plain", include_per_key=True)
+        self.assertNotIn(b'key_id="carol"', body)
+        self.assertIn(b'llamaproxy_key_tokens_total{key_id="alice",kind="completion"} 7.0', body)
+
     def test_histograms(self) -> None:
         found = samples(self.h.text())
         for name in ("llamaproxy_request_duration_seconds", "llamaproxy_time_to_first_byte_seconds",
@@ -364,6 +387,31 @@ class RequestTimerTests(SynchronousTestCase):
         found = samples(h.text())
         self.assertEqual(value(found, "llamaproxy_backend_latency_seconds_sum", route="chat"), 0.5)
         self.assertEqual(value(found, "llamaproxy_gateway_overhead_seconds_sum", route="chat"), 0)
+
+
+    def test_overhead_parts_below_zero_count_as_zero(self) -> None:
+        """Each part of the overhead is max(0, part): a clock stepped back does not make the
+        overhead negative, and a positive part counts whole."""
+        for sent_at, first_byte_at, expected in ((100.5, 100.6, 0.0), (100.5, 101.0, 0.25),
+                                                    (101.25, 101.5, 1.0)):
+            clock = Clock()
+            clock.rightNow = 100.0
+            metrics = GatewayMetrics(clock)
+            t = metrics.request_started("chat")
+            t.queued()
+            clock.rightNow = 101.0
+            t.admitted()  # waited 1 s
+            clock.rightNow = sent_at
+            t.backend_sent()
+            clock.rightNow = 100.75
+            t.backend_headers(200)
+            clock.rightNow = first_byte_at
+            before, after = sent_at - 100.0 - 1.0, first_byte_at - 100.75
+            self.assertEqual(t.first_byte_sent(), max(0.0, before) + max(0.0, after))
+            self.assertEqual(max(0.0, before) + max(0.0, after), expected)
+            found = samples(metrics.render("text/plain", False)[0].decode())
+            self.assertEqual(value(found, "llamaproxy_gateway_overhead_seconds_sum",
+                                   route="chat"), expected)
 
 
 class NegotiationTests(SynchronousTestCase):

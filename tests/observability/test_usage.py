@@ -63,6 +63,12 @@ class LedgerTests(TestCase):
         self.assertEqual(ledger.pending,
                          [UsageRow("2026-06-01", "a", "m", len(odd), total, total)])
 
+    @given(st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                     st.booleans()))
+    def test_tokens_is_max_of_zero_and_int(self, value: Any) -> None:
+        self.assertEqual(usage._tokens(value), max(0, int(value)))
+        self.assertIs(type(usage._tokens(value)), int)
+
     async def test_record_flush_query(self) -> None:
         ledger = self.ledger()
         ledger.record("alice", "qwen", 10, 20)
