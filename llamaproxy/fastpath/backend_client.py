@@ -24,7 +24,9 @@ Differences from Agent are listed in ``BackendClient``'s docstring.
 Replaces: ``twisted.web.client.Agent`` + ``HTTPConnectionPool`` (the stock path's client).
 Assumes: the private exception types of ``twisted.web._newclient`` and ``twisted.web.http`` it
 raises (so that failures classify as Agent's do), the endpoint's ``_WrappingFactory`` attributes
-it clears when a connection is lost (a cycle per closed connection otherwise), ``Headers``'
+it clears when a connection is lost (a cycle per closed connection otherwise), and how it fails
+and cancels, which the client imitates when it dials a plain ``TCP4ClientEndpoint`` itself (with
+the attributes that endpoint's ``connect`` passes to ``connectTCP``), ``Headers``'
 field map (``_rawHeaders``: canonical name -> values), which it fills from llhttp's fields (llhttp
 refuses a CR or LF in a value, so there is nothing for ``addRawHeader`` to clean; names spelled
 through ``header_fill``), and the eager writes' contract (checked at startup by
@@ -48,7 +50,8 @@ import httptools
 from httptools import HttpParserError
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import _WrappingFactory
+from twisted.internet.endpoints import TCP4ClientEndpoint, _WrappingFactory
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -61,7 +64,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet.protocol import ClientFactory, Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -220,7 +223,7 @@ _Meta = tuple[bytes, bytes, bytes, Headers | Mapping[bytes, Sequence[bytes]]]
 class _Target:
     """What depends only on a URI's scheme and authority, computed once per prefix."""
 
-    __slots__ = ("endpoint", "factory", "host_line", "key")
+    __slots__ = ("dial", "endpoint", "factory", "host_line", "key")
 
     def __init__(
         self, key: tuple[bytes, bytes, int], endpoint: IStreamClientEndpoint,
@@ -230,6 +233,14 @@ class _Target:
         self.endpoint = endpoint
         self.factory = factory
         self.host_line = host_line
+        #: For a plain ``TCP4ClientEndpoint``: what its ``connect`` passes to ``connectTCP``
+        #: (reactor, host, port, timeout, bind address), for the client to dial it itself.
+        self.dial: tuple[Any, str, int, float, Any] | None = None
+        if type(endpoint) is TCP4ClientEndpoint:
+            self.dial = (
+                endpoint._reactor, endpoint._host, endpoint._port, endpoint._timeout,
+                endpoint._bindAddress,
+            )
 
 
 @implementer(IClientRequest)
@@ -475,7 +486,7 @@ class _Connection:
         "_fields", "_got_bytes", "_head_buffer", "_headers", "_in_trailer", "_keep_alive",
         "_meta", "_method", "_parser", "_phase", "_phrase", "_pieces", "_poll", "_progress",
         "_protocol", "_remaining", "_stalled", "_trailer_size", "_unclaimed_call", "_waiting",
-        "_writer", "idle_since", "key", "response", "sender", "transport",
+        "_writer", "dialing", "idle_since", "key", "response", "sender", "transport",
     )
 
     def __init__(self, client: BackendClient, key: tuple[bytes, bytes, int]) -> None:
@@ -518,6 +529,8 @@ class _Connection:
         self._close_waiters: list[Deferred[None]] | None = None
         #: A poll set of this socket alone, for ``peer_closed`` (made on its first use).
         self._poll: Any = None
+        #: The request that dialled this connection itself, told once it is made.
+        self.dialing: _Connecting | None = None
 
     # -- IProtocol ---------------------------------------------------------------------------
 
@@ -538,6 +551,10 @@ class _Connection:
                 # The endpoint's wrapper only relays each call to us: take its place, one call
                 # less per piece of every stream (plain TCP only; TLS keeps its wrapper).
                 transport.protocol = self  # type: ignore[union-attr]
+        dialing = self.dialing
+        if dialing is not None:
+            self.dialing = None
+            dialing.connected(self)
 
     def logPrefix(self) -> str:
         return "BackendConnection"
@@ -589,6 +606,8 @@ class _Connection:
         # ``gc_schedule``. The connector has no more use for the transport once it is lost.
         # The endpoint's wrapping factory holds the connector and a Deferred whose canceller
         # is the factory's own method: two more cycles, cut the same way.
+        # A connection the client dialled itself has its request as the connector's factory,
+        # which refers to the connection: cut that too.
         connector = getattr(self.transport, "connector", None)
         if connector is not None:
             connector.transport = None
@@ -596,6 +615,8 @@ class _Connection:
             if isinstance(wrapping, _WrappingFactory):
                 wrapping._connector = None
                 wrapping._onConnection = None  # type: ignore[assignment]
+            elif type(wrapping) is _Connecting:
+                wrapping.connection = None
         if self.idle_since is not None:
             self._client.forget(self)
         if self._unclaimed_call is not None:
@@ -1140,13 +1161,34 @@ class _ConnectionFactory(Factory):
         return _Connection(self.client, self.key)
 
 
-class _Connecting:
-    """A request waiting for its new connection (what its Deferred's canceller needs)."""
+class _Connecting(ClientFactory):
+    """A request waiting for its new connection: what it sends once connected, and what its
+    Deferred's canceller needs.
 
-    __slots__ = ("connecting", "connection")
+    Through an endpoint, ``connected`` and ``failed`` are the callbacks of its ``connect``.
+    For a plain ``TCP4ClientEndpoint`` the client dials with ``connectTCP`` itself and this is
+    the connector's factory, as the endpoint's wrapping factory would be (the same calls, the
+    same failures, the same ``ConnectingCancelledError`` when cancelled), without that factory,
+    its protocol wrapper and its Deferred: a stream's connection is a new one every time.
+    """
 
-    def __init__(self) -> None:
+    noisy = False
+
+    def __init__(
+        self, client: BackendClient, key: tuple[bytes, bytes, int], method: bytes, head: bytes,
+        producer: IBodyProducer | None, keep_alive: bool, meta: _Meta,
+    ) -> None:
+        self.client = client
+        self.key = key
+        #: The request's Deferred (its canceller is ``cancel``) until it is sent or failed,
+        #: then None: a Deferred and its canceller's object do not keep each other.
+        self.waiting: Deferred[IResponse] | None = None
+        #: What ``_Connection.send`` gets once connected (then None).
+        self.request: tuple[bytes, bytes, IBodyProducer | None, bool, _Meta] | None = (
+            method, head, producer, keep_alive, meta)
+        #: The endpoint's Deferred, or the connector, while connecting.
         self.connecting: Deferred[Any] | None = None
+        self.connector: Any = None
         self.connection: _Connection | None = None
 
     def cancel(self, waiting: Deferred[IResponse]) -> None:
@@ -1154,6 +1196,41 @@ class _Connecting:
             self.connection.cancel(waiting)
         elif self.connecting is not None:
             self.connecting.cancel()
+        elif self.connector is not None:
+            # What the endpoint's wrapping factory does when its Deferred is cancelled.
+            connector = self.connector
+            self.connector = self.waiting = self.request = None
+            waiting.errback(ConnectingCancelledError(connector.getDestination()))
+            connector.stopConnecting()
+
+    def connected(self, connection: _Connection) -> None:
+        waiting, request = self.waiting, self.request
+        self.connecting = self.connector = self.waiting = self.request = None
+        if waiting is None or waiting.called:
+            # Cancelled meanwhile, the endpoint could not stop: keep the connection.
+            self.client.put(connection)
+            return
+        self.connection = connection
+        connection.send(waiting, *request)  # type: ignore[misc]
+
+    def failed(self, reason: Failure) -> None:
+        waiting = self.waiting
+        self.connecting = self.connector = self.waiting = self.request = None
+        if waiting is not None and not waiting.called:
+            waiting.errback(reason)
+
+    # -- as the connector's factory ---------------------------------------------------------
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr: IAddress) -> _Connection:  # type: ignore[override]
+        connection = _Connection(self.client, self.key)
+        connection.dialing = self  # (its connectionMade calls connected)
+        return connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.failed(reason)
 
 
 @implementer(IAgent)
@@ -1289,25 +1366,19 @@ class BackendClient:
             connection.send(waiting, method, head, bodyProducer, keep_alive, meta)
             return waiting
 
-        pending = _Connecting()
-        waiting = Deferred(pending.cancel)
-        connecting = target.endpoint.connect(target.factory)
-        pending.connecting = connecting
-
-        def connected(connection: _Connection) -> None:
-            pending.connecting = None
-            if waiting.called:  # cancelled meanwhile, the endpoint could not stop: keep it
-                self.put(connection)
-                return
-            pending.connection = connection
-            connection.send(waiting, method, head, bodyProducer, keep_alive, meta)
-
-        def not_connected(reason: Failure) -> None:
-            pending.connecting = None
-            if not waiting.called:
-                waiting.errback(reason)
-
-        connecting.addCallbacks(connected, not_connected)
+        pending = _Connecting(self, target.key, method, head, bodyProducer, keep_alive, meta)
+        waiting = pending.waiting = Deferred(pending.cancel)
+        dial = target.dial
+        if dial is None:
+            connecting = target.endpoint.connect(target.factory)
+            pending.connecting = connecting
+            connecting.addCallbacks(pending.connected, pending.failed)
+        else:
+            reactor, host, port, timeout, bind = dial
+            try:  # (what TCP4ClientEndpoint.connect does, with the request as the factory)
+                reactor.connectTCP(host, port, pending, timeout=timeout, bindAddress=bind)
+            except BaseException:
+                pending.failed(Failure())
         return waiting
 
     def _split(self, uri: bytes) -> tuple[_Target, bytes]:

@@ -51,6 +51,12 @@ FINGERPRINTS = {
     # attributes it clears are set here.
     "twisted.internet.endpoints:_WrappingFactory.__init__": "0bbd6221855ef20f",
     "twisted.internet.endpoints:_WrappingFactory.startedConnecting": "cde536743db20b04",
+    # ... and dials a plain TCP4ClientEndpoint itself: what connect passes to connectTCP (the
+    # attributes set in __init__), how the wrapping factory fails and cancels.
+    "twisted.internet.endpoints:TCP4ClientEndpoint.__init__": "2200707dc25a8198",
+    "twisted.internet.endpoints:TCP4ClientEndpoint.connect": "c45490800642afa3",
+    "twisted.internet.endpoints:_WrappingFactory._canceller": "ea15e9426843976c",
+    "twisted.internet.endpoints:_WrappingFactory.clientConnectionFailed": "5d9ac0dbdef7f1b9",
     # header_fill does what addRawHeader does, minus the sanitizing llhttp made needless.
     "twisted.web.http_headers:Headers.addRawHeader": "c4fe96cc1a6e7950",
     "twisted.web.http_headers:_NameEncoder.encode": "7b453627217624ac",

@@ -217,10 +217,12 @@ class EagerSender:
         """The transport's ``connectionLost``: Twisted's, then the connection is plain again.
 
         (Our bound methods on the connection and the connection in ``self`` make a reference
-        cycle; removing them lets reference counting free both at once, not the GC.)
+        cycle; removing them lets reference counting free both at once, not the GC. Deleted as
+        attributes: asking for the connection's ``__dict__`` would build one first.)
         """
-        for name in ("write", "writeSequence", "doRead", "connectionLost"):
-            self.connection.__dict__.pop(name, None)
+        connection = self.connection
+        del connection.write, connection.writeSequence, connection.doRead
+        del connection.connectionLost
         self.lost(reason)
 
     def do_read(self) -> object:

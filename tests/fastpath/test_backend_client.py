@@ -10,17 +10,19 @@ from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import (
     ConnectingCancelledError,
     ConnectionAborted,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
+    UserError,
 )
 from twisted.internet.interfaces import IConsumer, IProtocolFactory, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
@@ -1092,6 +1094,71 @@ class OneShot(Protocol):
             self.closing = cast(Any, reactor).callLater(self.close_after, transport.loseConnection)
 
 
+class _Endpoint(TCP4ClientEndpoint):
+    """A TCP4ClientEndpoint the client does not dial itself (not exactly that type): the
+    endpoint path, the reference for the client's own dialling."""
+
+
+class DialTests(SynchronousTestCase):
+    """A plain TCP4ClientEndpoint is dialled by the client itself (``connectTCP`` with the
+    request as the factory): the same call, bytes, failures and cancellation as through
+    the endpoint."""
+
+    def clients(self) -> list[tuple[MemoryReactorClock, BackendClient]]:
+        made = []
+        for own in (True, False):
+            reactor = MemoryReactorClock()
+            endpoints = forward.CachedEndpoints(reactor, 7)
+            if not own:
+                endpoints._cache[(b"http", b"127.0.0.1", 8080)] = _Endpoint(
+                    reactor, "127.0.0.1", 8080, 7)
+            made.append((reactor, BackendClient(reactor, endpoints, 4)))
+        return made
+
+    def test_dials_as_the_endpoint_does(self) -> None:
+        results = []
+        for reactor, client in self.clients():
+            d = client.request(b"POST", URL, Headers({b"x-a": [b"1"]}), forward.BytesBody(b"hi"))
+            host, port, factory, timeout, bind = reactor.tcpClients[-1]
+            transport = Transport()
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(transport)
+            protocol.dataReceived(HEAD_200 + b"hello")
+            response = self.successResultOf(d)
+            results.append((host, port, timeout, bind, transport.value(), response.code,
+                            self.successResultOf(readBody(response))))
+        self.assertEqual(results[0], results[1])
+        self.assertEqual(results[0][:4], ("127.0.0.1", 8080, 7, None))
+
+    def test_failed_dial(self) -> None:
+        for reactor, client in self.clients():
+            d = client.request(b"GET", URL)
+            factory = reactor.tcpClients[-1][2]
+            refused = Failure(ConnectionRefusedError())
+            factory.clientConnectionFailed(reactor.connectors[-1], refused)
+            self.failureResultOf(d, ConnectionRefusedError)
+
+    def test_cancel_while_dialling(self) -> None:
+        for reactor, client in self.clients():
+            d = client.request(b"GET", URL)
+            d.cancel()
+            self.failureResultOf(d, ConnectingCancelledError)
+            connector = reactor.connectors[-1]
+            self.assertTrue(connector.stoppedConnecting)
+            # What the connector then says changes nothing.
+            reactor.tcpClients[-1][2].clientConnectionFailed(connector, Failure(UserError()))
+            self.assertEqual(client.idle_connections(), 0)
+
+    def test_cancel_before_the_head_after_dialling(self) -> None:
+        for reactor, client in self.clients():
+            d = client.request(b"GET", URL)
+            transport = Transport()
+            reactor.tcpClients[-1][2].buildProtocol(None).makeConnection(transport)
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            self.assertTrue(transport.aborted)
+
+
 class RealSocketTests(TestCase):
     def setUp(self) -> None:
         from twisted.internet import reactor
@@ -1175,8 +1242,8 @@ class RealSocketTests(TestCase):
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             gc.collect()
-            left = sorted({type(o).__name__ for o in gc.garbage}
-                          & {"Client", "Connector", "_WrappingFactory"})
+            left = sorted({type(o).__name__ for o in gc.garbage} & {
+                "Client", "Connector", "_WrappingFactory", "_Connecting", "_Connection"})
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
