@@ -60,6 +60,12 @@ FINGERPRINTS = {
     "twisted.web.http:Request.setHeader": "eb86f09aeab0f711",
     # first_write skips server.Request.write when it would only pass the data on.
     "twisted.web.server:Request.write": "e0629de84fb9e31d",
+    # request_start sets what these constructors set, and receives a request as
+    # requestReceived does when it parses no form.
+    "twisted.web.server:Request.__init__": "f79aac5ec350503e",
+    "twisted.web.http:Request.__init__": "2d3f7dbd28d0ce02",
+    "twisted.python.components:Componentized.__init__": "31cb3de9ee79eae2",
+    "twisted.web.http:Request.requestReceived": "99ca6c5e24305de4",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).
@@ -95,6 +101,7 @@ MODULES = (
     "llamaproxy.fastpath.backend_client",
     "llamaproxy.fastpath.header_fill",
     "llamaproxy.fastpath.first_write",
+    "llamaproxy.fastpath.request_start",
 )
 
 

@@ -105,7 +105,8 @@ class GatewayChannel(Protocol):
         "_producer", "_read_paused", "_request", "_secure", "_state", "_stopped", "_url",
         "_version", "_waiting_for",
         "_writes_blocked", "callLater", "cork", "cors", "direct_client", "factory",
-        "fill_headers", "limits", "persistent", "requestFactory", "sender", "site",
+        "fill_headers", "limits", "persistent", "requestFactory", "request_received", "sender",
+        "site",
     )
 
     #: Idle time allowed between requests (seconds; the site's ``timeOut`` replaces it).
@@ -129,6 +130,9 @@ class GatewayChannel(Protocol):
         #: Puts a head's header lines in its request's Headers when the fast paths are on
         #: (``llamaproxy.fastpath.header_fill.fill``); None: ``Headers.addRawHeader`` each.
         self.fill_headers: Callable[[Headers, list[tuple[bytes, bytes]]], None] | None = None
+        #: Tells a request its body is in when the fast paths are on
+        #: (``llamaproxy.fastpath.request_start.received``); None: its ``requestReceived``.
+        self.request_received: Callable[[Any, bytes, bytes, bytes], None] | None = None
         #: Who the client is when no proxy is trusted (the same for every request on the
         #: connection: its peer, and TLS or not), kept by the first request that asked.
         self.direct_client: Any = None
@@ -733,7 +737,11 @@ class GatewayChannel(Protocol):
         # Dropped between requests: ~1 KiB (the parser, its C state, a bound method per
         # callback) per waiting connection, 10 000 queued requests' worth of 10 MB.
         self._parser = None
-        request.requestReceived(method, url, version)
+        received = self.request_received
+        if received is None:
+            request.requestReceived(method, url, version)
+        else:
+            received(request, method, url, version)
 
     # -- answering without a request -------------------------------------------------------
 
