@@ -58,8 +58,10 @@ FINGERPRINTS = {
     # ... and what setHeader and setRawHeaders do for the gateway's own response headers.
     "twisted.web.http_headers:Headers.setRawHeaders": "0a56d26c55e15b59",
     "twisted.web.http:Request.setHeader": "eb86f09aeab0f711",
-    # first_write skips server.Request.write when it would only pass the data on.
+    # first_write skips server.Request.write when it would only pass the data on, and does
+    # http.Request.write's first write without its Content-Length lookup.
     "twisted.web.server:Request.write": "e0629de84fb9e31d",
+    "twisted.web.http:Request.write": "0e547d4f76bd1472",
     # request_start sets what these constructors set, and receives a request as
     # requestReceived does when it parses no form.
     "twisted.web.server:Request.__init__": "f79aac5ec350503e",
@@ -88,6 +90,7 @@ NAMES = {
     "twisted.web.http_headers:_nameEncoder._canonicalHeaderCache": "attribute",
     "twisted.web.server:Request._inFakeHead": "attribute",
     "twisted.web.server:Request._encoder": "attribute",
+    "twisted.web.http:Request._disconnected": "attribute",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).
