@@ -28,12 +28,16 @@ fast path          replaces (stock path)                          measured gain 
                    ``setHeader`` for the gateway's own response    827 400 -> 805 500
                    headers                                         (performance.md)
 ``first_write``    ``server.Request.write``'s two header lookups   801 200 -> 792 800
-                   before a response's first write                 (performance.md)
+                   before a response's first write, and            (performance.md)
+                   ``http.Request.write``'s one
+``request_start``  twisted.web's Request constructor (three        ~8 300 instructions per
+                   calls) and ``requestReceived``'s Content-Type   request (performance.md)
+                   lookup
 =================  ==============================================  ============================
 
-``header_fill`` and ``first_write`` are not listed in ``ALL`` (nor in /health and the metrics,
-which name those): they run whenever the others do (``GatewaySite(fast_headers=...)``, set by
-the tap from this switch).
+``header_fill``, ``first_write`` and ``request_start`` are not listed in ``ALL`` (nor in /health
+and the metrics, which name those): they run whenever the others do
+(``GatewaySite(fast_headers=...)``, set by the tap from this switch).
 """
 
 from __future__ import annotations

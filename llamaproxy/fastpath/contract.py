@@ -64,8 +64,16 @@ FINGERPRINTS = {
     # ... and what setHeader and setRawHeaders do for the gateway's own response headers.
     "twisted.web.http_headers:Headers.setRawHeaders": "0a56d26c55e15b59",
     "twisted.web.http:Request.setHeader": "eb86f09aeab0f711",
-    # first_write skips server.Request.write when it would only pass the data on.
+    # first_write skips server.Request.write when it would only pass the data on, and does
+    # http.Request.write's first write without its Content-Length lookup.
     "twisted.web.server:Request.write": "e0629de84fb9e31d",
+    "twisted.web.http:Request.write": "0e547d4f76bd1472",
+    # request_start sets what these constructors set, and receives a request as
+    # requestReceived does when it parses no form.
+    "twisted.web.server:Request.__init__": "f79aac5ec350503e",
+    "twisted.web.http:Request.__init__": "2d3f7dbd28d0ce02",
+    "twisted.python.components:Componentized.__init__": "31cb3de9ee79eae2",
+    "twisted.web.http:Request.requestReceived": "99ca6c5e24305de4",
 }
 
 #: Private names used, and what each must be: "callable", or "attribute" (anything).
@@ -88,6 +96,7 @@ NAMES = {
     "twisted.web.http_headers:_nameEncoder._canonicalHeaderCache": "attribute",
     "twisted.web.server:Request._inFakeHead": "attribute",
     "twisted.web.server:Request._encoder": "attribute",
+    "twisted.web.http:Request._disconnected": "attribute",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).
@@ -101,6 +110,7 @@ MODULES = (
     "llamaproxy.fastpath.backend_client",
     "llamaproxy.fastpath.header_fill",
     "llamaproxy.fastpath.first_write",
+    "llamaproxy.fastpath.request_start",
 )
 
 

@@ -1,4 +1,5 @@
-"""A gateway response's first write without ``server.Request.write``'s two header lookups.
+"""A gateway response's first write without ``server.Request.write``'s two header lookups and
+``http.Request.write``'s one.
 
 twisted.web's ``server.Request.write`` looks up the response's Content-Type and Content-Length
 before the first write, to add ``defaultContentType`` when it is missing; the gateway's
@@ -9,10 +10,18 @@ neither on its own resources, but a resource may (twisted.web's HEAD-from-GET), 
 ``write(request, data)`` checks both and goes through ``server.Request.write`` when either
 holds.
 
-Replaces: ``server.Request.write`` for the first write of a response (the later ones go
-straight to the transport: ``GatewayRequest.write``). Assumes: ``server.Request.write`` exactly
-as fingerprinted in ``llamaproxy.fastpath.contract``, its private ``_inFakeHead`` and
-``_encoder``. Gain: see docs/performance.md ("Per-request cuts").
+``http.Request.write``'s first write looks the Content-Length up again (``getRawHeaders``) to
+decide whether to chunk the body, and marks a chunked response with ``setRawHeaders`` (the
+name's encoding and the value's sanitizing); ``write`` does the same in the response's field
+map (``Headers._rawHeaders``: the canonical names Twisted's encoder spells, its constant
+value), and leaves the rare first writes (a request already finished or disconnected, or one
+with ``lastModified``, an ``etag`` or cookies to send) to ``http.Request.write``.
+
+Replaces: ``server.Request.write`` and ``http.Request.write`` for the first write of a response
+(the later ones go straight to the transport: ``GatewayRequest.write``). Assumes: both exactly
+as fingerprinted in ``llamaproxy.fastpath.contract``, ``server.Request``'s private
+``_inFakeHead`` and ``_encoder``, ``http.Request``'s private ``_disconnected``, and the private
+``Headers._rawHeaders``. Gain: see docs/performance.md ("Per-request cuts").
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from twisted.web import http, server
 
 _server_write = server.Request.write
 _http_write = http.Request.write
+_NO_BODY_CODES = http.NO_BODY_CODES
+_to_chunk = http.toChunk
 
 
 def write(request: Any, data: bytes) -> None:
@@ -30,5 +41,39 @@ def write(request: Any, data: bytes) -> None:
     None (the Content-Type it might add is never added)."""
     if request._inFakeHead or request._encoder is not None:
         _server_write(request, data)
-    else:
+    elif (request.startedWriting or request.finished or request._disconnected
+          or request.lastModified is not None or request.etag is not None or request.cookies):
         _http_write(request, data)
+    else:
+        _first_write(request, data)
+
+
+def _first_write(request: Any, data: bytes) -> None:
+    """``http.Request.write(request, data)``'s first write, without Last-Modified, ETag and
+    Set-Cookie headers to add."""
+    request.startedWriting = 1
+    version = request.clientproto
+    code = request.code
+    headers = request.responseHeaders
+    raw = headers._rawHeaders
+    no_body = code in _NO_BODY_CODES
+    if (version == b"HTTP/1.1" and not raw.get(b"Content-Length")
+            and request.method != b"HEAD" and not no_body):
+        raw[b"Transfer-Encoding"] = [b"chunked"]
+        request.chunked = 1
+    channel = request.channel
+    channel.writeHeaders(version, b"%d" % (code,), request.code_message, headers)
+    if request.method == b"HEAD" or no_body:
+        request.write = _swallow
+        return
+    request.sentLength = request.sentLength + len(data)
+    if data:
+        if request.chunked:
+            channel.writeSequence(_to_chunk(data))
+        else:
+            channel.write(data)
+
+
+def _swallow(data: bytes) -> None:
+    """A response without a body (HEAD, 204, 304) writes nothing more, as twisted.web's
+    ``lambda data: None``."""

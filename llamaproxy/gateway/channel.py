@@ -100,12 +100,14 @@ class GatewayChannel(Protocol):
     # Per open connection: slots keep its dict small.
     __slots__ = (
         "_abort_call", "_buffer", "_chunk_left", "_deadline", "_declared", "_framing",
-        "_framing_error", "_head_lines", "_head_seen", "_head_tail", "_header_count", "_headers",
+        "_framing_error", "_head_fits", "_head_lines", "_head_seen", "_head_tail", "_header_count",
+        "_headers",
         "_host", "_in_parse", "_line_length", "_method", "_noted", "_parser", "_peer",
         "_producer", "_read_paused", "_request", "_secure", "_state", "_stopped", "_url",
         "_version", "_waiting_for",
         "_writes_blocked", "callLater", "cork", "cors", "direct_client", "factory",
-        "fill_headers", "limits", "persistent", "requestFactory", "sender", "site",
+        "fill_headers", "limits", "persistent", "requestFactory", "request_received", "sender",
+        "site",
     )
 
     #: Idle time allowed between requests (seconds; the site's ``timeOut`` replaces it).
@@ -129,6 +131,9 @@ class GatewayChannel(Protocol):
         #: Puts a head's header lines in its request's Headers when the fast paths are on
         #: (``llamaproxy.fastpath.header_fill.fill``); None: ``Headers.addRawHeader`` each.
         self.fill_headers: Callable[[Headers, list[tuple[bytes, bytes]]], None] | None = None
+        #: Tells a request its body is in when the fast paths are on
+        #: (``llamaproxy.fastpath.request_start.received``); None: its ``requestReceived``.
+        self.request_received: Callable[[Any, bytes, bytes, bytes], None] | None = None
         #: Who the client is when no proxy is trusted (the same for every request on the
         #: connection: its peer, and TLS or not), kept by the first request that asked.
         self.direct_client: Any = None
@@ -172,6 +177,9 @@ class GatewayChannel(Protocol):
         self._framing_error: GatewayError | None = None
         self._head_lines = 0
         self._header_count = 0
+        #: True while llhttp is given a whole head that is within the header line and count
+        #: limits (checked at once: on_header need not check each line).
+        self._head_fits = False
         self._head_seen = 0
         self._head_tail = b""
         self._line_length = 0
@@ -526,11 +534,23 @@ class GatewayChannel(Protocol):
             if not self._head_within_limits(buffer, at, end):
                 return -1
             self._head_tail = (tail + buffer[max(at, end - 3):end])[-3:]
+            self._head_fits = False
             self._feed(view[at:end], "")
             return end
         self._head_tail = b""
+        self._head_fits = self._head_seen == 0 and self._fits(buffer, at, found)
         self._feed(view[at:found], "")
         return found
+
+    def _fits(self, buffer: bytes, at: int, end: int) -> bool:
+        """Whether a whole head, ``buffer[at:end]``, has no header line over the limit (it is
+        shorter than one) and no more header lines than allowed (its request line and empty
+        line are two of its lines): what on_header checks for each of its lines."""
+        limits = self.limits
+        # A header's name and value, with its colon and line end, are bytes of the head after
+        # its request line: len(name) + len(value) + 4 <= end - at + 3 <= max_header_line.
+        return end - at + 3 <= limits.max_header_line and (
+            buffer.count(b"\n", at, end) <= limits.max_headers + 2)
 
     def _head_within_limits(self, buffer: bytes, at: int, end: int) -> bool:
         """Check an incomplete head's lines as they arrive (a complete one is checked by
@@ -625,13 +645,14 @@ class GatewayChannel(Protocol):
             raise _Refused()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self.limits
-        self._header_count += 1
-        if len(name) + len(value) + 4 > limits.max_header_line or (
-            self._header_count > limits.max_headers
-        ):
-            self._reject(errors.headers_too_large())
-            raise _Refused()
+        if not self._head_fits:  # (a head in pieces, or a trailer: each line checked)
+            limits = self.limits
+            self._header_count += 1
+            if len(name) + len(value) + 4 > limits.max_header_line or (
+                self._header_count > limits.max_headers
+            ):
+                self._reject(errors.headers_too_large())
+                raise _Refused()
         if value[-1:] in (b" ", b"\t"):
             value = value.rstrip(b" \t")
         self._headers.append((name, value))
@@ -651,6 +672,9 @@ class GatewayChannel(Protocol):
             self._framing_error = error
 
     def on_headers_complete(self) -> None:
+        # (a trailer's lines count on from the head's, and are checked each)
+        self._header_count = len(self._headers)
+        self._head_fits = False
         error = self._framing_error
         if error is not None:
             self._reject(error)
@@ -733,7 +757,11 @@ class GatewayChannel(Protocol):
         # Dropped between requests: ~1 KiB (the parser, its C state, a bound method per
         # callback) per waiting connection, 10 000 queued requests' worth of 10 MB.
         self._parser = None
-        request.requestReceived(method, url, version)
+        received = self.request_received
+        if received is None:
+            request.requestReceived(method, url, version)
+        else:
+            received(request, method, url, version)
 
     # -- answering without a request -------------------------------------------------------
 

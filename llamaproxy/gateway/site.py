@@ -64,12 +64,19 @@ class GatewaySite(server.Site):
         #: How its requests make a response's first write (the head): twisted.web's
         #: ``server.Request.write``, or the first_write fast path's ``write``.
         self.first_write: Any = server.Request.write
+        #: How its requests are made and told their body is in, when the request_start fast
+        #: path is on (``start_request(request, channel)``, ``request_received(request,
+        #: method, uri, version)``); None: twisted.web's constructor and ``requestReceived``.
+        self.start_request: Any = None
+        self.request_received: Any = None
         if fast_headers:
-            from llamaproxy.fastpath import first_write, header_fill
+            from llamaproxy.fastpath import first_write, header_fill, request_start
 
             self.fill_headers = header_fill.fill
             self.set_headers = header_fill.set_values
             self.first_write = first_write.write
+            self.start_request = request_start.start
+            self.request_received = request_start.received
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.limits = limits or RequestLimits()
@@ -103,6 +110,8 @@ class GatewaySite(server.Site):
         channel.cors = self.cors
         channel.cork = self.cork
         channel.fill_headers = self.fill_headers
+        if self.requestFactory.requestReceived is http.Request.requestReceived:
+            channel.request_received = self.request_received  # (never past an override)
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -27,6 +27,16 @@ class GetOnly(Resource):
         raise UnsupportedMethod((b"GET",))
 
     def render_GET(self, request: Any) -> bytes | int:
+        if request.uri.startswith(b"/nocontent"):
+            request.setResponseCode(204)
+        if request.uri.startswith(b"/cookie"):
+            request.addCookie(b"k", b"v")
+        if request.uri.startswith(b"/etag"):
+            request.setETag(b'"e"')
+            request.setLastModified(1_000_000_000)
+        if request.uri.startswith(b"/length"):
+            request.setHeader(b"Content-Length", b"8")
+            request.setHeader(b"Transfer-Encoding", b"identity")
         if request.uri.startswith(b"/writes"):
             request.write(b"written ")  # (while HEAD is faked: swallowed)
         if request.uri.startswith(b"/later"):
@@ -37,10 +47,11 @@ class GetOnly(Resource):
         return b"returned"
 
 
-def _exchange(fast: bool, method: str, path: str) -> bytes:
+def _exchange(fast: bool, method: str, path: str, version: str = "1.1") -> bytes:
     site = GatewaySite(GetOnly(), reactor=Clock(), fast_headers=fast)  # type: ignore[arg-type]
     client = InMemoryClient(site)
-    client.send(f"{method} {path} HTTP/1.1\r\nHost: h\r\nX-Request-ID: fixed\r\n\r\n".encode())
+    client.send(
+        f"{method} {path} HTTP/{version}\r\nHost: h\r\nX-Request-ID: fixed\r\n\r\n".encode())
     return re.sub(rb"Date: [^\r]*\r\n", b"", client.written)
 
 
@@ -53,12 +64,16 @@ class FirstWriteTests(SynchronousTestCase):
         self.assertIs(GatewaySite(Resource(), fast_headers=True).first_write, first_write.write)
 
     def test_the_same_bytes_as_server_request_write(self) -> None:
-        cases = [(m, p) for m in ("GET", "POST") for p in ("/returns", "/writes", "/later")]
-        for method, path in [*cases, ("HEAD", "/returns"), ("HEAD", "/writes")]:
-            with self.subTest(method=method, path=path):
-                stock = _exchange(False, method, path)
-                self.assertEqual(_exchange(True, method, path), stock)
-                self.assertTrue(stock.startswith(b"HTTP/1.1 "))
+        paths = ("/returns", "/writes", "/later", "/nocontent", "/nocontent/writes", "/cookie",
+                 "/etag", "/length", "/length/writes", "/length/later")
+        cases = [(m, p) for m in ("GET", "POST") for p in paths]
+        cases += [("HEAD", p) for p in ("/returns", "/writes", "/length", "/nocontent")]
+        for method, path in cases:
+            for version in ("1.1", "1.0"):
+                with self.subTest(method=method, path=path, version=version):
+                    stock = _exchange(False, method, path, version)
+                    self.assertEqual(_exchange(True, method, path, version), stock)
+                    self.assertTrue(stock.startswith(b"HTTP/1." + version[-1].encode() + b" "))
         self.assertNotIn(b"returned", _exchange(True, "HEAD", "/returns"))
         head = _exchange(True, "HEAD", "/writes")  # (the write under the faked HEAD: none)
         self.assertNotIn(b"written", head)

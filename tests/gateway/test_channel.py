@@ -102,6 +102,47 @@ class ChannelTests(SynchronousTestCase):
             self.assertEqual(responses(client.written), expected, f"pieces of {size}")
             self.assertFalse(client.closed)
 
+    def test_a_whole_head_is_held_to_the_limits_each_line_is(self) -> None:
+        """A head that comes whole in one read is checked at once (``_fits``: on_header then
+        skips its per-line checks): the same answers as with each line checked, lines and
+        counts at and over each limit, trailers counted on from the head."""
+        limits = RequestLimits(max_body=1000, max_header_line=64, max_headers=4)
+
+        def line(size: int) -> bytes:  # a header line of ``size`` bytes, CRLF included
+            return b"X-L: " + b"v" * (size - 7) + b"\r\n"
+
+        def chunked(*trailers: bytes) -> bytes:
+            return (b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"1\r\nz\r\n0\r\n" + b"".join(trailers) + b"\r\n")
+
+        get = b"GET / HTTP/1.1\r\n"
+        heads = {
+            get + line(63) + b"\r\n": 200,
+            get + line(64) + b"\r\n": 200,  # (name + value + 4 = 64)
+            get + line(65) + b"\r\n": 431,
+            get + b"X-L:" + b"v" * 57 + b"\r\n\r\n": 200,
+            get + b"X-L:" + b"v" * 58 + b"\r\n\r\n": 431,
+            get + b"A: 1\r\n" * 4 + b"\r\n": 200,
+            get + b"A: 1\r\n" * 5 + b"\r\n": 431,
+            b"\r\n\r\n" + get + b"A: 1\r\n" * 4 + b"\r\n": 200,
+            get + b"A: 1\r\n" + line(64) + b"\r\n": 200,
+            get + b"A: 1\r\n" + line(65) + b"\r\n": 431,
+            chunked(b"T: 1\r\n"): 200,  # (the head's 2 and the trailer's: within 4)
+            chunked(b"T: 1\r\n", b"U: 2\r\n"): 200,
+            chunked(b"T: 1\r\n", b"U: 2\r\n", b"V: 3\r\n"): 431,
+            chunked(line(64)): 200,
+            chunked(line(65)): 431,
+        }
+        for each_line in (False, True):
+            site = GatewaySite(self.resource, limits, reactor=self.clock)
+            for raw, status in heads.items():
+                with self.subTest(raw=raw, each_line=each_line):
+                    client = InMemoryClient(site)
+                    if each_line:
+                        client.channel._fits = lambda *_: False  # type: ignore[method-assign]
+                    client.send(raw)
+                    self.assertEqual(parse_response(client.written).status, status)
+
     def test_a_client_pipelining_too_much_is_paused_then_resumed(self) -> None:
         self.resource.hold = True
         client = self.client()
