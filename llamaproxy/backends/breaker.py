@@ -60,6 +60,10 @@ class BreakerSettings:
             raise ValueError("breaker reset_timeout must be > 0")
 
 
+# The states as module names for the per-request checks below: ``BreakerState.CLOSED`` is
+# looked up through ``EnumType``'s ``__getattr__`` hook, ten times slower on Python 3.11.
+_CLOSED, _HALF_OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN
+
 #: (breaker, old state, new state)
 BreakerListener = Callable[["CircuitBreaker", BreakerState, BreakerState], None]
 
@@ -165,7 +169,7 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """Would ``acquire()`` give a ticket now? (No side effect besides open → half-open.)"""
-        if self._state is BreakerState.CLOSED:
+        if self._state is _CLOSED:
             return True  # (``state`` changes only an open breaker)
         state = self.state
         if state is BreakerState.CLOSED:
@@ -179,7 +183,7 @@ class CircuitBreaker:
         if not self.allow():
             self.rejections += 1
             return None
-        trial = self._state is BreakerState.HALF_OPEN
+        trial = self._state is _HALF_OPEN
         ticket = Ticket(self, self._epoch, trial)
         if trial:
             self._trials[ticket] = self._clock.seconds()
@@ -239,7 +243,7 @@ class CircuitBreaker:
             self.failures += 1
         if not self.settings.enabled or ticket.epoch != self._epoch:
             return
-        if self._state is BreakerState.CLOSED:
+        if self._state is _CLOSED:
             if success:
                 self.consecutive_failures = 0
             else:
