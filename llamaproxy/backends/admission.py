@@ -222,11 +222,12 @@ class Admission:
         self.served += 1
         if self._handing_over:
             return  # released by a waiter being served: the loop below, up the stack, goes on
-        self._handing_over = True
-        try:
-            self._hand_over()
-        finally:
-            self._handing_over = False
+        if self.waiting:  # (else there is no one to serve)
+            self._handing_over = True
+            try:
+                self._hand_over()
+            finally:
+                self._handing_over = False
         if self.on_change is not None:
             self.on_change()
 

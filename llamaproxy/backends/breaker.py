@@ -17,7 +17,6 @@ the next time the breaker is looked at, so the breaker owns no timer.
 from __future__ import annotations
 
 import enum
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,10 +60,12 @@ class BreakerSettings:
             raise ValueError("breaker reset_timeout must be > 0")
 
 
+# The states as module names for the per-request checks below: ``BreakerState.CLOSED`` is
+# looked up through ``EnumType``'s ``__getattr__`` hook, ten times slower on Python 3.11.
+_CLOSED, _HALF_OPEN = BreakerState.CLOSED, BreakerState.HALF_OPEN
+
 #: (breaker, old state, new state)
 BreakerListener = Callable[["CircuitBreaker", BreakerState, BreakerState], None]
-
-_ticket_ids = itertools.count(1)
 
 
 def log_state_change(breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
@@ -80,36 +81,33 @@ def log_state_change(breaker: CircuitBreaker, old: BreakerState, new: BreakerSta
 class Ticket:
     """Permission for one request to use a backend; report its outcome exactly once."""
 
-    def __init__(self, breaker: CircuitBreaker, epoch: int, trial: bool, issued_at: float) -> None:
+    __slots__ = ("breaker", "done", "epoch", "trial")
+
+    def __init__(self, breaker: CircuitBreaker, epoch: int, trial: bool) -> None:
         self.breaker = breaker
         self.epoch = epoch
         #: True when issued while half-open (it holds one of the ``half_open_max`` slots).
         self.trial = trial
-        self.issued_at = issued_at
-        self.id = next(_ticket_ids)
         self.done = False
 
     def record_success(self) -> None:
         """The backend answered well (any non-5xx, non-429 response)."""
-        self._report(True)
+        if not self.done:
+            self.done = True
+            self.breaker._reported(self, True)
 
     def record_failure(self, reason: str = "other") -> None:
         """The backend failed (connection error, timeout, 5xx or 429), counted by ``reason``."""
         if not self.done:
+            self.done = True
             self.breaker.failure_reasons[reason] = self.breaker.failure_reasons.get(reason, 0) + 1
-        self._report(False)
+            self.breaker._reported(self, False)
 
     def release(self) -> None:
         """Nothing to report (the client left, the request was not sent): free the slot."""
         if not self.done:
             self.done = True
             self.breaker._released(self)
-
-    def _report(self, success: bool) -> None:
-        if self.done:
-            return
-        self.done = True
-        self.breaker._reported(self, success)
 
 
 class CircuitBreaker:
@@ -124,7 +122,7 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._epoch = 0
         self._opened_at: float | None = None
-        self._trials: dict[int, float] = {}  # trial ticket id -> issued at
+        self._trials: dict[Ticket, float] = {}  # trial ticket -> issued at
         self._half_open_successes = 0
         #: Failures in a row while closed.
         self.consecutive_failures = 0
@@ -171,7 +169,7 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """Would ``acquire()`` give a ticket now? (No side effect besides open → half-open.)"""
-        if self._state is BreakerState.CLOSED:
+        if self._state is _CLOSED:
             return True  # (``state`` changes only an open breaker)
         state = self.state
         if state is BreakerState.CLOSED:
@@ -185,11 +183,10 @@ class CircuitBreaker:
         if not self.allow():
             self.rejections += 1
             return None
-        now = self._clock.seconds()
-        trial = self._state is BreakerState.HALF_OPEN
-        ticket = Ticket(self, self._epoch, trial, now)
+        trial = self._state is _HALF_OPEN
+        ticket = Ticket(self, self._epoch, trial)
         if trial:
-            self._trials[ticket.id] = now
+            self._trials[ticket] = self._clock.seconds()
         return ticket
 
     def reset(self) -> None:
@@ -229,22 +226,24 @@ class CircuitBreaker:
         if not self._trials:
             return
         oldest_allowed = self._clock.seconds() - self.settings.reset_timeout
-        for ticket_id, issued_at in list(self._trials.items()):
+        for ticket, issued_at in list(self._trials.items()):
             if issued_at <= oldest_allowed:
-                del self._trials[ticket_id]
+                del self._trials[ticket]
 
     def _released(self, ticket: Ticket) -> None:
-        self._trials.pop(ticket.id, None)
+        if ticket.trial:
+            self._trials.pop(ticket, None)
 
     def _reported(self, ticket: Ticket, success: bool) -> None:
-        self._trials.pop(ticket.id, None)
+        if ticket.trial:
+            self._trials.pop(ticket, None)
         if success:
             self.successes += 1
         else:
             self.failures += 1
         if not self.settings.enabled or ticket.epoch != self._epoch:
             return
-        if self._state is BreakerState.CLOSED:
+        if self._state is _CLOSED:
             if success:
                 self.consecutive_failures = 0
             else:

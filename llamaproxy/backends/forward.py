@@ -8,7 +8,7 @@ did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``sen
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -389,28 +389,39 @@ def send(
     whichever attempt is in flight.
     """
     with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
-    attempt: Callable[[], Deferred[IResponse]]
+    # The fast path's client writes the fields as they are: no Headers between.
+    headers: dict[bytes, list[bytes]] | Headers
     if isinstance(agent, BackendClient):
-        # The fast path's client writes the fields as they are: no Headers between.
-        fields = request_fields(client_headers, backend_key, extra_headers)
-
-        def attempt() -> Deferred[IResponse]:
-            return agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+        headers = request_fields(client_headers, backend_key, extra_headers)
     else:
         headers = filter_request_headers(client_headers, backend_key)
         for name, value in extra_headers:
             headers.setRawHeaders(name, [value])
+    # (the retry's arguments in the errback's, not in closures made for every request)
+    return _attempt(agent, method, url, headers, body, with_body).addErrback(
+        _retry, agent, method, url, headers, body, with_body)
 
-        def attempt() -> Deferred[IResponse]:
-            return agent.request(method, url, headers, BytesBody(body) if with_body else None)
 
-    def retry(failure: Failure) -> Deferred[IResponse]:
-        if not _send_again(failure.value, method, with_body):
-            return fail(failure)
-        log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
-        return attempt()
+def _attempt(
+    agent: IAgent, method: bytes, url: bytes, headers: dict[bytes, list[bytes]] | Headers,
+    body: bytes, with_body: bool,
+) -> Deferred[IResponse]:
+    """One send of a request ``send`` prepared (``headers``: fields for a ``BackendClient``)."""
+    producer = BytesBody(body) if with_body else None
+    if isinstance(headers, dict):
+        return cast(BackendClient, agent).request_fields(method, url, headers, producer)
+    return agent.request(method, url, headers, producer)
 
-    return attempt().addErrback(retry)
+
+def _retry(
+    failure: Failure, agent: IAgent, method: bytes, url: bytes,
+    headers: dict[bytes, list[bytes]] | Headers, body: bytes, with_body: bool,
+) -> Deferred[IResponse]:
+    """``send``'s one second try, when the first certainly did not run (``_send_again``)."""
+    if not _send_again(failure.value, method, with_body):
+        return fail(failure)
+    log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)
+    return _attempt(agent, method, url, headers, body, with_body)
 
 
 def _send_again(failure_value: BaseException | None, method: bytes, with_body: bool) -> bool:

@@ -72,6 +72,13 @@ __all__ = [
 ]
 
 
+# The strategies and outcomes the per-request code compares with, as module names:
+# ``Strategy.ROUND_ROBIN`` is looked up through ``EnumType``'s ``__getattr__`` hook, ten times
+# slower on Python 3.11.
+_ROUND_ROBIN, _LEAST_BUSY = Strategy.ROUND_ROBIN, Strategy.LEAST_BUSY
+_CACHE_AFFINITY = Strategy.CACHE_AFFINITY
+
+
 class LoadGauge(Protocol):
     """How busy a backend is: an ``Admission`` (active = holding a slot, waiting = queued)."""
 
@@ -198,6 +205,14 @@ class Router:
         self.table = table
         self.members = {name: members[name] for name in table.backend_names}
         self._order = {name: index for index, name in enumerate(table.backend_names)}
+        # ``table.lookup`` and ``table.model`` (the first model with that name or alias) as
+        # dicts: every request asks them.
+        self._canonical: dict[str, str] = {}
+        self._models: dict[str, ModelSpec] = {}
+        for model in table.models:
+            self._models.setdefault(model.name, model)
+            for name in (model.name, *model.aliases):
+                self._canonical.setdefault(name, model.name)
         self._round_robin: dict[str, _RoundRobin] = {}
         self._rings: dict[str, HashRing] = {}
         #: Learned prefix homes and prompt-cache counts (a reload passes them on).
@@ -268,7 +283,7 @@ class Router:
 
     def _resolve(self, requested: str | None, key_id: str | None) -> tuple[str | None, str]:
         if requested:
-            canonical = self.table.lookup(requested)
+            canonical = self._canonical.get(requested)
             if canonical is not None:
                 return canonical, "name" if canonical == requested else "alias"
             if not self.table.route_unknown_models:
@@ -321,7 +336,7 @@ class Router:
             raise ModelNotAllowedError(model)
         ready, recovering, unreachable = self._sorted(spec, None)
         recovering += unreachable  # (tried after the ready ones, in this order)
-        if spec.strategy is not Strategy.CACHE_AFFINITY:
+        if spec.strategy is not _CACHE_AFFINITY:
             ready = self._order_ready(spec, ready, commit=True)
             return Choice(ready + recovering if recovering else ready)
         plan = _Plan()
@@ -360,10 +375,10 @@ class Router:
         return affinity.slot_for(prefix, member.slots) if pin else None
 
     def _model(self, model: str) -> ModelSpec:
-        try:
-            return self.table.model(model)
-        except KeyError:
-            raise UnknownModelError(model) from None
+        spec = self._models.get(model)
+        if spec is None:
+            raise UnknownModelError(model)
+        return spec
 
     def _priority_key(self, member: Member) -> tuple[int, int]:
         return member.spec.priority, self._order[member.name]
@@ -458,11 +473,11 @@ class Router:
         """``ready`` (by priority) in the order a ``priority``, ``round-robin`` or
         ``least-busy`` model tries them (``cache_affinity``: ``_affinity_order``)."""
         strategy = model.strategy
-        if strategy is Strategy.ROUND_ROBIN and ready:
+        if strategy is _ROUND_ROBIN and ready:
             pick = self._round_robin_pick(model.name, ready, commit)
             ready.remove(pick)
             ready.insert(0, pick)
-        elif strategy is Strategy.LEAST_BUSY and len(ready) > 1:
+        elif strategy is _LEAST_BUSY and len(ready) > 1:
             ready.sort(key=lambda m: (m.busy, *self._priority_key(m)))
         return ready
 
@@ -640,6 +655,10 @@ class Outcome(enum.Enum):
     NONE = "none"  # nothing about the backend (the client left, our own error)
 
 
+# (as module names, for the reason given for ``_ROUND_ROBIN``)
+_SUCCESS, _FAILURE, _NO_OUTCOME = Outcome.SUCCESS, Outcome.FAILURE, Outcome.NONE
+
+
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     internet_error.ConnectError,  # refused, no route, connect timeout, TCP timeout
     internet_error.ConnectionClosed,  # lost / done before a response
@@ -723,10 +742,10 @@ def breaker_outcome(status: int | None, exception: BaseException | None) -> Outc
     the backend say nothing.
     """
     if exception is not None:
-        return Outcome.FAILURE if _transport_failure(exception) else Outcome.NONE
+        return _FAILURE if _transport_failure(exception) else _NO_OUTCOME
     if status is None:
-        return Outcome.NONE
-    return Outcome.FAILURE if status >= 500 or status == 429 else Outcome.SUCCESS
+        return _NO_OUTCOME
+    return _FAILURE if status >= 500 or status == 429 else _SUCCESS
 
 
 #: ``failure_reason`` values meaning the backend could not be reached at all (no response
@@ -786,9 +805,9 @@ def report(ticket: Ticket, status: int | None, exception: BaseException | None) 
     A failure is counted with its ``failure_reason``.
     """
     outcome = breaker_outcome(status, exception)
-    if outcome is Outcome.SUCCESS:
+    if outcome is _SUCCESS:
         ticket.record_success()
-    elif outcome is Outcome.FAILURE:
+    elif outcome is _FAILURE:
         ticket.record_failure(failure_reason(status, exception))
     else:
         ticket.release()

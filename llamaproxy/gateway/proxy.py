@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 from twisted.internet import defer, task
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -112,7 +112,9 @@ class Exchange:
     failure: GatewayError | None = None
     #: The metrics timer of this request (when metrics are on).
     timer: RequestTimer | None = None
-    task: Deferred[None] | None = field(default=None, repr=False)
+    #: What cancelling stops the exchange by while it has no relay: its coroutine's Deferred,
+    #: or the send ``ProxyExchanges._begin`` made.
+    task: Deferred[Any] | None = field(default=None, repr=False)
     #: Its place in a backend's queue while it waits there parked (no coroutine yet).
     parked: ParkedExchange | None = field(default=None, repr=False)
     #: True once a backend may have the request (a send began and did not fail to connect or
@@ -197,7 +199,7 @@ class ParkedExchange(Waiter):
     def granted(self, slot: Slot) -> None:
         exchanges, exchange = self._leave()
         exchange.slot = slot
-        exchanges._run(exchange, exchanges._attempts(exchange, self.candidates))
+        exchanges._begin(exchange, self.candidates)
 
     def expired(self) -> None:
         exchanges, exchange = self._leave()
@@ -263,7 +265,73 @@ class ProxyExchanges:
             return
         self.in_flight.add(exchange)
         if not self._park(exchange, candidates):
+            self._begin(exchange, candidates)
+
+    def _begin(self, exchange: Exchange, candidates: list[Member]) -> None:
+        """Run ``_attempts`` for ``exchange`` (in ``in_flight``), or its usual first step
+        without a coroutine.
+
+        Usually the first candidate is ready, its breaker lets the request through and it has
+        a free slot (or the exchange holds one: a parked exchange's): the request is sent here
+        and ``_first_answer`` relays a plain answer from the send's callback, as ``_forward``
+        would. Anything else (a failed send, an answer to fail over from or to turn into an
+        error, a wait) goes on in ``_attempts``, from where it stands (``sent``). A coroutine
+        driven by ``Deferred.fromCoroutine`` costs more per request than the callbacks.
+        """
+        request = exchange.request
+        budget = min(len(candidates), self.router.max_attempts)  # (attempts, as _attempts has)
+        member = candidates[0] if budget > 0 else None
+        if (member is None or request.gone or request.path.startswith(MODEL_PREFIX)
+                or not member.status.ready or not member.breaker.allow()
+                or (exchange.slot is None and not self._admit_now(exchange, member))):
             self._run(exchange, self._attempts(exchange, candidates))
+            return
+        # What _attempts and _try_member do for a first candidate admitted at once.
+        ticket = member.breaker.acquire()
+        assert ticket is not None  # (allowed just now)
+        last = budget == 1
+        if exchange.timer is not None:
+            exchange.timer.admitted()
+        request.on_lost = exchange.client_left
+        try:
+            method, url, body, _ = self._backend_request(exchange, member)
+            sending = self._send(exchange, member, method, url, body)
+        except Exception:
+            ticket.release()
+            self._task_ended(Failure(), exchange)
+            return
+        exchange.task = sending
+        args = (exchange, candidates, member, ticket, last)
+        sending.addCallbacks(self._first_answer, self._first_failed, callbackArgs=args,
+                             errbackArgs=args)
+
+    def _first_answer(
+        self, response: IResponse, exchange: Exchange, candidates: list[Member], member: Member,
+        ticket: Ticket, last: bool,
+    ) -> None:
+        """The answer to ``_begin``'s send: relayed here when it is relayed as it comes
+        (``_relays_at_once``), else handed to ``_attempts``."""
+        if not _relays_at_once(exchange.request, response, last):
+            sent = (ticket, succeed(response))
+            self._run(exchange, self._attempts(exchange, candidates, sent=sent))
+            return
+        failure: Failure | None = None
+        try:
+            if exchange.timer is not None:
+                exchange.timer.backend_headers(response.code)
+            report(ticket, response.code, None)
+            self._relay(exchange, member, response)
+        except Exception:
+            failure = Failure()
+        ticket.release()  # (a no-op once reported)
+        self._task_ended(failure, exchange)
+
+    def _first_failed(
+        self, failure: Failure, exchange: Exchange, candidates: list[Member], member: Member,
+        ticket: Ticket, last: bool,
+    ) -> None:
+        """``_begin``'s send failed (or was cancelled): ``_attempts`` handles it."""
+        self._run(exchange, self._attempts(exchange, candidates, sent=(ticket, fail(failure))))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
         """Drive ``exchange`` (already in ``in_flight``) with ``work`` (``_attempts``, which
@@ -447,13 +515,15 @@ class ProxyExchanges:
     async def _attempts(
         self, exchange: Exchange, candidates: list[Member],
         first_failed: GatewayError | None = None,
+        sent: tuple[Ticket, Deferred[IResponse]] | None = None,
     ) -> None:
         """Try ``candidates`` in order until one answers; the failure otherwise. Then the
         exchange ends (``_task_ended``, called here rather than by a callback on the
         coroutine's Deferred: one callback less per request).
 
         A parked exchange starts here holding its first candidate's slot (``exchange.slot``),
-        or with ``first_failed``, how its wait for that slot ended.
+        or with ``first_failed``, how its wait for that slot ended. With ``sent``, the first
+        candidate was admitted and sent to already (``_begin``): its ticket and that send.
         """
         failure: Failure | None = None
         try:
@@ -464,17 +534,23 @@ class ProxyExchanges:
             budget = min(len(candidates), self.router.max_attempts)
             attempts = 0
             for member in candidates:
-                if attempts >= budget or request.gone:
-                    break
-                ticket = member.breaker.acquire()
-                if ticket is None:
-                    # Its breaker just opened: not an attempt (and a slot held for it is not
-                    # used).
-                    if exchange.slot is not None:
-                        exchange.slot.release()
-                        exchange.slot = None
-                    first_failed = None
-                    continue
+                sending: Deferred[IResponse] | None = None
+                if sent is not None:
+                    ticket, sending = sent  # (_begin made this attempt's checks)
+                    sent = None
+                else:
+                    if attempts >= budget or request.gone:
+                        break
+                    acquired = member.breaker.acquire()
+                    if acquired is None:
+                        # Its breaker just opened: not an attempt (and a slot held for it is
+                        # not used).
+                        if exchange.slot is not None:
+                            exchange.slot.release()
+                            exchange.slot = None
+                        first_failed = None
+                        continue
+                    ticket = acquired
                 attempts += 1
                 last = attempts >= budget or member is candidates[-1]
                 try:
@@ -482,7 +558,8 @@ class ProxyExchanges:
                         error, first_failed = first_failed, None
                         if self._give_up(exchange, error, last):
                             return
-                    elif await self._try_member(exchange, member, ticket, wait_until, last):
+                    elif await self._try_member(exchange, member, ticket, wait_until, last,
+                                                sending):
                         return
                     if exchange.slot is not None:  # (not kept for the next candidate)
                         exchange.slot.release()
@@ -528,19 +605,21 @@ class ProxyExchanges:
         return False
 
     def _try_member(
-        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
+        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool,
+        sending: Deferred[IResponse] | None = None,
     ) -> Coroutine[Any, Any, bool]:
         """One attempt on one backend, to await: True when the request got its answer from it.
 
         Admitted at once (a ready backend with a free slot, or the slot of a parked exchange,
         served), it is ``_forward`` itself: no coroutine between for an admission that has
-        nothing to wait for.
+        nothing to wait for. ``sending``: admitted and sent already (``_begin``).
         """
-        if exchange.slot is None and not self._admit_now(exchange, member):
-            return self._admit_and_forward(exchange, member, ticket, wait_until, last)
-        if exchange.timer is not None:
-            exchange.timer.admitted()
-        return self._forward(exchange, member, ticket, wait_until, last)
+        if sending is None:
+            if exchange.slot is None and not self._admit_now(exchange, member):
+                return self._admit_and_forward(exchange, member, ticket, wait_until, last)
+            if exchange.timer is not None:
+                exchange.timer.admitted()
+        return self._forward(exchange, member, ticket, wait_until, last, sending)
 
     async def _admit_and_forward(
         self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
@@ -708,46 +787,64 @@ class ProxyExchanges:
             return body
         return with_model(body, upstream)
 
-    async def _forward(
-        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool
-    ) -> bool:
-        """Send to ``member`` and relay its answer; False to fail over to the next backend."""
+    def _backend_request(
+        self, exchange: Exchange, member: Member
+    ) -> tuple[bytes, bytes, bytes, str | None]:
+        """What goes to ``member``: the method, URL and body, and the model id of a
+        ``/v1/models/{id}`` request (the backend is asked for its whole list)."""
         request = exchange.request
-        status = member.status
-        body = self._request_body(exchange, member)
-        model_id: str | None = None
-        method, target = request.method, request.uri
+        method, target, model_id = request.method, request.uri, None
         if request.path.startswith(MODEL_PREFIX):
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
         url = self._upstream_url(member.spec.base_url, target)
+        return method, url, self._request_body(exchange, member), model_id
+
+    def _send(
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes
+    ) -> Deferred[IResponse]:
+        """Send the request to ``member`` (the deadline armed first): the answer's Deferred."""
+        request = exchange.request
+        if exchange.deadline is None:
+            self._arm_deadline(exchange)
+        if exchange.timer is not None:
+            exchange.timer.backend_sent()
+        exchange.sent = True
+        extra = request.client_identity.forwarding_headers()
+        if request.facts.stream:
+            # llama-server closes the connection after a streamed (chunked) response although
+            # it answered "Keep-Alive": a request sent on it next would be lost, and one
+            # written whole is never sent again. Say so first: neither client reuses it.
+            extra.append(STREAM_CONNECTION)
+        sending = forward.send(
+            self.agent, url, member.status.api_key, method, request.requestHeaders, body, extra)
+        if self._first_byte_timer_needed(exchange):
+            sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+        return sending
+
+    async def _forward(
+        self, exchange: Exchange, member: Member, ticket: Ticket, wait_until: float, last: bool,
+        sending: Deferred[IResponse] | None = None,
+    ) -> bool:
+        """Send to ``member`` and relay its answer; False to fail over to the next backend.
+
+        ``sending``: the first send, made already (``_begin``).
+        """
+        request = exchange.request
+        status = member.status
+        method, url, body, model_id = self._backend_request(exchange, member)
         local = member.spec.kind == "local"
         resend_any = bool(getattr(member.spec, "retry_non_idempotent", False))
         for attempt in (1, 2):
-            # (status.ready inline: a ready backend needs no coroutine to say so)
-            if not status.ready and not await self._member_ready(member, wait_until,
-                                                                 admitted=True):
-                ticket.release()
-                return self._give_up(exchange, self._not_ready(status), last)
-            if exchange.deadline is None:
-                self._arm_deadline(exchange)
-            if exchange.timer is not None:
-                exchange.timer.backend_sent()
-            exchange.sent = True
-            extra = request.client_identity.forwarding_headers()
-            if request.facts.stream:
-                # llama-server closes the connection after a streamed (chunked) response although
-                # it answered "Keep-Alive": a request sent on it next would be lost, and one
-                # written whole is never sent again. Say so first: neither client reuses it.
-                extra.append(STREAM_CONNECTION)
-            sending = forward.send(
-                self.agent, url, status.api_key, method, request.requestHeaders, body, extra)
-            if self._first_byte_timer_needed(exchange):
-                sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+            if sending is None:
+                # (status.ready inline: a ready backend needs no coroutine to say so)
+                if not status.ready and not await self._member_ready(member, wait_until,
+                                                                     admitted=True):
+                    ticket.release()
+                    return self._give_up(exchange, self._not_ready(status), last)
+                sending = self._send(exchange, member, method, url, body)
             try:
                 response = await sending
-                if exchange.timer is not None:
-                    exchange.timer.backend_headers(response.code)
                 break
             except CancelledError:
                 ticket.release()
@@ -785,11 +882,18 @@ class ProxyExchanges:
                     # The backend crashed under us: wait for the restart (that wait belongs to
                     # the queue budget, not to REQUEST_TIMEOUT), then send again.
                     self._cancel_deadline(exchange)
+                    sending = None
                     continue
                 report(ticket, None, e)
                 request.send_error(
                     errors.bad_gateway() if status.ready else self._not_ready(status))
                 return True
+        if exchange.timer is not None:
+            exchange.timer.backend_headers(response.code)
+        if model_id is None and _relays_at_once(request, response, last):
+            report(ticket, response.code, None)
+            self._relay(exchange, member, response)
+            return True
         if not last and (response.code >= 500 or response.code == 429) and not request.gone:
             report(ticket, response.code, None)
             _discard(response)
@@ -806,12 +910,8 @@ class ProxyExchanges:
         if response.code >= 400 and request.method != b"HEAD" and not _json_or_stream(response):
             await _answer_plain_error(request, response)
             return True
-        if request.loading_stream:
-            await self._relay_after_loading(exchange, response)
-        else:
-            self._relay(exchange, response)
-        if response.code < 400 and exchange.usage is not None and exchange.relay is not None:
-            exchange.relayed_from = member  # routing hears of it if the relay completes
+        # (what is left: a stream whose head the gateway sent while the model loaded)
+        await self._relay_after_loading(exchange, member, response)
         return True
 
     async def _answer_model(
@@ -843,8 +943,9 @@ class ProxyExchanges:
             request.responseHeaders.setRawHeaders(name, values)
         answer_whole(request, body)
 
-    def _relay(self, exchange: Exchange, response: IResponse) -> None:
-        """Start relaying ``response`` (the exchange ends with the relay, see ``_task_ended``)."""
+    def _relay(self, exchange: Exchange, member: Member, response: IResponse) -> None:
+        """Start relaying ``member``'s ``response`` (the exchange ends with the relay, see
+        ``_task_ended``)."""
         request = exchange.request
         is_stream = _event_stream(response)
         request.setResponseCode(response.code, response.phrase)
@@ -866,12 +967,23 @@ class ProxyExchanges:
         if usage is not None and usage.streaming and not is_stream:
             # A stream was asked for but this is a whole body (an error, typically).
             usage = exchange.usage = UsageCollector(streaming=False)
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout, usage,
-                            watched=exchange.deadline is not None)
+        self._start_relay(exchange, member, response, usage)
+
+    def _start_relay(
+        self, exchange: Exchange, member: Member, response: IResponse,
+        usage: UsageCollector | None,
+    ) -> None:
+        """Relay ``response``'s body to the client, counting ``usage``."""
+        relay = StreamRelay(exchange.request, self.clock, self.settings.stream_idle_timeout,
+                            usage, watched=exchange.deadline is not None)
         exchange.relay = relay
+        if response.code < 400 and usage is not None:
+            exchange.relayed_from = member  # routing hears of it if the relay completes
         response.deliverBody(relay)
 
-    async def _relay_after_loading(self, exchange: Exchange, response: IResponse) -> None:
+    async def _relay_after_loading(
+        self, exchange: Exchange, member: Member, response: IResponse
+    ) -> None:
         """The answer to a stream whose head the gateway sent while the model loaded: the
         backend's events follow the ``: loading`` comments (relayed as ``_relay`` does); a whole
         body (an error, typically) becomes one ``data:`` event."""
@@ -882,10 +994,7 @@ class ProxyExchanges:
                 request.write(b"data: " + b" ".join(body.split()) + b"\n\n")
                 request.finish()
             return
-        relay = StreamRelay(request, self.clock, self.settings.stream_idle_timeout,
-                            exchange.usage, watched=exchange.deadline is not None)
-        exchange.relay = relay
-        response.deliverBody(relay)
+        self._start_relay(exchange, member, response, exchange.usage)
 
     async def _backend_went_down(self, status: Backend) -> bool:
         """After a failed send: is the backend restarting (so the request may wait and retry)?
@@ -985,6 +1094,19 @@ def _event_stream(response: IResponse) -> bool:
     """True when the body is an event stream."""
     return response.headers.getRawHeaders(b"content-type", [b""])[0].startswith(
         b"text/event-stream")
+
+
+def _relays_at_once(request: GatewayRequest, response: IResponse, last: bool) -> bool:
+    """True for the usual answer, relayed as it comes: the client is still there, the status
+    is no reason to fail over (or no candidate is left), and it is no plain-text error and no
+    stream whose head went out while the model loaded. (``_forward`` answers the others.)"""
+    code = response.code
+    return (
+        (last or (code < 500 and code != 429))
+        and not request.gone
+        and (code < 400 or request.method == b"HEAD" or _json_or_stream(response))
+        and not request.loading_stream
+    )
 
 
 def _json_or_stream(response: IResponse) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -132,6 +133,21 @@ class ResolveTests(SynchronousTestCase):
         router = Fixture(THREE).router
         self.assertRaises(UnknownModelError, router.candidates, "nope")
         self.assertRaises(UnknownModelError, router.candidates, "gpt-4o")  # canonical only
+
+    def test_names_are_resolved_as_the_table_looks_them_up(self) -> None:
+        # The router's dicts give what BackendsTable.lookup and .model give, the first model
+        # with the name or alias winning (even in a table that was not validated).
+        fixture = Fixture(THREE)
+        table = replace(fixture.table, models=(
+            *fixture.table.models, ModelSpec("other", aliases=("mm", "late")),
+            ModelSpec("late", aliases=("m",))))
+        router = Router(table, fixture.router.members)
+        for name in ("m", "gpt-4o", "mm", "other", "only-local", "late", "nope", "M"):
+            with self.subTest(name=name):
+                self.assertEqual(router.resolve_model(name), table.lookup(name))
+                canonical = table.lookup(name)
+                if canonical is not None:
+                    self.assertIs(router._model(canonical), table.model(canonical))
 
     def test_models_for(self) -> None:
         text = THREE.replace("priority = 1", "priority = 5")

@@ -7,10 +7,13 @@ import json
 import weakref
 from typing import Any
 
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from llamaproxy.auth.access import AccessControl
@@ -969,6 +972,150 @@ class ParkedFailoverTests(SynchronousTestCase):
         self.assertEqual(gw.agent.requests[-1].uri, b"http://127.0.0.1:8/v1/chat/completions")
         gw.agent.requests[-1].respond(200, b"{}")
         self.assertEqual(queued.response().status, 200)
+
+
+def _json(code: int, body: bytes = b"{}") -> tuple[int, bytes, Headers]:
+    return code, body, Headers({b"content-type": [b"application/json"]})
+
+
+class FirstSendTests(SynchronousTestCase):
+    """``ProxyExchanges._begin`` sends a request admitted at once itself and relays a plain
+    answer from the send's callback; anything else goes on in ``_attempts``. Each case gives
+    what running the whole exchange in ``_attempts`` gives: the client's answer, what each
+    backend was sent, the breakers, the slots, the log."""
+
+    def gateway(self, through_attempts: bool) -> GatewayFixture:
+        gw = GatewayFixture(concurrency=1, queue_timeout=10.0, request_timeout=30.0,
+                            first_byte_timeout=20.0)
+        spare = Backend("spare", "http://127.0.0.1:8", model="fake")
+        spare.set_state(BackendState.READY)
+        breaker = BreakerSettings(failure_threshold=2, reset_timeout=60)
+        specs = (
+            RemoteBackendSpec(name="test", models=("fake",), slots=1, breaker=breaker,
+                              base_url=gw.backend.base_url),
+            RemoteBackendSpec(name="spare", models=("fake",), slots=1, breaker=breaker,
+                              base_url=spare.base_url, priority=1),
+        )
+        table = BackendsTable(backends=specs, models=(ModelSpec("fake", default=True),),
+                              default_model="fake", breaker=breaker)
+        gw.resource.router = Router.build(
+            table, gw.clock, {"test": gw.backend, "spare": spare},
+            {"test": gw.admission, "spare": Admission(1, clock=gw.clock)})
+        if through_attempts:
+            exchanges = gw.resource.exchanges
+
+            def begin(exchange: Exchange, candidates: Any) -> None:
+                exchanges._run(exchange, exchanges._attempts(exchange, candidates))
+
+            exchanges._begin = begin  # type: ignore[method-assign]
+        return gw
+
+    def run_case(self, through_attempts: bool, body: bytes,
+                 drive: Any) -> tuple[object, ...]:
+        gw = self.gateway(through_attempts)
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_namespace", "").startswith("llamaproxy"):
+                lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            client = gw.chat(body)
+            drive(gw, client)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        response = client.response() if client.written else None
+        router = gw.resource.router
+        return (
+            None if response is None else (
+                response.status, response.body, response.complete,
+                sorted((k, v) for k, v in response.headers.items() if k != "x-request-id")),
+            client.closed,
+            [(r.uri, r.cancelled, r.pending) for r in gw.agent.requests],
+            [m.breaker.status_json() | {"reasons": m.breaker.failure_reasons}
+             for m in router.members.values()],
+            [(m.load.active, m.load.served) for m in router.members.values()
+             if isinstance(m.load, Admission)],
+            len(gw.resource.in_flight),
+            [line.split(" id=")[0] for line in lines],
+        )
+
+    def assert_same(self, drive: Any, body: bytes = b"") -> tuple[object, ...]:
+        body = body or json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        direct = self.run_case(False, body, drive)
+        self.assertEqual(direct, self.run_case(True, body, drive))
+        return direct
+
+    def test_a_plain_answer_is_relayed_from_the_sends_callback(self) -> None:
+        def drive(gw: GatewayFixture, client: InMemoryClient) -> None:
+            [exchange] = gw.resource.in_flight
+            self.assertIs(exchange.task is gw.agent.requests[0].deferred,
+                          gw.resource.exchanges._begin.__name__ == "_begin")
+            gw.agent.requests[0].respond(*_json(200, b'{"ok": 1}'))
+
+        result = self.assert_same(drive)
+        self.assertEqual(result[0][:2], (200, b'{"ok": 1}'))  # type: ignore[index]
+
+    def test_a_stream(self) -> None:
+        def drive(gw: GatewayFixture, client: InMemoryClient) -> None:
+            backend = StreamingResponse()
+            gw.agent.requests[0].deferred.callback(backend)
+            backend.send(sse_chunk("Hel"))
+            backend.send(b"data: [DONE]\n\n")
+            backend.finish()
+
+        self.assertEqual(self.assert_same(drive, CHAT)[0][0], 200)  # type: ignore[index]
+
+    def test_answers_failed_over_or_not(self) -> None:
+        cases: list[tuple[tuple[int, bytes, Headers], ...]] = [
+            (_json(503), _json(200, b'{"ok": 2}')),  # failed over
+            (_json(429), _json(200, b'{"ok": 2}')),
+            (_json(503), _json(502, b'{"e": 1}')),  # the last candidate's answer is relayed
+            (_json(400, b'{"e": 400}'),),  # a JSON error is relayed
+            ((400, b"bad things", Headers({b"content-type": [b"text/plain"]})),),
+            ((200, b"text", Headers({b"content-type": [b"text/plain"]})),),
+        ]
+        for answers in cases:
+            def drive(gw: GatewayFixture, client: InMemoryClient,
+                      answers: Any = answers) -> None:
+                for i, answer in enumerate(answers):  # (each failover sends the next request)
+                    gw.agent.requests[i].respond(*answer)
+
+            self.assert_same(drive)
+
+    def test_failed_sends(self) -> None:
+        for reason in (ConnectionRefusedError(),
+                       ResponseNeverReceived([Failure(ConnectionDone())]), ValueError("bug")):
+            def drive(gw: GatewayFixture, client: InMemoryClient, reason: Any = reason) -> None:
+                gw.agent.requests[0].fail(reason)
+                for record in gw.agent.requests[1:]:
+                    record.respond(*_json(200))
+
+            self.assert_same(drive)
+
+    def test_the_client_leaving_or_the_time_running_out_before_the_answer(self) -> None:
+        def leave(gw: GatewayFixture, client: InMemoryClient) -> None:
+            client.disconnect()
+
+        def deadline(gw: GatewayFixture, client: InMemoryClient) -> None:
+            gw.clock.advance(30)
+
+        def first_byte(gw: GatewayFixture, client: InMemoryClient) -> None:
+            gw.clock.advance(20)
+
+        for drive in (leave, deadline, first_byte):
+            result = self.assert_same(drive)
+            self.assertTrue(result[2][0][1])  # type: ignore[index]  # (the send was cancelled)
+
+    def test_a_parked_request(self) -> None:
+        def drive(gw: GatewayFixture, client: InMemoryClient) -> None:
+            second = gw.chat()
+            gw.agent.requests[0].respond(*_json(200))
+            gw.agent.requests[1].respond(*_json(200, b'{"ok": 2}'))
+            self.assertEqual(second.response().body, b'{"ok": 2}')
+
+        self.assert_same(drive)
 
 
 class DrainTests(SynchronousTestCase):
