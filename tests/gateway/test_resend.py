@@ -14,8 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import RequestNotSent
 from twisted.web.client import ResponseNeverReceived
 
-from llamaproxy.backends.admission import Admission
-from llamaproxy.backends.backend import Backend, BackendState
+from llamaproxy.backends.backend import BackendState
 from llamaproxy.backends.breaker import BreakerSettings
 from llamaproxy.backends.config_file import (
     BackendsTable,
@@ -95,20 +94,7 @@ class SingleBackendTests(SynchronousTestCase):
 class FailoverTests(SynchronousTestCase):
     def gateway(self, retry_non_idempotent: bool = False) -> GatewayFixture:
         gw = GatewayFixture(concurrency=2, first_byte_timeout=30.0)
-        spare = Backend("spare", "http://127.0.0.1:8", model="fake")
-        spare.set_state(BackendState.READY)
-        specs = (
-            RemoteBackendSpec(name="test", models=("fake",), slots=2, breaker=_NO_BREAKER,
-                              base_url=gw.backend.base_url,
-                              retry_non_idempotent=retry_non_idempotent),
-            RemoteBackendSpec(name="spare", models=("fake",), slots=2, breaker=_NO_BREAKER,
-                              base_url=spare.base_url, priority=1),
-        )
-        table = BackendsTable(backends=specs, models=(ModelSpec("fake", default=True),),
-                              default_model="fake", breaker=_NO_BREAKER)
-        gw.resource.router = Router.build(
-            table, gw.clock, {"test": gw.backend, "spare": spare},
-            {"test": gw.admission, "spare": Admission(2, clock=gw.clock)})
+        gw.with_spare(2, _NO_BREAKER, retry_non_idempotent)
         return gw
 
     def test_post_that_may_have_run_does_not_fail_over(self) -> None:

@@ -71,6 +71,26 @@ class GatewayFixture:
             RequestLimits(max_body=body_limit, client_timeout=client_timeout, **(limits or {})),
             cors, reactor=self.clock)
 
+    def with_spare(self, slots: int, breaker: BreakerSettings,
+                   retry_non_idempotent: bool = False) -> Backend:
+        """Route over two backends: this one first, then a ready "spare" (priority 1), each
+        with ``slots`` slots and ``breaker``. Returns the spare."""
+        spare = Backend("spare", "http://127.0.0.1:8", model="fake")
+        spare.set_state(BackendState.READY)
+        specs = (
+            RemoteBackendSpec(name="test", models=("fake",), slots=slots, breaker=breaker,
+                              base_url=self.backend.base_url,
+                              retry_non_idempotent=retry_non_idempotent),
+            RemoteBackendSpec(name="spare", models=("fake",), slots=slots, breaker=breaker,
+                              base_url=spare.base_url, priority=1),
+        )
+        table = BackendsTable(backends=specs, models=(ModelSpec("fake", default=True),),
+                              default_model="fake", breaker=breaker)
+        self.resource.router = Router.build(
+            table, self.clock, {"test": self.backend, "spare": spare},
+            {"test": self.admission, "spare": Admission(slots, clock=self.clock)})
+        return spare
+
     def client(self) -> InMemoryClient:
         return InMemoryClient(self.site)
 
@@ -987,20 +1007,7 @@ class FirstSendTests(SynchronousTestCase):
     def gateway(self, through_attempts: bool) -> GatewayFixture:
         gw = GatewayFixture(concurrency=1, queue_timeout=10.0, request_timeout=30.0,
                             first_byte_timeout=20.0)
-        spare = Backend("spare", "http://127.0.0.1:8", model="fake")
-        spare.set_state(BackendState.READY)
-        breaker = BreakerSettings(failure_threshold=2, reset_timeout=60)
-        specs = (
-            RemoteBackendSpec(name="test", models=("fake",), slots=1, breaker=breaker,
-                              base_url=gw.backend.base_url),
-            RemoteBackendSpec(name="spare", models=("fake",), slots=1, breaker=breaker,
-                              base_url=spare.base_url, priority=1),
-        )
-        table = BackendsTable(backends=specs, models=(ModelSpec("fake", default=True),),
-                              default_model="fake", breaker=breaker)
-        gw.resource.router = Router.build(
-            table, gw.clock, {"test": gw.backend, "spare": spare},
-            {"test": gw.admission, "spare": Admission(1, clock=gw.clock)})
+        gw.with_spare(1, BreakerSettings(failure_threshold=2, reset_timeout=60))
         if through_attempts:
             exchanges = gw.resource.exchanges
 
