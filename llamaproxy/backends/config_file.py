@@ -323,17 +323,23 @@ class BackendsTable:
 
     def model(self, name: str) -> ModelSpec:
         """The model called ``name`` (canonical; KeyError when there is none)."""
-        for model in self.models:
-            if model.name == name:
-                return model
-        raise KeyError(name)
+        return self._names[1][name]
 
     def lookup(self, name: str) -> str | None:
         """The canonical model for a model name or alias, or None."""
+        return self._names[0].get(name)
+
+    @cached_property
+    def _names(self) -> tuple[dict[str, str], dict[str, ModelSpec]]:
+        """``lookup`` and ``model`` as dicts, computed once (every request asks them): the
+        first model with the name (or alias) wins, as in a scan of ``models``."""
+        canonical: dict[str, str] = {}
+        models: dict[str, ModelSpec] = {}
         for model in self.models:
-            if name == model.name or name in model.aliases:
-                return model.name
-        return None
+            models.setdefault(model.name, model)
+            for name in (model.name, *model.aliases):
+                canonical.setdefault(name, model.name)
+        return canonical, models
 
     def backends_for(self, model: str) -> tuple[BackendSpec, ...]:
         """The backends serving ``model`` (canonical name), in declaration order."""

@@ -205,14 +205,6 @@ class Router:
         self.table = table
         self.members = {name: members[name] for name in table.backend_names}
         self._order = {name: index for index, name in enumerate(table.backend_names)}
-        # ``table.lookup`` and ``table.model`` (the first model with that name or alias) as
-        # dicts: every request asks them.
-        self._canonical: dict[str, str] = {}
-        self._models: dict[str, ModelSpec] = {}
-        for model in table.models:
-            self._models.setdefault(model.name, model)
-            for name in (model.name, *model.aliases):
-                self._canonical.setdefault(name, model.name)
         self._round_robin: dict[str, _RoundRobin] = {}
         self._rings: dict[str, HashRing] = {}
         #: Learned prefix homes and prompt-cache counts (a reload passes them on).
@@ -283,7 +275,7 @@ class Router:
 
     def _resolve(self, requested: str | None, key_id: str | None) -> tuple[str | None, str]:
         if requested:
-            canonical = self._canonical.get(requested)
+            canonical = self.table.lookup(requested)
             if canonical is not None:
                 return canonical, "name" if canonical == requested else "alias"
             if not self.table.route_unknown_models:
@@ -375,10 +367,10 @@ class Router:
         return affinity.slot_for(prefix, member.slots) if pin else None
 
     def _model(self, model: str) -> ModelSpec:
-        spec = self._models.get(model)
-        if spec is None:
-            raise UnknownModelError(model)
-        return spec
+        try:
+            return self.table.model(model)
+        except KeyError:
+            raise UnknownModelError(model) from None
 
     def _priority_key(self, member: Member) -> tuple[int, int]:
         return member.spec.priority, self._order[member.name]
