@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers, _nameEncoder
 
+from llamaproxy.fastpath.backend_client import _HEAD_END, head_end
 from llamaproxy.fastpath.header_fill import set_fields
 from tests.fastpath.test_backend_client import Base
 
@@ -172,3 +176,27 @@ class ChunkedTests(Base):
         self.assertTrue(transport.aborted)
         protocol.connectionLost(Failure(ConnectionAborted()))
         self.assertEqual(len(body.reasons), 1)
+
+
+class HeadEndTests(SynchronousTestCase):
+    """``head_end`` finds what the regular expression it replaces finds."""
+
+    @given(
+        st.lists(st.sampled_from([b"\r", b"\n", b"a", b":", b" ", b"\r\n", b"\n\n"]), max_size=24),
+        st.integers(min_value=0, max_value=30),
+    )
+    def test_as_the_regular_expression(self, pieces: list[bytes], start: int) -> None:
+        data = b"".join(pieces)
+        start = min(start, len(data))
+        match = _HEAD_END.search(data, start)
+        expected = None if match is None else (match.start(), match.end())
+        self.assertEqual(head_end(data, start), expected)
+
+    def test_usual_heads(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+        for data, start in ((head + b"ok", 0), (head + b"\n\n", 5), (head, len(head) - 4),
+                            (b"HTTP/1.1 200 OK\nA: b\n\n{}", 0), (b"HTTP/1.1 200 OK\r\n", 0),
+                            (b"\r\n\r\n", 1), (b"x\r\n\n", 0)):
+            match = _HEAD_END.search(data, start)
+            expected = None if match is None else (match.start(), match.end())
+            self.assertEqual(head_end(data, start), expected, (data, start))
