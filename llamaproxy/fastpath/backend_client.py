@@ -237,7 +237,7 @@ def whole_chunk(data: bytes) -> tuple[int, int] | None:
         if not digits.strip(_HEX_DIGITS):
             start = newline + 2
             end = start + int(digits, 16)
-            if end > start and len(data) == end + 2 and data.endswith(b"\r\n"):
+            if end > start and len(data) == end + 2 and data[-2:] == b"\r\n":  # (endswith: slower)
                 return start, end
     return None
 
@@ -1001,12 +1001,18 @@ class _Connection:
             # The common case on a stream: ``data`` is exactly one whole chunk (size line, data,
             # CRLF), read at a chunk boundary. Deliver it without the parser, which is left at
             # a boundary as it was.
-            span = whole_chunk(data)
-            if span is not None:
-                protocol = self._protocol
-                if protocol is not None:
-                    protocol.dataReceived(data[span[0]:span[1]])
-                    return
+            # (``whole_chunk`` in line: a call and a tuple less per piece)
+            newline = data.find(b"\r\n", 0, 18)
+            if newline > 0:
+                digits = data[:newline]
+                if not digits.strip(_HEX_DIGITS):
+                    start = newline + 2
+                    end = start + int(digits, 16)
+                    if end > start and len(data) == end + 2 and data[-2:] == b"\r\n":
+                        protocol = self._protocol
+                        if protocol is not None:
+                            protocol.dataReceived(data[start:end])
+                            return
         # Otherwise llhttp. The data of every chunk in this read is delivered as one piece, once
         # the read is parsed (or before the body ends or fails): the body protocol gets one call
         # per read, as on a stream, and writes once (see StreamRelay).
