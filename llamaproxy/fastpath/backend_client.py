@@ -899,7 +899,11 @@ class _Connection:
         if self.response is not response or self._phase != phase:
             return True  # stopped, or already failed, from the callback
         if rest:
-            self.dataReceived(rest)
+            remaining = self._remaining
+            if phase == _LENGTH and len(rest) >= remaining:
+                self._length_end(rest, remaining)  # (the usual answer: its whole body came too)
+            else:
+                self.dataReceived(rest)
         if self.response is response and response._protocol is None and self._phase < _STOPPED:
             self._await_claim()
         return True
