@@ -42,11 +42,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 _TCP = (tcp.Server, tcp.Client)
-#: The connection attributes ``send_now`` and ``receive`` read (see ``EagerSender``).
-_READ_FLAGS = (
-    "_aborting", "dataBuffer", "connected", "disconnecting", "_writeDisconnecting",
-    "_writeDisconnected", "producer", "streamingProducer", "TLS", "bufferSize",
-)
 
 log = Logger()
 
@@ -133,12 +128,6 @@ class EagerSender:
         self.connection = connection
         self.cork = cork
         self.held: list[bytes] = []
-        # The flags ``send_now`` and ``receive`` read, most of them Twisted's class defaults
-        # until a connection changes them: set on the connection itself, with the values it
-        # has (a class attribute read through an instance is Python 3.11's slow attribute
-        # path, and these are read for every send).
-        for name in _READ_FLAGS:
-            setattr(connection, name, getattr(connection, name))
         # Twisted's own methods, from the class (the instance's are replaced by ours).
         self.buffered_write = connection.write
         self.buffered_write_sequence = connection.writeSequence

@@ -5,17 +5,16 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import main, tcp
+from twisted.internet import main
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llamaproxy.fastpath.eager_write import _READ_FLAGS, Cork, send_eagerly
+from llamaproxy.fastpath.eager_write import Cork, send_eagerly
 
 #: The cork the connections of these tests share (one per process in the gateway).
 CORK = Cork()
@@ -261,22 +260,3 @@ class _Failing:
 
     def recv(self, size: int) -> bytes:
         raise self.error
-
-
-class ReadFlagsTests(SynchronousTestCase):
-    """The flags the sender reads are put on the connection with the values it has (Twisted
-    sets them on the connection itself when it changes them)."""
-
-    def test_same_values_then_twisted_changes_them(self) -> None:
-        ours, theirs = socket.socketpair()
-        self.addCleanup(theirs.close)
-        connection = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
-        before = {name: getattr(connection, name) for name in _READ_FLAGS}
-        sender = send_eagerly(connection, Cork())
-        self.assertIsNotNone(sender)
-        self.assertEqual({name: getattr(connection, name) for name in _READ_FLAGS}, before)
-        self.assertEqual(set(_READ_FLAGS) - set(vars(connection)), set())
-        connection.stopReading()
-        connection.connectionLost(Failure(main.CONNECTION_DONE))  # (no timer left behind)
-        self.assertFalse(connection.connected)
-        self.assertTrue(connection.disconnected)
