@@ -56,6 +56,9 @@ class StreamRelay(Protocol):
         watched: bool = False,
     ) -> None:
         self.request = request
+        #: (An instance attribute, not only the class default: read twice per piece, and a
+        #: class attribute read through the instance is the interpreter's slow path.)
+        self.outcome = None
         self.usage = usage
         self.clock = clock
         self.idle_timeout = idle_timeout

@@ -754,6 +754,24 @@ class BodyDeliveryTests(Base):
         body.reasons[0].trap(ResponseFailed)
         self.assertTrue(body.reasons[0].value.reasons[0].check(ZeroDivisionError))
 
+    def test_exception_in_body_protocol_on_the_head_read(self) -> None:
+        """The body in the head's read (taken without a second ``dataReceived``): a body
+        protocol that raises on it fails the body and the connection as in a read of its own."""
+        class Broken(Body):
+            def dataReceived(self, data: bytes) -> None:
+                raise ZeroDivisionError()
+
+        for extra in (b"", b"HTTP/1.1 200 OK\r\n"):
+            d, protocol, transport = self.send()
+            body = Broken()
+            d.addCallback(lambda r, body=body: r.deliverBody(body))
+            protocol.dataReceived(HEAD_200 + b"hello" + extra)
+            self.assertTrue(transport.aborted)
+            [reason] = body.reasons
+            reason.trap(ResponseFailed)
+            self.assertTrue(reason.value.reasons[0].check(ZeroDivisionError))
+            self.assertEqual(self.client.idle_connections(), 0)
+
     def test_exception_in_body_protocol_end_is_logged(self) -> None:
         class Broken(Body):
             def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008

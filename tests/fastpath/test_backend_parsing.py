@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionAborted
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers, _nameEncoder
 
+from llamaproxy.fastpath.backend_client import _HEAD_END, head_end, whole_chunk
 from llamaproxy.fastpath.header_fill import set_fields
 from tests.fastpath.test_backend_client import Base
 
@@ -103,6 +107,30 @@ class ChunkedTests(Base):
         response, protocol, transport = self.respond(CHUNKED_HEAD)
         return self.read(response), protocol, transport
 
+    @given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"0", b"1", b"2", b"a", b"A",
+                                     b"f", b"x", b";e", b" ", b"data: {}\n\n"]),
+                    max_size=12))
+    @example([b"1", b"\r\n", b"x", b"\r\n"])
+    @example([b"A", b"\r\n", b"data: {}\n\n", b"\r\n"])
+    @example([b"a", b"\r\n", b"data: {}\n\n", b"\r\n"])
+    @example([b"0", b"a", b"\r\n", b"data: {}\n\n", b"\r\n"])
+    @example([b"0", b"\r\n", b"\r\n"])
+    def test_a_read_at_a_boundary_as_whole_chunk_says(self, parts: list[bytes]) -> None:
+        """``_chunked`` takes a read at a chunk boundary whole exactly when ``whole_chunk``
+        says it is one chunk (its in-line copy), and delivers that chunk's data; any other read
+        goes to llhttp, and what is delivered is the chunks' data either way."""
+        data = b"".join(parts)
+        body, protocol, _ = self.chunked()
+        protocol.dataReceived(b"1\r\nz\r\n")  # (one chunk first: the body protocol claimed it)
+        body.pieces.clear()
+        parser = protocol._parser = _RefuseWholeChunks(protocol._parser, data)
+        protocol.dataReceived(data)
+        self.assertFalse(parser.refused, data)
+        span = whole_chunk(data)
+        if span is not None:
+            self.assertEqual(body.pieces, [data[span[0]:span[1]]])
+            self.assertTrue(protocol.at_chunk_start(body))
+
     def test_a_chunk_line_spread_over_reads_is_limited(self) -> None:
         body, protocol, transport = self.chunked()
         protocol.dataReceived(b"5;")
@@ -172,3 +200,42 @@ class ChunkedTests(Base):
         self.assertTrue(transport.aborted)
         protocol.connectionLost(Failure(ConnectionAborted()))
         self.assertEqual(len(body.reasons), 1)
+
+
+class _RefuseWholeChunks:
+    """An llhttp parser that fails the test if it is given a read ``whole_chunk`` takes."""
+
+    def __init__(self, parser: Any, whole: bytes) -> None:
+        self.parser = parser
+        self.whole = whole
+        self.refused = False
+
+    def feed_data(self, data: bytes) -> None:
+        if data is self.whole and whole_chunk(data) is not None:
+            self.refused = True
+            raise AssertionError(f"a whole chunk went to llhttp: {data!r}")
+        self.parser.feed_data(data)
+
+
+class HeadEndTests(SynchronousTestCase):
+    """``head_end`` finds what the regular expression it replaces finds."""
+
+    @given(
+        st.lists(st.sampled_from([b"\r", b"\n", b"a", b":", b" ", b"\r\n", b"\n\n"]), max_size=24),
+        st.integers(min_value=0, max_value=30),
+    )
+    def test_as_the_regular_expression(self, pieces: list[bytes], start: int) -> None:
+        data = b"".join(pieces)
+        start = min(start, len(data))
+        match = _HEAD_END.search(data, start)
+        expected = None if match is None else (match.start(), match.end())
+        self.assertEqual(head_end(data, start), expected)
+
+    def test_usual_heads(self) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+        for data, start in ((head + b"ok", 0), (head + b"\n\n", 5), (head, len(head) - 4),
+                            (b"HTTP/1.1 200 OK\nA: b\n\n{}", 0), (b"HTTP/1.1 200 OK\r\n", 0),
+                            (b"\r\n\r\n", 1), (b"x\r\n\n", 0)):
+            match = _HEAD_END.search(data, start)
+            expected = None if match is None else (match.start(), match.end())
+            self.assertEqual(head_end(data, start), expected, (data, start))

@@ -9,25 +9,28 @@ usual path would have sent, and that the lane was (or was not) what sent it.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llamaproxy.backends import forward
 from llamaproxy.fastpath import lean_poll
-from llamaproxy.fastpath.backend_client import BackendClient
+from llamaproxy.fastpath.backend_client import BackendClient, whole_chunk
 from llamaproxy.fastpath.eager_write import Cork
+from llamaproxy.fastpath.stream_lane import StreamLane
 from llamaproxy.gateway.relay import StreamRelay
 from llamaproxy.gateway.request import GatewayRequest
 from llamaproxy.gateway.site import GatewaySite
-from llamaproxy.gateway.tokens import UsageCollector
+from llamaproxy.gateway.tokens import UsageCollector, carries_counts
 from llamaproxy.testing import parse_response
 
 reactor: Any = global_reactor
@@ -305,3 +308,94 @@ def _abort(user: Client) -> None:
 def _uninstall_lean_poll() -> None:
     for name in ("doPoll", "doIteration", "llamaproxy_read_lanes"):
         vars(reactor).pop(name, None)
+
+
+class _StubSender:
+    """A sender whose ``receive`` gives one read, recording what is delivered or written."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = data
+        self.delivered: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def receive(self) -> bytes:
+        return self.data
+
+    def deliver(self, data: bytes) -> None:
+        self.delivered.append(data)
+
+    def write_through(self, data: bytes) -> bool:
+        self.written.append(data)
+        return True
+
+
+class _StubBackend:
+    @staticmethod
+    def at_chunk_start(protocol: object) -> bool:
+        return True
+
+
+class _StubRelay:
+    request: Any = None
+    transport: Any = None
+    bytes_sent = 0
+
+    def __init__(self, usage: UsageCollector) -> None:
+        self.usage = usage
+
+
+def _reference_piece(data: bytes) -> bytes | None:
+    """What the lane sends for ``data`` by the functions its in-line checks stand for (the
+    code before they were inlined), or None for a read that goes the usual way."""
+    span = whole_chunk(data)
+    if span is None or not data.endswith(b"\n\n\r\n") or carries_counts(data):
+        return None
+    start, end = span
+    size = end - start
+    if data[:start - 2] != b"%x" % size:
+        data = b"%x\r\n%b\r\n" % (size, data[start:end])
+    return data
+
+
+_PIECE_PARTS = st.sampled_from([
+    b"\r\n", b"\n\n", b"\n", b"\r", b"data: ", b"x", b"0", b"00", b"1", b"2", b"a", b"A", b"f",
+    b"F", b";e", b" ", b'"usage"', b'"timings"', b"g",
+])
+
+
+class DoReadTests(SynchronousTestCase):
+    """``StreamLane.do_read``'s in-line checks take what the functions they stand for take."""
+
+    def check(self, data: bytes) -> None:
+        usage = UsageCollector(True)
+        backend, client = _StubSender(data), _StubSender()
+        lane = StreamLane(_StubRelay(usage), Clock(), _StubBackend(), backend,  # type: ignore[arg-type]
+                          client, usage)
+        lane._fd = 1  # (open, without a poll loop)
+        self.assertIsNone(lane.do_read())
+        expected = _reference_piece(data)
+        if expected is None:
+            self.assertEqual((backend.delivered, client.written), ([data], []), data)
+        else:
+            self.assertEqual((backend.delivered, client.written), ([], [expected]), data)
+            self.assertEqual(usage.events, expected.count(b"\n\n"))
+            start, end = cast(tuple[int, int], whole_chunk(data))
+            self.assertEqual(lane.sent, end - start)
+
+    @given(st.lists(_PIECE_PARTS, max_size=12))
+    def test_as_the_functions_on_any_read(self, parts: list[bytes]) -> None:
+        self.check(b"".join(parts))
+
+    @given(st.lists(_PIECE_PARTS, min_size=1, max_size=10),
+           st.sampled_from([b"", b"0", b"00"]), st.booleans())
+    def test_as_the_functions_on_chunks(self, parts: list[bytes], zeros: bytes,
+                                        upper: bool) -> None:
+        payload = b"".join(parts) + b"\n\n"
+        digits = zeros + (b"%X" if upper else b"%x") % len(payload)
+        self.check(digits + b"\r\n" + payload + b"\r\n")
+
+    def test_usual_pieces(self) -> None:
+        for data in (chunk(event("a")), chunk(event("a"), b"0" + b"%x" % len(event("a"))),
+                     chunk(b"\n\n"), b"1\r\n\n\r\n", chunk(USAGE), chunk(event("b") * 20),
+                     chunk(event("c")) + chunk(event("d")), chunk(b"x" * 26 + b"\n\n")):
+            self.check(data)

@@ -197,3 +197,50 @@ class CarriesCountsTests(SynchronousTestCase):
     def test_same_as_in(self, parts: list[bytes]) -> None:
         data = b"".join(parts)
         self.assertEqual(carries_counts(data), USAGE_MARK in data or TIMINGS_MARK in data)
+
+
+class _StockFeed(UsageCollector):
+    """``feed`` as it was written before its checks were made with slices (the reference)."""
+
+    __slots__ = ()
+
+    def feed(self, data: bytes) -> None:
+        if not self.streaming:
+            super().feed(data)
+            return
+        self.events += data.count(b"\n\n")
+        if self.held.endswith(b"\n") and data.startswith(b"\n"):
+            self.events += 1
+        if not self.held and not carries_counts(data):
+            if not data.endswith(b"\n\n"):
+                self._hold(data.rpartition(b"\n\n")[2])
+            return
+        buffer = self.held + data if self.held else data
+        events, separator, tail = buffer.rpartition(b"\n\n")
+        if separator:
+            for event in events.split(b"\n\n"):
+                if carries_counts(event):
+                    self._read_event(event)
+        self._hold(tail)
+
+
+def _state(collector: UsageCollector) -> tuple[Any, ...]:
+    return (collector.events, collector.held, collector.prompt_tokens,
+            collector.completion_tokens, collector.cached_tokens, collector.model)
+
+
+class FeedTests(SynchronousTestCase):
+    """A stream's ``feed`` counts and reads what the stock checks did, piece by piece."""
+
+    @given(st.sampled_from([STREAM, TIMINGS_STREAM, STREAM + b"\n", b"\n" + TIMINGS_STREAM,
+                            b"data: x\n\n\n\ndata: y\n\r\n"]),
+           st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+    def test_as_the_stock_checks(self, stream: bytes, cuts: list[int]) -> None:
+        ours, stock = UsageCollector(True), _StockFeed(True)
+        for piece in split_at(stream, cuts):
+            ours.feed(piece)
+            stock.feed(piece)
+            self.assertEqual(_state(ours), _state(stock), piece)
+        ours.finish()
+        stock.finish()
+        self.assertEqual(_state(ours), _state(stock))
