@@ -500,7 +500,11 @@ class GatewayChannel(Protocol):
         last: what llhttp would call back with (it only counts such a body's bytes, so it is
         not given them), and what ``_feed`` does when a callback fails."""
         try:
-            self.on_body(piece)
+            request = self._request  # (on_body, one call less)
+            if request is not None:
+                request.handleContentChunk(piece)
+                if self._stopped:
+                    raise _Refused()
             if not self._chunk_left:
                 self.on_message_complete()
         except Exception:
