@@ -41,13 +41,16 @@ def write(request: Any, data: bytes) -> None:
     None (the Content-Type it might add is never added)."""
     if request._inFakeHead or request._encoder is not None:
         _server_write(request, data)
-        return
-    if (request.startedWriting or request.finished or request._disconnected
+    elif (request.startedWriting or request.finished or request._disconnected
           or request.lastModified is not None or request.etag is not None or request.cookies):
         _http_write(request, data)
-        return
-    # http.Request.write's first write, without Last-Modified, ETag and Set-Cookie headers to
-    # add (here rather than in a function of its own: one call less per response).
+    else:
+        _first_write(request, data)
+
+
+def _first_write(request: Any, data: bytes) -> None:
+    """``http.Request.write(request, data)``'s first write, without Last-Modified, ETag and
+    Set-Cookie headers to add."""
     request.startedWriting = 1
     version = request.clientproto
     code = request.code

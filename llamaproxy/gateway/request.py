@@ -488,9 +488,7 @@ class GatewayRequest(server.Request):
             if timer is not None:
                 overhead = timer.first_byte_sent()
                 if overhead is not None and not self.startedWriting:
-                    self._site.set_headers(  # (self.set_headers, one call less)
-                        self.responseHeaders,
-                        ((b"X-Gateway-Overhead-Ms", b"%.2f" % (overhead * 1000)),))
+                    self.set_headers(((b"X-Gateway-Overhead-Ms", b"%.2f" % (overhead * 1000)),))
         self._site.first_write(self, data)  # server.Request.write, or its fast path
 
     def write_piece(self, data: bytes) -> None:
