@@ -304,7 +304,8 @@ class GatewayChannel(Protocol):
         if not self.persistent:
             self.loseConnection()
             return
-        self._resume_reading(_PIPELINED)
+        if self._read_paused & _PIPELINED:
+            self._resume_reading(_PIPELINED)
         if self.timeOut:
             self._expect(_IDLE, self.timeOut)
         if self._buffer and not self._stopped:
@@ -499,7 +500,11 @@ class GatewayChannel(Protocol):
         last: what llhttp would call back with (it only counts such a body's bytes, so it is
         not given them), and what ``_feed`` does when a callback fails."""
         try:
-            self.on_body(piece)
+            request = self._request  # (on_body, one call less)
+            if request is not None:
+                request.handleContentChunk(piece)
+                if self._stopped:
+                    raise _Refused()
             if not self._chunk_left:
                 self.on_message_complete()
         except Exception:
@@ -694,7 +699,7 @@ class GatewayChannel(Protocol):
         if not chunked:
             # (digits only: framing_header refused any other first value)
             length = int(noted.get(b"content-length", b"0"))
-        if parser.should_upgrade() and (chunked or length):
+        if (chunked or length) and parser.should_upgrade():
             # llhttp would skip the body of an upgrade request: never let it be read as the
             # next request.
             self._reject(errors.bad_request(
@@ -711,7 +716,11 @@ class GatewayChannel(Protocol):
             fill(headers, self._headers)
         self._headers = []
         self._request = request
-        self.persistent = self._persistent(noted.get(b"connection"), version, request)
+        connection = noted.get(b"connection")
+        if connection is None and version == b"HTTP/1.1":
+            self.persistent = True  # (what _persistent says, without the call)
+        else:
+            self.persistent = self._persistent(connection, version, request)
         if b"cookie" in noted:  # (without one, parseCookies finds none)
             request.parseCookies()
         request.gotLength(length)

@@ -37,6 +37,16 @@ log = Logger()
 
 _NO_PROXIES = TrustedProxies()
 
+# twisted.web's methods that GatewayRequest's extend, called by name rather than through
+# ``super()`` (on Python 3.11 each ``super()`` builds a proxy object: a few hundred instructions,
+# several times per request). GatewayRequest's base is ``server.Request``; these are what
+# ``super()`` finds there.
+_stock_got_length = server.Request.gotLength
+_stock_content_chunk = server.Request.handleContentChunk
+_stock_set_code = server.Request.setResponseCode
+_stock_finish = server.Request.finish
+_stock_connection_lost = server.Request.connectionLost
+
 #: What the gateway says it is (no version banner).
 SERVER_NAME = b"llamaproxy"
 
@@ -193,7 +203,8 @@ class GatewayRequest(server.Request):
             self.requestHeaders.removeHeader(b"expect")
             self.channel.pause_parsing()  # type: ignore[attr-defined]
         else:
-            super().gotLength(length)  # the channel completes the request at once: render waits
+            # (the channel completes the request at once: render waits)
+            _stock_got_length(self, length)
 
         def decided(error: GatewayError | None) -> None:
             waiting, self._checking = self._checking, None
@@ -242,7 +253,7 @@ class GatewayRequest(server.Request):
             error = self._check_budget(length or 0)
         if error is None:
             self._measure_body()
-            super().gotLength(length)
+            _stock_got_length(self, length)
             return
         self.early_error = error
         body_expected = length is None and self.requestHeaders.hasHeader(b"transfer-encoding")
@@ -250,7 +261,7 @@ class GatewayRequest(server.Request):
             self.content = io.BytesIO()  # twisted.web expects one; nothing is ever written to it
             self._reject_and_close(error)
         else:
-            super().gotLength(length)
+            _stock_got_length(self, length)
 
     def handleContentChunk(self, data: bytes) -> None:
         """Count body bytes as they arrive (chunked bodies included) and stop at the limit."""
@@ -267,7 +278,7 @@ class GatewayRequest(server.Request):
                 return
         if self.shape is not None:
             self.shape.feed(data)
-        super().handleContentChunk(data)
+        _stock_content_chunk(self, data)
 
     def _hold(self, size: int) -> GatewayError | None:
         """Reserve ``size`` more body bytes in the site's budget; the refusal when it is full."""
@@ -355,7 +366,7 @@ class GatewayRequest(server.Request):
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """Set the status; the reason phrase is always RFC 9110's (never "Unknown Status")."""
         phrase = errors.REASON_PHRASES.get(code)
-        super().setResponseCode(code, phrase if phrase is not None else message or b"Status")
+        _stock_set_code(self, code, phrase if phrase is not None else message or b"Status")
 
     def processingFailed(self, reason: Failure) -> None:
         """A bug in a render method: log it, answer a JSON 500 (never an HTML traceback page)."""
@@ -501,7 +512,7 @@ class GatewayRequest(server.Request):
 
     def finish(self) -> None:
         sender = getattr(self.channel, "sender", None)  # (finishing may release the channel)
-        super().finish()
+        _stock_finish(self)
         # The response leaves first; the access log, metrics and ledger follow.
         if sender is not None:
             sender.cork.after_sending(self._record)
@@ -510,7 +521,7 @@ class GatewayRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost = True
-        super().connectionLost(reason)
+        _stock_connection_lost(self, reason)
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
             on_lost()

@@ -92,3 +92,20 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(response.json()["error"]["code"], "internal_error")
         self.assertNotIn(b"secret", client.written)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StockMethodTests(SynchronousTestCase):
+    def test_the_named_methods_are_what_super_finds(self) -> None:
+        # GatewayRequest calls twisted.web's methods it extends by name, not through super():
+        # they must be what super() would find (its bases unchanged).
+        from llamaproxy.gateway import request as module
+
+        base = super(GatewayRequest, GatewayRequest)
+        for name, method in (
+            ("gotLength", module._stock_got_length),
+            ("handleContentChunk", module._stock_content_chunk),
+            ("setResponseCode", module._stock_set_code),
+            ("finish", module._stock_finish),
+            ("connectionLost", module._stock_connection_lost),
+        ):
+            self.assertIs(getattr(base, name), method, name)
