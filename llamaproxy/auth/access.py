@@ -110,7 +110,7 @@ class AccessControl:
                 return Access(key_id, error=errors.rate_limited(decision.headers()))
             headers = decision.headers()
             charged_at = self.limiter.now()
-        return Access(key_id, headers, charged_at=charged_at, rate_limit=rate_limit)
+        return Access(key_id, headers, None, charged_at, rate_limit)
 
     def refund(self, access: Access) -> int | None:
         """Give back the request window charge of ``access`` (the gateway refused the request

@@ -104,6 +104,10 @@ class RateDecision(NamedTuple):
         return headers
 
 
+#: ``RateDecision(*values)`` without the generated ``__new__``'s frame.
+_new_decision = tuple.__new__
+
+
 @dataclass(slots=True)
 class _Bucket:
     """One key's counter state: window start, previous and current counts, last use."""
@@ -286,10 +290,11 @@ class RateLimiter(SlidingWindowCounter):
             reset = math.ceil(window - offset)
         else:
             reset = 0
-        return RateDecision(
+        # (tuple.__new__ directly: the NamedTuple's generated __new__ frame does only this)
+        return _new_decision(RateDecision, (
             allowed, limit, remaining, reset,
             None if allowed else self._retry_after(bucket, now, limit),
-        )
+        ))
 
     def refund(self, key_id: str, charged_at: float) -> None:
         """Give back one request counted at ``charged_at`` (the gateway refused it after the

@@ -206,18 +206,36 @@ def format_access_json(
 _SHORT_MS = 1e14
 
 
+#: Most fragments ``_json_line`` remembers per kind; when full, it starts over (paths and
+#: client addresses are the client's to vary).
+_FRAGMENTS_KEPT = 256
+
+#: ``,"key_id":…,"method":…,"path":…,"status":…`` by (key_id, method, path, status).
+_HEAD_FRAGMENTS: dict[tuple[object, ...], str] = {}
+
+#: ``,"outcome":…,"client":…`` plus route, worker_type and instance_id, by those five values.
+_TAIL_FRAGMENTS: dict[tuple[object, ...], str] = {}
+
+
 def _json_line(fields: AccessFields, worker_type: str | None, instance_id: str | None) -> str:
     """``format_access_json``'s line before its surrogate check: what ``access_record`` does
-    to each value (``_json_field``'s cut, ``_round_ms``, null for None), written out."""
+    to each value (``_json_field``'s cut, ``_round_ms``, null for None), written out.
+
+    The runs of fields that repeat from request to request (key, method, path and status;
+    outcome, client, route and the worker's tag) are written once and remembered as text
+    (``_head_fragment``, ``_tail_fragment``): equal values write equal text."""
     (ts, request_id, key_id, method, path, status, duration_ms, ttfb_ms, size, model,
      prompt_tokens, completion_tokens, outcome, tokens_estimated, client, route) = fields
+    head = _HEAD_FRAGMENTS.get((key_id, method, path, status))
+    if head is None:
+        head = _head_fragment(key_id, method, path, status)
+    tail = _TAIL_FRAGMENTS.get((outcome, client, route, worker_type, instance_id))
+    if tail is None:
+        tail = _tail_fragment(outcome, client, route, worker_type, instance_id)
     return "".join((
         '{"ts":"', iso_timestamp(ts),
         '","request_id":', _json_text(request_id),
-        ',"key_id":', _json_text(key_id),
-        ',"method":', _json_text(method),
-        ',"path":', _json_text(path),
-        ',"status":', str(int(status)),
+        head,
         ',"duration_ms":', _json_ms(duration_ms),
         ',"ttfb_ms":', _json_ms(ttfb_ms),
         ',"bytes":', str(int(size)),
@@ -227,6 +245,29 @@ def _json_line(fields: AccessFields, worker_type: str | None, instance_id: str |
         ',"completion_tokens":', "null" if completion_tokens is None else str(completion_tokens)
         if type(completion_tokens) is int else dumps_compact(completion_tokens),
         ',"tokens_estimated":true' if tokens_estimated else "",
+        tail,
+    ))
+
+
+def _head_fragment(key_id: str | None, method: str, path: str, status: int) -> str:
+    """``,"key_id":…,"method":…,"path":…,"status":…``, remembered in ``_HEAD_FRAGMENTS``."""
+    text = "".join((
+        ',"key_id":', _json_text(key_id),
+        ',"method":', _json_text(method),
+        ',"path":', _json_text(path),
+        ',"status":', str(int(status)),
+    ))
+    if len(_HEAD_FRAGMENTS) >= _FRAGMENTS_KEPT:
+        _HEAD_FRAGMENTS.clear()
+    _HEAD_FRAGMENTS[(key_id, method, path, status)] = text
+    return text
+
+
+def _tail_fragment(outcome: str, client: str | None, route: str | None,
+                   worker_type: str | None, instance_id: str | None) -> str:
+    """``,"outcome":…,"client":…`` with route, worker_type and instance_id and the line's end,
+    remembered in ``_TAIL_FRAGMENTS``."""
+    text = "".join((
         ',"outcome":', _json_text(outcome),
         ',"client":', _json_text(client),
         ',"route":' + encode_basestring(route) if route else "",
@@ -234,6 +275,10 @@ def _json_line(fields: AccessFields, worker_type: str | None, instance_id: str |
         ',"instance_id":' + encode_basestring(instance_id) if instance_id else "",
         "}\n",
     ))
+    if len(_TAIL_FRAGMENTS) >= _FRAGMENTS_KEPT:
+        _TAIL_FRAGMENTS.clear()
+    _TAIL_FRAGMENTS[(outcome, client, route, worker_type, instance_id)] = text
+    return text
 
 
 def _json_text(value: str | None) -> str:

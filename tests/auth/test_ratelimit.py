@@ -373,3 +373,19 @@ class InlinedCheckTests(SynchronousTestCase):
                 limiter.decision_at(start, previous, current, now, limit, decision.allowed))
             if refund and decision.allowed:
                 limiter.refund(key, now)
+
+
+class DecisionMadeDirectlyTests(SynchronousTestCase):
+    """``check`` makes its ``RateDecision`` with ``tuple.__new__``: the same object as the
+    NamedTuple's own constructor, allowed or refused."""
+
+    def test_the_same_decision_as_the_constructor(self) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, 2)
+        for _ in range(3):
+            decision = limiter.check("k")
+            self.assertIs(type(decision), RateDecision)
+            self.assertEqual(decision, RateDecision(*decision))
+            self.assertEqual(decision.headers(), RateDecision(*decision).headers())
+        self.assertFalse(decision.allowed)
+        self.assertIsNotNone(decision.retry_after)

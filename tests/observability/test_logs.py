@@ -473,6 +473,34 @@ class AccessFormatTests(SynchronousTestCase):
         )
 
 
+    def test_remembered_fragments_write_what_the_encoder_does(self) -> None:
+        """``_json_line`` remembers its head and tail fragments: the same lines when they are
+        remembered, when other values replace them and after the memo starts over."""
+        access_log._HEAD_FRAGMENTS.clear()
+        access_log._TAIL_FRAGMENTS.clear()
+        records = [
+            entry(key_id=key_id, path=path, status=status, outcome=outcome, client=client,
+                  route=route, request_id=f"r{n}", duration_ms=n / 7)
+            for n, (key_id, path, status, outcome, client, route) in enumerate([
+                ("alice", "/v1/chat/completions", 200, "complete", "10.0.0.1", None),
+                (None, "/v1/models", 401, "rejected", "10.0.0.2", "affinity_hit"),
+                ("bob", "/a\"b\u00e9", 503, "o\n", None, ""),
+            ])
+        ]
+        for _ in range(2):  # written, then remembered
+            for record in records:
+                for worker, instance in ((None, None), ("w", "i1")):
+                    self.assertEqual(
+                        format_access_json(record, worker, instance),
+                        logs.dumps_compact(access_log.access_record(record, worker, instance))
+                        + "\n")
+        for n in range(2 * access_log._FRAGMENTS_KEPT + 1):  # over the bound: starts over
+            record = entry(path=f"/p{n}", client=f"c{n}")
+            self.assertEqual(format_access_json(record),
+                             logs.dumps_compact(access_log.access_record(record)) + "\n")
+        self.assertLessEqual(len(access_log._HEAD_FRAGMENTS), access_log._FRAGMENTS_KEPT)
+        self.assertLessEqual(len(access_log._TAIL_FRAGMENTS), access_log._FRAGMENTS_KEPT)
+
     def test_json_by_hand_cuts_long_fields_as_the_record_does(self) -> None:
         limit = access_log.MAX_FIELD_LENGTH
         for size in (limit - 1, limit, limit + 1, 3 * limit):
