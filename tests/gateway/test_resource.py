@@ -590,9 +590,7 @@ class ProxyTests(SynchronousTestCase):
         backend = StreamingResponse()
         self.gw.agent.requests[0].deferred.callback(backend)
         backend.send(sse_chunk("Hel"))
-        timers = [call for call in self.gw.clock.getDelayedCalls()
-                  if getattr(call, "args", None) == (exchange,)]
-        self.assertEqual(len(timers), 1)  # one timer for the deadline and the relay's idleness
+        self.assertEqual(len(self.exchange_timers()), 1)  # one for the deadline and the relay
         self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
                           if getattr(call, "func", None) == exchange.relay._idle_expired], [])
         self.gw.clock.advance(4.9)  # 7.9 s: 4.9 s after the relay's last data
@@ -601,8 +599,66 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(client.closed)
         self.assertEqual(exchange.relay.outcome, "idle_timeout")
         self.assertEqual(self.gw.resource.in_flight, set())
-        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
-                          if getattr(call, "args", None) == (exchange,)], [])
+        self.assertEqual(self.exchange_timers(), [])
+
+    def exchange_timers(self) -> list[Any]:
+        """The reactor timers the exchanges' timers share (one while any is armed)."""
+        return [call for call in self.gw.clock.getDelayedCalls()
+                if getattr(call, "func", None) == self.gw.resource.exchanges._timers_due]
+
+    def test_exchanges_share_one_timer_and_leave_none_behind(self) -> None:
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = [gw.chat() for _ in range(3)]
+        self.assertEqual(len(self.exchange_timers()), 1)
+        for record in gw.agent.requests:
+            record.respond(200, b"{}", Headers({b"content-type": [b"application/json"]}))
+        self.assertEqual([c.response().status for c in clients], [200, 200, 200])
+        self.assertEqual(gw.resource.in_flight, set())
+        self.assertEqual(self.exchange_timers(), [])  # the last one took the timer with it
+
+    def test_each_deadline_fires_at_its_own_time_in_order(self) -> None:
+        # Deadlines 30 s after each send (at 0, 1 and 2 s): the first exchange is answered at
+        # 20 s; the other two still time out at exactly 31 and 32 s, in that order.
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = []
+        for _ in range(3):
+            clients.append(gw.chat())
+            gw.clock.advance(1)
+        timed_out: list[int] = []
+        for index, record in enumerate(gw.agent.requests):
+            record.deferred.addBoth(
+                lambda _, i=index, r=record: timed_out.append(i) if r.cancelled else None)
+        gw.clock.advance(17)  # 20 s
+        gw.agent.requests[0].respond(200, b"{}", Headers({b"content-type": [b"application/json"]}))
+        self.assertEqual(clients[0].response().status, 200)
+        gw.clock.advance(10.99)  # 30.99 s: the first one's deadline passed, it is gone
+        self.assertEqual(timed_out, [])
+        self.assertEqual([call.getTime() for call in self.exchange_timers()], [31.0])
+        gw.clock.advance(0.01)
+        self.assertEqual(timed_out, [1])
+        self.assertEqual(clients[1].response().status, 504)
+        self.assertEqual(clients[2].written, b"")
+        gw.clock.advance(0.99)
+        self.assertEqual(timed_out, [1])
+        gw.clock.advance(0.01)
+        self.assertEqual(timed_out, [1, 2])
+        self.assertEqual(clients[2].response().status, 504)
+        self.assertEqual(self.exchange_timers(), [])
+
+    def test_deadlines_due_together_fire_in_the_order_they_were_armed(self) -> None:
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = [gw.chat() for _ in range(3)]
+        timed_out: list[int] = []
+        for index, record in enumerate(gw.agent.requests):
+            record.deferred.addBoth(
+                lambda _, i=index, r=record: timed_out.append(i) if r.cancelled else None)
+        gw.clock.advance(100)
+        self.assertEqual(timed_out, [0, 1, 2])
+        self.assertEqual([c.response().status for c in clients], [504, 504, 504])
+        self.assertEqual(self.exchange_timers(), [])
 
     def test_a_long_stream_meets_its_deadline(self) -> None:
         client = self.gw.chat()
