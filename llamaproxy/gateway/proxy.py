@@ -18,7 +18,7 @@ import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 from urllib.parse import unquote
 
 from twisted.internet import defer, task
@@ -303,7 +303,7 @@ class ProxyExchanges:
         request.on_lost = exchange.client_left
         try:
             method, url, body, _ = self._backend_request(exchange, member)
-            sending = self._send(exchange, member, method, url, body)
+            sending, again = self._send(exchange, member, method, url, body, first=True)
         except Exception:
             ticket.release()
             self._task_ended(Failure(), exchange)
@@ -311,7 +311,7 @@ class ProxyExchanges:
         exchange.task = sending
         args = (exchange, candidates, member, ticket, last)
         sending.addCallbacks(self._first_answer, self._first_failed, callbackArgs=args,
-                             errbackArgs=args)
+                             errbackArgs=(*args, again))
 
     def _first_answer(
         self, response: IResponse, exchange: Exchange, candidates: list[Member], member: Member,
@@ -336,10 +336,12 @@ class ProxyExchanges:
 
     def _first_failed(
         self, failure: Failure, exchange: Exchange, candidates: list[Member], member: Member,
-        ticket: Ticket, last: bool,
+        ticket: Ticket, last: bool, again: forward.RetryArgs | None,
     ) -> None:
-        """``_begin``'s send failed (or was cancelled): ``_attempts`` handles it."""
-        self._run(exchange, self._attempts(exchange, candidates, sent=(ticket, fail(failure))))
+        """``_begin``'s send failed (or was cancelled): sent again when ``forward.send``
+        would (``again``: its retry, not yet made), and ``_attempts`` handles the outcome."""
+        sending = fail(failure) if again is None else forward.retry(failure, *again)
+        self._run(exchange, self._attempts(exchange, candidates, sent=(ticket, sending)))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
         """Drive ``exchange`` (already in ``in_flight``) with ``work`` (``_attempts``, which
@@ -808,10 +810,29 @@ class ProxyExchanges:
         url = self._upstream_url(member.spec.base_url, target)
         return method, url, self._request_body(exchange, member), model_id
 
+    @overload
     def _send(
-        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes
-    ) -> Deferred[IResponse]:
-        """Send the request to ``member`` (the deadline armed first): the answer's Deferred."""
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: Literal[False] = False,
+    ) -> Deferred[IResponse]: ...
+
+    @overload
+    def _send(
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: Literal[True],
+    ) -> tuple[Deferred[IResponse], forward.RetryArgs | None]: ...
+
+    def _send(
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: bool = False,
+    ) -> Deferred[IResponse] | tuple[Deferred[IResponse], forward.RetryArgs | None]:
+        """Send the request to ``member`` (the deadline armed first): the answer's Deferred
+        (``forward.send``'s).
+
+        ``first`` (``_begin``'s send): the first attempt's Deferred and the arguments of
+        ``forward.retry``, which the caller runs on a failure (``forward.send_first``; no
+        pass-through errback on the answer's way); None when the Deferred has the retry
+        already (a first-byte timer covers the retry too, as with ``forward.send``)."""
         request = exchange.request
         if not exchange.deadline:
             self._arm_deadline(exchange)
@@ -824,10 +845,15 @@ class ProxyExchanges:
             # it answered "Keep-Alive": a request sent on it next would be lost, and one
             # written whole is never sent again. Say so first: neither client reuses it.
             extra.append(STREAM_CONNECTION)
+        if first and not self._first_byte_timer_needed(exchange):
+            return forward.send_first(self.agent, url, member.status.api_key, method,
+                                      request.requestHeaders, body, extra)
         sending = forward.send(
             self.agent, url, member.status.api_key, method, request.requestHeaders, body, extra)
         if self._first_byte_timer_needed(exchange):
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+        if first:
+            return sending, None
         return sending
 
     async def _forward(

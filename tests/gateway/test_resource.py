@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from llamaproxy.auth.access import AccessControl
@@ -1055,14 +1055,19 @@ def _json(code: int, body: bytes = b"{}") -> tuple[int, bytes, Headers]:
 
 
 class FirstSendTests(SynchronousTestCase):
+    maxDiff = None
     """``ProxyExchanges._begin`` sends a request admitted at once itself and relays a plain
     answer from the send's callback; anything else goes on in ``_attempts``. Each case gives
     what running the whole exchange in ``_attempts`` gives: the client's answer, what each
     backend was sent, the breakers, the slots, the log."""
 
+    #: 20 s: the send has a first-byte timer of its own (and forward.send's retry errback);
+    #: 30 s, as the deadline: none, and ``_begin`` runs ``forward.retry`` itself.
+    first_byte_timeout = 20.0
+
     def gateway(self, through_attempts: bool) -> GatewayFixture:
         gw = GatewayFixture(concurrency=1, queue_timeout=10.0, request_timeout=30.0,
-                            first_byte_timeout=20.0)
+                            first_byte_timeout=self.first_byte_timeout)
         gw.with_spare(1, BreakerSettings(failure_threshold=2, reset_timeout=60))
         if through_attempts:
             exchanges = gw.resource.exchanges
@@ -1093,7 +1098,8 @@ class FirstSendTests(SynchronousTestCase):
         return (
             None if response is None else (
                 response.status, response.body, response.complete,
-                sorted((k, v) for k, v in response.headers.items() if k != "x-request-id")),
+                sorted((k, v) for k, v in response.headers.items()
+                       if k not in ("x-request-id", "date"))),
             client.closed,
             [(r.uri, r.cancelled, r.pending) for r in gw.agent.requests],
             [m.breaker.status_json() | {"reasons": m.breaker.failure_reasons}
@@ -1179,6 +1185,58 @@ class FirstSendTests(SynchronousTestCase):
             self.assertEqual(second.response().body, b'{"ok": 2}')
 
         self.assert_same(drive)
+
+
+class FirstSendRetryTests(FirstSendTests):
+    """``FirstSendTests`` with no first-byte timer on the send (FIRST_BYTE_TIMEOUT as
+    REQUEST_TIMEOUT, the defaults' case): ``_begin`` sends with ``forward.send_first`` and
+    runs ``forward.retry`` itself on a failure, where ``_attempts`` uses ``forward.send``; the
+    same answers, sends, breakers, slots and log."""
+
+    first_byte_timeout = 30.0
+
+    def test_first_sends_that_fail_and_are_sent_again(self) -> None:
+        unsent: list[BaseException] = [RequestNotSent(),
+                                       RequestTransmissionFailed([Failure(ConnectionDone())])]
+        for first in (*unsent, ConnectionRefusedError(),
+                      ResponseNeverReceived([Failure(ConnectionDone())])):
+            for then in ("answer", "fail", "leave", "deadline"):
+                def drive(gw: GatewayFixture, client: InMemoryClient, first: Any = first,
+                          then: str = then) -> None:
+                    gw.agent.requests[0].fail(first)
+                    if len(gw.agent.requests) == 1:
+                        return  # (may have run: neither sent again nor failed over)
+                    if gw.agent.requests[-1].uri != gw.agent.requests[0].uri:
+                        gw.agent.requests[-1].respond(*_json(200, b'{"ok": 3}'))
+                        return  # (not sent again by forward: failed over to the spare)
+                    if then == "answer":
+                        gw.agent.requests[1].respond(*_json(200, b'{"ok": 2}'))
+                    elif then == "fail":
+                        gw.agent.requests[1].fail(RequestNotSent())
+                    elif then == "leave":
+                        client.disconnect()
+                    else:
+                        gw.clock.advance(30)
+                    for record in gw.agent.requests[2:]:
+                        if record.pending:
+                            record.respond(*_json(200, b'{"ok": 3}'))
+
+                result = self.assert_same(drive)
+                sent = cast(list[tuple[bytes, bool, bool]], result[2])
+                sent_again = isinstance(first, (RequestNotSent, RequestTransmissionFailed))
+                self.assertEqual(len(sent) > 1 and sent[1][0] == sent[0][0], sent_again)
+
+    def test_the_client_leaving_or_the_time_running_out_before_the_answer(self) -> None:
+        # (no first-byte timer here: the client leaving and the deadline)
+        def leave(gw: GatewayFixture, client: InMemoryClient) -> None:
+            client.disconnect()
+
+        def deadline(gw: GatewayFixture, client: InMemoryClient) -> None:
+            gw.clock.advance(30)
+
+        for drive in (leave, deadline):
+            result = self.assert_same(drive)
+            self.assertTrue(result[2][0][1])  # type: ignore[index]  # (the send was cancelled)
 
 
 class DrainTests(SynchronousTestCase):
