@@ -388,6 +388,30 @@ def send(
     A Deferred, not a coroutine: this is on every request's path, and cancelling it cancels
     whichever attempt is in flight.
     """
+    sending, again = send_first(agent, url, backend_key, method, client_headers, body,
+                                extra_headers)
+    # (the retry's arguments in the errback's, not in closures made for every request)
+    return sending.addErrback(retry, *again)
+
+
+#: What ``retry`` needs besides the failure: the first attempt's agent, method, URL, header
+#: fields, body and whether it has one (``send_first``).
+RetryArgs = tuple[IAgent, bytes, bytes, "dict[bytes, list[bytes]] | Headers", bytes, bool]
+
+
+def send_first(
+    agent: IAgent,
+    url: bytes,
+    backend_key: str | None,
+    method: bytes,
+    client_headers: Headers,
+    body: bytes,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> tuple[Deferred[IResponse], RetryArgs]:
+    """``send``'s first attempt alone, and the arguments of its second: ``send`` is the first
+    attempt's Deferred with ``retry(failure, *args)`` as its errback. For a caller that handles
+    the first attempt's failure itself (and then calls ``retry``), without a pass-through
+    errback on every answer's way."""
     with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
     # The fast path's client writes the fields as they are: no Headers between.
     headers: dict[bytes, list[bytes]] | Headers
@@ -397,9 +421,8 @@ def send(
         headers = filter_request_headers(client_headers, backend_key)
         for name, value in extra_headers:
             headers.setRawHeaders(name, [value])
-    # (the retry's arguments in the errback's, not in closures made for every request)
-    return _attempt(agent, method, url, headers, body, with_body).addErrback(
-        _retry, agent, method, url, headers, body, with_body)
+    return (_attempt(agent, method, url, headers, body, with_body),
+            (agent, method, url, headers, body, with_body))
 
 
 def _attempt(
@@ -413,11 +436,12 @@ def _attempt(
     return agent.request(method, url, headers, producer)
 
 
-def _retry(
+def retry(
     failure: Failure, agent: IAgent, method: bytes, url: bytes,
     headers: dict[bytes, list[bytes]] | Headers, body: bytes, with_body: bool,
 ) -> Deferred[IResponse]:
-    """``send``'s one second try, when the first certainly did not run (``_send_again``)."""
+    """``send``'s one second try, when the first certainly did not run (``_send_again``);
+    else ``failure``, failed."""
     if not _send_again(failure.value, method, with_body):
         return fail(failure)
     log.debug("Sending {method} {url} again on a fresh connection", method=method, url=url)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 from urllib.parse import unquote
 
 from twisted.internet import defer, task
@@ -92,10 +92,12 @@ class Exchange:
     started: float
     relay: StreamRelay | None = None
     timed_out: bool = False
-    #: The exchange's one timer (see ``ProxyExchanges._arm_deadline``).
-    deadline: IDelayedCall | None = None
+    #: True while the exchange's timer is armed (see ``ProxyExchanges._arm_deadline``).
+    deadline: bool = False
     #: When REQUEST_TIMEOUT passes (clock seconds), while ``deadline`` is armed.
     deadline_at: float = 0.0
+    #: When the exchange's timer is due (clock seconds), while ``deadline`` is armed.
+    due: float = 0.0
     slot: Slot | None = None
     #: The request body as sent to the backend.
     body: bytes = b""
@@ -249,6 +251,12 @@ class ProxyExchanges:
         self._drained: list[Deferred[None]] = []
         #: (backend base URL, request target) -> the URL sent to (``_upstream_url``).
         self._urls: dict[tuple[str, bytes], bytes] = {}
+        #: The exchanges whose timer is armed, in the order they were armed (``_arm_deadline``).
+        self._timed: dict[Exchange, None] = {}
+        #: The one reactor timer over them (armed while ``_timed`` is not empty), and when it
+        #: is due: no later than the soonest of their times.
+        self._timers_call: IDelayedCall | None = None
+        self._timers_at = 0.0
 
     def start(self, request: GatewayRequest, body: bytes) -> None:
         """Serve an API request whose body was checked: route it, then queue or send it."""
@@ -295,7 +303,7 @@ class ProxyExchanges:
         request.on_lost = exchange.client_left
         try:
             method, url, body, _ = self._backend_request(exchange, member)
-            sending = self._send(exchange, member, method, url, body)
+            sending, again = self._send(exchange, member, method, url, body, first=True)
         except Exception:
             ticket.release()
             self._task_ended(Failure(), exchange)
@@ -303,7 +311,7 @@ class ProxyExchanges:
         exchange.task = sending
         args = (exchange, candidates, member, ticket, last)
         sending.addCallbacks(self._first_answer, self._first_failed, callbackArgs=args,
-                             errbackArgs=args)
+                             errbackArgs=(*args, again))
 
     def _first_answer(
         self, response: IResponse, exchange: Exchange, candidates: list[Member], member: Member,
@@ -328,10 +336,12 @@ class ProxyExchanges:
 
     def _first_failed(
         self, failure: Failure, exchange: Exchange, candidates: list[Member], member: Member,
-        ticket: Ticket, last: bool,
+        ticket: Ticket, last: bool, again: forward.RetryArgs | None,
     ) -> None:
-        """``_begin``'s send failed (or was cancelled): ``_attempts`` handles it."""
-        self._run(exchange, self._attempts(exchange, candidates, sent=(ticket, fail(failure))))
+        """``_begin``'s send failed (or was cancelled): sent again when ``forward.send``
+        would (``again``: its retry, not yet made), and ``_attempts`` handles the outcome."""
+        sending = fail(failure) if again is None else forward.retry(failure, *again)
+        self._run(exchange, self._attempts(exchange, candidates, sent=(ticket, sending)))
 
     def _run(self, exchange: Exchange, work: Coroutine[Any, Any, None]) -> None:
         """Drive ``exchange`` (already in ``in_flight``) with ``work`` (``_attempts``, which
@@ -800,12 +810,31 @@ class ProxyExchanges:
         url = self._upstream_url(member.spec.base_url, target)
         return method, url, self._request_body(exchange, member), model_id
 
+    @overload
     def _send(
-        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes
-    ) -> Deferred[IResponse]:
-        """Send the request to ``member`` (the deadline armed first): the answer's Deferred."""
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: Literal[False] = False,
+    ) -> Deferred[IResponse]: ...
+
+    @overload
+    def _send(
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: Literal[True],
+    ) -> tuple[Deferred[IResponse], forward.RetryArgs | None]: ...
+
+    def _send(
+        self, exchange: Exchange, member: Member, method: bytes, url: bytes, body: bytes,
+        first: bool = False,
+    ) -> Deferred[IResponse] | tuple[Deferred[IResponse], forward.RetryArgs | None]:
+        """Send the request to ``member`` (the deadline armed first): the answer's Deferred
+        (``forward.send``'s).
+
+        ``first`` (``_begin``'s send): the first attempt's Deferred and the arguments of
+        ``forward.retry``, which the caller runs on a failure (``forward.send_first``; no
+        pass-through errback on the answer's way); None when the Deferred has the retry
+        already (a first-byte timer covers the retry too, as with ``forward.send``)."""
         request = exchange.request
-        if exchange.deadline is None:
+        if not exchange.deadline:
             self._arm_deadline(exchange)
         if exchange.timer is not None:
             exchange.timer.backend_sent()
@@ -816,10 +845,15 @@ class ProxyExchanges:
             # it answered "Keep-Alive": a request sent on it next would be lost, and one
             # written whole is never sent again. Say so first: neither client reuses it.
             extra.append(STREAM_CONNECTION)
+        if first and not self._first_byte_timer_needed(exchange):
+            return forward.send_first(self.agent, url, member.status.api_key, method,
+                                      request.requestHeaders, body, extra)
         sending = forward.send(
             self.agent, url, member.status.api_key, method, request.requestHeaders, body, extra)
         if self._first_byte_timer_needed(exchange):
             sending.addTimeout(self.settings.first_byte_timeout, self.clock)
+        if first:
+            return sending, None
         return sending
 
     async def _forward(
@@ -975,7 +1009,7 @@ class ProxyExchanges:
     ) -> None:
         """Relay ``response``'s body to the client, counting ``usage``."""
         relay = StreamRelay(exchange.request, self.clock, self.settings.stream_idle_timeout,
-                            usage, watched=exchange.deadline is not None)
+                            usage, watched=exchange.deadline)
         exchange.relay = relay
         if response.code < 400 and usage is not None:
             exchange.relayed_from = member  # routing hears of it if the relay completes
@@ -1015,17 +1049,73 @@ class ProxyExchanges:
         armed for the sooner of the two timeouts from now (the relay, once there, starts later
         than now, so it can never be due sooner) and, when it fires before the deadline, asks
         the relay (``StreamRelay.watch``), then waits again for whichever comes next.
+
+        The exchanges' timers share one reactor timer (``_timers_due``): an exchange's timer is
+        its place in ``_timed`` and its time (``Exchange.due``), and each fires at that time,
+        in the order a timer of its own would (sooner first; at the same time, the one armed
+        first). The reactor timer is cancelled once no exchange's timer is armed.
         """
         settings = self.settings
-        exchange.deadline_at = self.clock.seconds() + settings.request_timeout
+        now = self.clock.seconds()
+        exchange.deadline_at = now + settings.request_timeout
         wait = settings.request_timeout
         if 0 < settings.stream_idle_timeout < wait:
             wait = settings.stream_idle_timeout
-        exchange.deadline = self.clock.callLater(wait, self._timer_fired, exchange)
+        # (_schedule, inline: this is on every request's path)
+        exchange.deadline = True
+        exchange.due = due = now + wait
+        self._timed[exchange] = None
+        if self._timers_call is None:
+            self._timers_at = due
+            self._timers_call = self.clock.callLater(wait, self._timers_due)
+        elif due < self._timers_at:
+            self._schedule(exchange, now, due)
+
+    def _schedule(self, exchange: Exchange, now: float, due: float) -> None:
+        """Arm ``exchange``'s timer for ``due`` (clock seconds; ``now``: the clock's time)."""
+        exchange.deadline = True
+        exchange.due = due
+        self._timed[exchange] = None
+        call = self._timers_call
+        if call is None:
+            self._timers_at = due
+            self._timers_call = self.clock.callLater(due - now, self._timers_due)
+        elif due < self._timers_at:
+            call.cancel()
+            self._timers_at = due
+            self._timers_call = self.clock.callLater(due - now, self._timers_due)
+
+    def _timers_due(self) -> None:
+        """The reactor timer: fire the timers due by its time (those armed for the soonest
+        time), then wait for the next soonest."""
+        self._timers_call = None
+        at = self._timers_at
+        timed = self._timed
+        due = [exchange for exchange in timed if exchange.due <= at]
+        due.sort(key=_due_time)  # (stable: at the same time, the one armed first)
+        for exchange in due:
+            if exchange.deadline and exchange.due <= at:  # (an earlier one may have ended it)
+                del timed[exchange]
+                exchange.deadline = False
+                try:
+                    self._timer_fired(exchange)
+                except Exception:
+                    log.failure("Unexpected error in an exchange's timer", Failure())
+        if not timed:
+            return
+        soonest = min(exchange.due for exchange in timed)
+        call = self._timers_call
+        if call is not None:  # (armed by an exchange's timer just now)
+            if self._timers_at <= soonest:
+                return
+            call.cancel()
+        self._timers_at = soonest
+        self._timers_call = self.clock.callLater(
+            max(0.0, soonest - self.clock.seconds()), self._timers_due)
 
     def _timer_fired(self, exchange: Exchange) -> None:
-        exchange.deadline = None
-        left = exchange.deadline_at - self.clock.seconds()
+        now = self.clock.seconds()
+        left = exchange.deadline_at - now
         if left <= 0.001:
             self._deadline_passed(exchange)
             return
@@ -1038,7 +1128,7 @@ class ProxyExchanges:
                 left = idle_left
         elif 0 < self.settings.stream_idle_timeout < left:
             left = self.settings.stream_idle_timeout  # (no relay yet: it starts later)
-        exchange.deadline = self.clock.callLater(left, self._timer_fired, exchange)
+        self._schedule(exchange, now, now + left)
 
     def _deadline_passed(self, exchange: Exchange) -> None:
         exchange.timed_out = True
@@ -1061,15 +1151,24 @@ class ProxyExchanges:
         the send, so the first-byte timer could only be armed and cancelled. With the defaults
         (both 300 s) that is every send: one timer and two callbacks less per request.
         """
-        deadline = exchange.deadline
-        if deadline is None or not deadline.active():
+        if not exchange.deadline:
             return True
         return self.clock.seconds() + self.settings.first_byte_timeout < exchange.deadline_at
 
     def _cancel_deadline(self, exchange: Exchange) -> None:
-        if exchange.deadline is not None and exchange.deadline.active():
-            exchange.deadline.cancel()
-        exchange.deadline = None
+        if exchange.deadline:
+            exchange.deadline = False
+            timed = self._timed
+            del timed[exchange]
+            if not timed:
+                call = self._timers_call
+                if call is not None:
+                    self._timers_call = None
+                    call.cancel()
+
+
+def _due_time(exchange: Exchange) -> float:
+    return exchange.due
 
 
 def answer_whole(request: GatewayRequest, body: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from llamaproxy.auth.access import AccessControl
@@ -590,9 +590,7 @@ class ProxyTests(SynchronousTestCase):
         backend = StreamingResponse()
         self.gw.agent.requests[0].deferred.callback(backend)
         backend.send(sse_chunk("Hel"))
-        timers = [call for call in self.gw.clock.getDelayedCalls()
-                  if getattr(call, "args", None) == (exchange,)]
-        self.assertEqual(len(timers), 1)  # one timer for the deadline and the relay's idleness
+        self.assertEqual(len(self.exchange_timers()), 1)  # one for the deadline and the relay
         self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
                           if getattr(call, "func", None) == exchange.relay._idle_expired], [])
         self.gw.clock.advance(4.9)  # 7.9 s: 4.9 s after the relay's last data
@@ -601,8 +599,66 @@ class ProxyTests(SynchronousTestCase):
         self.assertTrue(client.closed)
         self.assertEqual(exchange.relay.outcome, "idle_timeout")
         self.assertEqual(self.gw.resource.in_flight, set())
-        self.assertEqual([call for call in self.gw.clock.getDelayedCalls()
-                          if getattr(call, "args", None) == (exchange,)], [])
+        self.assertEqual(self.exchange_timers(), [])
+
+    def exchange_timers(self) -> list[Any]:
+        """The reactor timers the exchanges' timers share (one while any is armed)."""
+        return [call for call in self.gw.clock.getDelayedCalls()
+                if getattr(call, "func", None) == self.gw.resource.exchanges._timers_due]
+
+    def test_exchanges_share_one_timer_and_leave_none_behind(self) -> None:
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = [gw.chat() for _ in range(3)]
+        self.assertEqual(len(self.exchange_timers()), 1)
+        for record in gw.agent.requests:
+            record.respond(200, b"{}", Headers({b"content-type": [b"application/json"]}))
+        self.assertEqual([c.response().status for c in clients], [200, 200, 200])
+        self.assertEqual(gw.resource.in_flight, set())
+        self.assertEqual(self.exchange_timers(), [])  # the last one took the timer with it
+
+    def test_each_deadline_fires_at_its_own_time_in_order(self) -> None:
+        # Deadlines 30 s after each send (at 0, 1 and 2 s): the first exchange is answered at
+        # 20 s; the other two still time out at exactly 31 and 32 s, in that order.
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = []
+        for _ in range(3):
+            clients.append(gw.chat())
+            gw.clock.advance(1)
+        timed_out: list[int] = []
+        for index, record in enumerate(gw.agent.requests):
+            record.deferred.addBoth(
+                lambda _, i=index, r=record: timed_out.append(i) if r.cancelled else None)
+        gw.clock.advance(17)  # 20 s
+        gw.agent.requests[0].respond(200, b"{}", Headers({b"content-type": [b"application/json"]}))
+        self.assertEqual(clients[0].response().status, 200)
+        gw.clock.advance(10.99)  # 30.99 s: the first one's deadline passed, it is gone
+        self.assertEqual(timed_out, [])
+        self.assertEqual([call.getTime() for call in self.exchange_timers()], [31.0])
+        gw.clock.advance(0.01)
+        self.assertEqual(timed_out, [1])
+        self.assertEqual(clients[1].response().status, 504)
+        self.assertEqual(clients[2].written, b"")
+        gw.clock.advance(0.99)
+        self.assertEqual(timed_out, [1])
+        gw.clock.advance(0.01)
+        self.assertEqual(timed_out, [1, 2])
+        self.assertEqual(clients[2].response().status, 504)
+        self.assertEqual(self.exchange_timers(), [])
+
+    def test_deadlines_due_together_fire_in_the_order_they_were_armed(self) -> None:
+        gw = GatewayFixture(request_timeout=30.0, stream_idle_timeout=0.0, concurrency=3)
+        self.gw = gw
+        clients = [gw.chat() for _ in range(3)]
+        timed_out: list[int] = []
+        for index, record in enumerate(gw.agent.requests):
+            record.deferred.addBoth(
+                lambda _, i=index, r=record: timed_out.append(i) if r.cancelled else None)
+        gw.clock.advance(100)
+        self.assertEqual(timed_out, [0, 1, 2])
+        self.assertEqual([c.response().status for c in clients], [504, 504, 504])
+        self.assertEqual(self.exchange_timers(), [])
 
     def test_a_long_stream_meets_its_deadline(self) -> None:
         client = self.gw.chat()
@@ -999,14 +1055,19 @@ def _json(code: int, body: bytes = b"{}") -> tuple[int, bytes, Headers]:
 
 
 class FirstSendTests(SynchronousTestCase):
+    maxDiff = None
     """``ProxyExchanges._begin`` sends a request admitted at once itself and relays a plain
     answer from the send's callback; anything else goes on in ``_attempts``. Each case gives
     what running the whole exchange in ``_attempts`` gives: the client's answer, what each
     backend was sent, the breakers, the slots, the log."""
 
+    #: 20 s: the send has a first-byte timer of its own (and forward.send's retry errback);
+    #: 30 s, as the deadline: none, and ``_begin`` runs ``forward.retry`` itself.
+    first_byte_timeout = 20.0
+
     def gateway(self, through_attempts: bool) -> GatewayFixture:
         gw = GatewayFixture(concurrency=1, queue_timeout=10.0, request_timeout=30.0,
-                            first_byte_timeout=20.0)
+                            first_byte_timeout=self.first_byte_timeout)
         gw.with_spare(1, BreakerSettings(failure_threshold=2, reset_timeout=60))
         if through_attempts:
             exchanges = gw.resource.exchanges
@@ -1125,6 +1186,58 @@ class FirstSendTests(SynchronousTestCase):
             self.assertEqual(second.response().body, b'{"ok": 2}')
 
         self.assert_same(drive)
+
+
+class FirstSendRetryTests(FirstSendTests):
+    """``FirstSendTests`` with no first-byte timer on the send (FIRST_BYTE_TIMEOUT as
+    REQUEST_TIMEOUT, the defaults' case): ``_begin`` sends with ``forward.send_first`` and
+    runs ``forward.retry`` itself on a failure, where ``_attempts`` uses ``forward.send``; the
+    same answers, sends, breakers, slots and log."""
+
+    first_byte_timeout = 30.0
+
+    def test_first_sends_that_fail_and_are_sent_again(self) -> None:
+        unsent: list[BaseException] = [RequestNotSent(),
+                                       RequestTransmissionFailed([Failure(ConnectionDone())])]
+        for first in (*unsent, ConnectionRefusedError(),
+                      ResponseNeverReceived([Failure(ConnectionDone())])):
+            for then in ("answer", "fail", "leave", "deadline"):
+                def drive(gw: GatewayFixture, client: InMemoryClient, first: Any = first,
+                          then: str = then) -> None:
+                    gw.agent.requests[0].fail(first)
+                    if len(gw.agent.requests) == 1:
+                        return  # (may have run: neither sent again nor failed over)
+                    if gw.agent.requests[-1].uri != gw.agent.requests[0].uri:
+                        gw.agent.requests[-1].respond(*_json(200, b'{"ok": 3}'))
+                        return  # (not sent again by forward: failed over to the spare)
+                    if then == "answer":
+                        gw.agent.requests[1].respond(*_json(200, b'{"ok": 2}'))
+                    elif then == "fail":
+                        gw.agent.requests[1].fail(RequestNotSent())
+                    elif then == "leave":
+                        client.disconnect()
+                    else:
+                        gw.clock.advance(30)
+                    for record in gw.agent.requests[2:]:
+                        if record.pending:
+                            record.respond(*_json(200, b'{"ok": 3}'))
+
+                result = self.assert_same(drive)
+                sent = cast(list[tuple[bytes, bool, bool]], result[2])
+                sent_again = isinstance(first, (RequestNotSent, RequestTransmissionFailed))
+                self.assertEqual(len(sent) > 1 and sent[1][0] == sent[0][0], sent_again)
+
+    def test_the_client_leaving_or_the_time_running_out_before_the_answer(self) -> None:
+        # (no first-byte timer here: the client leaving and the deadline)
+        def leave(gw: GatewayFixture, client: InMemoryClient) -> None:
+            client.disconnect()
+
+        def deadline(gw: GatewayFixture, client: InMemoryClient) -> None:
+            gw.clock.advance(30)
+
+        for drive in (leave, deadline):
+            result = self.assert_same(drive)
+            self.assertTrue(result[2][0][1])  # type: ignore[index]  # (the send was cancelled)
 
 
 class DrainTests(SynchronousTestCase):
