@@ -4,11 +4,12 @@ A full run of :mod:`bench.overhead` measures each server a minute or more apart,
 VM the host drifts by ±20 % in that time: more than one session's cut. This harness takes the
 drift out. It starts one fake backend (core 1), the older gateway (when given) and one llamaproxy
 per checkout (core 0, every feature on, ``FAST_PATHS=auto``, each checkout's code put first on
-``PYTHONPATH``), then runs ``--rounds`` rounds; in each round every server in turn gets wrk at
-c=64, then wrk at c=1, then (unless ``--streams 0``) one round of concurrent SSE streams. Each
-figure is then a median over the rounds, and every ratio (a checkout against the older gateway,
-a checkout against the first checkout) is taken within one round before its median: the
-servers of a round ran seconds apart, on the same host state.
+``PYTHONPATH``), then runs ``--rounds`` rounds; in each round every server in turn (the order
+rotated by one server from round to round) gets wrk at c=64, then wrk at c=1, then (unless
+``--streams 0``) one round of concurrent SSE streams. Each figure is then a median over the
+rounds, and every ratio (a checkout against the older gateway, a checkout against the first
+checkout) is taken within one round before its median: the servers of a round ran seconds
+apart, on the same host state.
 
     .venv/bin/python -m bench.ab --checkout before=/path/to/old/worktree --checkout after=. \\
         [--older-gateway PATH] [--rounds 8] [--duration 5] [--streams 500] [--json out.json]
@@ -212,15 +213,18 @@ def measure(servers: Sequence[Server], backend: Server, rounds: int, duration: f
             run_plain_: Callable[..., dict[str, Any]] = run_plain,
             run_streams_: Callable[..., dict[str, Any]] = run_streams,
             ) -> list[dict[str, dict[str, float | None]]]:
-    """``rounds`` rounds, each server in turn within each; every server's figures per round."""
+    """``rounds`` rounds, each server in turn within each (the order rotated by one server
+    each round); every server's figures per round, in ``servers``' order."""
     for server in servers:  # warm-up: pools filled, code paths hot
         run_plain_(server, 64, 2.0, core, True, backend.url)
     results = []
-    for _ in range(rounds):
+    for number in range(rounds):
         figures: dict[str, dict[str, float | None]] = {
             "direct": round_figures({"c1": run_plain_(backend, 1, duration, core, True,
                                                       backend.url)})}
-        for server in servers:
+        # Each round starts with the next server: none is always measured first or last.
+        shift = number % len(servers) if servers else 0
+        for server in [*servers[shift:], *servers[:shift]]:
             runs = {"c64": run_plain_(server, 64, duration, core, True, backend.url),
                     "c1": run_plain_(server, 1, duration, core, True, backend.url)}
             if use_streams:

@@ -17,7 +17,7 @@ def _server(name: str) -> Server:
 
 
 class MeasureTests(SynchronousTestCase):
-    def test_every_server_runs_in_turn_in_every_round(self) -> None:
+    def test_every_server_runs_in_turn_in_every_round_the_order_rotated(self) -> None:
         calls: list[tuple[str, int | str]] = []
         cpu = {"older": 1.0, "a": 0.4, "b": 0.3}
 
@@ -34,9 +34,12 @@ class MeasureTests(SynchronousTestCase):
         servers = [_server("older"), _server("a"), _server("b")]
         rounds = ab.measure(servers, _server("direct"), 2, 1.0, Plan(), None, True, plain, streams)
         warm_up = [("older", 64), ("a", 64), ("b", 64)]
-        one_round = [("direct", 1)] + [step for name in ("older", "a", "b")
-                                       for step in ((name, 64), (name, 1), (name, "streams"))]
-        self.assertEqual(calls, warm_up + one_round + one_round)
+        def one_round(*order: str) -> list[tuple[str, int | str]]:
+            return [("direct", 1)] + [step for name in order
+                                      for step in ((name, 64), (name, 1), (name, "streams"))]
+
+        self.assertEqual(calls, warm_up + one_round("older", "a", "b")
+                         + one_round("a", "b", "older"))
         self.assertEqual(len(rounds), 2)
         self.assertEqual(rounds[0]["b"]["c64_cpu_ms"], 0.3)
         self.assertEqual(rounds[0]["b"]["streams_gap_p99_ms"], 30.0)
