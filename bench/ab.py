@@ -38,6 +38,7 @@ from bench.overhead import (
     API_KEY,
     Plan,
     Server,
+    _get,
     gateway_env,
     run_plain,
     run_streams,
@@ -96,14 +97,6 @@ def start_checkout(root: Path, backend_url: str, core: int | None, checkout: Che
     return Server(checkout.label, f"http://127.0.0.1:{port}", process, API_KEY, run)
 
 
-def _number(document: Any, *keys: str) -> float | None:
-    for key in keys:
-        if not isinstance(document, dict) or document.get(key) is None:
-            return None
-        document = document[key]
-    return float(document)
-
-
 #: The figures kept from each run, by the name the report gives them.
 FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "c64_rps": ("c64", ("rps",)),
@@ -118,7 +111,7 @@ FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def round_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """One server's figures in one round, from its runs (``c64``, ``c1``, ``streams``)."""
-    return {name: _number(runs.get(run), *keys) for name, (run, keys) in FIGURES.items()}
+    return {name: _get(runs.get(run), *keys) for name, (run, keys) in FIGURES.items()}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
