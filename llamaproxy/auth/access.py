@@ -34,7 +34,8 @@ class Access(NamedTuple):
     """
 
     key_id: str | None
-    headers: tuple[tuple[str, str], ...] = ()
+    #: The response's X-RateLimit-* header fields, in bytes (``RateDecision.fields``).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     #: Set when the request is refused (401, 403, 429).
     error: GatewayError | None = None
     #: When the request limiter counted this request (None: it did not), for ``refund``.
@@ -98,19 +99,18 @@ class AccessControl:
 
     def _limit(self, key_id: str, rate_limit: int | None) -> Access:
         """This process's token and request limits for an authenticated key."""
-        headers: tuple[tuple[str, str], ...] = ()
-        charged_at: float | None = None
         if self.token_limits is not None:
             retry_after = self.token_limits.retry_after(key_id)
             if retry_after is not None:
                 return Access(key_id, error=errors.token_rate_limited(retry_after))
-        if self.limiter is not None:
-            decision = self.limiter.check(key_id, rate_limit)
-            if not decision.allowed:
-                return Access(key_id, error=errors.rate_limited(decision.headers()))
-            headers = decision.headers()
-            charged_at = self.limiter.now()
-        return Access(key_id, headers, None, charged_at, rate_limit)
+        limiter = self.limiter
+        if limiter is None:
+            return Access(key_id, (), None, None, rate_limit)
+        decision = limiter.check(key_id, rate_limit)
+        if not decision[0]:  # (allowed)
+            return Access(key_id, error=errors.rate_limited(decision.headers()))
+        # Charged when the limiter counted it (its clock's time in that check).
+        return Access(key_id, decision.fields(), None, limiter.checked_at, rate_limit)
 
     def refund(self, access: Access) -> int | None:
         """Give back the request window charge of ``access`` (the gateway refused the request

@@ -103,9 +103,39 @@ class RateDecision(NamedTuple):
             headers += (("Retry-After", str(self.retry_after)),)
         return headers
 
+    def fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """``headers()`` as response header fields in bytes (what ``set_headers`` takes): the
+        same names and the same digits, the limit's formatted once per limit."""
+        _allowed, limit, remaining, reset, retry_after = self
+        text = _LIMIT_TEXT.get(limit)
+        if text is None:
+            text = _limit_text(limit)
+        fields: tuple[tuple[bytes, bytes], ...] = (
+            (b"X-RateLimit-Limit", text),
+            (b"X-RateLimit-Remaining", b"%d" % remaining),
+            (b"X-RateLimit-Reset", b"%d" % reset),
+        )
+        if retry_after is not None:
+            fields += ((b"Retry-After", b"%d" % retry_after),)
+        return fields
+
+
+#: X-RateLimit-Limit's value by limit: a key's limit is formatted once, not per request.
+_LIMIT_TEXT: dict[int, bytes] = {}
+
+
+def _limit_text(limit: int) -> bytes:
+    """``limit`` in ASCII digits, remembered in ``_LIMIT_TEXT`` (at most 256 limits: started
+    over when full; the key file and config give a handful)."""
+    if len(_LIMIT_TEXT) >= 256:
+        _LIMIT_TEXT.clear()
+    text = _LIMIT_TEXT[limit] = b"%d" % limit
+    return text
+
 
 #: ``RateDecision(*values)`` without the generated ``__new__``'s frame.
 _new_decision = tuple.__new__
+_ceil = math.ceil
 
 
 @dataclass(slots=True)
@@ -241,6 +271,8 @@ class RateLimiter(SlidingWindowCounter):
         _check_limit(default_limit)
         super().__init__(clock, window, cleanup_interval)
         self.default_limit = default_limit
+        #: The clock's time at the last ``check`` (what its request was counted at).
+        self.checked_at = self._last_sweep
 
     def _check_settings(self, window: float, cleanup_interval: float) -> None:
         """Refuse a window that is not positive and a negative cleanup_interval."""
@@ -279,17 +311,20 @@ class RateLimiter(SlidingWindowCounter):
             current += 1
             bucket.current = current
         # remaining: the smallest k >= 0 with E + k >= limit (see ``_remaining``).
-        remaining = max(0, math.ceil(limit - (share + current)))
+        remaining = _ceil(limit - (share + current))
+        if remaining < 0:  # (max(0, ...) without the builtin's call: the same int)
+            remaining = 0
         while remaining > 0 and share + (current + remaining - 1) >= limit:
             remaining -= 1
         while share + (current + remaining) < limit:
             remaining += 1
         if current > 0:
-            reset = math.ceil(2 * window - offset)
+            reset = _ceil(2 * window - offset)
         elif previous > 0:
-            reset = math.ceil(window - offset)
+            reset = _ceil(window - offset)
         else:
             reset = 0
+        self.checked_at = now
         # (tuple.__new__ directly: the NamedTuple's generated __new__ frame does only this)
         return _new_decision(RateDecision, (
             allowed, limit, remaining, reset,

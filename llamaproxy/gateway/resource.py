@@ -250,7 +250,7 @@ class GatewayResource(Resource):
         if metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
             metrics.authenticated(result.key_id)  # type: ignore[arg-type]
         if result.headers:
-            request.set_headers([(name, value.encode("latin-1")) for name, value in result.headers])
+            request.set_headers(result.headers)
         return None
 
     def _refund(self, access: Access, request: GatewayRequest) -> None:

@@ -212,7 +212,7 @@ class SharedLimits:
         if not decision.allowed:
             return Access(key_id, error=errors.rate_limited(decision.headers()))
         return Access(
-            key_id, decision.headers(), charged_at=now, rate_limit=rate_limit, shared=True
+            key_id, decision.fields(), charged_at=now, rate_limit=rate_limit, shared=True
         )
 
     def _unavailable(
@@ -238,10 +238,10 @@ class SharedLimits:
         )
         d.addErrback(lambda f: None)  # Redis away: the charge stays (logged by RedisState)
         for name, value in access.headers:
-            if name == "X-RateLimit-Remaining":
+            if name == b"X-RateLimit-Remaining":
                 remaining = int(value) + 1
                 limits = dict(access.headers)
-                return min(remaining, int(limits.get("X-RateLimit-Limit", remaining)))
+                return min(remaining, int(limits.get(b"X-RateLimit-Limit", remaining)))
         return None
 
     def spend(self, key_id: str, tokens: int) -> None:

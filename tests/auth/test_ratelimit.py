@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from llamaproxy.auth import ratelimit
 from llamaproxy.auth.ratelimit import RateDecision, RateLimiter
 
 
@@ -389,3 +390,38 @@ class DecisionMadeDirectlyTests(SynchronousTestCase):
             self.assertEqual(decision.headers(), RateDecision(*decision).headers())
         self.assertFalse(decision.allowed)
         self.assertIsNotNone(decision.retry_after)
+
+
+class FieldsTests(SynchronousTestCase):
+    """``RateDecision.fields`` is ``headers()`` encoded, the limit's text remembered."""
+
+    @given(
+        st.booleans(), st.integers(1, 10**12), st.integers(0, 10**12), st.integers(0, 10**6),
+        st.none() | st.integers(1, 10**6),
+    )
+    def test_the_headers_in_bytes(
+        self, allowed: bool, limit: int, remaining: int, reset: int, retry_after: int | None
+    ) -> None:
+        decision = RateDecision(allowed, limit, remaining, reset, retry_after)
+        expected = tuple(
+            (name.encode("latin-1"), value.encode("latin-1")) for name, value in decision.headers()
+        )
+        self.assertEqual(decision.fields(), expected)
+        self.assertEqual(decision.fields(), expected)  # the limit's text remembered
+
+    def test_more_limits_than_remembered(self) -> None:
+        for limit in range(1, 600):
+            decision = RateDecision(True, limit, 0, 0, None)
+            self.assertEqual(decision.fields()[0], (b"X-RateLimit-Limit", str(limit).encode()))
+        self.assertLessEqual(len(ratelimit._LIMIT_TEXT), 256)
+
+
+class CheckedAtTests(SynchronousTestCase):
+    """``checked_at`` is the clock's time the last ``check`` counted at."""
+
+    def test_the_time_of_the_last_check(self) -> None:
+        clock, limiter = make(limit=2, start=1000.0)
+        for _ in range(4):
+            clock.advance(0.25)
+            limiter.check("a")
+            self.assertEqual(limiter.checked_at, clock.seconds())

@@ -71,8 +71,8 @@ class SharedLimitsTests(TestCase):
             self.assertIn(headers["Retry-After"], ("60", "61"))
             # Each replica's answer counts every replica's requests (in Redis's order).
             self.assertEqual(
-                sorted(dict(a.headers)["X-RateLimit-Remaining"] for a in allowed),
-                ["0", "1", "2", "3", "4"],
+                sorted(dict(a.headers)[b"X-RateLimit-Remaining"] for a in allowed),
+                [b"0", b"1", b"2", b"3", b"4"],
             )
         return Deferred.fromCoroutine(run())
 
@@ -80,12 +80,12 @@ class SharedLimitsTests(TestCase):
         async def run() -> None:
             results = await self._burst(5)
             self.assertTrue(all(a.error is None and a.shared for a in results))
-            last = next(a for a in results if dict(a.headers)["X-RateLimit-Remaining"] == "0")
+            last = next(a for a in results if dict(a.headers)[b"X-RateLimit-Remaining"] == b"0")
             self.assertEqual(self.replicas[0].refund(last), 1)
             await deferLater(reactor, 0.1, lambda: None)
             again = await self.replicas[2].check("burst", None, self.local)
             self.assertIsNone(again.error)
-            self.assertEqual(dict(again.headers)["X-RateLimit-Remaining"], "0")
+            self.assertEqual(dict(again.headers)[b"X-RateLimit-Remaining"], b"0")
             refused = await self.replicas[1].check("burst", None, self.local)
             self.assertIsNotNone(refused.error)
         return Deferred.fromCoroutine(run())
@@ -110,7 +110,7 @@ class SharedLimitsTests(TestCase):
                 if not replica.state.connected:
                     break
                 await deferLater(reactor, 0.01, lambda: None)
-            local = Access("k", (("X-RateLimit-Limit", "5"),))
+            local = Access("k", ((b"X-RateLimit-Limit", b"5"),))
             got = await replica.check("k", None, lambda: local)
             self.assertIs(got, local)
             self.assertEqual(replica.state.health, "down")
