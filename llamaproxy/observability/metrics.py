@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -347,7 +348,9 @@ class RequestTimer:
         m = self._metrics
         now = self._admitted_at = m._clock.seconds()
         if self._queued_at is None:
-            m._queue_wait_series.observe(0.0)  # it never waited
+            # It never waited: ``m._queue_wait_series.observe(0.0)``, in line (its bucket found
+            # once; adding 0.0 to the sum leaves it as it is).
+            m._queue_wait_series.counts[m._queue_wait_zero] += 1
         else:
             self._leave_queue(now)
         m._requests_total += 1
@@ -379,9 +382,18 @@ class RequestTimer:
         if self._done or self._headers_at is not None:
             return
         now = self._headers_at = self._metrics._clock.seconds()
+        series = self._series
         if self._sent_at is not None:
-            self._series.backend_latency.observe(now - self._sent_at)
-        self._series.backend_counter(status).inc()
+            # ``series.backend_latency.observe(now - self._sent_at)``, in line.
+            latency = now - self._sent_at
+            histogram = series.backend_latency
+            histogram.counts[bisect_left(histogram.bounds, latency)] += 1
+            histogram.sum += latency
+        # ``series.backend_counter(status).inc()``, in line for a status seen before.
+        child = series.backend_responses.get(status)
+        if child is None:
+            child = series.backend_counter(status)
+        child.value += 1
 
     def first_byte_sent(self) -> float | None:
         """The response starts going out to the client (its first ``request.write``).
@@ -394,14 +406,21 @@ class RequestTimer:
             return None
         now = self._first_byte_at = self._metrics._clock.seconds()
         series = self._series
-        series.first_byte.observe(now - self._started)
+        # ``series.first_byte.observe(now - self._started)``, in line.
+        elapsed = now - self._started
+        histogram = series.first_byte
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
         if self._sent_first_at is None or self._headers_at is None:
             return None
         before = self._sent_first_at - self._started - self._wait
         after = now - self._headers_at
         # max(0.0, x) without the builtin's call: the same value, NaN and -0.0 included.
         overhead = (before if before > 0.0 else 0.0) + (after if after > 0.0 else 0.0)
-        series.overhead.observe(overhead)
+        # ``series.overhead.observe(overhead)``, in line.
+        histogram = series.overhead
+        histogram.counts[bisect_left(histogram.bounds, overhead)] += 1
+        histogram.sum += overhead
         return overhead
 
     def rejected(self, reason: str) -> None:
@@ -441,8 +460,18 @@ class RequestTimer:
                 m._success += 1
             elif outcome != "client_gone":
                 m._error += 1
-        series.request_counter(status, m._model_label(model)).inc()
-        series.duration.observe(now - self._started)
+        # ``series.request_counter(status, m._model_label(model)).inc()``, in line for a model
+        # already seen (its own label) and a (status, model) counted before.
+        label = model if model in m._models else m._model_label(model)
+        child = series.requests.get((status, label))
+        if child is None:
+            child = series.request_counter(status, label)
+        child.value += 1
+        # ``series.duration.observe(now - self._started)``, in line.
+        elapsed = now - self._started
+        histogram = series.duration
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.sum += elapsed
         if bytes_sent:
             series.bytes.inc(bytes_sent)
         if self.key_id is not None:
@@ -524,6 +553,8 @@ class GatewayMetrics:
             registry=reg, buckets=QUEUE_WAIT_BUCKETS)
         #: Its one series (no label names), observed directly.
         self._queue_wait_series = self._queue_wait.labels()
+        #: The bucket a wait of 0 falls in (``admitted`` counts it there without ``observe``).
+        self._queue_wait_zero = bisect_left(self._queue_wait_series.bounds, 0.0)
         self._backend_latency = ReactorHistogram(
             "llamaproxy_backend_latency_seconds",
             "Time from sending a request to the backend to its response headers.",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -19,8 +21,11 @@ from llamaproxy.backends.admission import Admission
 from llamaproxy.backends.backend import Backend, BackendState, ProbeResult
 from llamaproxy.gateway import errors
 from llamaproxy.observability.metrics import (
+    CLIENT_CLOSED_STATUS,
+    COMPLETE_OUTCOMES,
     GatewayMetrics,
     MetricsResource,
+    RequestTimer,
     choose_format,
     exit_code_of,
     rejection_reason,
@@ -412,6 +417,131 @@ class RequestTimerTests(SynchronousTestCase):
             found = samples(metrics.render("text/plain", False)[0].decode())
             self.assertEqual(value(found, "llamaproxy_gateway_overhead_seconds_sum",
                                    route="chat"), expected)
+
+
+class StockTimer(RequestTimer):
+    """``RequestTimer`` as it was before its observations were written in line: each
+    histogram through ``observe``, each counter through its lookup and ``inc``."""
+
+    __slots__ = ()
+
+    def admitted(self) -> None:
+        if self._admitted_at is not None or self._done:
+            return
+        m = self._metrics
+        now = self._admitted_at = m._clock.seconds()
+        if self._queued_at is None:
+            m._queue_wait_series.observe(0.0)
+        else:
+            self._leave_queue(now)
+        m._requests_total += 1
+        m._active += 1
+
+    def backend_headers(self, status: int) -> None:
+        if self._done or self._headers_at is not None:
+            return
+        now = self._headers_at = self._metrics._clock.seconds()
+        if self._sent_at is not None:
+            self._series.backend_latency.observe(now - self._sent_at)
+        self._series.backend_counter(status).inc()
+
+    def first_byte_sent(self) -> float | None:
+        if self._done or self._first_byte_at is not None:
+            return None
+        now = self._first_byte_at = self._metrics._clock.seconds()
+        series = self._series
+        series.first_byte.observe(now - self._started)
+        if self._sent_first_at is None or self._headers_at is None:
+            return None
+        before = self._sent_first_at - self._started - self._wait
+        after = now - self._headers_at
+        overhead = max(0.0, before) + max(0.0, after)
+        series.overhead.observe(overhead)
+        return overhead
+
+    def finished(self, status: int, model: str | None, bytes_sent: int, outcome: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        m = self._metrics
+        now = m._clock.seconds()
+        if self._queued_at is not None:
+            self._leave_queue(now)
+        series = self._series
+        complete = outcome in COMPLETE_OUTCOMES
+        if not complete:
+            series.interrupted_counter(outcome).inc()
+            if outcome == "client_gone" and self._first_byte_at is None:
+                status = CLIENT_CLOSED_STATUS
+        if self._admitted_at is not None:
+            m._active -= 1
+            m._bytes_sent += bytes_sent
+            if complete and status < 500:
+                m._success += 1
+            elif outcome != "client_gone":
+                m._error += 1
+        series.request_counter(status, m._model_label(model)).inc()
+        series.duration.observe(now - self._started)
+        if bytes_sent:
+            series.bytes.inc(bytes_sent)
+        if self.key_id is not None:
+            per_key = m._key_requests
+            per_key[self.key_id] = per_key.get(self.key_id, 0) + 1
+
+
+_STEP = st.tuples(
+    st.sampled_from(("chat", "embeddings", "nowhere")),
+    st.booleans(),  # queued
+    st.sampled_from((0.0, 0.0004, 0.003, 0.7, 42.0, 1000.0, -0.5)),  # each clock step
+    st.booleans(),  # backend_sent
+    st.sampled_from((200, 200, 404, 500)),  # backend status
+    st.integers(0, 3),  # how far it gets: 0 none, 1 headers, 2 first byte, 3 twice each
+    st.sampled_from(("tiny", "tiny", "big", None, "")),
+    st.sampled_from(("complete", "answered", "client_gone", "backend_failed")),
+    st.sampled_from((0, 0, 17, 4096)),
+)
+
+
+class InlineObservationTests(SynchronousTestCase):
+    """The timer's observations written in line give what ``observe`` and ``inc`` gave: the
+    same samples and legacy counters as ``StockTimer`` for the same requests."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(_STEP, min_size=1, max_size=12))
+    def test_the_same_samples_as_the_stock_timer(self, steps: list[tuple]) -> None:  # type: ignore[type-arg]
+        def run(stock: bool) -> tuple[Samples, dict[str, object]]:
+            clock = Clock()
+            clock.advance(1000)
+            metrics = GatewayMetrics(clock, max_models=2)
+            for route, queued, step, sent, status, reach, model, outcome, size in steps:
+                if stock:
+                    series = metrics._series.get(route) or metrics._series["other"]
+                    timer: RequestTimer = StockTimer(metrics, series, clock.seconds())
+                    timer.key_id = "k"
+                else:
+                    timer = metrics.request_started(route, "k")
+                if queued:
+                    timer.queued()
+                    clock.advance(step) if step >= 0 else None
+                timer.admitted()
+                if sent:
+                    timer.backend_sent()
+                    clock.rightNow += step
+                for _ in range(2 if reach == 3 else 1):
+                    if reach >= 1:
+                        timer.backend_headers(status)
+                        clock.rightNow += step
+                    if reach >= 2:
+                        timer.first_byte_sent()
+                clock.rightNow += step
+                timer.finished(status, model, size, outcome)
+            found = samples(metrics.render("text/plain", True)[0].decode())
+            kept = {k: v for k, v in found.items() if not k[0].endswith("_created")}
+            legacy = metrics.legacy_json()["gateway"]
+            legacy.pop("uptime_seconds", None)
+            return kept, legacy
+
+        self.assertEqual(run(stock=False), run(stock=True))
 
 
 class NegotiationTests(SynchronousTestCase):
