@@ -77,6 +77,18 @@ def parse_log_format(text: str) -> LogFormat:
 
 def iso_timestamp(seconds: float) -> str:
     """ISO 8601 UTC with milliseconds and ``Z``: ``2026-05-01T12:00:00.123Z``."""
+    # The second of the last timestamp made, and its text (the lines of a second share it):
+    # ``seconds - whole`` is exact, so ``0 <= offset < 1`` is ``floor(seconds) == whole``.
+    offset = seconds - _last_second[0]
+    if 0.0 <= offset < 1.0:
+        micros = round(offset * 1e6)  # datetime rounds to microseconds, then truncates
+        if micros < 1_000_000:
+            return _last_second[1] + _MILLISECONDS[micros // 1000]
+    return _iso_timestamp(seconds)
+
+
+def _iso_timestamp(seconds: float) -> str:
+    """``iso_timestamp`` worked out in full (and its second remembered for the next call)."""
     if not isfinite(seconds):
         return _EPOCH
     whole = floor(seconds)
@@ -86,10 +98,13 @@ def iso_timestamp(seconds: float) -> str:
     prefix = _second_prefix(whole)
     if prefix is None:
         return _EPOCH
+    _last_second[:] = (whole, prefix)
     return prefix + _MILLISECONDS[micros // 1000]
 
 
 _EPOCH = "1970-01-01T00:00:00.000Z"
+#: [whole second, its ``2026-05-01T12:00:00`` prefix] of the last timestamp worked out.
+_last_second: list[Any] = [math.inf, ""]
 #: ``.000Z`` to ``.999Z``: a timestamp's tail by its milliseconds (cheaper than formatting it).
 _MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,23 @@ class FormatHelpersTests(SynchronousTestCase):
         for ms in range(1000):
             self.assertEqual(iso_timestamp(1_780_000_000 + ms / 1000 + 0.0004),
                              f"2026-05-28T20:26:40.{ms:03d}Z")
+
+    @given(st.lists(st.one_of(
+        st.floats(1_780_000_000.0, 1_780_000_003.0),
+        st.floats(-1e10, 1e11),
+        st.sampled_from((0.0, -0.0, 0.9999995, 0.99999949999, 1_780_000_000.9999995,
+                         float("nan"), float("inf"), -float("inf"), 1e300)),
+    ), min_size=1, max_size=20))
+    def test_iso_timestamp_as_datetime_whatever_came_before(self, moments: list[float]) -> None:
+        """The last second remembered never changes a timestamp: each is datetime's own."""
+        for seconds in moments:
+            try:
+                moment = datetime.fromtimestamp(seconds, UTC)
+                expected = (moment.strftime("%Y-%m-%dT%H:%M:%S")
+                            + f".{moment.microsecond // 1000:03d}Z")
+            except (OverflowError, OSError, ValueError):
+                expected = "1970-01-01T00:00:00.000Z"
+            self.assertEqual(iso_timestamp(seconds), expected, seconds)
 
     def test_parse_log_format(self) -> None:
         self.assertEqual(parse_log_format(" JSON "), "json")
