@@ -280,9 +280,8 @@ class UsageLedger(Service):
 
     # --- the reactor thread --------------------------------------------------------------------
 
-    def _today(self) -> str:
-        """The UTC date of now, cached until midnight."""
-        now = self._clock.seconds()
+    def _day_at(self, now: float) -> str:
+        """The UTC date at ``now`` (a clock reading), cached until midnight."""
         if not self._day_start <= now < self._day_end:
             moment = datetime.fromtimestamp(now, UTC)
             midnight = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
@@ -304,13 +303,23 @@ class UsageLedger(Service):
         if self._stopped:
             log.warn("Usage recorded after the ledger stopped: not counted", key_id=key_id)
             return
-        slot = (self._today(), key_id or UNKNOWN, model or UNKNOWN)
+        # ``self._today()`` in line while the day lasts (one clock read either way).
+        now = self._clock.seconds()
+        day = self._day if self._day_start <= now < self._day_end else self._day_at(now)
+        slot = (day, key_id or UNKNOWN, model or UNKNOWN)
         totals = self._pending.get(slot)
         if totals is None:
             totals = self._pending[slot] = [0, 0, 0, 0]
         totals[0] += 1
-        totals[1] += _tokens(prompt_tokens)
-        totals[2] += _tokens(completion_tokens)
+        # ``_tokens(count)`` in line for a plain int (what a usage object gives).
+        if type(prompt_tokens) is int:
+            totals[1] += prompt_tokens if prompt_tokens > 0 else 0
+        else:
+            totals[1] += _tokens(prompt_tokens)
+        if type(completion_tokens) is int:
+            totals[2] += completion_tokens if completion_tokens > 0 else 0
+        else:
+            totals[2] += _tokens(completion_tokens)
         totals[3] += partial
         if self._timer is None and self._flushing is None:
             self._timer = self._clock.callLater(self.flush_interval, self._on_timer)
