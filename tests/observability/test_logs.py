@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import random
 import re
 import stat
 import subprocess
@@ -695,6 +696,17 @@ class RequestIdTests(SynchronousTestCase):
 
     def test_generated_ids_unique(self) -> None:
         self.assertEqual(len({request_id_from(None) for _ in range(1000)}), 1000)
+
+    def test_no_header_gives_new_request_id(self) -> None:
+        """``request_id_from`` makes the id itself when there is no header: ``new_request_id``'s,
+        from the module ``random``'s generator."""
+        state = random.getstate()
+        self.addCleanup(random.setstate, state)
+        for value in (None, b""):
+            random.seed(7)
+            made = [request_id_from(value) for _ in range(5)]
+            random.seed(7)
+            self.assertEqual(made, [access_log.new_request_id() for _ in range(5)])
 
     @given(st.binary(max_size=200))
     def test_always_safe(self, value: bytes) -> None:
