@@ -82,10 +82,16 @@ class AccessControl:
         if not self.auth_enabled:
             # No keys, no identities: every caller is "auth-disabled" and nothing is limited.
             return Access(AUTH_DISABLED)
-        result = authenticate_headers(self.store.keys, authorization, x_api_key, self.now)
-        if isinstance(result, GatewayError):
-            return Access(None, error=result)
-        key_id = result.key_id
+        keys = self.store.keys
+        # ``authenticate_headers`` in line for a remembered match without an expiration (most
+        # requests): the same key it would return.
+        key = keys.matched.get((authorization, x_api_key))
+        if key is None or key.expires is not None:
+            result = authenticate_headers(keys, authorization, x_api_key, self.now)
+            if isinstance(result, GatewayError):
+                return Access(None, error=result)
+            key = result
+        key_id = key.key_id
         if admin and key_id not in self.admin_key_ids:
             refusal = errors.forbidden(f"Key '{key_id}' is not allowed to do this")
             return Access(key_id, error=refusal)
@@ -93,9 +99,9 @@ class AccessControl:
             self.limiter is not None or self.token_limits is not None
         ):
             return self.shared.check(
-                key_id, result.rate_limit, lambda: self._limit(key_id, result.rate_limit)
+                key_id, key.rate_limit, lambda: self._limit(key_id, key.rate_limit)
             )
-        return self._limit(key_id, result.rate_limit)
+        return self._limit(key_id, key.rate_limit)
 
     def _limit(self, key_id: str, rate_limit: int | None) -> Access:
         """This process's token and request limits for an authenticated key."""

@@ -3,6 +3,8 @@ decision as response header fields in bytes, charged at the time the limiter cou
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -12,6 +14,7 @@ from llamaproxy.auth.ratelimit import RateLimiter
 from llamaproxy.auth.store import KeyStore
 
 KEY = "sk-unit-test-key-000000000001"
+OTHER = "sk-unit-test-key-000000000002"
 AUTH = f"Bearer {KEY}".encode()
 
 
@@ -61,3 +64,32 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(dict(first.headers)[b"X-RateLimit-Remaining"], b"1")
         clock.advance(1)
         self.assertEqual(access.refund(first), 2)
+
+
+class RememberedKeyTests(SynchronousTestCase):
+    """``check`` reads a remembered match itself only for a key without an expiration: an
+    expiring key still goes through ``authenticate_headers`` (and is refused once expired)."""
+
+    def test_remembered_expiring_and_unknown_keys(self) -> None:
+        now = [datetime(2026, 1, 1, tzinfo=UTC)]
+        keys = parse_keys([f"alice:{KEY}", f"bob:{OTHER}::2026-06-01"])[0]
+        access = AccessControl(KeyStore("/nonexistent", keys), None, now=lambda: now[0])
+        bob = f"Bearer {OTHER}".encode()
+        for _ in range(3):  # the first time learnt, then remembered
+            self.assertEqual(access.check(AUTH, None), Access("alice", (), None, None, None))
+            self.assertEqual(access.check(None, KEY.encode()),
+                             Access("alice", (), None, None, None))
+            self.assertEqual(access.check(bob, None), Access("bob", (), None, None, None))
+        self.assertIn((bob, None), keys.matched)
+        now[0] = datetime(2026, 7, 1, tzinfo=UTC)
+        expired = access.check(bob, None)
+        assert isinstance(expired, Access) and expired.error is not None
+        self.assertEqual((expired.key_id, expired.error.status), (None, 401))
+        unknown = access.check(b"Bearer sk-unit-test-key-999999999999", None)
+        assert isinstance(unknown, Access) and unknown.error is not None
+        self.assertEqual(unknown.error.status, 401)
+
+    def test_the_fields_apply_access_unpacks(self) -> None:
+        """``GatewayResource._apply_access`` unpacks an Access in this order."""
+        self.assertEqual(Access._fields,
+                         ("key_id", "headers", "error", "charged_at", "rate_limit", "shared"))
