@@ -241,16 +241,18 @@ class GatewayResource(Resource):
         self, result: Access, request: GatewayRequest, route: Route
     ) -> GatewayError | None:
         """Apply an access decision to ``request``: its key, refund, metrics and headers."""
-        request.key_id = result.key_id
-        if result.error is not None:
-            return result.error
-        if result.charged_at is not None:
+        # (one unpacking: each NamedTuple field read by name is an unspecialized lookup)
+        key_id, headers, error, charged_at, _, _ = result
+        request.key_id = key_id
+        if error is not None:
+            return error
+        if charged_at is not None:
             request.refund = partial(self._refund, result)  # no cycle through the request
         metrics = self.exchanges.metrics
-        if metrics is not None and result.key_id != AUTH_DISABLED and route.kind != "metrics":
-            metrics.authenticated(result.key_id)  # type: ignore[arg-type]
-        if result.headers:
-            request.set_headers(result.headers)
+        if metrics is not None and key_id != AUTH_DISABLED and route.kind != "metrics":
+            metrics.authenticated(key_id)  # type: ignore[arg-type]
+        if headers:
+            request.set_headers(headers)
         return None
 
     def _refund(self, access: Access, request: GatewayRequest) -> None:
