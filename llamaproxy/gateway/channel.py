@@ -268,8 +268,11 @@ class GatewayChannel(Protocol):
         writeSequence checks each of the ~40 pieces in a Python loop)."""
         sequence = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
-            for value in values:
-                sequence.extend((name, b": ", value, b"\r\n"))
+            if len(values) == 1:  # (most fields: no loop over their values)
+                sequence += (name, b": ", values[0], b"\r\n")
+            else:
+                for value in values:
+                    sequence += (name, b": ", value, b"\r\n")
         sequence.append(b"\r\n")
         self.transport.write(b"".join(sequence))  # type: ignore[union-attr]
 
