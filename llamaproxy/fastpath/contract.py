@@ -68,6 +68,9 @@ FINGERPRINTS = {
     # http.Request.write's first write without its Content-Length lookup.
     "twisted.web.server:Request.write": "e0629de84fb9e31d",
     "twisted.web.http:Request.write": "0e547d4f76bd1472",
+    # ... and finishes a response as these do, without the site's no-op log.
+    "twisted.web.server:Request.finish": "2d92e6905246806d",
+    "twisted.web.http:Request.finish": "4590c5f7e2207ef0",
     # request_start sets what these constructors set, and receives a request as
     # requestReceived does when it parses no form.
     "twisted.web.server:Request.__init__": "f79aac5ec350503e",
@@ -97,6 +100,7 @@ NAMES = {
     "twisted.web.server:Request._inFakeHead": "attribute",
     "twisted.web.server:Request._encoder": "attribute",
     "twisted.web.http:Request._disconnected": "attribute",
+    "twisted.web.http:Request._cleanup": "callable",
 }
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).

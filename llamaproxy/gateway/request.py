@@ -518,7 +518,8 @@ class GatewayRequest(server.Request):
 
     def finish(self) -> None:
         sender = getattr(self.channel, "sender", None)  # (finishing may release the channel)
-        _stock_finish(self)
+        # (http.Request.finish, or the first_write fast path's: the site's)
+        getattr(self._site, "finish_request", _stock_finish)(self)
         # The response leaves first; the access log, metrics and ledger follow.
         if sender is not None:
             sender.cork.after_sending(self._record)
