@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import select
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, cast
 
@@ -1270,6 +1270,44 @@ class _Connecting(ClientFactory):
         self.failed(reason)
 
 
+class HeadLines(Mapping[bytes, Sequence[bytes]]):
+    """Request header fields already written as the head's lines: what ``request_fields``
+    writes for them, in one piece (``forward.request_head`` builds both in one pass).
+
+    ``lines``: each field as ``Name: value\\r\\n``, in order (canonical names, values without
+    line breaks, no Host, Content-Length or Transfer-Encoding field, a name's values on
+    consecutive lines); ``connection``: the values of its Connection field, if any (a ``close``
+    there: the connection is not reused). As a mapping (``IResponse.request``'s headers,
+    rarely read) it is the fields the lines hold, read back from them when first asked.
+    """
+
+    __slots__ = ("_fields", "connection", "lines")
+
+    def __init__(self, lines: bytes, connection: Sequence[bytes] = ()) -> None:
+        self.lines = lines
+        self.connection = connection
+        self._fields: dict[bytes, list[bytes]] | None = None
+
+    def _read(self) -> dict[bytes, list[bytes]]:
+        fields = self._fields
+        if fields is None:
+            fields = {}
+            for line in self.lines.split(b"\r\n")[:-1]:
+                name, _, value = line.partition(b": ")
+                fields.setdefault(name, []).append(value)
+            self._fields = fields
+        return fields
+
+    def __getitem__(self, name: bytes) -> Sequence[bytes]:
+        return self._read()[name]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+
 @implementer(IAgent)
 class BackendClient:
     """An ``IAgent`` for backends: HTTP/1.1 over its own keep-alive connection pool.
@@ -1348,7 +1386,8 @@ class BackendClient:
     ) -> Deferred[IResponse]:
         """``request`` with the header fields as ``Headers`` holds them (canonical names, values
         without line breaks; ``forward.request_fields`` builds them so), written as they are,
-        in their order: no ``Headers`` is made or read. ``headers``, if given, is the
+        in their order: no ``Headers`` is made or read. A ``HeadLines`` (``forward.request_head``)
+        is written as it is, its lines made already. ``headers``, if given, is the
         ``Headers`` they are from (``IResponse.request`` has it; else one is made if asked)."""
         if method not in _KNOWN_METHODS:
             if not isinstance(method, bytes):
@@ -1363,20 +1402,26 @@ class BackendClient:
                 return fail()
         target, path = split
 
-        parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
         keep_alive = True
-        extend = parts.extend
-        for name, values in fields.items():
-            if name in _OWN_REQUEST_HEADERS:
-                if name == b"Host":
-                    parts[4] = b"Host: " + values[0] + b"\r\n"
-                    continue
-                if name != b"Connection":
-                    continue
-                if b"close" in _tokens(list(values)):
-                    keep_alive = False
-            for value in values:
-                extend((name, b": ", value, b"\r\n"))
+        if type(fields) is HeadLines:
+            # (the fields' lines, written already: the usual request, from forward.request_head)
+            parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line, fields.lines]
+            if fields.connection and b"close" in _tokens(list(fields.connection)):
+                keep_alive = False
+        else:
+            parts = [method, b" ", path, b" HTTP/1.1\r\n", target.host_line]
+            extend = parts.extend
+            for name, values in fields.items():
+                if name in _OWN_REQUEST_HEADERS:
+                    if name == b"Host":
+                        parts[4] = b"Host: " + values[0] + b"\r\n"
+                        continue
+                    if name != b"Connection":
+                        continue
+                    if b"close" in _tokens(list(values)):
+                        keep_alive = False
+                for value in values:
+                    extend((name, b": ", value, b"\r\n"))
         if bodyProducer is None:
             if method in _BODYLESS_METHODS_WITH_LENGTH:
                 parts.append(b"Content-Length: 0\r\n\r\n")
