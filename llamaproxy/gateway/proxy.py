@@ -485,7 +485,7 @@ class ProxyExchanges:
         try:
             if model is None:
                 raise UnknownModelError(requested)
-            choice = router.choose(model, request.key_id, request.facts.prefix_hash)
+            members, decision = router.route(model, request.key_id, request.facts.prefix_hash)
         except UnknownModelError:
             request.send_error(errors.model_not_found(requested or ""))
             return None
@@ -493,8 +493,8 @@ class ProxyExchanges:
             request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
             return None
         exchange.model = model
-        exchange.route = choice.decision
-        return choice.members
+        exchange.route = decision
+        return members
 
     def _park(self, exchange: Exchange, candidates: list[Member]) -> bool:
         """Queue ``exchange`` parked (see ``ParkedExchange``) when it has to wait for a slot.
