@@ -459,6 +459,10 @@ def _lost_before_answer(failure_value: BaseException) -> bool:
     )
 
 
+#: Methods sent with a body (and its length) even when it is empty.
+_WITH_BODY = (b"POST", b"PUT", b"PATCH")
+
+
 def send(
     agent: IAgent,
     url: bytes,
@@ -503,17 +507,19 @@ def send_first(
     attempt's Deferred with ``retry(failure, *args)`` as its errback. For a caller that handles
     the first attempt's failure itself (and then calls ``retry``), without a pass-through
     errback on every answer's way."""
-    with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
+    with_body = True if body else method in _WITH_BODY
     # The fast path's client writes the fields as they are: no Headers between.
-    headers: Mapping[bytes, Sequence[bytes]] | Headers
     if isinstance(agent, BackendClient):
-        headers = request_head(client_headers, backend_key, extra_headers)
-    else:
-        headers = filter_request_headers(client_headers, backend_key)
-        for name, value in extra_headers:
-            headers.setRawHeaders(name, [value])
+        fields = request_head(client_headers, backend_key, extra_headers)
+        # (_attempt, inline)
+        sending = agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+        return sending, (agent, method, url, fields, body, with_body)
+    headers = filter_request_headers(client_headers, backend_key)
+    for name, value in extra_headers:
+        headers.setRawHeaders(name, [value])
     return (_attempt(agent, method, url, headers, body, with_body),
             (agent, method, url, headers, body, with_body))
+
 
 
 def _attempt(
@@ -524,7 +530,8 @@ def _attempt(
     producer = BytesBody(body) if with_body else None
     if isinstance(headers, Headers):
         return agent.request(method, url, headers, producer)
-    return cast(BackendClient, agent).request_fields(method, url, headers, producer)
+    client: BackendClient = agent  # type: ignore[assignment]
+    return client.request_fields(method, url, headers, producer)
 
 
 def retry(
