@@ -8,7 +8,7 @@ did not run (``not_processed``), or when it is an idempotent GET/HEAD (see ``sen
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaproxy.fastpath.backend_client import BackendClient
+from llamaproxy.fastpath.backend_client import BackendClient, HeadLines
 from llamaproxy.fastpath.eager_write import Cork
 from llamaproxy.gateway.client_address import FORWARDING_HEADERS
 
@@ -142,6 +142,97 @@ def request_fields(
             value = _one_line(value)
         out[canonical] = [value]
     return out
+
+
+#: The ``Authorization`` line a backend key is sent with, by key (a few constants).
+_AUTH_LINES: dict[str, bytes] = {}
+
+#: Extra header names (as given) whose field ``request_head`` may write at once as its line,
+#: by their canonical spelling: the client's own field of that name is never forwarded, and
+#: it is none that ``BackendClient`` writes itself (Host, Content-Length, Transfer-Encoding)
+#: or the backend key's Authorization; so no other field can take its place.
+_LINE_EXTRAS: dict[bytes, bytes] = {}
+
+_NOT_LINE_EXTRAS = frozenset({b"Host", b"Content-Length", b"Transfer-Encoding", b"Authorization"})
+
+
+#: What ``request_head`` does with a client's field, by name (as ``Headers`` spells it; a few
+#: hundred names at most are remembered): forward it (0), drop it (_DROP), or drop it and read
+#: it as the Connection field (_CONNECTION). Names are looked up with their hash kept (the
+#: channel's names are Twisted's encoder's cached spellings): no ``lower()`` per field.
+_CLIENT_FIELDS: dict[bytes, int] = {}
+_DROP, _CONNECTION = 1, 2
+
+
+def _client_field(name: bytes) -> int:
+    lowered = name.lower()
+    kind = (_CONNECTION if lowered == b"connection" else _DROP) if lowered in _REQUEST_DROP else 0
+    if len(_CLIENT_FIELDS) < 512:
+        _CLIENT_FIELDS[name] = kind
+    return kind
+
+
+def _auth_line(backend_key: str) -> bytes:
+    line = b"Authorization: " + _one_line(b"Bearer " + backend_key.encode("ascii")) + b"\r\n"
+    if len(_AUTH_LINES) < 64:
+        _AUTH_LINES[backend_key] = line
+    return line
+
+
+def _line_extra(name: bytes) -> bytes | None:
+    """``name``'s canonical spelling when ``request_head`` may write it as it comes, else None
+    (``_canonical_name``'s error for a name that is no token)."""
+    canonical = _canonical_name(name)
+    if canonical.lower() not in _REQUEST_DROP or canonical in _NOT_LINE_EXTRAS:
+        return None
+    if len(_LINE_EXTRAS) < 64:
+        _LINE_EXTRAS[name] = canonical
+    return canonical
+
+
+def request_head(
+    client: Headers, backend_key: str | None, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> Mapping[bytes, Sequence[bytes]]:
+    """``request_fields``'s fields, written as the head's lines in the same pass (a
+    ``HeadLines``, which ``BackendClient.request_fields`` writes as they are) in the usual
+    case; else ``request_fields`` itself (a client's Connection field naming another field,
+    an extra header that a client's field or another extra header of the same name would
+    have replaced, or one the backend client writes itself)."""
+    lines: list[bytes] = []
+    add = lines.extend
+    connection: Sequence[bytes] = ()
+    for name, values in client.getAllRawHeaders():
+        kind = _CLIENT_FIELDS.get(name)
+        if kind is None:
+            kind = _client_field(name)
+        if kind:
+            if kind == _CONNECTION:
+                connection = values
+            continue
+        for value in values:
+            add((name, b": ", value, b"\r\n"))
+    if connection and not _tokens(connection) <= _REQUEST_DROP:
+        return request_fields(client, backend_key, extra_headers)  # (it drops a kept field)
+    if backend_key:
+        auth = _AUTH_LINES.get(backend_key)
+        lines.append(auth if auth is not None else _auth_line(backend_key))
+    own: list[bytes] = []
+    connection = ()
+    for name, value in extra_headers:
+        canonical = _LINE_EXTRAS.get(name)
+        if canonical is None:
+            canonical = _line_extra(name)
+            if canonical is None:
+                return request_fields(client, backend_key, extra_headers)
+        if canonical in own:
+            return request_fields(client, backend_key, extra_headers)  # (set twice)
+        own.append(canonical)
+        if 13 in value or 10 in value:  # (CR, LF: an int needle builds no TypeError first)
+            value = _one_line(value)
+        if canonical == b"Connection":
+            connection = (value,)
+        add((canonical, b": ", value, b"\r\n"))
+    return HeadLines(b"".join(lines), connection)
 
 
 def filter_response_headers(backend: Headers) -> list[tuple[bytes, list[bytes]]]:
@@ -368,6 +459,10 @@ def _lost_before_answer(failure_value: BaseException) -> bool:
     )
 
 
+#: Methods sent with a body (and its length) even when it is empty.
+_WITH_BODY = (b"POST", b"PUT", b"PATCH")
+
+
 def send(
     agent: IAgent,
     url: bytes,
@@ -375,7 +470,7 @@ def send(
     method: bytes,
     client_headers: Headers,
     body: bytes,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> Deferred[IResponse]:
     """Send one request to ``url``; send it once more only if it certainly did not run.
 
@@ -396,7 +491,7 @@ def send(
 
 #: What ``retry`` needs besides the failure: the first attempt's agent, method, URL, header
 #: fields, body and whether it has one (``send_first``).
-RetryArgs = tuple[IAgent, bytes, bytes, "dict[bytes, list[bytes]] | Headers", bytes, bool]
+RetryArgs = tuple[IAgent, bytes, bytes, "Mapping[bytes, Sequence[bytes]] | Headers", bytes, bool]
 
 
 def send_first(
@@ -406,39 +501,42 @@ def send_first(
     method: bytes,
     client_headers: Headers,
     body: bytes,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> tuple[Deferred[IResponse], RetryArgs]:
     """``send``'s first attempt alone, and the arguments of its second: ``send`` is the first
     attempt's Deferred with ``retry(failure, *args)`` as its errback. For a caller that handles
     the first attempt's failure itself (and then calls ``retry``), without a pass-through
     errback on every answer's way."""
-    with_body = bool(body) or method in (b"POST", b"PUT", b"PATCH")
+    with_body = True if body else method in _WITH_BODY
     # The fast path's client writes the fields as they are: no Headers between.
-    headers: dict[bytes, list[bytes]] | Headers
     if isinstance(agent, BackendClient):
-        headers = request_fields(client_headers, backend_key, extra_headers)
-    else:
-        headers = filter_request_headers(client_headers, backend_key)
-        for name, value in extra_headers:
-            headers.setRawHeaders(name, [value])
+        fields = request_head(client_headers, backend_key, extra_headers)
+        # (_attempt, inline)
+        sending = agent.request_fields(method, url, fields, BytesBody(body) if with_body else None)
+        return sending, (agent, method, url, fields, body, with_body)
+    headers = filter_request_headers(client_headers, backend_key)
+    for name, value in extra_headers:
+        headers.setRawHeaders(name, [value])
     return (_attempt(agent, method, url, headers, body, with_body),
             (agent, method, url, headers, body, with_body))
 
 
+
 def _attempt(
-    agent: IAgent, method: bytes, url: bytes, headers: dict[bytes, list[bytes]] | Headers,
+    agent: IAgent, method: bytes, url: bytes, headers: Mapping[bytes, Sequence[bytes]] | Headers,
     body: bytes, with_body: bool,
 ) -> Deferred[IResponse]:
     """One send of a request ``send`` prepared (``headers``: fields for a ``BackendClient``)."""
     producer = BytesBody(body) if with_body else None
-    if isinstance(headers, dict):
-        return cast(BackendClient, agent).request_fields(method, url, headers, producer)
-    return agent.request(method, url, headers, producer)
+    if isinstance(headers, Headers):
+        return agent.request(method, url, headers, producer)
+    client: BackendClient = agent  # type: ignore[assignment]
+    return client.request_fields(method, url, headers, producer)
 
 
 def retry(
     failure: Failure, agent: IAgent, method: bytes, url: bytes,
-    headers: dict[bytes, list[bytes]] | Headers, body: bytes, with_body: bool,
+    headers: Mapping[bytes, Sequence[bytes]] | Headers, body: bytes, with_body: bool,
 ) -> Deferred[IResponse]:
     """``send``'s one second try, when the first certainly did not run (``_send_again``);
     else ``failure``, failed."""

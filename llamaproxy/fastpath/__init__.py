@@ -29,7 +29,8 @@ fast path          replaces (stock path)                          measured gain 
                    headers                                         (performance.md)
 ``first_write``    ``server.Request.write``'s two header lookups   801 200 -> 792 800
                    before a response's first write, and            (performance.md)
-                   ``http.Request.write``'s one
+                   ``http.Request.write``'s one; ``finish``'s
+                   call of the gateway site's no-op ``log``
 ``request_start``  twisted.web's Request constructor (three        ~8 300 instructions per
                    calls) and ``requestReceived``'s Content-Type   request (performance.md)
                    lookup

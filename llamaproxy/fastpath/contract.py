@@ -68,6 +68,9 @@ FINGERPRINTS = {
     # http.Request.write's first write without its Content-Length lookup.
     "twisted.web.server:Request.write": "e0629de84fb9e31d",
     "twisted.web.http:Request.write": "0e547d4f76bd1472",
+    # ... and finishes a response as these do, without the site's no-op log.
+    "twisted.web.server:Request.finish": "2d92e6905246806d",
+    "twisted.web.http:Request.finish": "4590c5f7e2207ef0",
     # request_start sets what these constructors set, and receives a request as
     # requestReceived does when it parses no form.
     "twisted.web.server:Request.__init__": "f79aac5ec350503e",
@@ -97,7 +100,25 @@ NAMES = {
     "twisted.web.server:Request._inFakeHead": "attribute",
     "twisted.web.server:Request._encoder": "attribute",
     "twisted.web.http:Request._disconnected": "attribute",
+    "twisted.web.http:Request._cleanup": "callable",
 }
+
+# --- stream15: backend_client's own dialling (``_Dialer``) -------------------------------------
+# It does what connectTCP -> Connector.connect -> tcp.Client(...) -> (next turn) resolveAddress
+# -> _setRealAddress -> doConnect do for a literal IPv4 address, minus the turn and the Deferred.
+FINGERPRINTS.update({
+    "twisted.internet.posixbase:PosixReactorBase.connectTCP": "89b44030ea12a788",
+    "twisted.internet.base:BaseConnector.connect": "93d3aaa9307baafc",
+    "twisted.internet.tcp:Connector.__init__": "4979e482cbc4ad3d",
+    "twisted.internet.tcp:Connector._makeTransport": "46ede39bbf87ab8f",
+    "twisted.internet.tcp:_BaseTCPClient.__init__": "af5d4ece0d9af607",
+    "twisted.internet.tcp:_BaseBaseClient._finishInit": "729a3366eab3f639",
+    "twisted.internet.tcp:_BaseBaseClient.resolveAddress": "9ae8071e125d49f8",
+    "twisted.internet.tcp:_BaseBaseClient._setRealAddress": "009a5e3923de38d0",
+    "twisted.internet.tcp:BaseClient.createInternetSocket": "f7d26d9663e17589",
+    "twisted.internet.tcp:BaseClient.doConnect": "9cded3ad6897cb96",
+})
+# --- end stream15 ---------------------------------------------------------------------------
 
 #: Attributes a running epoll reactor instance must have (set in its __init__).
 REACTOR_ATTRIBUTES = ("_selectables", "_poller")

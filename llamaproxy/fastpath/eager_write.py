@@ -228,12 +228,24 @@ class EagerSender:
     def do_read(self) -> object:
         """The transport's ``doRead``: writes made while it runs leave when it returns.
 
-        Twisted's ``Connection.doRead`` and ``_dataReceived``: ``receive``, then ``deliver``.
+        Twisted's ``Connection.doRead`` and ``_dataReceived``: ``receive``, then ``deliver``,
+        in line (two Python calls fewer per read; a test holds it to them).
         """
-        data = self.receive()
-        if not isinstance(data, bytes):
-            return data
-        self.deliver(data)
+        connection = self.connection
+        try:
+            data = connection.socket.recv(connection.bufferSize)
+        except OSError as e:
+            return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        cork = self.cork
+        cork.depth += 1
+        try:
+            connection.protocol.dataReceived(data)
+        finally:
+            cork.depth -= 1
+            if not cork.depth and (cork.pending or cork.after):
+                cork.flush_pending()
         return None
 
     def receive(self) -> bytes | object:

@@ -35,6 +35,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet import main
+from twisted.internet.tcp import EWOULDBLOCK
+
 from llamaproxy.fastpath import lean_poll
 from llamaproxy.gateway.tokens import EVENT_END, TIMINGS_MARK, USAGE_MARK, UsageCollector
 
@@ -58,8 +61,8 @@ class StreamLane:
     """One relay's fast lane (see the module docstring)."""
 
     __slots__ = (
-        "_backend", "_backend_sender", "_client_sender", "_fd", "_reactor", "_ready", "_relay",
-        "_seconds", "_usage", "last_piece_at", "sent",
+        "_backend", "_backend_connection", "_backend_sender", "_client_sender", "_fd",
+        "_reactor", "_ready", "_relay", "_seconds", "_usage", "last_piece_at", "sent",
     )
 
     def __init__(
@@ -75,6 +78,7 @@ class StreamLane:
         self._reactor = reactor
         self._backend = backend
         self._backend_sender = backend_sender
+        self._backend_connection = backend_sender.connection
         self._client_sender = client_sender
         self._usage = usage
         self._seconds = reactor.seconds
@@ -136,10 +140,16 @@ class StreamLane:
         The usual piece is ``whole_chunk``'s one chunk, ending in a blank line, without
         ``carries_counts``' marks: those checks are made here in line, cheapest first (each
         ``bytes`` method call parses its arguments the slow way on Python 3.11: ~1 000
-        instructions), and a test holds them to the functions'."""
-        data = self._backend_sender.receive()
-        if type(data) is not bytes:
-            return data  # nothing to read, or the connection is over: as doRead says it
+        instructions), and a test holds them to the functions'. The backend sender's
+        ``receive`` and the client sender's ``write_through`` are in line too (a call each)."""
+        connection = self._backend_connection
+        try:  # (receive)
+            data = connection.socket.recv(connection.bufferSize)
+        except OSError as e:
+            # nothing to read, or the connection is over: as doRead says it
+            return None if e.args[0] == EWOULDBLOCK else main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
         if self._ready and data[-4:] == b"\n\n\r\n":
             newline = data.find(b"\r\n", 0, 18)
             if newline > 0:
@@ -159,7 +169,11 @@ class StreamLane:
                         self.last_piece_at = self._seconds()
                         if self._usage is not None:
                             self._usage.events += data.count(EVENT_END)  # as the collector
-                        if not self._client_sender.write_through(data):
+                        client = self._client_sender
+                        if client.held:  # (write_through)
+                            client.held.append(data)
+                            self.close()  # behind held writes: the usual way from now on
+                        elif not client.send_now(data):
                             self.close()  # the rest waits in Twisted's buffer: the usual way now
                         return None
         self._backend_sender.deliver(data)

@@ -268,8 +268,11 @@ class GatewayChannel(Protocol):
         writeSequence checks each of the ~40 pieces in a Python loop)."""
         sequence = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
-            for value in values:
-                sequence.extend((name, b": ", value, b"\r\n"))
+            if len(values) == 1:  # (most fields: no loop over their values)
+                sequence += (name, b": ", values[0], b"\r\n")
+            else:
+                for value in values:
+                    sequence += (name, b": ", value, b"\r\n")
         sequence.append(b"\r\n")
         self.transport.write(b"".join(sequence))  # type: ignore[union-attr]
 
@@ -644,8 +647,10 @@ class GatewayChannel(Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         limits = self.limits
-        # The request line: method, space, target, space, HTTP/1.1, CRLF.
-        if len(self._parser.get_method()) + len(self._url) + 12 > limits.max_request_line:
+        # The request line: method, space, target, space, HTTP/1.1, CRLF. (The method is kept
+        # for on_headers_complete: llhttp builds it anew each time it is asked.)
+        method = self._method = self._parser.get_method()
+        if len(method) + len(self._url) + 12 > limits.max_request_line:
             self._reject(errors.uri_too_long(limits.max_request_line))
             raise _Refused()
 
@@ -687,7 +692,8 @@ class GatewayChannel(Protocol):
         parser = self._parser
         version = _HTTP_VERSIONS.get(parser.get_http_version())
         if version is not None:
-            self._method = parser.get_method()
+            if not self._method:  # (on_url keeps it: llhttp gives a URL before the headers)
+                self._method = parser.get_method()
             self._version = version
         else:
             self._reject(errors.bad_request(

@@ -272,6 +272,13 @@ class ProxyExchanges:
             self._exchange_done(exchange)
             return
         self.in_flight.add(exchange)
+        if candidates:
+            admission = candidates[0].load
+            if type(admission) is Admission and admission.active < admission.max_concurrent \
+                    and admission.waiting <= 0:
+                # (Admission.full, inline: not full, so _park would not park it)
+                self._begin(exchange, candidates)
+                return
         if not self._park(exchange, candidates):
             self._begin(exchange, candidates)
 
@@ -287,11 +294,13 @@ class ProxyExchanges:
         driven by ``Deferred.fromCoroutine`` costs more per request than the callbacks.
         """
         request = exchange.request
-        budget = min(len(candidates), self.router.max_attempts)  # (attempts, as _attempts has)
+        budget = self.router.max_attempts  # (min(len(candidates), it), as _attempts has)
+        if len(candidates) < budget:
+            budget = len(candidates)
         member = candidates[0] if budget > 0 else None
-        if (member is None or request.gone or request.path.startswith(MODEL_PREFIX)
+        if (member is None or request.gone or _model_path(request.path)
                 or not member.status.ready or not member.breaker.allow()
-                or (exchange.slot is None and not self._admit_now(exchange, member))):
+                or (exchange.slot is None and not self._take_slot(exchange, member))):
             self._run(exchange, self._attempts(exchange, candidates))
             return
         # What _attempts and _try_member do for a first candidate admitted at once.
@@ -302,8 +311,9 @@ class ProxyExchanges:
             exchange.timer.admitted()
         request.on_lost = exchange.client_left
         try:
-            method, url, body, _ = self._backend_request(exchange, member)
-            sending, again = self._send(exchange, member, method, url, body, first=True)
+            url = self._upstream_url(member.spec.base_url, request.uri)  # (not a model path)
+            body = self._request_body(exchange, member)
+            sending, again = self._send(exchange, member, request.method, url, body, first=True)
         except Exception:
             ticket.release()
             self._task_ended(Failure(), exchange)
@@ -485,7 +495,7 @@ class ProxyExchanges:
         try:
             if model is None:
                 raise UnknownModelError(requested)
-            choice = router.choose(model, request.key_id, request.facts.prefix_hash)
+            members, decision = router.route(model, request.key_id, request.facts.prefix_hash)
         except UnknownModelError:
             request.send_error(errors.model_not_found(requested or ""))
             return None
@@ -493,8 +503,8 @@ class ProxyExchanges:
             request.send_error(errors.forbidden(f"This key may not use the model '{model}'"))
             return None
         exchange.model = model
-        exchange.route = choice.decision
-        return choice.members
+        exchange.route = decision
+        return members
 
     def _park(self, exchange: Exchange, candidates: list[Member]) -> bool:
         """Queue ``exchange`` parked (see ``ParkedExchange``) when it has to wait for a slot.
@@ -652,7 +662,20 @@ class ProxyExchanges:
         request = exchange.request
         if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
             return True  # the model list uses no inference slot: it never waits behind one
-        slot = cast(Admission, member.load).take()
+        admission: Admission = member.load  # type: ignore[assignment]
+        slot = admission.take()
+        if slot is None:
+            return False
+        exchange.slot = slot
+        return True
+
+    def _take_slot(self, exchange: Exchange, member: Member) -> bool:
+        """``_admit_now`` for a member known to be ready (``_begin`` just asked)."""
+        request = exchange.request
+        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
+            return True  # the model list uses no inference slot: it never waits behind one
+        admission: Admission = member.load  # type: ignore[assignment]
+        slot = admission.take()
         if slot is None:
             return False
         exchange.slot = slot
@@ -786,9 +809,11 @@ class ProxyExchanges:
         """The body for ``member``: as the client sent it, or with the upstream's model name."""
         request = exchange.request
         body = exchange.body
-        slot = self.router.pinned_slot(exchange.model, request.facts.prefix_hash, member)
-        if slot is not None:
-            body = with_slot(body, slot)  # [affinity] pin_slot
+        prefix = request.facts.prefix_hash
+        if prefix is not None:  # (else pinned_slot says None)
+            slot = self.router.pinned_slot(exchange.model, prefix, member)
+            if slot is not None:
+                body = with_slot(body, slot)  # [affinity] pin_slot
         if not self.local_model_list or exchange.model is None or request.facts.model is None:
             return body
         # Several backends: each gets the name it knows the model by (aliases resolved).
@@ -804,7 +829,7 @@ class ProxyExchanges:
         ``/v1/models/{id}`` request (the backend is asked for its whole list)."""
         request = exchange.request
         method, target, model_id = request.method, request.uri, None
-        if request.path.startswith(MODEL_PREFIX):
+        if _model_path(request.path):
             model_id = unquote(request.path[len(MODEL_PREFIX):].decode("latin-1"))
             method, target = b"GET", b"/v1/models"
         url = self._upstream_url(member.spec.base_url, target)
@@ -845,7 +870,8 @@ class ProxyExchanges:
             # it answered "Keep-Alive": a request sent on it next would be lost, and one
             # written whole is never sent again. Say so first: neither client reuses it.
             extra.append(STREAM_CONNECTION)
-        if first and not self._first_byte_timer_needed(exchange):
+        if first and exchange.deadline and (  # (not _first_byte_timer_needed, inline)
+                self.clock.seconds() + self.settings.first_byte_timeout >= exchange.deadline_at):
             return forward.send_first(self.agent, url, member.status.api_key, method,
                                       request.requestHeaders, body, extra)
         sending = forward.send(
@@ -1165,6 +1191,12 @@ class ProxyExchanges:
                 if call is not None:
                     self._timers_call = None
                     call.cancel()
+
+
+def _model_path(path: bytes) -> bool:
+    """``path.startswith(MODEL_PREFIX)`` (a /v1/models/{id} request), most paths told by one
+    byte first (``startswith`` parses its arguments the slow way on Python 3.11)."""
+    return len(path) > 10 and path[10] == 47 and path.startswith(MODEL_PREFIX)  # (47: "/")
 
 
 def _due_time(exchange: Exchange) -> float:

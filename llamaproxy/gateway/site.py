@@ -64,6 +64,10 @@ class GatewaySite(server.Site):
         #: How its requests make a response's first write (the head): twisted.web's
         #: ``server.Request.write``, or the first_write fast path's ``write``.
         self.first_write: Any = server.Request.write
+        #: How its requests finish a response: twisted.web's ``server.Request.finish``, or the
+        #: first_write fast path's ``finish`` (without the call of this site's ``log``, which
+        #: does nothing; a subclass with its own ``log`` keeps the stock one).
+        self.finish_request: Any = server.Request.finish
         #: How its requests are made and told their body is in, when the request_start fast
         #: path is on (``start_request(request, channel)``, ``request_received(request,
         #: method, uri, version)``); None: twisted.web's constructor and ``requestReceived``.
@@ -75,6 +79,8 @@ class GatewaySite(server.Site):
             self.fill_headers = header_fill.fill
             self.set_headers = header_fill.set_values
             self.first_write = first_write.write
+            if type(self).log is GatewaySite.log:
+                self.finish_request = first_write.finish
             self.start_request = request_start.start
             self.request_received = request_start.received
         #: Whose X-Forwarded-For is believed (GatewayRequest.client).

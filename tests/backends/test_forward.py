@@ -18,6 +18,7 @@ from twisted.web.iweb import IResponse
 
 from llamaproxy.backends import forward
 from llamaproxy.backends.backend import Backend
+from llamaproxy.fastpath.backend_client import BackendClient, HeadLines
 from llamaproxy.gateway.proxy import STREAM_CONNECTION
 from llamaproxy.testing import AgentSpy
 
@@ -129,6 +130,99 @@ class RequestFieldsTests(SynchronousTestCase):
         for name, value in pairs:
             client.addRawHeader(name, value)
         self.assertEqual(self.fast(client, key, extra), self.stock(client, key, extra))
+
+
+class RequestHeadTests(SynchronousTestCase):
+    """``request_head`` (the fields written as the head's lines in one pass) makes a
+    ``BackendClient`` write the bytes ``request_fields``'s fields make it write, decide the
+    connection's reuse the same way, and reads back as the same fields."""
+
+    def write(self, fields: object) -> tuple[bytes, bool, list[tuple[bytes, list[bytes]]]]:
+        """What a fresh client writes for ``fields`` (a POST with a body), whether it closes
+        the connection after a whole answer, and the fields ``IResponse.request`` has."""
+        from tests.fastpath.test_backend_client import HEAD_200, URL, Endpoints
+
+        endpoints = Endpoints()
+        client = BackendClient(Clock(), endpoints, 4)  # type: ignore[arg-type]
+        sending = client.request_fields(b"POST", URL, fields,  # type: ignore[arg-type]
+                                        forward.BytesBody(b"{}"))
+        protocol, transport = endpoints.endpoint.connections[-1]
+        written = transport.value()
+        protocol.dataReceived(HEAD_200 + b"hello")
+        response = self.successResultOf(sending)
+        response.deliverBody(Protocol())
+        request = list(response.request.headers.getAllRawHeaders())
+        return written, bool(transport.disconnecting), request
+
+    def check(self, client: Headers, key: str | None, extra: list[tuple[bytes, bytes]]) -> None:
+        fields = forward.request_fields(client, key, extra)
+        head = forward.request_head(client, key, extra)
+        self.assertEqual([(name, list(values)) for name, values in head.items()],
+                         [(name, values) for name, values in fields.items() if values])
+        self.assertEqual(self.write(head), self.write(fields))
+
+    def test_the_usual_request_is_written_in_one_pass(self) -> None:
+        client = Headers({
+            b"Host": [b"gw"], b"Content-Length": [b"5"], b"Authorization": [b"Bearer c"],
+            b"Content-Type": [b"application/json"], b"Accept": [b"application/json"],
+            b"Connection": [b"keep-alive"], b"X-Two": [b"a", b"b"]})
+        for extra in ([(b"X-Forwarded-For", b"127.0.0.1"), (b"X-Forwarded-Proto", b"http")],
+                      [(b"X-Forwarded-For", b"::1"), (b"X-Forwarded-Proto", b"https"),
+                       STREAM_CONNECTION]):
+            head = forward.request_head(client, "k", extra)
+            self.assertIsInstance(head, HeadLines)
+            self.check(client, "k", extra)
+            self.check(client, None, extra)
+        written, closed, _ = self.write(forward.request_head(client, "k", [STREAM_CONNECTION]))
+        self.assertTrue(closed)
+        self.assertIn(b"\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", written)
+
+    def test_what_it_leaves_to_request_fields(self) -> None:
+        client = Headers({b"Connection": [b"keep-alive, X-Custom"], b"X-Custom": [b"1"],
+                          b"X-Kept": [b"3"]})
+        usual = [(b"X-Forwarded-For", b"127.0.0.1")]
+        for client_headers, extra in [
+            (client, usual),  # the client's Connection names a kept field
+            (Headers({b"X-Kept": [b"3"]}), [(b"x-kept", b"replaced")]),  # replaces a field
+            (Headers(), [(b"X-Forwarded-For", b"1"), (b"x-forwarded-for", b"2")]),  # twice
+            (Headers(), [(b"Host", b"other")]),  # the client's own fields
+            (Headers(), [(b"Content-Length", b"7")]),
+            (Headers(), [(b"Authorization", b"Bearer x")]),
+        ]:
+            head = forward.request_head(client_headers, "k", extra)
+            self.assertNotIsInstance(head, HeadLines)
+            self.check(client_headers, "k", extra)
+
+    def test_an_invalid_extra_name_raises_as_headers_does(self) -> None:
+        from twisted.web.http_headers import InvalidHeaderName
+
+        with self.assertRaises(InvalidHeaderName):
+            forward.request_head(Headers(), None, [(b"Bad Name", b"1")])
+
+    @given(
+        st.lists(st.tuples(
+            st.sampled_from([b"Connection", b"Authorization", b"X-A", b"x-b", b"Keep-Alive",
+                             b"Upgrade", b"Transfer-Encoding", b"X-Forwarded-For", b"Host",
+                             b"Content-Type", b"te", b"Cookie", b"ETAG", b"Content-Length"]),
+            st.binary(min_size=0, max_size=12).filter(
+                lambda v: b"\r" not in v and b"\n" not in v)),
+            max_size=10),
+        st.sampled_from([None, "", "k", "k\r\nX: y"]),
+        st.lists(st.tuples(
+            st.sampled_from([b"X-Forwarded-For", b"x-forwarded-proto", b"Connection", b"X-A",
+                             b"Forwarded", b"Host", b"Keep-Alive", b"Authorization",
+                             b"transfer-encoding"]),
+            st.sampled_from([b"", b"close", b"Close , x", b"keep-alive", b"a\r\nb", b"1\n",
+                             b"\rclose"])), max_size=4),
+    )
+    def test_same_bytes_as_request_fields(
+        self, pairs: list[tuple[bytes, bytes]], key: str | None,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        client = Headers()
+        for name, value in pairs:
+            client.addRawHeader(name, value)
+        self.check(client, key, extra)
 
 
 class SendTests(SynchronousTestCase):

@@ -37,6 +37,7 @@ from llamaproxy.backends.routing import (
     Outcome,
     Router,
     UnknownModelError,
+    _Plan,
     breaker_outcome,
     is_retryable,
     report,
@@ -95,6 +96,121 @@ class Fixture:
         for _ in range(requests):
             self.loads[name].acquire("k").addCallback(slots.append)
         return slots
+
+
+def _old_choose(router: Router, model: str, key_id: str | None,
+                prefix: int | None) -> tuple[list[str], str | None]:
+    """``Router.choose`` as it was before ``route``'s one-backend path (every model sorted)."""
+    spec = router._model(model)
+    if not router.allowed(key_id, model):
+        raise ModelNotAllowedError(model)
+    ready, recovering, unreachable = router._sorted(spec, None)
+    recovering += unreachable
+    if spec.strategy is not Strategy.CACHE_AFFINITY:
+        ready = router._order_ready(spec, ready, commit=True)
+        return [m.name for m in (ready + recovering if recovering else ready)], None
+    plan = _Plan()
+    ready = router._affinity_order(model, ready, prefix, plan)
+    if plan.decision is not None:
+        router.memory.decided(model, plan.decision)
+    return [m.name for m in (ready + recovering if recovering else ready)], plan.decision
+
+
+_ROUTE_TEXT = """
+[[backends]]
+name = "a"
+base_url = "http://a:9000/v1"
+models = ["m", "solo"]
+priority = 2
+breaker = {{ failure_threshold = 1, reset_timeout = 10 }}
+
+[[backends]]
+name = "b"
+base_url = "http://b:9000/v1"
+models = ["m"]
+priority = 1
+breaker = {{ failure_threshold = 1, reset_timeout = 10, half_open_max = 2 }}
+
+[models.m]
+strategy = '{m}'
+
+[models.solo]
+strategy = '{solo}'
+
+[keys.alice]
+models = ["solo"]
+"""
+
+_STRATEGIES = st.sampled_from(["priority", "round-robin", "least-busy", "cache_affinity"])
+_STEPS = st.lists(st.tuples(
+    st.sampled_from(["a", "b"]),
+    st.sampled_from(["state", "draining", "probe", "on_demand", "fail", "succeed", "hold",
+                     "advance", "busy"]),
+    st.integers(0, 6),
+    st.sampled_from(["m", "solo"]),
+    st.sampled_from([None, "alice", "bob"]),
+    st.sampled_from([None, 1, 2, 3]),
+), min_size=1, max_size=30)
+
+
+class RouteTests(SynchronousTestCase):
+    """``route`` (and ``choose``) order every model's backends as the sorted path did, a
+    model with one backend without sorting: a hypothesis test against the old function."""
+
+    @given(_STRATEGIES, _STRATEGIES, _STEPS)
+    def test_same_choice_as_the_old_function(
+        self, m: str, solo: str, steps: list[tuple[str, str, int, str, str | None, int | None]]
+    ) -> None:
+        text = _ROUTE_TEXT.format(m=m, solo=solo)
+        old, new = Fixture(text), Fixture(text)
+        held: list[object] = []
+        for name, change, n, model, key_id, prefix in steps:
+            for fixture in (old, new):
+                status = fixture.statuses[name]
+                breaker = fixture.router.member(name).breaker
+                if change == "state":
+                    status.set_state(list(BackendState)[n])
+                elif change == "draining":
+                    status.set_draining(n % 2 == 1)
+                elif change == "probe":
+                    status.last_probe = ProbeResult(0.0, ["ready", "loading", "down"][n % 3])
+                elif change == "on_demand":
+                    status.on_demand = (lambda: None) if n % 2 else None
+                elif change in ("fail", "succeed", "hold"):
+                    ticket = breaker.acquire()
+                    if ticket is not None and change == "fail":
+                        ticket.record_failure()
+                    elif ticket is not None and change == "succeed":
+                        ticket.record_success()
+                    elif ticket is not None:
+                        held.append(ticket)  # a half-open trial in flight
+                elif change == "advance":
+                    fixture.clock.advance(n * 2)
+                else:
+                    held.extend(fixture.busy(name, n))
+            try:
+                expected: object = _old_choose(old.router, model, key_id, prefix)
+            except (UnknownModelError, ModelNotAllowedError) as e:
+                expected = type(e)
+            try:
+                members, decision = new.router.route(model, key_id, prefix)
+                got: object = ([m.name for m in members], decision)
+            except (UnknownModelError, ModelNotAllowedError) as e:
+                got = type(e)
+            self.assertEqual(got, expected)
+            if isinstance(got, tuple):
+                choice = new.router.choose(model, key_id, prefix)
+                expected = _old_choose(old.router, model, key_id, prefix)
+                self.assertEqual(([m.name for m in choice.members], choice.decision), expected)
+
+    def test_a_model_with_one_backend_is_not_sorted(self) -> None:
+        fixture = Fixture(_ROUTE_TEXT.format(m="priority", solo="priority"))
+        self.assertEqual(fixture.router._single, {"solo": "a"})
+        fixture.router._sorted = None  # type: ignore[assignment, method-assign]
+        members, decision = fixture.router.route("solo", "alice")
+        self.assertEqual(([m.name for m in members], decision), (["a"], None))
+        with self.assertRaises(ModelNotAllowedError):
+            fixture.router.route("m", "alice")  # (a model of two backends: sorted, as before)
 
 
 class ResolveTests(SynchronousTestCase):

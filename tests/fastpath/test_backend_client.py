@@ -20,7 +20,7 @@ from twisted.internet.error import (
     UserError,
 )
 from twisted.internet.interfaces import IConsumer, IProtocolFactory, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -1466,3 +1466,173 @@ class ResendOnRealSocketsTests(TestCase):
 
     def test_pooled_connection_with_stray_bytes_is_not_written_to(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stray_bytes_while_idle())
+
+
+class _Recorder(ClientFactory):
+    """A client factory recording what its connector tells it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.started: Any = None
+        #: Fires with (the reason,) when the connection failed.
+        self.failed: Deferred[tuple[Failure]] = Deferred()
+        #: Fires with (the address, the protocol) when it is made.
+        self.made: Deferred[tuple[Any, Protocol]] = Deferred()
+
+    def startedConnecting(self, connector: Any) -> None:
+        self.calls.append("startedConnecting")
+        self.started = connector
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.calls.append("buildProtocol")
+        protocol = Protocol()
+        self.made.callback((addr, protocol))
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.calls.append("clientConnectionFailed")
+        self.failed.callback((reason,))
+
+
+class OwnDialTests(TestCase):
+    """``_Dialer.connectTCP`` (the client's own ``connectTCP`` for an IPv4 address) makes the
+    same connector and client as the reactor's, with the same timeout and calls, and only
+    starts connecting a reactor turn sooner."""
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor: Any = reactor
+
+    def dial(self, own: bool, port: int, factory: Any, timeout: float = 7) -> Any:
+        from llamaproxy.fastpath.backend_client import _Dialer
+
+        dialer = _Dialer(self.reactor) if own else self.reactor
+        connector = dialer.connectTCP("127.0.0.1", port, factory, timeout=timeout)
+        self.addCleanup(deferLater, self.reactor, 0.05, lambda: None)  # (the peer closes)
+        self.addCleanup(connector.disconnect)
+        return connector
+
+    def listen(self) -> tuple[int, Any]:
+        port = self.reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port), port
+
+    def test_fits(self) -> None:
+        from llamaproxy.fastpath.backend_client import _Dialer
+
+        self.assertTrue(_Dialer.fits(self.reactor, "127.0.0.1", None))
+        self.assertFalse(_Dialer.fits(self.reactor, "127.0.0.1", ("127.0.0.1", 0)))
+        self.assertFalse(_Dialer.fits(self.reactor, "localhost", None))
+        self.assertFalse(_Dialer.fits(self.reactor, "::1", None))
+        self.assertFalse(_Dialer.fits(MemoryReactorClock(), "127.0.0.1", None))
+        target = BackendClient(
+            self.reactor, forward.CachedEndpoints(self.reactor, 5), 4)._target(
+            b"http://127.0.0.1:8080")
+        self.assertIsInstance(target.dial[0], _Dialer)  # type: ignore[index]
+        self.assertIs(target.dial[0].reactor, self.reactor)  # type: ignore[index]
+
+    @staticmethod
+    def shape(connector: Any, factory: _Recorder) -> dict[str, Any]:
+        client = connector.transport
+        # (realAddress, and doConnect as doRead/doWrite, come one turn later on Twisted's
+        # way: checked once connected)
+        attributes = {k: v for k, v in vars(client).items() if k not in (
+            "socket", "fileno", "connector", "doRead", "doWrite", "realAddress")}
+        timer = connector.timeoutID
+        return {
+            "connector": {k: v for k, v in vars(connector).items()
+                          if k not in ("transport", "timeoutID", "factory")},
+            "client type": type(client), "client": attributes,
+            "socket": (client.socket.family, client.socket.type, client.socket.getblocking()),
+            "fileno": client.fileno(), "connector is": client.connector is connector,
+            "timeout": (round(timer.getTime() - self_seconds(connector), 3),
+                        timer.func == client.failIfNotConnected,
+                        [type(a) for a in timer.args]),
+            "calls": list(factory.calls), "started": factory.started is connector,
+        }
+
+    async def _same_shape(self) -> None:
+        port, _ = self.listen()
+        shapes, made = [], []
+        for own in (True, False):
+            factory = _Recorder()
+            connector = self.dial(own, port, factory)
+            shape = self.shape(connector, factory)
+            shape["fileno"] = None  # (a different socket each)
+            shapes.append(shape)
+            addr, _ = await factory.made
+            made.append((addr, factory.calls, connector.state, connector.timeoutID,
+                         connector.transport.realAddress, connector.transport.connected))
+            await deferLater(self.reactor, 0, lambda: None)  # (made: out of buildProtocol)
+        self.assertEqual(shapes[0], shapes[1])
+        self.assertEqual(made[0], made[1])
+        self.assertEqual(made[0][1:], (["startedConnecting", "buildProtocol"], "connected",
+                                       None, ("127.0.0.1", port), 0))  # (in buildProtocol)
+
+    def test_same_connector_client_and_timeout(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._same_shape())
+
+    def test_connects_at_once(self) -> None:
+        import select
+
+        port, listening = self.listen()
+        factory = _Recorder()
+        self.dial(True, port, factory)
+        # No reactor turn yet, and the kernel already has the connection to accept.
+        self.assertEqual(select.select([listening.socket], [], [], 1)[0], [listening.socket])
+
+    async def _refused(self) -> None:
+        port, listening = self.listen()
+        await listening.stopListening()
+        for own in (True, False):
+            factory = _Recorder()
+            self.dial(own, port, factory)
+            (reason,) = await factory.failed
+            reason.trap(ConnectionRefusedError)
+            self.assertEqual(factory.calls, ["startedConnecting", "clientConnectionFailed"])
+
+    def test_refused(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._refused())
+
+    def test_timeout_and_stop(self) -> None:
+        from twisted.internet.error import TimeoutError as ConnectTimeout
+
+        port, _ = self.listen()
+        for own in (True, False):
+            factory = _Recorder()
+            connector = self.dial(own, port, factory)
+            timer = connector.timeoutID
+            timer.func(*timer.args)  # what the reactor does when it is due
+            self.successResultOf(factory.failed)[0].trap(ConnectTimeout)
+            self.assertFalse(timer.active())
+            self.assertEqual(connector.state, "disconnected")
+            factory = _Recorder()
+            connector = self.dial(own, port, factory)
+            connector.stopConnecting()
+            self.successResultOf(factory.failed)[0].trap(UserError)
+
+    async def _no_socket(self) -> None:
+        from twisted.internet import tcp
+        from twisted.internet.error import ConnectBindError
+
+        def refuse(_: object) -> None:
+            raise OSError(24, "Too many open files")
+
+        self.patch(tcp.Client, "createInternetSocket", refuse)
+        for own in (True, False):
+            factory = _Recorder()
+            connector = self.dial(own, 1, factory)
+            self.assertFalse(factory.failed.called)  # (on the next turn, both ways)
+            (reason,) = await factory.failed
+            reason.trap(ConnectBindError)
+            self.assertEqual(reason.value.args, ("Too many open files",))
+            self.assertEqual(connector.state, "disconnected")
+
+    def test_no_socket(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._no_socket())
+
+
+def self_seconds(connector: Any) -> float:
+    """The connector's reactor's clock."""
+    return float(connector.reactor.seconds())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -260,3 +261,70 @@ class _Failing:
 
     def recv(self, size: int) -> bytes:
         raise self.error
+
+
+class _Reads:
+    """A socket whose ``recv`` gives ``outcome`` (bytes, or raises the OSError)."""
+
+    def __init__(self, outcome: bytes | OSError) -> None:
+        self.outcome = outcome
+        self.sizes: list[int] = []
+
+    def recv(self, size: int) -> bytes:
+        self.sizes.append(size)
+        if isinstance(self.outcome, OSError):
+            raise self.outcome
+        return self.outcome
+
+
+class _Seen(Protocol):
+    """Records what it is given, the cork's depth meanwhile, and writes or raises."""
+
+    def __init__(self, cork: Cork, raises: bool) -> None:
+        self.cork = cork
+        self.raises = raises
+        self.seen: list[tuple[bytes, int]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append((data, self.cork.depth))
+        self.cork.after_sending(lambda: self.seen.append((b"after", self.cork.depth)))
+        if self.raises:
+            raise ValueError("protocol error")
+
+
+class DoReadInLineTests(SynchronousTestCase):
+    """``EagerSender.do_read`` runs ``receive`` and ``deliver`` in line: the same outcome,
+    the same delivery, cork depth and flush, for every kind of read."""
+
+    def outcome(self, inline: bool, read: bytes | OSError, raises: bool) -> Any:
+        from twisted.internet import tcp
+
+        from llamaproxy.fastpath.eager_write import EagerSender
+
+        cork = Cork()
+        connection: Any = tcp.Connection.__new__(tcp.Connection)
+        connection.socket = _Reads(read)
+        connection.protocol = _Seen(cork, raises)
+        sender = EagerSender(connection, cork)
+
+        def reference() -> object:
+            data = sender.receive()
+            if not isinstance(data, bytes):
+                return data
+            sender.deliver(data)
+            return None
+
+        try:
+            result: Any = (sender.do_read if inline else reference)()
+        except ValueError as e:
+            result = ("raised", str(e))
+        return (result, connection.protocol.seen, cork.depth, cork.after,
+                connection.socket.sizes)
+
+    def test_same_as_receive_then_deliver(self) -> None:
+        reads: list[bytes | OSError] = [
+            b"data", b"", OSError(errno.EWOULDBLOCK, "would block"), OSError(104, "reset")]
+        for read in reads:
+            for raises in (False, True):
+                self.assertEqual(self.outcome(True, read, raises),
+                                 self.outcome(False, read, raises), (read, raises))

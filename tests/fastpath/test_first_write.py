@@ -79,3 +79,45 @@ class FirstWriteTests(SynchronousTestCase):
         self.assertNotIn(b"written", head)
         self.assertIn(b"Content-Length: 8\r\n", head)
         self.assertIn(b"8\r\nwritten \r\n8\r\nreturned\r\n", _exchange(True, "GET", "/writes"))
+
+
+class Logging(GatewaySite):
+    """A site with a log of its own: its requests finish the stock way, which calls it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logged: list[Any] = []
+
+    def log(self, request: Any) -> None:
+        self.logged.append(request)
+
+
+class FinishTests(SynchronousTestCase):
+    def test_the_site_switch(self) -> None:
+        from twisted.web import server
+
+        self.assertIs(GatewaySite(Resource(), fast_headers=False).finish_request,
+                      server.Request.finish)
+        self.assertIs(GatewaySite(Resource(), fast_headers=True).finish_request,
+                      first_write.finish)
+        site = Logging(GetOnly(), reactor=Clock(), fast_headers=True)  # type: ignore[arg-type]
+        self.assertIs(site.finish_request, server.Request.finish)
+        client = InMemoryClient(site)
+        client.send(b"GET /returns HTTP/1.1\r\nHost: h\r\n\r\n"
+                    b"GET /later HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertEqual(len(site.logged), 2)
+
+    def test_twice_and_after_a_lost_connection(self) -> None:
+        from twisted.web import server
+        from twisted.web.test.requesthelper import DummyChannel
+
+        for finish in (server.Request.finish, first_write.finish):
+            request = server.Request(DummyChannel())
+            request.finished = 1
+            finish(request)  # (twice: twisted.web's warning, nothing written)
+            self.assertEqual([w["message"] for w in self.flushWarnings()],
+                             ["Warning! request.finish called twice."])
+            self.assertEqual(request.channel.transport.written.getvalue(), b"")
+            request = server.Request(DummyChannel())
+            request._disconnected = True
+            self.assertRaises(RuntimeError, finish, request)

@@ -8,11 +8,13 @@ usual path would have sent, and that the lane was (or was not) what sent it.
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import main
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -310,21 +312,36 @@ def _uninstall_lean_poll() -> None:
         vars(reactor).pop(name, None)
 
 
+class _StubSocket:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def recv(self, size: int) -> bytes:
+        return self.data
+
+
+class _StubConnection:
+    bufferSize = 65536
+
+    def __init__(self, data: bytes) -> None:
+        self.socket = _StubSocket(data)
+
+
 class _StubSender:
-    """A sender whose ``receive`` gives one read, recording what is delivered or written."""
+    """A sender whose connection's socket gives one read (``receive``, which the lane does in
+    line), recording what is delivered or sent (``write_through``'s ``send_now`` when nothing
+    is held, which the lane does in line too)."""
 
     def __init__(self, data: bytes = b"") -> None:
-        self.data = data
+        self.connection = _StubConnection(data)
+        self.held: list[bytes] = []
         self.delivered: list[bytes] = []
         self.written: list[bytes] = []
-
-    def receive(self) -> bytes:
-        return self.data
 
     def deliver(self, data: bytes) -> None:
         self.delivered.append(data)
 
-    def write_through(self, data: bytes) -> bool:
+    def send_now(self, data: bytes) -> bool:
         self.written.append(data)
         return True
 
@@ -372,6 +389,10 @@ class DoReadTests(SynchronousTestCase):
         lane = StreamLane(_StubRelay(usage), Clock(), _StubBackend(), backend,  # type: ignore[arg-type]
                           client, usage)
         lane._fd = 1  # (open, without a poll loop)
+        if not data:  # the peer closed: doRead's answer, nothing delivered
+            self.assertIs(lane.do_read(), main.CONNECTION_DONE)
+            self.assertEqual((backend.delivered, client.written), ([], []))
+            return
         self.assertIsNone(lane.do_read())
         expected = _reference_piece(data)
         if expected is None:
@@ -393,6 +414,48 @@ class DoReadTests(SynchronousTestCase):
         payload = b"".join(parts) + b"\n\n"
         digits = zeros + (b"%X" if upper else b"%x") % len(payload)
         self.check(digits + b"\r\n" + payload + b"\r\n")
+
+    def lane(self, backend: _StubSender, client: _StubSender,
+             kind: type[StreamLane] = StreamLane) -> StreamLane:
+        usage = UsageCollector(True)
+        lane = kind(_StubRelay(usage), Clock(), _StubBackend(), backend,  # type: ignore[arg-type]
+                          client, usage)
+        lane._fd = 1  # (open, without a poll loop)
+        return lane
+
+    def test_a_piece_behind_held_writes_waits_with_them(self) -> None:
+        """As ``write_through``: appended to what the client connection holds, and the lane
+        closes (the rest of the stream goes the usual way)."""
+        data = chunk(event("a"))
+        backend, client = _StubSender(data), _StubSender()
+        client.held.append(b"held")
+        closed: list[bool] = []
+
+        class Lane(StreamLane):
+            __slots__ = ()
+
+            def close(self) -> None:
+                closed.append(True)
+
+        lane = self.lane(backend, client, Lane)
+        self.assertIsNone(lane.do_read())
+        self.assertEqual((client.held, client.written, closed), ([b"held", data], [], [True]))
+
+    def test_read_outcomes_are_receive_s(self) -> None:
+        """``receive``'s answers when there is nothing to read or the connection is over."""
+        from llamaproxy.fastpath.eager_write import EagerSender
+
+        for error, expected in ((OSError(errno.EWOULDBLOCK, "would block"), None),
+                                (OSError(errno.ECONNRESET, "reset"), main.CONNECTION_LOST)):
+            backend, client = _StubSender(), _StubSender()
+
+            def fail(size: int, error: OSError = error) -> bytes:
+                raise error
+
+            backend.connection.socket.recv = fail  # type: ignore[method-assign]
+            self.assertIs(self.lane(backend, client).do_read(), expected)
+            self.assertIs(EagerSender.receive(backend), expected)  # type: ignore[arg-type]
+            self.assertEqual((backend.delivered, client.written), ([], []))
 
     def test_usual_pieces(self) -> None:
         for data in (chunk(event("a")), chunk(event("a"), b"0" + b"%x" % len(event("a"))),

@@ -13,10 +13,13 @@ import weakref
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from llamaproxy.gateway.channel import _PIPELINE_BUFFER
+from llamaproxy.gateway.channel import _PIPELINE_BUFFER, GatewayChannel
 from llamaproxy.gateway.framing import llhttp_refusal
 from llamaproxy.gateway.limits import RequestLimits
 from llamaproxy.gateway.request import GatewayRequest
@@ -350,3 +353,32 @@ class ChannelTests(SynchronousTestCase):
             client.send(b"POST /a HTTP/1.1\r\nHost: x\r\n" + framing)
             self.assertTrue(client.closed)
             self.assertEqual(parse_response(client.written).status, 413)
+
+
+class WriteHeadersTests(SynchronousTestCase):
+    """``GatewayChannel.writeHeaders`` writes the bytes twisted.web's ``HTTPChannel`` does."""
+
+    def _both(self, headers: Any) -> tuple[bytes, bytes]:
+        ours, stock = GatewayChannel(), HTTPChannel()
+        ours.transport, stock.transport = StringTransport(), StringTransport()
+        ours.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        stock.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        return ours.transport.value(), stock.transport.value()
+
+    def test_same_head(self) -> None:
+        headers = Headers()
+        headers.setRawHeaders(b"X-Request-ID", [b"abc"])
+        headers.setRawHeaders(b"Set-Cookie", [b"a=1", b"b=2", b"c=3"])
+        headers.setRawHeaders(b"Server", [b"llamaproxy"])
+        headers.setRawHeaders(b"Vary", [])
+        headers.addRawHeader(b"Link", b"<a>")
+        headers.addRawHeader(b"Link", b"<b>")
+        headers.setRawHeaders(b"Content-Length", [b"0"])
+        ours, stock = self._both(headers)
+        self.assertEqual(ours, stock)
+        self.assertIn(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nSet-Cookie: c=3\r\n", ours)
+
+    def test_no_headers(self) -> None:
+        ours, stock = self._both(Headers())
+        self.assertEqual(ours, b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(ours, stock)

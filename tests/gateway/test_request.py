@@ -45,6 +45,12 @@ class RequestTests(SynchronousTestCase):
         generated = client.response().header("x-request-id")
         self.assertNotIn("bad", generated or "")
         self.assertEqual(len(generated or ""), 16)
+        # Absent or empty: a new id as well (request_id_from(None) is new_request_id()).
+        for headers in ({}, {"X-Request-ID": ""}):
+            client = gw.client()
+            client.request("GET", "/ping", headers=headers)
+            generated = client.response().header("x-request-id") or ""
+            self.assertRegex(generated, "^[0-9a-f]{16}$")
 
     def test_head_values_are_what_get_header_gives(self) -> None:
         # The channel hands the request the last value of the headers it reads without a

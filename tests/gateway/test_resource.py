@@ -7,6 +7,8 @@ import json
 import weakref
 from typing import Any, cast
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -27,7 +29,7 @@ from llamaproxy.backends.config_file import BackendsTable, ModelSpec, RemoteBack
 from llamaproxy.backends.routing import Router
 from llamaproxy.gateway.body_budget import BodyBudget
 from llamaproxy.gateway.cors import CorsPolicy
-from llamaproxy.gateway.proxy import Exchange, GatewaySettings
+from llamaproxy.gateway.proxy import MODEL_PREFIX, Exchange, GatewaySettings, _model_path
 from llamaproxy.gateway.resource import LARGE_BODY, GatewayResource, resolve
 from llamaproxy.gateway.site import GatewaySite, RequestLimits
 from llamaproxy.observability.health import HealthState
@@ -1518,3 +1520,18 @@ class UpstreamUrlTests(SynchronousTestCase):
             self.assertEqual(exchanges._upstream_url("http://h:1", b"/v1/x?%d" % i),
                              b"http://h:1/v1/x?%d" % i)
             self.assertLessEqual(len(exchanges._urls), 256)
+
+
+class ModelPathTests(SynchronousTestCase):
+    """``proxy._model_path`` is ``path.startswith(MODEL_PREFIX)``, told by one byte first."""
+
+    @given(st.one_of(
+        st.binary(max_size=24),
+        st.sampled_from([b"/v1/models/", b"/v1/models", b"/v1/models/x", b"/v1/modelsx/",
+                         b"/v1/chat/completions", b"/v1/models//", b"/v2/models/a"]),
+        st.builds(lambda tail: b"/v1/models/" + tail, st.binary(max_size=8)),
+        st.builds(lambda head, tail: head + b"/" + tail, st.binary(min_size=10, max_size=10),
+                  st.binary(max_size=4)),
+    ))
+    def test_same_as_startswith(self, path: bytes) -> None:
+        self.assertEqual(_model_path(path), path.startswith(MODEL_PREFIX))
