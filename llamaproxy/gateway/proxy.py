@@ -659,15 +659,7 @@ class ProxyExchanges:
         Else ``_admit`` waits (and answers why not)."""
         if not member.status.ready:
             return False
-        request = exchange.request
-        if request.method in (b"GET", b"HEAD") and request.path.startswith(b"/v1/models"):
-            return True  # the model list uses no inference slot: it never waits behind one
-        admission: Admission = member.load  # type: ignore[assignment]
-        slot = admission.take()
-        if slot is None:
-            return False
-        exchange.slot = slot
-        return True
+        return self._take_slot(exchange, member)
 
     def _take_slot(self, exchange: Exchange, member: Member) -> bool:
         """``_admit_now`` for a member known to be ready (``_begin`` just asked)."""
