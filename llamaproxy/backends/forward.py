@@ -235,14 +235,36 @@ def request_head(
     return HeadLines(b"".join(lines), connection)
 
 
+#: Whether a response field is copied to the client, by the name's spelling as received, when
+#: no Connection field names more to drop: decided once per spelling (at most 256 remembered;
+#: a backend sends the same few), instead of a ``lower()`` and a ``startswith`` per field.
+_RESPONSE_KEPT: dict[bytes, bool] = {}
+
+
+def _response_field_kept(name: bytes, drop: frozenset[bytes] | set[bytes]) -> bool:
+    """Whether ``name`` is an end-to-end field to copy (not in ``drop``, not backend CORS)."""
+    lowered = name.lower()
+    return lowered not in drop and not lowered.startswith(b"access-control-")
+
+
 def filter_response_headers(backend: Headers) -> list[tuple[bytes, list[bytes]]]:
     """End-to-end response headers to copy to the client (no hop-by-hop, no backend CORS)."""
     connection = backend.getRawHeaders(b"connection")
-    drop = _RESPONSE_DROP | _tokens(connection) if connection else _RESPONSE_DROP
-    return [
-        (name, list(values)) for name, values in backend.getAllRawHeaders()
-        if (lowered := name.lower()) not in drop and not lowered.startswith(b"access-control-")
-    ]
+    if connection:
+        drop = _RESPONSE_DROP | _tokens(connection)
+        return [(name, list(values)) for name, values in backend.getAllRawHeaders()
+                if _response_field_kept(name, drop)]
+    kept = _RESPONSE_KEPT
+    fields = []
+    for name, values in backend.getAllRawHeaders():
+        keep = kept.get(name)
+        if keep is None:
+            keep = _response_field_kept(name, _RESPONSE_DROP)
+            if len(kept) < 256:
+                kept[name] = keep
+        if keep:
+            fields.append((name, list(values)))
+    return fields
 
 
 @implementer(IBodyProducer)

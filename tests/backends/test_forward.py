@@ -49,6 +49,40 @@ class FilterTests(SynchronousTestCase):
             b"Content-Type": [b"text/event-stream"], b"X-Request-Id": [b"r1"]})
 
     @given(st.lists(st.tuples(
+        st.sampled_from([b"Content-Type", b"content-type", b"Access-Control-Allow-Origin",
+                         b"access-control-x", b"Access-Control", b"Keep-Alive", b"Server",
+                         b"Content-Length", b"X-Request-Id", b"X-Hop", b"x-hop", b"Date",
+                         b"Set-Cookie", b"Connection", b"Transfer-Encoding", b"Upgrade",
+                         b"Etag", b"TE"]),
+        st.sampled_from([b"1", b"close", b"X-Hop, etag", b"keep-alive", b"Content-Type"])),
+        max_size=10))
+    def test_response_headers_as_the_uncached_filter(
+        self, pairs: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The spelling cache decides as ``lower()`` and ``startswith`` did for every field."""
+        backend = Headers()
+        for name, value in pairs:
+            backend.addRawHeader(name, value)
+        connection = backend.getRawHeaders(b"connection")
+        drop = forward._RESPONSE_DROP | forward._tokens(connection or [])
+        expected = [
+            (name, list(values)) for name, values in backend.getAllRawHeaders()
+            if (lowered := name.lower()) not in drop
+            and not lowered.startswith(b"access-control-")
+        ]
+        self.assertEqual(forward.filter_response_headers(backend), expected)
+        self.assertEqual(forward.filter_response_headers(backend), expected)  # (remembered)
+
+    def test_the_spelling_cache_is_bounded(self) -> None:
+        self.patch(forward, "_RESPONSE_KEPT", {})
+        backend = Headers({b"X-%d" % i: [b"v"] for i in range(300)})
+        backend.addRawHeader(b"Access-Control-Allow-Origin", b"*")
+        fields = forward.filter_response_headers(backend)
+        self.assertEqual(len(fields), 300)
+        self.assertEqual(len(forward._RESPONSE_KEPT), 256)
+        self.assertEqual(forward.filter_response_headers(backend), fields)
+
+    @given(st.lists(st.tuples(
         st.sampled_from([b"Connection", b"Authorization", b"X-A", b"Keep-Alive", b"Upgrade",
                          b"Transfer-Encoding", b"X-B", b"Proxy-Authorization"]),
         st.binary(min_size=1, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)),
