@@ -49,14 +49,13 @@ def new_request_id() -> str:
 def request_id_from(header_value: bytes | None) -> str:
     """The client's ``X-Request-ID`` when it is 1-128 characters of ``A-Za-z0-9._:-``, else a
     new id (so a hostile value never reaches a log line or a response header)."""
-    if not header_value:
-        return f"{_getrandbits(64):016x}"  # new_request_id(), without its call (most requests)
-    try:
-        text = header_value.decode("ascii")
-    except UnicodeDecodeError:
-        return new_request_id()
-    if _REQUEST_ID.fullmatch(text):
-        return text
+    if header_value:
+        try:
+            text = header_value.decode("ascii")
+        except UnicodeDecodeError:
+            return new_request_id()
+        if _REQUEST_ID.fullmatch(text):
+            return text
     return new_request_id()
 
 
